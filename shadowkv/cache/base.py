@@ -1,0 +1,147 @@
+"""The per-layer attention-cache interface every method implements.
+
+The model calls ``prefill`` / ``decode`` once per layer; the engine calls the lifecycle methods
+(``add_sequence``, ``begin_*``, ``free_sequence``) once per step. A cache never knows which model
+it serves, and the model never knows which method is in use.
+
+Shapes: ``T`` prompt tokens, ``B`` decoding sequences, ``H`` query heads, ``Hkv`` KV heads,
+``D`` head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from shadowkv.config import CacheConfig, ModelConfig
+from shadowkv.models.rope import RotaryEmbedding
+
+
+class CacheCapacityError(RuntimeError):
+    """A sequence cannot be admitted: the cache pools are too small for it."""
+
+
+@dataclass(frozen=True)
+class CacheMemory:
+    """Bytes held by the cache: on the compute device, in host memory, and what dense would take."""
+
+    device_bytes: int = 0
+    host_bytes: int = 0
+    dense_bytes: int = 0
+
+    def __add__(self, other: CacheMemory) -> CacheMemory:
+        return CacheMemory(
+            self.device_bytes + other.device_bytes,
+            self.host_bytes + other.host_bytes,
+            self.dense_bytes + other.dense_bytes,
+        )
+
+    @property
+    def device_ratio(self) -> float:
+        """Dense bytes over device bytes (the paper's "GPU memory reduction")."""
+        return self.dense_bytes / self.device_bytes if self.device_bytes else float("inf")
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "device_bytes": self.device_bytes,
+            "host_bytes": self.host_bytes,
+            "dense_bytes": self.dense_bytes,
+            "device_reduction": round(self.device_ratio, 3) if self.device_bytes else None,
+        }
+
+
+class AttentionCache(ABC):
+    """Base class: holds shapes and the lifecycle bookkeeping shared by all methods."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        cfg: CacheConfig,
+        rope: RotaryEmbedding,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_num_seqs: int,
+        max_model_len: int,
+    ) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.rope = rope
+        self.device = device
+        self.dtype = dtype
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.scale = 1.0 / math.sqrt(model.head_dim)
+        self.lengths: dict[int, int] = {}  # seq id -> tokens cached so far (prompt + generated)
+
+    # lifecycle -------------------------------------------------------------------------------
+    @abstractmethod
+    def can_add(self, prompt_len: int, max_new_tokens: int) -> bool:
+        """Whether a sequence of this worst-case size fits now."""
+
+    @abstractmethod
+    def add_sequence(self, seq_id: int, prompt_len: int, max_new_tokens: int) -> None:
+        """Reserve room for a sequence; raises ``CacheCapacityError`` when it cannot fit."""
+
+    @abstractmethod
+    def free_sequence(self, seq_id: int) -> None:
+        """Return a sequence's memory to the pools."""
+
+    def begin_prefill(self, seq_id: int, num_tokens: int) -> None:
+        """Plan a prefill of ``num_tokens`` prompt tokens for one sequence."""
+        self._prefill_seq = seq_id
+        self._prefill_len = num_tokens
+
+    def end_prefill(self) -> None:
+        self.lengths[self._prefill_seq] = self._prefill_len
+
+    @abstractmethod
+    def begin_decode(self, seq_ids: list[int]) -> None:
+        """Plan one decode step (one new token per sequence): build index tensors once."""
+
+    def end_decode(self) -> None:
+        for s in self._decode_seqs:
+            self.lengths[s] += 1
+
+    # per layer -------------------------------------------------------------------------------
+    @abstractmethod
+    def prefill(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
+    ) -> torch.Tensor:
+        """Cache a prompt's keys/values and return exact causal attention ``[T, H, D]``.
+
+        ``q [T, H, D]`` and ``k [T, Hkv, D]`` are post-RoPE; ``k_pre`` is the pre-RoPE key (after
+        any projection bias), which low-rank methods factorise.
+        """
+
+    @abstractmethod
+    def decode(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
+    ) -> torch.Tensor:
+        """Append one token per sequence and return attention ``[B, H, D]`` for it."""
+
+    # accounting ------------------------------------------------------------------------------
+    @abstractmethod
+    def memory(self, seq_id: int | None = None) -> CacheMemory:
+        """Bytes held for one sequence, or for all live sequences when ``seq_id`` is None."""
+
+    def dense_bytes(self, num_tokens: int) -> int:
+        """What a full KV cache of ``num_tokens`` takes in this dtype over all layers."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.model.num_layers * num_tokens * self.model.kv_dim * elem
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Exact causal attention over one prompt: ``q [T, H, D]``, ``k, v [T, Hkv, D]`` -> ``[T, H, D]``.
+
+    Uses SDPA's causal path without an explicit mask so the CPU and CUDA flash kernels tile the
+    score matrix instead of materialising ``[H, T, T]``.
+    """
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out.transpose(0, 1)

@@ -1,0 +1,134 @@
+"""Full attention over a paged KV cache: the baseline every sparse method is measured against."""
+
+from __future__ import annotations
+
+import torch
+
+from shadowkv.cache.base import AttentionCache, CacheCapacityError, CacheMemory, causal_attention
+from shadowkv.config import CacheConfig, ModelConfig
+from shadowkv.kernels.decode_attention import decode_attention
+from shadowkv.models.rope import RotaryEmbedding
+
+
+class BlockPool:
+    """A free list of fixed-size blocks; sequences reserve their worst case at admission."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self.owned: dict[int, list[int]] = {}
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_reserve(self, num_tokens: int) -> bool:
+        return self.blocks_for(num_tokens) <= len(self.free)
+
+    def reserve(self, seq_id: int, num_tokens: int) -> list[int]:
+        need = self.blocks_for(num_tokens)
+        if need > len(self.free):
+            raise CacheCapacityError(
+                f"needs {need} cache blocks of {self.block_size} tokens, {len(self.free)} free of "
+                f"{self.num_blocks}; lower max_new_tokens, wait for running requests, or give "
+                "the cache more memory (EngineConfig.cache_memory_gb)"
+            )
+        self.owned[seq_id] = [self.free.pop() for _ in range(need)]
+        return self.owned[seq_id]
+
+    def release(self, seq_id: int) -> None:
+        self.free.extend(reversed(self.owned.pop(seq_id, [])))
+
+
+class DenseCache(AttentionCache):
+    """Exact K/V for every token, paged: pool ``[num_blocks, S, Hkv, D]`` per layer."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        cfg: CacheConfig,
+        rope: RotaryEmbedding,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_num_seqs: int,
+        max_model_len: int,
+        num_blocks: int,
+    ) -> None:
+        super().__init__(model, cfg, rope, device, dtype, max_num_seqs, max_model_len)
+        S = cfg.page_size
+        self.pool = BlockPool(num_blocks, S)
+        shape = (num_blocks, S, model.num_kv_heads, model.head_dim)
+        self.k_cache = [torch.empty(shape, device=device, dtype=dtype) for _ in range(model.num_layers)]
+        self.v_cache = [torch.empty(shape, device=device, dtype=dtype) for _ in range(model.num_layers)]
+        self.max_blocks = self.pool.blocks_for(max_model_len)
+        # Per-sequence block tables live on the device so a decode step only indexes them.
+        self.block_tables = torch.zeros(max_num_seqs, self.max_blocks, dtype=torch.int32, device=device)
+        self.rows: dict[int, int] = {}  # seq id -> row in block_tables
+        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
+
+    @staticmethod
+    def bytes_per_block(model: ModelConfig, cfg: CacheConfig, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * model.num_layers * cfg.page_size * model.kv_dim * elem
+
+    def can_add(self, prompt_len: int, max_new_tokens: int) -> bool:
+        return bool(self._free_rows) and self.pool.can_reserve(prompt_len + max_new_tokens)
+
+    def add_sequence(self, seq_id: int, prompt_len: int, max_new_tokens: int) -> None:
+        if not self._free_rows:
+            raise CacheCapacityError(f"all {self.max_num_seqs} sequence slots are in use")
+        total = min(prompt_len + max_new_tokens, self.max_model_len)
+        blocks = self.pool.reserve(seq_id, total)
+        row = self._free_rows.pop()
+        self.rows[seq_id] = row
+        self.block_tables[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        self.lengths[seq_id] = 0
+
+    def free_sequence(self, seq_id: int) -> None:
+        if seq_id not in self.rows:
+            return
+        self.pool.release(seq_id)
+        self._free_rows.append(self.rows.pop(seq_id))
+        self.lengths.pop(seq_id, None)
+
+    def _slots(self, seq_id: int, start: int, end: int) -> torch.Tensor:
+        """Flat pool rows (block * S + offset) of token positions [start, end)."""
+        S = self.pool.block_size
+        pos = torch.arange(start, end, device=self.device)
+        table = self.block_tables[self.rows[seq_id]].long()
+        return table[pos // S] * S + pos % S
+
+    def begin_prefill(self, seq_id: int, num_tokens: int) -> None:
+        super().begin_prefill(seq_id, num_tokens)
+        self._slot_mapping = self._slots(seq_id, 0, num_tokens)
+
+    def begin_decode(self, seq_ids: list[int]) -> None:
+        self._decode_seqs = seq_ids
+        S = self.pool.block_size
+        rows = torch.tensor([self.rows[s] for s in seq_ids], device=self.device)
+        pos = torch.tensor([self.lengths[s] for s in seq_ids], device=self.device)
+        self._tables = self.block_tables[rows]  # [B, max_blocks]
+        self._seq_lens = (pos + 1).to(torch.int32)
+        self._slot_mapping = self._tables.gather(1, (pos // S)[:, None]).squeeze(1).long() * S + pos % S
+
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        Hkv, D = self.model.num_kv_heads, self.model.head_dim
+        self.k_cache[layer].view(-1, Hkv, D)[self._slot_mapping] = k.to(self.dtype)
+        self.v_cache[layer].view(-1, Hkv, D)[self._slot_mapping] = v.to(self.dtype)
+
+    def prefill(self, layer, q, k, v, k_pre):
+        self._write(layer, k, v)
+        return causal_attention(q, k, v, self.scale)
+
+    def decode(self, layer, q, k, v, k_pre):
+        self._write(layer, k, v)
+        return decode_attention(
+            q, self.k_cache[layer], self.v_cache[layer], self._tables, self._seq_lens, self.scale
+        )
+
+    def memory(self, seq_id: int | None = None) -> CacheMemory:
+        ids = [seq_id] if seq_id is not None else list(self.rows)
+        block_bytes = self.bytes_per_block(self.model, self.cfg, self.dtype)
+        used = sum(len(self.pool.owned.get(s, [])) for s in ids) * block_bytes
+        dense = sum(self.dense_bytes(self.lengths.get(s, 0)) for s in ids)
+        return CacheMemory(device_bytes=used, host_bytes=0, dense_bytes=dense)

