@@ -185,6 +185,7 @@ class CacheConfig:
     sink_tokens: int = 4  # streaming baseline
     loki_rank: float = 0.25  # loki: fraction of d kept in the PCA scoring keys
     offload_values: bool = True  # shadowkv: values in host memory (pinned on CUDA)
+    host_memory_gb: float | None = None  # shadowkv: host value-store size; None = auto
 
     def __post_init__(self) -> None:
         if self.method not in CACHE_METHODS:

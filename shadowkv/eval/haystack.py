@@ -177,8 +177,8 @@ def _hotpotqa(records: list[dict]) -> QADataset:
 
     docs = sorted({doc(p) for r in records for p in r["context"]})
     doc_index = {d: i for i, d in enumerate(docs)}
-    items = tuple(
-        QAItem(r["question"], (r["answer"],), tuple(dict.fromkeys(doc_index[doc(p)] for p in r["context"])))
-        for r in records
-    )
-    return QADataset("hotpotqa", tuple(docs), items)
+    items = []
+    for record in records:
+        gold = tuple(dict.fromkeys(doc_index[doc(p)] for p in record["context"]))
+        items.append(QAItem(record["question"], (record["answer"],), gold))
+    return QADataset("hotpotqa", tuple(docs), tuple(items))

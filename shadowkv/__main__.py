@@ -1,0 +1,5 @@
+import sys
+
+from shadowkv.cli import main
+
+sys.exit(main())
