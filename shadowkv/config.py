@@ -40,6 +40,9 @@ class RopeConfig:
     beta_fast: float = 32.0  # yarn
     beta_slow: float = 1.0  # yarn
     attention_factor: float | None = None  # yarn mscale override
+    mscale: float | None = None  # yarn: attention factor from a mscale pair (DeepSeek style)
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn: round the correction range to whole dimensions
     partial_rotary_factor: float = 1.0
 
     def __post_init__(self) -> None:
@@ -61,18 +64,33 @@ class RopeConfig:
         scaling = dict(cfg.get("rope_scaling") or {})
         merged = {**scaling, **params}
         theta = float(merged.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-        kind = merged.get("rope_type", merged.get("type", "default")) or "default"
+        kind = str(merged.get("rope_type", merged.get("type", "default")) or "default")
+        # The pre-training length scalings are relative to: the checkpoint's own context unless
+        # the scaling names one (dynamic NTK always uses max_position_embeddings, as transformers
+        # does). It must not default to the engine's length, which the user may change.
+        checkpoint_len = cfg.get("max_position_embeddings")
+        original = merged.get("original_max_position_embeddings") or checkpoint_len
+        if kind == "dynamic":
+            original = checkpoint_len or original
+        factor = merged.get("factor")
+        if factor is None and kind == "yarn" and original and checkpoint_len:
+            factor = checkpoint_len / original
         return RopeConfig(
             theta=theta,
-            kind=str(kind),
-            factor=float(merged.get("factor", 1.0) or 1.0),
-            original_max_position=merged.get("original_max_position_embeddings"),
+            kind=kind,
+            factor=float(factor or 1.0),
+            original_max_position=int(original) if original else None,
             low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
             high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
-            beta_fast=float(merged.get("beta_fast", 32.0)),
-            beta_slow=float(merged.get("beta_slow", 1.0)),
+            beta_fast=float(merged.get("beta_fast") or 32.0),
+            beta_slow=float(merged.get("beta_slow") or 1.0),
             attention_factor=merged.get("attention_factor"),
-            partial_rotary_factor=float(cfg.get("partial_rotary_factor", 1.0)),
+            mscale=merged.get("mscale"),
+            mscale_all_dim=merged.get("mscale_all_dim"),
+            truncate=bool(merged.get("truncate", True)),
+            partial_rotary_factor=float(
+                merged.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+            ),
         )
 
 
@@ -92,7 +110,9 @@ class ModelConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2; Llama when asked)
+    output_bias: bool = False  # o_proj carries a bias (Llama with attention_bias)
+    mlp_bias: bool = False  # gate/up/down projections carry a bias (Llama with mlp_bias)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -136,6 +156,9 @@ class ModelConfig:
         hidden = int(cfg["hidden_size"])
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        act = cfg.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ConfigError(f"hidden_act={act!r} is not supported; shadowkv's decoder uses SiLU")
         window = cfg.get("sliding_window")
         if cfg.get("use_sliding_window", arch == "mistral") and window:
             # Full attention is what long-context serving wants; say so rather than silently differ.
@@ -159,7 +182,11 @@ class ModelConfig:
             rope=RopeConfig.from_hf(cfg),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+            # transformers hard-codes the biases of Qwen2 (q/k/v only) and Mistral (none); only
+            # Llama reads the flags, and its attention_bias covers o_proj too.
+            attention_bias=arch == "qwen2" or (arch == "llama" and bool(cfg.get("attention_bias"))),
+            output_bias=arch == "llama" and bool(cfg.get("attention_bias")),
+            mlp_bias=arch == "llama" and bool(cfg.get("mlp_bias")),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )

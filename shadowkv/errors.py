@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from shadowkv.cache.base import CacheCapacityError
 from shadowkv.config import ConfigError
-from shadowkv.engine.engine import ContextLengthError
+from shadowkv.engine.engine import ContextLengthError, PromptError
 from shadowkv.engine.sampling import SamplingError
 from shadowkv.models.loader import ModelLoadError
 
@@ -15,6 +15,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
     ModelLoadError,
     ContextLengthError,
+    PromptError,
     SamplingError,
     CacheCapacityError,
     FileNotFoundError,
@@ -26,5 +27,6 @@ __all__ = [
     "ConfigError",
     "ContextLengthError",
     "ModelLoadError",
+    "PromptError",
     "SamplingError",
 ]

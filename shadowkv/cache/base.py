@@ -82,6 +82,14 @@ class AttentionCache(ABC):
     def can_add(self, prompt_len: int, max_new_tokens: int) -> bool:
         """Whether a sequence of this worst-case size fits now."""
 
+    def fits_empty(self, prompt_len: int, max_new_tokens: int) -> bool:
+        """Whether a sequence of this size would fit with no other sequence in the cache.
+
+        Must read only fixed sizes (the server calls it off the engine thread). Methods that
+        cannot tell say True, and the engine then refuses the request when it reaches admission.
+        """
+        return True
+
     @abstractmethod
     def add_sequence(self, seq_id: int, prompt_len: int, max_new_tokens: int) -> None:
         """Reserve room for a sequence; raises ``CacheCapacityError`` when it cannot fit."""

@@ -74,6 +74,10 @@ class DenseCache(AttentionCache):
     def can_add(self, prompt_len: int, max_new_tokens: int) -> bool:
         return bool(self._free_rows) and self.pool.can_reserve(prompt_len + max_new_tokens)
 
+    def fits_empty(self, prompt_len: int, max_new_tokens: int) -> bool:
+        total = min(prompt_len + max_new_tokens, self.max_model_len)
+        return self.pool.blocks_for(total) <= self.pool.num_blocks
+
     def add_sequence(self, seq_id: int, prompt_len: int, max_new_tokens: int) -> None:
         if not self._free_rows:
             raise CacheCapacityError(f"all {self.max_num_seqs} sequence slots are in use")

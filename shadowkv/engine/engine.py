@@ -24,7 +24,11 @@ from shadowkv.models.tokenizer import Tokenizer
 ProgressFn = Callable[[Request, int, int], None]
 
 
-class ContextLengthError(ValueError):
+class PromptError(ValueError):
+    """A prompt cannot be served as given (empty, malformed)."""
+
+
+class ContextLengthError(PromptError):
     """A prompt does not fit the model's context window."""
 
 
@@ -85,7 +89,7 @@ class Engine:
     # requests ----------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
         if not prompt_ids:
-            raise ContextLengthError("the prompt is empty")
+            raise PromptError("the prompt is empty")
         n = len(prompt_ids)
         if n >= self.max_model_len:
             raise ContextLengthError(
@@ -114,6 +118,15 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def fits_ever(self, prompt_len: int, max_new: int) -> bool:
+        """Whether a request of this size could be admitted into the empty cache.
+
+        Reads sizes only (no per-sequence state), so another thread may call it while steps run.
+        """
+        if not 0 < prompt_len < self.max_model_len:
+            return False
+        return self.cache.fits_empty(prompt_len, min(max_new, self.max_model_len - prompt_len))
 
     # the loop ----------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:

@@ -11,9 +11,12 @@ class SamplingError(ValueError):
     """Invalid sampling parameters; the message names the field and the allowed range."""
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens and when to stop. ``temperature=0`` is greedy."""
+    """How to pick tokens and when to stop. ``temperature=0`` (or below 1e-5) is greedy."""
 
     max_tokens: int = 256
     temperature: float = 0.0
@@ -27,22 +30,34 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
+        if isinstance(self.stop_token_ids, int):
+            object.__setattr__(self, "stop_token_ids", (self.stop_token_ids,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise SamplingError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SamplingError(f"{name} must be a number, got {value!r}")
         if not 0.0 <= self.temperature <= 100.0:
             raise SamplingError(f"temperature must be in [0, 100], got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise SamplingError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if any(not s for s in self.stop):
-            raise SamplingError("stop strings must be non-empty")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise SamplingError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise SamplingError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise SamplingError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below ~1e-5, logits / temperature overflows fp32 into NaN probabilities; argmax is the
+        # limit of sampling there anyway.
+        return self.temperature < GREEDY_BELOW
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -58,9 +73,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.greedy:
         return int(logits.argmax())
     logits = logits / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_k and params.top_k < logits.shape[-1]:
+        # Exactly k survivors even when logits tie at the k-th value (a threshold would keep all).
+        top = torch.topk(logits, params.top_k)
+        logits = torch.full_like(logits, float("-inf")).scatter_(0, top.indices, top.values)
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 NOISE_LINE = (
@@ -31,7 +31,7 @@ class Haystack:
     """A word haystack; `text(n)` is its first `n` words, repeating the corpus cyclically."""
 
     name: str
-    words: tuple[str, ...]
+    words: tuple[str, ...] = field(repr=False)
 
     def __post_init__(self) -> None:
         if not any(self.words):

@@ -7,8 +7,10 @@ whose probe prompt satisfies
 
     num_tokens(input + answer_prefix) + max_new_tokens <= target_length
 
-then build every sample at that size, shrinking by 1% only when a sample's own random content
-overflows. Token counts use `tokenizer.encode(text)` without special tokens (RULER counts with
+then build every sample at that size. A sample whose own random content overflows, or falls
+more than `LENGTH_SLACK` short, is refitted by the same search. So every sample fits, and falls
+short of the target by at most max(LENGTH_SLACK * target, the tokens of one size unit). Token
+counts use `tokenizer.encode(text)` without special tokens (RULER counts with
 `tokenizer.tokenize`, which adds no BOS).
 
 Randomness: sample `i` draws from its own `random.Random` keyed by (seed, task, length, i), so it
@@ -101,6 +103,8 @@ QA_ANSWER_PREFIX = " Answer:"
 
 # Needle depths in percent: round(linspace(0, 100, 40)).
 DEPTHS: tuple[int, ...] = tuple(round(100 * i / 39) for i in range(40))
+# A sample more than this fraction of the target below it is refitted on its own content.
+LENGTH_SLACK = 0.02
 VT_HOPS = 4
 VT_DEMO_TOKENS = 500
 CWE_NUM_COMMON = 10
@@ -282,39 +286,53 @@ def generate_samples(
     return [_sample(ctx, build, size, min_size, i) for i in range(num_samples)]
 
 
-def fit_size(tokens_at: Callable[[int], int], budget: int, min_size: int, what: str = "") -> int:
+def fit_size(
+    tokens_at: Callable[[int], int],
+    budget: int,
+    min_size: int,
+    what: str = "",
+    guess: int | None = None,
+) -> int:
     """Largest `size >= min_size` with `tokens_at(size) <= budget`, assuming tokens grow with size.
 
-    A linear estimate from two probes, a geometric bracket around it, then bisection."""
+    Without a `guess`, one is estimated linearly from probes at `min_size` and just above. A
+    geometric bracket around the guess is then bisected."""
     cache: dict[int, int] = {}
 
-    def tokens(size: int) -> int:
+    def fits(size: int) -> bool:
         if size not in cache:
             cache[size] = tokens_at(size)
-        return cache[size]
+        return cache[size] <= budget
 
-    def fits(size: int) -> bool:
-        return tokens(size) <= budget
-
-    if not fits(min_size):
-        raise ValueError(
+    def too_short() -> ValueError:
+        return ValueError(
             f"target too short for {what or 'this task'}: the smallest prompt needs "
-            f"{tokens(min_size)} tokens, the budget is {budget}"
+            f"{cache[min_size]} tokens, the budget is {budget}"
         )
-    probe = 2 * min_size + 16
-    per_unit = max(tokens(probe) - tokens(min_size), 1) / (probe - min_size)
-    guess = min_size + int((budget - tokens(min_size)) / per_unit)
-    step = max(1, guess // 32)
+
+    if guess is None:
+        if not fits(min_size):
+            raise too_short()
+        probe = 2 * min_size + 16
+        fits(probe)
+        per_unit = max(cache[probe] - cache[min_size], 1) / (probe - min_size)
+        guess = min_size + int((budget - cache[min_size]) / per_unit)
+    guess = max(guess, min_size)
+    step = max(1, guess // 64)
     if fits(guess):
         lo = guess
         while fits(lo + step):
             lo, step = lo + step, 2 * step
         hi = lo + step
     else:
-        lo, hi = min_size, guess
-        while hi - step > min_size and not fits(hi - step):
-            hi, step = hi - step, 2 * step
-        lo = max(min_size, hi - step)
+        hi = guess
+        while True:
+            lo = max(min_size, hi - step)
+            if fits(lo):
+                break
+            if lo == min_size:
+                raise too_short()
+            hi, step = lo, 2 * step
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
@@ -322,15 +340,22 @@ def fit_size(tokens_at: Callable[[int], int], budget: int, min_size: int, what: 
 
 
 def _sample(ctx: _Context, build: _Build, size: int, min_size: int, index: int) -> Sample:
+    """Build sample `index` at the task's fitted size; refit the size on the sample's own content
+    when that overflows or falls short by more than `LENGTH_SLACK` (e.g. fwe, whose few dominant
+    random words make the token count swing from sample to sample)."""
     budget = ctx.target_length - ctx.spec.max_new_tokens
-    while True:
-        draft = build(size, _rng(ctx, index), index)
-        num_tokens = ctx.count(draft.input + draft.answer_prefix)
-        if num_tokens <= budget:
-            break
-        if size == min_size:
-            raise ValueError(f"{ctx.spec.name} sample {index} does not fit {ctx.target_length}")
-        size = max(min_size, size - max(1, size // 100))
+    drafts: dict[int, tuple[_Draft, int]] = {}
+
+    def tokens_at(n: int) -> int:
+        if n not in drafts:
+            draft = build(n, _rng(ctx, index), index)
+            drafts[n] = draft, ctx.count(draft.input + draft.answer_prefix)
+        return drafts[n][1]
+
+    if not 0 <= budget - tokens_at(size) <= LENGTH_SLACK * ctx.target_length:
+        what = f"{ctx.spec.name} sample {index} at {ctx.target_length} tokens"
+        size = fit_size(tokens_at, budget, min_size, what, guess=size)
+    draft, num_tokens = drafts[size]
     metadata = dict(draft.metadata)
     if ctx.spec.kind == "niah":
         answer_at = draft.input.index(draft.outputs[0])

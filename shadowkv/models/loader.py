@@ -181,10 +181,13 @@ def to_our_names(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
         if cfg.attention_bias:
             out[o + "self_attn.qkv_proj.bias"] = torch.cat([take(attn + f"{n}_proj.bias") for n in "qkv"])
         out[o + "self_attn.o_proj.weight"] = take(attn + "o_proj.weight")
-        out[o + "mlp.gate_up_proj.weight"] = torch.cat(
-            [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]
-        )
-        out[o + "mlp.down_proj.weight"] = take(p + "mlp.down_proj.weight")
+        if cfg.output_bias:
+            out[o + "self_attn.o_proj.bias"] = take(attn + "o_proj.bias")
+        for kind in ("weight", "bias") if cfg.mlp_bias else ("weight",):
+            out[o + f"mlp.gate_up_proj.{kind}"] = torch.cat(
+                [take(p + f"mlp.gate_proj.{kind}"), take(p + f"mlp.up_proj.{kind}")]
+            )
+            out[o + f"mlp.down_proj.{kind}"] = take(p + f"mlp.down_proj.{kind}")
         out[o + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
         out[o + "post_attention_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
     return out

@@ -52,8 +52,10 @@ def _yarn(rope: RopeConfig, head_dim: int, original: int) -> tuple[torch.Tensor,
             2 * math.log(rope.theta)
         )
 
-    low = max(math.floor(correction_dim(rope.beta_fast)), 0)
-    high = min(math.ceil(correction_dim(rope.beta_slow)), head_dim - 1)
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001
     pos_freqs = rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
@@ -62,9 +64,14 @@ def _yarn(rope: RopeConfig, head_dim: int, original: int) -> tuple[torch.Tensor,
     ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1 where high-frequency dims are extrapolated unchanged
     inv_freq = interpolation * (1 - keep) + extrapolation * keep
+    def mscale(m: float = 1.0) -> float:
+        return 0.1 * m * math.log(rope.factor) + 1.0 if rope.factor > 1 else 1.0
+
     factor = rope.attention_factor
-    if factor is None:
-        factor = 0.1 * math.log(rope.factor) + 1.0 if rope.factor > 1 else 1.0
+    if factor is None and rope.mscale and rope.mscale_all_dim:
+        factor = mscale(rope.mscale) / mscale(rope.mscale_all_dim)
+    elif factor is None:
+        factor = mscale()
     return inv_freq, float(factor)
 
 

@@ -31,5 +31,7 @@ def decode_attention(
     valid = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None].to(q.device)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhgl,blhd->bhgd", probs, v.float())
+    # Rows past seq_lens may hold NaN/inf (pools are torch.empty): a zero weight would not cancel them.
+    v = v.float().masked_fill(~valid[:, :, None, None], 0.0)
+    out = torch.einsum("bhgl,blhd->bhgd", probs, v)
     return out.reshape(B, H, D).to(q.dtype)

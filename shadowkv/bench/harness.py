@@ -1,0 +1,216 @@
+"""Driving an ``Engine`` with random token ids: engine construction, batch sizing, one timed run.
+
+``LLM`` needs a checkpoint directory and a tokenizer; a throughput run needs neither (prompts are
+random ids of an exact length), so it builds the ``Engine`` directly with ``StubTokenizer``.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shadowkv.cache import AttentionCache, CacheCapacityError
+from shadowkv.config import CacheConfig, EngineConfig, ModelConfig
+from shadowkv.engine.engine import Engine
+from shadowkv.engine.sampling import SamplingParams
+from shadowkv.models.llama import LlamaModel
+
+
+class StubTokenizer:
+    """Stands in for ``Tokenizer``: no EOS, and every id sequence decodes to the empty string."""
+
+    eos_token_id: int | None = None
+    bos_token_id: int | None = None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return ""
+
+
+def build_engine(
+    model: LlamaModel,
+    model_cfg: ModelConfig,
+    cache_cfg: CacheConfig,
+    engine_cfg: EngineConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Engine:
+    """An ``Engine`` over an already-built model, as ``LLM`` makes one, with ``StubTokenizer``."""
+    return Engine(model, model_cfg, StubTokenizer(), cache_cfg, engine_cfg, device, dtype)  # type: ignore[arg-type]
+
+
+def new_tokens(decode_steps: int, batch: int, index: int) -> int:
+    """``max_tokens`` of request ``index`` of ``batch`` so that all finish on the same step.
+
+    The engine alternates prefills with decode steps, so request ``i`` decodes ``batch - 1 - i``
+    tokens before the last prompt is in; giving it as many extra tokens leaves every request
+    ``decode_steps`` decode steps at the full batch, after which all stop together.
+    """
+    return 1 + decode_steps + (batch - 1 - index)
+
+
+def fits(cache: AttentionCache, context: int, decode_steps: int, batch: int) -> bool:
+    """Whether ``batch`` sequences of ``context`` prompt tokens fit the empty cache together.
+
+    Reserves them (the cache's own accounting of device and host pools), then frees them.
+    """
+    added: list[int] = []
+    try:
+        for i in range(batch):
+            new = new_tokens(decode_steps, batch, i)
+            if not cache.can_add(context, new):
+                return False
+            seq_id = -1 - i  # engine request ids are >= 0
+            cache.add_sequence(seq_id, context, new)
+            added.append(seq_id)
+        return True
+    except CacheCapacityError:
+        return False
+    finally:
+        for seq_id in added:
+            cache.free_sequence(seq_id)
+
+
+def max_batch(cache: AttentionCache, context: int, decode_steps: int, limit: int) -> int:
+    """The largest batch (<= ``limit``) of ``context``-token prompts the cache admits at once.
+
+    ``fits`` is monotone in the batch size, so a doubling search then bisection finds it with
+    O(log limit) reservations instead of trial allocations.
+    """
+    if not fits(cache, context, decode_steps, 1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(cache, context, decode_steps, hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)  # lo fits, hi does not (or is past the limit)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(cache, context, decode_steps, mid) else (lo, mid)
+    return lo
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One timed run: ``batch`` prompts of ``context`` tokens, then ``decode_steps`` full steps."""
+
+    context: int
+    batch: int
+    decode_steps: int
+    prefill_s: float  # mean wall time of one prompt's prefill step
+    ttft_s: float  # first request: arrival to first token (its prefill alone)
+    ttft_mean_s: float  # mean over the batch (later prompts wait for earlier ones)
+    decode_s: float  # wall time of the full-batch decode steps
+    cache_device_bytes: int
+    cache_host_bytes: int
+    dense_bytes: int
+    peak_device_bytes: int
+    activation_bytes: int  # device peak above what was allocated before the run (CUDA only)
+    hit_rate: float | None
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.batch * self.decode_steps / self.decode_s
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "context": self.context,
+            "batch": self.batch,
+            "decode_steps": self.decode_steps,
+            "prefill_s": round(self.prefill_s, 4),
+            "prefill_tokens_per_s": round(self.context / self.prefill_s, 1),
+            "ttft_s": round(self.ttft_s, 4),
+            "ttft_mean_s": round(self.ttft_mean_s, 4),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
+            "decode_ms_per_step": round(1000 * self.decode_s / self.decode_steps, 3),
+            "hit_rate": None if self.hit_rate is None else round(self.hit_rate, 4),
+            "cache_device_bytes": self.cache_device_bytes,
+            "cache_host_bytes": self.cache_host_bytes,
+            "dense_bytes": self.dense_bytes,
+            "peak_device_bytes": self.peak_device_bytes,
+            "activation_bytes": self.activation_bytes,
+        }
+
+
+def timed_run(engine: Engine, context: int, batch: int, decode_steps: int, seed: int = 0) -> RunResult:
+    """Prefill ``batch`` random prompts and decode until each made ``decode_steps`` full steps."""
+    device = engine.device
+    gen = torch.Generator().manual_seed(seed)
+    vocab = engine.model_cfg.vocab_size
+    prompts = torch.randint(0, vocab, (batch, context), generator=gen).tolist()
+    cache = engine.cache
+    if hasattr(cache, "reset_hit_rate"):
+        cache.reset_hit_rate()
+    baseline = _allocated(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    reqs = [
+        engine.add_request(p, SamplingParams(max_tokens=new_tokens(decode_steps, batch, i), ignore_eos=True))
+        for i, p in enumerate(prompts)
+    ]
+    prefill: list[float] = []
+    decode_s, full_steps, mem = 0.0, 0, None
+    while engine.has_unfinished():
+        _sync(device)
+        start = time.perf_counter()
+        outs = engine.step()
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if len(outs) == 1 and len(outs[0].request.output_ids) == 1:
+            prefill.append(elapsed)
+        elif len(outs) == batch:
+            if mem is None:
+                mem = cache.memory()  # every sequence live, before any finishes
+            decode_s, full_steps = decode_s + elapsed, full_steps + 1
+    if full_steps != decode_steps or mem is None or len(prefill) != batch:
+        raise RuntimeError(
+            f"expected {batch} prefills and {decode_steps} full-batch decode steps, saw "
+            f"{len(prefill)} and {full_steps}: the engine's scheduling changed; update bench.harness"
+        )
+    ttfts = [r.first_token - r.arrival for r in reqs]  # type: ignore[operator]
+    peak = _peak(device)
+    return RunResult(
+        context=context,
+        batch=batch,
+        decode_steps=decode_steps,
+        prefill_s=statistics.mean(prefill),
+        ttft_s=ttfts[0],
+        ttft_mean_s=statistics.mean(ttfts),
+        decode_s=decode_s,
+        cache_device_bytes=mem.device_bytes,
+        cache_host_bytes=mem.host_bytes,
+        dense_bytes=mem.dense_bytes,
+        peak_device_bytes=peak,
+        activation_bytes=max(0, peak - baseline) if device.type == "cuda" else 0,
+        hit_rate=_hit_rate(cache),
+    )
+
+
+def _hit_rate(cache: AttentionCache) -> float | None:
+    fn = getattr(cache, "hit_rate", None)
+    if fn is None:
+        return None
+    rates = fn()
+    rates = rates if isinstance(rates, (list, tuple)) else [rates]
+    seen = [float(r) for r in rates if not math.isnan(float(r))]
+    return statistics.mean(seen) if seen else None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _allocated(device: torch.device) -> int:
+    return int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else 0
+
+
+def _peak(device: torch.device) -> int:
+    """Peak allocated device memory on CUDA; the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -1,0 +1,70 @@
+"""Markdown table and throughput-vs-batch plot of a throughput report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f}"
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """One row per run, with decode speed relative to dense at its own largest batch."""
+    meta = report["meta"]
+    dense_best = {
+        r["context"]: r["decode_tokens_per_s"]
+        for r in report["runs"] if r["method"] == "dense" and r["batch_kind"] == "own max"
+    }
+    lines = [
+        f"{meta['model']} ({meta['weights']}), {meta['dtype']} on {meta['device_name']}, "
+        f"{meta['date']}",
+        "",
+        "| method | context | batch | batch is | prefill s | TTFT s | decode tok/s | vs dense max "
+        "| ms/step | hit rate | cache device GiB | cache host GiB | peak device GiB |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["runs"]:
+        base = dense_best.get(r["context"])
+        ratio = f"{r['decode_tokens_per_s'] / base:.2f}x" if base else "-"
+        hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.0%}"
+        lines.append(
+            f"| {r['method']} | {r['context']} | {r['batch']} | {r['batch_kind']} "
+            f"| {r['prefill_s']:.3f} | {r['ttft_s']:.3f} | {r['decode_tokens_per_s']:.1f} | {ratio} "
+            f"| {r['decode_ms_per_step']:.1f} | {hit} | {_gib(r['cache_device_bytes'])} "
+            f"| {_gib(r['cache_host_bytes'])} | {_gib(r['peak_device_bytes'])} |"
+        )
+    if meta["weights"].startswith("random"):
+        lines += ["", "Random weights: the timings are real, the generated tokens are meaningless."]
+    if meta["device"] == "cpu":
+        lines += ["", "On CPU, 'peak device' is the process's peak resident memory."]
+    return "\n".join(lines)
+
+
+def write_plot(report: dict[str, Any], path: Path) -> bool:
+    """Decode tokens/s against batch, one line per (method, context); False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    series: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    for r in report["runs"]:
+        series.setdefault((r["method"], r["context"]), []).append((r["batch"], r["decode_tokens_per_s"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (method, context), points in sorted(series.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=f"{method}, {context // 1024}K" if context >= 1024 else f"{method}, {context}")
+    meta = report["meta"]
+    ax.set_xlabel("batch (sequences)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"{meta['model']} ({meta['weights']}), {meta['dtype']}, {meta['device_name']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

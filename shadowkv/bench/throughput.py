@@ -1,0 +1,196 @@
+"""Throughput benchmark: each cache method at its largest batch, per context length.
+
+For every context, each method's largest batch is found from the cache's own admission
+accounting (device pools and the host value store), not by trial allocation. Each method is then
+timed at its own largest batch and, where it fits, at every other method's largest batch (dense
+at ShadowKV's batch is the equal-batch comparison). A run reports prefill time (ShadowKV's SVD
+included), TTFT, decode tokens/s over ``decode_steps`` full-batch steps, hit rate, and device and
+host memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shadowkv.bench.harness import build_engine, max_batch, timed_run
+from shadowkv.bench.models import RANDOM_WEIGHTS, arch_config, random_model, weight_bytes
+from shadowkv.bench.report import markdown_table, write_plot
+from shadowkv.config import CACHE_METHODS, CacheConfig, ConfigError, EngineConfig, ModelConfig
+from shadowkv.engine.engine import Engine, pick_dtype
+from shadowkv.models.llama import LlamaModel
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure. ``batches=()`` means each method's largest batch (plus the others')."""
+
+    arch: str | None = "tiny"
+    model_path: str | None = None
+    contexts: tuple[int, ...] = (32768,)
+    methods: tuple[str, ...] = ("dense", "shadowkv")
+    batches: tuple[int, ...] = ()
+    decode_steps: int = 256
+    max_batch: int = 256  # upper bound of the batch search (and the engine's max_num_seqs)
+    device: str | None = None  # None: cuda when available
+    dtype: str = "auto"
+    cache_memory_gb: float | None = None  # None: the engine's default (85% of free GPU memory)
+    cache: CacheConfig = field(default_factory=CacheConfig)  # knobs shared by all methods
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.arch is None) == (self.model_path is None):
+            raise ConfigError("give exactly one of --arch (random weights) and --model (checkpoint)")
+        if self.arch is not None:
+            arch_config(self.arch)
+        if not self.contexts or min(self.contexts) < 1:
+            raise ConfigError("contexts must be positive token counts, e.g. --contexts 32768,65536")
+        if not self.methods:
+            raise ConfigError("name at least one method, e.g. --methods dense,shadowkv")
+        for m in self.methods:
+            if m not in CACHE_METHODS:
+                raise ConfigError(f"unknown method {m!r}; choose from {', '.join(CACHE_METHODS)}")
+        if self.batches and min(self.batches) < 1:
+            raise ConfigError("batch sizes must be >= 1 (or 'auto')")
+        if self.decode_steps < 1:
+            raise ConfigError("decode_steps must be >= 1")
+        if self.max_batch < 1:
+            raise ConfigError("max_batch must be >= 1")
+        EngineConfig(dtype=self.dtype, cache_memory_gb=self.cache_memory_gb)  # validates dtype
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @property
+    def max_model_len(self) -> int:
+        """Room for the longest prompt plus the most tokens any request asks for."""
+        return max(self.contexts) + self.decode_steps + max(self.max_batch, *self.batches, 1) + 1
+
+
+def load_model(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> tuple[ModelConfig, LlamaModel, str]:
+    """The model to time and how its weights were made (``random weights`` or a checkpoint path)."""
+    if cfg.arch is not None:
+        model_cfg = arch_config(cfg.arch)
+        return model_cfg, random_model(model_cfg, device, dtype, seed=cfg.seed), RANDOM_WEIGHTS
+    from shadowkv.models.loader import load_model as load_checkpoint
+    from shadowkv.models.loader import resolve_model
+
+    path = resolve_model(cfg.model_path)
+    model_cfg, model = load_checkpoint(path, device, dtype)
+    return model_cfg, model, f"checkpoint {path}"
+
+
+def run_throughput(cfg: BenchConfig, out_dir: Path | None = None, log: Log | None = None) -> dict[str, Any]:
+    """Measure every (method, context, batch); write JSON, markdown and a plot to ``out_dir``."""
+    say = log or (lambda _: None)
+    device = cfg.torch_device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu")
+    dtype = pick_dtype(cfg.dtype, device)
+    model_cfg, model, weights = load_model(cfg, device, dtype)
+    if cfg.max_model_len > model_cfg.max_position_embeddings:
+        say(f"note: contexts reach {cfg.max_model_len} tokens, past the model's "
+            f"{model_cfg.max_position_embeddings}-token window (fine for speed, not for quality)")
+    engine_cfg = EngineConfig(
+        max_num_seqs=cfg.max_batch, max_model_len=cfg.max_model_len,
+        cache_memory_gb=cfg.cache_memory_gb, dtype=cfg.dtype,
+    )
+
+    def engine_for(method: str) -> Engine:
+        cache_cfg = replace(cfg.cache, method=method)
+        return build_engine(model, model_cfg, cache_cfg, engine_cfg, device, dtype)
+
+    limits: dict[str, dict[int, int]] = {}
+    for method in cfg.methods:
+        engine = engine_for(method)
+        limits[method] = {c: max_batch(engine.cache, c, cfg.decode_steps, cfg.max_batch) for c in cfg.contexts}
+        say(f"{method}: largest batch per context {limits[method]}")
+        _release(engine, device)
+
+    runs: list[dict[str, Any]] = []
+    for method in cfg.methods:
+        engine = engine_for(method)
+        for context in cfg.contexts:
+            for batch, kind in _plan_batches(cfg, method, context, limits):
+                if batch > limits[method][context]:
+                    say(f"{method} @ {context}: batch {batch} does not fit (max {limits[method][context]})")
+                    continue
+                say(f"{method} @ {context} tokens x {batch} ({kind}) ...")
+                result = timed_run(engine, context, batch, cfg.decode_steps, seed=cfg.seed)
+                row = {"method": method, "batch_kind": kind, "max_batch": limits[method][context]}
+                row.update(result.as_dict())
+                runs.append(row)
+                say(f"  decode {row['decode_tokens_per_s']:.1f} tok/s, prefill {row['prefill_s']:.3f} s")
+        _release(engine, device)
+
+    report = {
+        "meta": _meta(cfg, model_cfg, model, weights, device, dtype),
+        "max_batch": {m: {str(c): b for c, b in per.items()} for m, per in limits.items()},
+        "runs": runs,
+    }
+    report["table"] = markdown_table(report)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out_dir / "throughput.md").write_text(report["table"] + "\n")
+        plot = write_plot(report, out_dir / "throughput.png")
+        say(f"wrote {out_dir / 'throughput.json'}, throughput.md" + (", throughput.png" if plot else ""))
+        if not plot:
+            say("no plot: matplotlib is not installed (pip install 'shadowkv[plot]')")
+    return report
+
+
+def _plan_batches(
+    cfg: BenchConfig, method: str, context: int, limits: dict[str, dict[int, int]]
+) -> list[tuple[int, str]]:
+    """(batch, why) pairs to time for one method and context, each batch once."""
+    if cfg.batches:
+        return [(b, "requested") for b in sorted(set(cfg.batches))]
+    plan = {limits[method][context]: "own max"}
+    for other in cfg.methods:
+        b = limits[other][context]
+        if other != method and b not in plan:
+            plan[b] = f"{other} max"
+    return [(b, why) for b, why in sorted(plan.items()) if b > 0]
+
+
+def _release(engine: Engine, device: torch.device) -> None:
+    """Drop an engine's cache pools before the next engine allocates its own."""
+    engine.cache = None  # type: ignore[assignment]
+    del engine
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _meta(
+    cfg: BenchConfig, model_cfg: ModelConfig, model: LlamaModel, weights: str,
+    device: torch.device, dtype: torch.dtype,
+) -> dict[str, Any]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    config = asdict(cfg)
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": " ".join(sys.argv),
+        "model": cfg.arch or cfg.model_path,
+        "weights": weights,
+        "device": str(device),
+        "device_name": name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "weight_bytes": weight_bytes(model),
+        "model_config": {k: v for k, v in asdict(model_cfg).items() if k != "rope"},
+        "bench_config": config,
+    }

@@ -1,0 +1,72 @@
+"""Loki (Singhania et al., 2024): score tokens in a low-dimensional principal subspace of the keys.
+
+At prefill, per layer and KV head, the top ``r = ceil(cfg.loki_rank * D)`` eigenvectors ``W [D, r]``
+of the prompt's post-RoPE key second-moment matrix ``K^T K`` are computed (uncentred PCA, so the
+keys' mean direction is kept), and every prompt key is stored projected, ``K W [T, r]``. At decode
+the approximate scores ``(q W) . (k W)`` go through the same softmax -> max over the GQA group as
+ShadowKV's landmark scores (the maintainers' Loki sketch), and each KV head keeps its top
+``budget`` tokens of the selectable prefix (see ``sparse_base``). Attention itself uses the exact
+keys and values, which stay on the device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from shadowkv.cache.sparse_base import SparseCache
+from shadowkv.config import CacheConfig, ModelConfig
+
+
+def loki_rank(model: ModelConfig, cfg: CacheConfig) -> int:
+    """Dimensions kept per head for scoring."""
+    return max(1, math.ceil(cfg.loki_rank * model.head_dim))
+
+
+def principal_basis(k: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-``rank`` eigenvectors of each ``K_h^T K_h``: ``[T, Hkv, D]`` -> ``[Hkv, D, r]``."""
+    kf = k.float().transpose(0, 1)  # [Hkv, T, D]
+    gram = kf.transpose(1, 2) @ kf  # [Hkv, D, D]
+    _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
+    return vecs[..., -rank:].flip(-1).contiguous()
+
+
+class LokiCache(SparseCache):
+    """Projected prompt keys in per-layer pools ``[num_blocks, S, Hkv, r]``; bases per sequence."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rank = loki_rank(self.model, self.cfg)
+        Hkv, D = self.model.num_kv_heads, self.model.head_dim
+        shape = (self.pool.num_blocks, self.pool.block_size, Hkv, self.rank)
+        layers = range(self.model.num_layers)
+        self.k_low = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in layers]
+        basis = (self.max_num_seqs, Hkv, D, self.rank)
+        self.basis = [torch.zeros(basis, device=self.device) for _ in layers]
+
+    @staticmethod
+    def metadata_bytes_per_block(model: ModelConfig, cfg: CacheConfig, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        per_token = model.num_kv_heads * loki_rank(model, cfg) * elem
+        return model.num_layers * cfg.page_size * per_token
+
+    def summarise(self, layer: int, k: torch.Tensor) -> None:
+        row = self.rows[self._prefill_seq]
+        basis = principal_basis(k, self.rank)  # [Hkv, D, r]
+        self.basis[layer][row] = basis
+        low = torch.einsum("thd,hdr->thr", k.float(), basis)
+        Hkv = self.model.num_kv_heads
+        self.k_low[layer].view(-1, Hkv, self.rank)[self._slot_mapping] = low.to(self.dtype)
+
+    def select(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, H, D = q.shape
+        Hkv, G = self.model.num_kv_heads, H // self.model.num_kv_heads
+        rows = torch.tensor([self.rows[s] for s in self._decode_seqs], device=self.device)
+        basis = self.basis[layer][rows]  # [B, Hkv, D, r]
+        q_low = torch.einsum("bhgd,bhdr->bhgr", q.float().view(B, Hkv, G, D), basis)
+        k_low = self.gather_prefix(self.k_low[layer], self._max_selectable).float()  # [B,N,Hkv,r]
+        scores = torch.einsum("bhgr,bnhr->bhgn", q_low, k_low) * self.scale
+        mask = self.selectable_mask(self._max_selectable)
+        grouped = self.group_max_softmax(scores.reshape(B, H, -1), mask)
+        return self.top_units(grouped)

@@ -1,0 +1,198 @@
+"""Shared machinery for the sparse-attention baselines (Quest, Loki, StreamingLLM, oracle top-k).
+
+Every baseline keeps all keys and values exact on the device in the paged pool of ``DenseCache``
+and, at each decode step and layer, attends over a per-KV-head subset of the prompt rows. Prefill
+attention is exact for every method (the paper's protocol, section 5.1).
+
+How the budget is counted, identically for every method, so comparisons with ShadowKV are honest:
+
+* The **local window** is the last ``local_chunks * chunk_size + prompt_len % chunk_size`` prompt
+  tokens, the same window ShadowKV keeps exact. It is always attended and is not part of the budget.
+* **Generated tokens** are always attended and are not part of the budget.
+* The **budget** ``cfg.budget_tokens(prompt_len)`` is the most prompt tokens a method may pick, per
+  KV head, from the selectable prefix ``[0, prompt_len - local)``. A method that picks whole units
+  (Quest's 16-token pages) picks ``budget // unit`` of them, so never more tokens than the budget.
+  When the budget covers the whole prefix every prompt row is attended and the method equals dense
+  attention.
+* ShadowKV additionally keeps its outlier chunks exact; the baselines get no outliers.
+
+Shapes: ``B`` decoding sequences, ``H`` query heads, ``Hkv`` KV heads, ``G = H // Hkv``, ``D`` head
+dim, ``S`` rows per pool block, ``K`` selected rows, ``M`` attended rows.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import torch
+
+from shadowkv.cache.base import CacheMemory
+from shadowkv.cache.dense import DenseCache
+from shadowkv.config import CacheConfig, ModelConfig
+from shadowkv.models.rope import RotaryEmbedding
+
+
+class SparseCache(DenseCache):
+    """Dense storage, sparse decode: subclasses implement ``select`` (and optional metadata).
+
+    ``unit`` is how many consecutive tokens one selection unit covers (1 for token-level methods,
+    ``page_size`` for Quest).
+    """
+
+    unit: int = 1
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        cfg: CacheConfig,
+        rope: RotaryEmbedding,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_num_seqs: int,
+        max_model_len: int,
+        memory_bytes: int,
+    ) -> None:
+        per_block = self.bytes_per_block(model, cfg, dtype) + self.metadata_bytes_per_block(
+            model, cfg, dtype
+        )
+        num_blocks = max(1, memory_bytes // per_block)
+        super().__init__(
+            model, cfg, rope, device, dtype, max_num_seqs, max_model_len, num_blocks=num_blocks
+        )
+        self.prompt_lens: dict[int, int] = {}
+
+    @staticmethod
+    def metadata_bytes_per_block(model: ModelConfig, cfg: CacheConfig, dtype: torch.dtype) -> int:
+        """Device bytes of per-block selection metadata over all layers (0 when none)."""
+        return 0
+
+    def local_tokens(self, prompt_len: int) -> int:
+        """Length of the always-attended local window at the end of the prompt."""
+        c = self.cfg.chunk_size
+        return min(prompt_len, self.cfg.local_chunks * c + prompt_len % c)
+
+    def free_sequence(self, seq_id: int) -> None:
+        super().free_sequence(seq_id)
+        self.prompt_lens.pop(seq_id, None)
+
+    def end_prefill(self) -> None:
+        super().end_prefill()
+        self.prompt_lens[self._prefill_seq] = self._prefill_len
+
+    def prefill(self, layer, q, k, v, k_pre):
+        out = super().prefill(layer, q, k, v, k_pre)
+        self.summarise(layer, k.to(self.dtype))
+        return out
+
+    def summarise(self, layer: int, k: torch.Tensor) -> None:
+        """Build selection metadata from the prompt's post-RoPE keys ``k [T, Hkv, D]``."""
+
+    def begin_decode(self, seq_ids: list[int]) -> None:
+        super().begin_decode(seq_ids)
+        prompt = [self.prompt_lens[s] for s in seq_ids]
+        lengths = [self.lengths[s] for s in seq_ids]
+        selectable = [p - self.local_tokens(p) for p in prompt]
+        units = []
+        for p, n in zip(prompt, selectable):
+            budget = self.cfg.budget_tokens(p)
+            units.append(-(-n // self.unit) if budget >= n else budget // self.unit)
+        dev = self.device
+        self._selectable = torch.tensor(selectable, device=dev)  # [B]
+        self._units = torch.tensor(units, device=dev)  # [B] selection units granted
+        self._max_selectable = max(selectable, default=0)
+        # Always-attended rows: local window, earlier generated tokens and the new one.
+        span = max((n + 1 - s for n, s in zip(lengths, selectable)), default=0)
+        offs = torch.arange(span, device=dev)
+        start = self._selectable[:, None]
+        self._always_pos = start + offs  # [B, A]
+        self._always_valid = self._always_pos <= torch.tensor(lengths, device=dev)[:, None]
+
+    @abstractmethod
+    def select(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt positions to attend per KV head: ``(pos [B, Hkv, K], valid [B, Hkv, K])``.
+
+        Positions lie in each sequence's selectable prefix; invalid entries are ignored.
+        """
+
+    def decode(self, layer, q, k, v, k_pre):
+        self._write(layer, k, v)
+        sel_pos, sel_valid = self.select(layer, q)
+        B, Hkv = q.shape[0], self.model.num_kv_heads
+        always = self._always_pos[:, None, :].expand(B, Hkv, -1)
+        always_valid = self._always_valid[:, None, :].expand(B, Hkv, -1)
+        pos = torch.cat([sel_pos, always], dim=-1)
+        valid = torch.cat([sel_valid, always_valid], dim=-1)
+        return self.attend(layer, q, pos, valid)
+
+    def attend(
+        self, layer: int, q: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """Exact attention of ``q [B, H, D]`` over token positions ``pos [B, Hkv, M]``.
+
+        Each query head attends only to its KV head's valid rows; returns ``[B, H, D]``.
+        """
+        B, H, D = q.shape
+        Hkv = self.model.num_kv_heads
+        slots = self.slots_of(torch.where(valid, pos, torch.zeros_like(pos)))  # [B, Hkv, M]
+        heads = torch.arange(Hkv, device=q.device)[None, :, None]
+        k = self.k_cache[layer].view(-1, Hkv, D)[slots, heads].float()  # [B, Hkv, M, D]
+        v = self.v_cache[layer].view(-1, Hkv, D)[slots, heads].float()
+        qf = q.float().view(B, Hkv, H // Hkv, D)
+        scores = torch.einsum("bhgd,bhmd->bhgm", qf, k) * self.scale
+        scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
+        out = torch.einsum("bhgm,bhmd->bhgd", torch.softmax(scores, dim=-1), v)
+        return out.reshape(B, H, D).to(q.dtype)
+
+    def slots_of(self, pos: torch.Tensor) -> torch.Tensor:
+        """Pool rows (block * S + offset) of the step's token positions ``pos [B, ...]``."""
+        S = self.pool.block_size
+        flat = pos.reshape(pos.shape[0], -1)
+        blocks = self._tables.long().gather(1, flat // S)
+        return (blocks * S + flat % S).view_as(pos)
+
+    def gather_prefix(self, pool: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """First ``num_tokens`` rows of each sequence from a paged pool ``[blocks, S, ...]``."""
+        S = self.pool.block_size
+        nb = -(-num_tokens // S)
+        rows = pool[self._tables[:, :nb].long()]  # [B, nb, S, ...]
+        return rows.flatten(1, 2)[:, :num_tokens]
+
+    def top_units(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top units per KV head from ``scores [B, Hkv, N]`` (``-inf`` = not selectable).
+
+        Returns token positions and validity ``[B, Hkv, K * unit]``; sequence ``b`` keeps its
+        ``_units[b]`` best units and only positions inside its selectable prefix.
+        """
+        B, Hkv, N = scores.shape
+        k = min(int(self._units.max()) if B else 0, N)
+        top = scores.topk(k, dim=-1)  # [B, Hkv, k]
+        rank_ok = torch.arange(k, device=scores.device) < self._units[:, None, None]
+        keep = rank_ok & torch.isfinite(top.values)
+        offs = torch.arange(self.unit, device=scores.device)
+        pos = (top.indices[..., None] * self.unit + offs).flatten(2)  # [B, Hkv, k * unit]
+        valid = keep.repeat_interleave(self.unit, dim=-1) & (pos < self._selectable[:, None, None])
+        return pos, valid
+
+    def selectable_mask(self, num: int, unit: int = 1) -> torch.Tensor:
+        """``[B, num]``: whether unit ``i`` starts inside each sequence's selectable prefix."""
+        starts = torch.arange(num, device=self.device) * unit
+        return starts[None, :] < self._selectable[:, None]
+
+    def group_max_softmax(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``scores [B, H, N]`` -> softmax per query head, max over GQA group -> ``[B, Hkv, N]``.
+
+        Masked (``mask [B, N]`` False) entries come back as ``-inf``.
+        """
+        B, H, N = scores.shape
+        Hkv = self.model.num_kv_heads
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with nothing selectable
+        grouped = probs.view(B, Hkv, H // Hkv, N).amax(dim=2)
+        return grouped.masked_fill(~mask[:, None, :], float("-inf"))
+
+    def memory(self, seq_id: int | None = None) -> CacheMemory:
+        base = super().memory(seq_id)
+        ids = [seq_id] if seq_id is not None else list(self.rows)
+        blocks = sum(len(self.pool.owned.get(s, [])) for s in ids)
+        extra = blocks * self.metadata_bytes_per_block(self.model, self.cfg, self.dtype)
+        return base + CacheMemory(device_bytes=extra)

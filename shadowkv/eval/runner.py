@@ -1,0 +1,406 @@
+"""Run tasks x lengths x methods x budgets x samples through ``LLM.generate`` and report.
+
+Every finished sample is appended as one JSON line to ``EvalConfig.out`` keyed by
+``(model, method, budget, task, length, seed, index)``; a rerun with the same file skips the keys
+it already holds, so an interrupted run resumes where it stopped. Dense attention ignores the
+budget and runs once (its key has ``budget = null``). ``task = "niah"`` is the needle-in-a-haystack
+grid: sample ``i`` of ``n`` puts the needle at depth ``niah_depths(n)[i]``.
+
+Decoding is greedy with each task's generation length and no stop strings (RULER's protocol).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from shadowkv.config import CACHE_METHODS, CacheConfig, ConfigError, EngineConfig
+from shadowkv.eval.haystack import Haystack
+from shadowkv.eval.metrics import aggregate, mean_row
+from shadowkv.eval.niah import generate_niah_samples, niah_depths
+from shadowkv.eval.ruler import TASKS, CHAT_TEMPLATES, Sample, generate_samples
+
+NIAH_TASK = "niah"
+_METHOD_MODULES = {"shadowkv": "shadow", "quest": "quest", "loki": "loki",
+                   "streaming": "streaming", "oracle": "oracle"}
+Key = tuple[str, str, Any, str, int, int, int]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate. ``budgets`` holds sparse budgets (tokens, or fractions of the prompt);
+    several values make a budget sweep. ``chat_template`` is ``"model"`` (the checkpoint's own
+    template, or none if it has none), ``"base"`` or a name in ``ruler.CHAT_TEMPLATES``.
+    ``cache`` carries the methods' other knobs (rank, chunk size, ...); its method and budget are
+    overridden per run. ``batch_size`` samples go to the engine together (and are saved together).
+    ``max_new_tokens`` caps generation below the task's length (RULER: 128 for NIAH), a shortcut
+    for slow CPU runs; prompts are still fitted with the task's own generation length.
+    """
+
+    tasks: tuple[str, ...]
+    lengths: tuple[int, ...]
+    methods: tuple[str, ...]
+    out: Path
+    model: str | None = None
+    num_samples: int = 4
+    budgets: tuple[float, ...] = (2048,)
+    haystack: Path | None = None
+    qa_file: Path | None = None
+    chat_template: str = "model"
+    seed: int = 42
+    batch_size: int = 4
+    max_new_tokens: int | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS and t != NIAH_TASK]
+        if unknown or not self.tasks:
+            raise ConfigError(f"unknown task(s) {unknown}; choose from {sorted(TASKS)} or 'niah'")
+        bad = [m for m in self.methods if m not in CACHE_METHODS]
+        if bad or not self.methods:
+            raise ConfigError(f"unknown method(s) {bad}; choose from {CACHE_METHODS}")
+        if not self.lengths or min(self.lengths) < 64:
+            raise ConfigError("lengths must be given, each at least 64 tokens")
+        if self.num_samples < 1 or self.batch_size < 1:
+            raise ConfigError("num_samples and batch_size must be >= 1")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError("max_new_tokens must be >= 1 (or None for each task's own)")
+        for b in self.budgets:
+            replace(self.cache, sparse_budget=b)  # CacheConfig validates each budget
+        essay = [t for t in self.tasks if t == NIAH_TASK or _needs_essay(t)]
+        if essay and self.haystack is None:
+            raise ConfigError(
+                f"task(s) {essay} need an essay haystack: pass --haystack "
+                "../shared/data/pg_essays.jsonl (or any .jsonl/.txt corpus)"
+            )
+        if self.haystack is not None and not Path(self.haystack).is_file():
+            raise ConfigError(f"haystack file {self.haystack} does not exist")
+        qa = [t for t in self.tasks if t.startswith("qa")]
+        if qa and self.qa_file is None:
+            raise ConfigError(f"task(s) {qa} need --qa-file (SQuAD v2 dev or HotpotQA dev JSON)")
+        if self.chat_template not in ("model", "base", *CHAT_TEMPLATES):
+            raise ConfigError(
+                f"chat template {self.chat_template!r}: use 'model', 'base' or one of "
+                f"{sorted(CHAT_TEMPLATES)}"
+            )
+
+    def runs(self) -> list[tuple[str, float | None]]:
+        """(method, budget) pairs in run order; dense once, with budget None."""
+        return [
+            (m, None) if m == "dense" else (m, b)
+            for m in self.methods
+            for b in ((None,) if m == "dense" else self.budgets)
+        ]
+
+
+def _needs_essay(task: str) -> bool:
+    spec = TASKS[task]
+    return spec.niah is not None and spec.niah.haystack == "essay"
+
+
+def record_key(record: dict[str, Any]) -> Key:
+    return (
+        record["model"], record["method"], record["budget"], record["task"],
+        int(record["length"]), int(record["seed"]), int(record["index"]),
+    )
+
+
+def load_records(path: Path) -> list[dict[str, Any]]:
+    """Records of a results file; a torn last line (an interrupted write) is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for num, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                warnings.warn(f"{path}:{num}: skipping an unreadable line", stacklevel=2)
+    return records
+
+
+def append_records(path: Path, records: list[dict[str, Any]]) -> None:
+    """Append one JSON line per record, first ending a line torn by an interrupted write."""
+    torn = False
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as fh:
+            fh.seek(-1, 2)
+            torn = fh.read(1) != b"\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write("\n" if torn else "")
+        fh.write("".join(json.dumps(rec) + "\n" for rec in records))
+        fh.flush()
+
+
+class Progress:
+    """tqdm when installed, else a ``done/total`` counter on stderr."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled = total, 0, enabled and total > 0
+        self._bar = None
+        if self.enabled:
+            try:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, unit="sample", file=sys.stderr)
+            except ImportError:
+                pass
+
+    def update(self, n: int, label: str) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.set_description(label)
+            self._bar.update(n)
+        else:
+            print(f"[{self.done}/{self.total}] {label}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def run_eval(
+    cfg: EvalConfig, progress: bool = True, llm: Any | None = None
+) -> list[dict[str, Any]]:
+    """Run every pending sample, append its record to ``cfg.out``; return all matching records.
+
+    ``llm`` reuses an already loaded ``LLM`` (its engine is rebuilt per method and budget).
+    """
+    from shadowkv.llm import LLM
+
+    for method in {m for m, _ in cfg.runs() if m != "dense"}:
+        _check_importable(method)
+    model_name = _model_name(cfg, llm)
+    done = {record_key(r) for r in load_records(cfg.out)}
+    pending = {
+        (method, budget): [
+            (task, length, i)
+            for task in cfg.tasks
+            for length in cfg.lengths
+            for i in range(cfg.num_samples)
+            if (model_name, method, budget, task, length, cfg.seed, i) not in done
+        ]
+        for method, budget in cfg.runs()
+    }
+    bar = Progress(sum(len(v) for v in pending.values()), progress)
+    samples: dict[tuple[str, int], list[Sample]] = {}
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        for (method, budget), todo in pending.items():
+            if not todo:
+                continue
+            cache_cfg = replace(
+                cfg.cache, method=method, sparse_budget=budget or cfg.cache.sparse_budget
+            )
+            if llm is None:
+                llm = LLM(cfg.model, cache=cache_cfg, engine=cfg.engine, device=cfg.device)
+            else:
+                _use_cache(llm, cache_cfg)
+            for task, length, batch in _batches(todo, cfg.batch_size):
+                if (task, length) not in samples:
+                    samples[task, length] = _make_samples(cfg, llm.tokenizer, task, length)
+                chosen = [samples[task, length][i] for i in batch]
+                records = _generate(
+                    llm, chosen, model_name, method, budget, cache_cfg, cfg.max_new_tokens
+                )
+                append_records(cfg.out, records)
+                bar.update(len(records), f"{method}@{budget} {task} {length}")
+    finally:
+        bar.close()
+    wanted = {(model_name, m, b) for m, b in cfg.runs()}
+    return [
+        r for r in load_records(cfg.out)
+        if (r["model"], r["method"], r["budget"]) in wanted
+        and r["task"] in cfg.tasks and r["length"] in cfg.lengths and r["seed"] == cfg.seed
+        and r["index"] < cfg.num_samples
+    ]
+
+
+def _check_importable(method: str) -> None:
+    module = f"shadowkv.cache.{_METHOD_MODULES[method]}"
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != module:
+            raise
+        raise ConfigError(
+            f"cache method {method!r} is not available in this build ({module} is missing)"
+        ) from err
+
+
+def _model_name(cfg: EvalConfig, llm: Any | None) -> str:
+    if llm is not None:
+        return Path(llm.path).name
+    from shadowkv.models.loader import resolve_model
+
+    return resolve_model(cfg.model).name
+
+
+def _use_cache(llm: Any, cache_cfg: CacheConfig) -> None:
+    """Point ``llm`` at a fresh engine with ``cache_cfg``, keeping its loaded weights."""
+    from shadowkv.engine.engine import Engine
+
+    old = llm.engine
+    model, engine_cfg = old.model, old.cfg
+    llm.engine = None  # drop the old cache pools before allocating new ones
+    del old
+    llm.engine = Engine(
+        model, llm.model_config, llm.tokenizer, cache_cfg, engine_cfg, llm.device, llm.dtype
+    )
+    llm.cache_config = cache_cfg
+
+
+def _batches(
+    todo: list[tuple[str, int, int]], size: int
+) -> Iterator[tuple[str, int, list[int]]]:
+    """Group pending ``(task, length, index)`` into same-task, same-length batches."""
+    group: list[int] = []
+    current: tuple[str, int] | None = None
+    for task, length, index in todo:
+        if current != (task, length) or len(group) == size:
+            if group and current is not None:
+                yield current[0], current[1], group
+            current, group = (task, length), []
+        group.append(index)
+    if group and current is not None:
+        yield current[0], current[1], group
+
+
+def _make_samples(cfg: EvalConfig, tokenizer: Any, task: str, length: int) -> list[Sample]:
+    chat = _chat_template(cfg.chat_template, tokenizer)
+    haystack = Haystack.from_path(cfg.haystack) if cfg.haystack is not None else None
+    if task == NIAH_TASK:
+        assert haystack is not None
+        return generate_niah_samples(
+            tokenizer, haystack, [length], niah_depths(cfg.num_samples), cfg.seed, chat
+        )
+    return generate_samples(
+        task, tokenizer, length, cfg.num_samples, cfg.seed,
+        haystack=haystack, chat_template=chat, qa_file=cfg.qa_file,
+    )
+
+
+def _chat_template(name: str, tokenizer: Any) -> Callable[[str], str] | str | None:
+    if name == "base":
+        return None
+    if name != "model":
+        return name
+    if not tokenizer.has_chat_template:
+        return None
+    return lambda text: tokenizer.apply_chat_template([{"role": "user", "content": text}])
+
+
+def _generate(
+    llm: Any, samples: list[Sample], model_name: str, method: str, budget: float | None,
+    cache_cfg: CacheConfig, max_new_tokens: int | None,
+) -> list[dict[str, Any]]:
+    from shadowkv.engine.sampling import SamplingParams
+    from shadowkv.eval.metrics import score
+
+    # A chat template already carries BOS where the model wants one.
+    special = not llm.tokenizer.has_chat_template
+    prompts = [llm.tokenizer.encode(s.prompt, add_special_tokens=special) for s in samples]
+    params = [
+        SamplingParams(max_tokens=min(s.max_new_tokens, max_new_tokens or s.max_new_tokens))
+        for s in samples
+    ]
+    start = time.perf_counter()
+    results = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    return [
+        {
+            "model": model_name, "method": method, "budget": budget, "task": s.task,
+            "length": s.length_target, "seed": s.seed, "index": s.index,
+            "prediction": res.text, "outputs": s.outputs,
+            "score": score(s.task, res.text, s.outputs),
+            "prompt_tokens": len(ids), "generated_tokens": len(res.token_ids),
+            "budget_tokens": None if budget is None else cache_cfg.budget_tokens(len(ids)),
+            "depth": s.metadata.get("depth", s.metadata.get("depths")),
+            "batch_seconds": round(elapsed, 3),
+        }
+        for s, ids, res in zip(samples, prompts, results)
+    ]
+
+
+def run_label(method: str, budget: float | None) -> str:
+    return method if budget is None else f"{method}@{budget:g}"
+
+
+def summary_tables(records: Iterable[dict[str, Any]], metric: str = "ruler") -> str:
+    """Markdown: one table per context length, a row per method@budget, a column per task + mean.
+
+    Cells are 100 x the mean per-sample ``metric`` score ("ruler" or "shadowkv") over the
+    samples present; the ``n`` column counts samples per task.
+    """
+    grouped: dict[int, dict[str, list[tuple[str, str, list[str]]]]] = {}
+    tasks: list[str] = []
+    for r in records:
+        rows = grouped.setdefault(int(r["length"]), {})
+        rows.setdefault(run_label(r["method"], r["budget"]), []).append(
+            (r["task"], r["prediction"], r["outputs"])
+        )
+        if r["task"] not in tasks:
+            tasks.append(r["task"])
+    out = []
+    for length in sorted(grouped):
+        out.append(f"### {length} tokens ({metric} metric)\n")
+        out.append("| method | " + " | ".join(tasks) + " | mean | n |")
+        out.append("|---" * (len(tasks) + 3) + "|")
+        for label, items in grouped[length].items():
+            scores = aggregate(items)
+            cells = [f"{getattr(scores[t], metric):.2f}" if t in scores else "-" for t in tasks]
+            mean = getattr(mean_row(scores), metric)
+            n = "/".join(str(scores[t].num_samples) for t in tasks if t in scores)
+            out.append(f"| {label} | " + " | ".join(cells) + f" | {mean:.2f} | {n} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot_budget_sweep(
+    records: Iterable[dict[str, Any]], path: str | Path, metric: str = "ruler"
+) -> Path:
+    """Accuracy (mean over tasks and lengths) against sparse budget, a line per method; dense
+    as a horizontal reference. Writes a PNG."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError("the budget plot needs matplotlib: pip install 'shadowkv[plot]'") from err
+    per_run: dict[tuple[str, float | None], list[float]] = {}
+    for r in records:
+        per_run.setdefault((r["method"], r["budget"]), []).append(100 * r["score"][metric])
+    if not per_run:
+        raise ValueError("no records to plot")
+    figure = Figure(figsize=(6.5, 4.2))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for method in dict.fromkeys(m for m, _ in per_run):
+        if method == "dense":
+            vals = per_run[method, None]
+            ax.axhline(sum(vals) / len(vals), color="black", linestyle="--", label="dense")
+            continue
+        points = sorted((b, sum(v) / len(v)) for (m, b), v in per_run.items() if m == method)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sparse budget (tokens, or fraction of the prompt)")
+    ax.set_ylabel(f"accuracy ({metric} metric, %)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, format="png", dpi=120)
+    return path

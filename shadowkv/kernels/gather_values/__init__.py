@@ -1,0 +1,49 @@
+"""``gather_values``: values of missed chunks from the (host) value store into the buffer."""
+
+from __future__ import annotations
+
+import torch
+
+from shadowkv.kernels._dispatch import use_triton
+from shadowkv.kernels.gather_values.reference import gather_values as gather_values_ref
+
+__all__ = ["gather_values", "gather_values_ref"]
+
+
+def gather_values(
+    v_cache: torch.Tensor,
+    store: torch.Tensor,
+    store_table: torch.Tensor,
+    slot_ids: torch.Tensor,
+    miss: torch.Tensor,
+    dst_rows: torch.Tensor,
+) -> None:
+    """Fill missed slots' values in place; see ``reference.gather_values``."""
+    if v_cache.dim() != 4 or store.dim() != 4 or slot_ids.dim() != 3:
+        raise ValueError(
+            "gather_values wants v_cache [blocks, S, Hkv, D], store [pages, Pc, Hkv, C*D] and "
+            f"slot_ids [B, Hkv, K], got {tuple(v_cache.shape)}, {tuple(store.shape)}, "
+            f"{tuple(slot_ids.shape)}"
+        )
+    B, Hkv, K = slot_ids.shape
+    D = v_cache.shape[3]
+    if v_cache.shape[2] != Hkv or store.shape[2] != Hkv or store.shape[3] % D:
+        raise ValueError(
+            f"store {tuple(store.shape)} and v_cache {tuple(v_cache.shape)} must share Hkv={Hkv} "
+            f"and the store rows must hold whole chunks of D={D}"
+        )
+    C = store.shape[3] // D
+    if miss.shape != slot_ids.shape or dst_rows.shape != (B, K * C):
+        raise ValueError(
+            f"miss must match slot_ids {tuple(slot_ids.shape)} and dst_rows must be "
+            f"[B, K*C] = [{B}, {K * C}], got {tuple(dst_rows.shape)}"
+        )
+    if store.dtype != v_cache.dtype:
+        raise ValueError(f"store dtype {store.dtype} differs from v_cache dtype {v_cache.dtype}")
+    args = (v_cache, store, store_table, slot_ids, miss, dst_rows)
+    if use_triton(v_cache, "gather_values"):
+        from shadowkv.kernels.gather_values.triton import gather_values as impl
+
+        impl(*args)
+        return
+    gather_values_ref(*args)

@@ -1,0 +1,52 @@
+"""``reconstruct_keys``: low-rank factors -> post-RoPE keys of missed chunks, into the buffer."""
+
+from __future__ import annotations
+
+import torch
+
+from shadowkv.kernels._dispatch import use_triton
+from shadowkv.kernels.reconstruct_keys.reference import reconstruct_keys as reconstruct_keys_ref
+
+__all__ = ["reconstruct_keys", "reconstruct_keys_ref"]
+
+
+def reconstruct_keys(
+    k_cache: torch.Tensor,
+    a_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    w_t: torch.Tensor,
+    seq_rows: torch.Tensor,
+    slot_ids: torch.Tensor,
+    miss: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    dst_rows: torch.Tensor,
+    chunk_size: int,
+) -> None:
+    """Rebuild missed slots' keys in place; see ``reference.reconstruct_keys``."""
+    if k_cache.dim() != 4 or a_pages.dim() != 3 or w_t.dim() != 3 or slot_ids.dim() != 3:
+        raise ValueError(
+            "reconstruct_keys wants k_cache [blocks, S, Hkv, D], a_pages [pages, P, R], "
+            "w_t [rows, R, Hkv*D] and slot_ids [B, Hkv, K]"
+        )
+    B, Hkv, K = slot_ids.shape
+    D = k_cache.shape[3]
+    if k_cache.shape[2] != Hkv or w_t.shape[1:] != (a_pages.shape[2], Hkv * D):
+        raise ValueError(
+            f"w_t {tuple(w_t.shape)} must be [rows, R={a_pages.shape[2]}, Hkv*D={Hkv * D}] and "
+            f"k_cache {tuple(k_cache.shape)} must have Hkv={Hkv}"
+        )
+    if miss.shape != slot_ids.shape or dst_rows.shape != (B, K * chunk_size):
+        raise ValueError(
+            f"miss must match slot_ids {tuple(slot_ids.shape)} and dst_rows must be "
+            f"[B, K*C] = [{B}, {K * chunk_size}], got {tuple(dst_rows.shape)}"
+        )
+    if cos.shape != sin.shape or cos.shape[-1] != D:
+        raise ValueError(f"RoPE tables must be [max_position, {D}], got {tuple(cos.shape)}")
+    args = (k_cache, a_pages, page_table, w_t, seq_rows, slot_ids, miss, cos, sin, dst_rows, chunk_size)
+    if use_triton(k_cache, "reconstruct_keys"):
+        from shadowkv.kernels.reconstruct_keys.triton import reconstruct_keys as impl
+
+        impl(*args)
+        return
+    reconstruct_keys_ref(*args)

@@ -1,0 +1,196 @@
+"""Rebuild missed chunks' keys from low-rank factors in Triton, RoPE fused in the epilogue.
+
+Same contract as ``reference.py``. One program per (sequence, KV head, ``BLOCK_SLOTS`` slots)
+handles ``BLOCK_T = BLOCK_SLOTS * C_PAD`` token rows (row ``r`` is token ``r % C_PAD`` of slot
+``r // C_PAD``; rows with ``j >= C``, unused or hit slots are masked). It gathers those rows of
+``A`` and multiplies them by the head's ``[R, D]`` slice of ``W^T`` in ``BLOCK_R`` steps. The two
+halves of ``D`` are accumulated separately so the neox rotation
+``(lo, hi) -> (lo * cos - hi * sin, hi * cos + lo * sin)`` needs no register shuffle. A program
+whose slots are all hits returns before loading anything.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from shadowkv.kernels._launch import check, dot_dtype, dot_precision
+
+BLOCK_T = 64  # token rows per program
+
+
+@triton.jit
+def _reconstruct_keys_kernel(
+    k_cache_ptr,
+    a_ptr,
+    page_table_ptr,
+    w_ptr,
+    seq_rows_ptr,
+    slot_ids_ptr,
+    miss_ptr,
+    cos_ptr,
+    sin_ptr,
+    dst_rows_ptr,
+    stride_kr,
+    stride_kh,
+    stride_ap,
+    stride_at,
+    stride_tb,
+    stride_wn,
+    stride_wr,
+    stride_sb,
+    stride_sh,
+    stride_cos,
+    stride_sin,
+    stride_db,
+    K,
+    R,
+    C: tl.constexpr,
+    C_PAD: tl.constexpr,
+    P: tl.constexpr,
+    D: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_h = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2).to(tl.int64)
+    offs_t = tl.arange(0, BLOCK_T)
+    slot = pid_s * (BLOCK_T // C_PAD) + offs_t // C_PAD  # [BLOCK_T]
+    j = offs_t % C_PAD
+    in_range = (slot < K) & (j < C)
+    sel = pid_b * stride_sb + pid_h * stride_sh + slot
+    chunk = tl.load(slot_ids_ptr + sel, mask=in_range, other=-1).to(tl.int64)
+    miss = tl.load(miss_ptr + sel, mask=in_range, other=0)
+    rows = in_range & (miss != 0) & (chunk >= 0)
+    if tl.max(rows.to(tl.int32), axis=0) == 0:
+        return
+
+    tok = chunk * C + j  # [BLOCK_T] absolute position
+    page = tl.load(page_table_ptr + pid_b * stride_tb + tok // P, mask=rows, other=0).to(tl.int64)
+    a_row = a_ptr + page * stride_ap + (tok % P) * stride_at  # [BLOCK_T] row pointers
+    seq_row = tl.load(seq_rows_ptr + pid_b).to(tl.int64)
+    w_head = w_ptr + seq_row * stride_wn + pid_h * D  # this head's D columns of W^T
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_x = tl.arange(0, BLOCK_HALF)
+    mask_x = offs_x < HALF
+
+    acc_lo = tl.zeros([BLOCK_T, BLOCK_HALF], tl.float32)
+    acc_hi = tl.zeros([BLOCK_T, BLOCK_HALF], tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + offs_r
+        mask_r = r < R
+        a = tl.load(a_row[:, None] + r[None, :], mask=rows[:, None] & mask_r[None, :], other=0.0)
+        w_mask = mask_r[:, None] & mask_x[None, :]
+        w_rows = w_head + r[:, None] * stride_wr + offs_x[None, :]  # [BLOCK_R, BLOCK_HALF]
+        w_lo = tl.load(w_rows, mask=w_mask, other=0.0).to(DOT_DTYPE)
+        w_hi = tl.load(w_rows + HALF, mask=w_mask, other=0.0).to(DOT_DTYPE)
+        a = a.to(DOT_DTYPE)
+        acc_lo = tl.dot(a, w_lo, acc_lo, input_precision=PRECISION)
+        acc_hi = tl.dot(a, w_hi, acc_hi, input_precision=PRECISION)
+
+    out_mask = rows[:, None] & mask_x[None, :]
+    cs = tok[:, None] * stride_cos + offs_x[None, :]
+    sn = tok[:, None] * stride_sin + offs_x[None, :]
+    cos_lo = tl.load(cos_ptr + cs, mask=out_mask, other=0.0).to(tl.float32)
+    cos_hi = tl.load(cos_ptr + cs + HALF, mask=out_mask, other=0.0).to(tl.float32)
+    sin_lo = tl.load(sin_ptr + sn, mask=out_mask, other=0.0).to(tl.float32)
+    sin_hi = tl.load(sin_ptr + sn + HALF, mask=out_mask, other=0.0).to(tl.float32)
+    out_lo = acc_lo * cos_lo - acc_hi * sin_lo
+    out_hi = acc_hi * cos_hi + acc_lo * sin_hi
+
+    dst = tl.load(dst_rows_ptr + pid_b * stride_db + slot * C + j, mask=rows, other=0)
+    dst_ptr = (
+        k_cache_ptr + dst.to(tl.int64)[:, None] * stride_kr + pid_h * stride_kh + offs_x[None, :]
+    )
+    out_ty = k_cache_ptr.dtype.element_ty
+    tl.store(dst_ptr, out_lo.to(out_ty), mask=out_mask)
+    tl.store(dst_ptr + HALF, out_hi.to(out_ty), mask=out_mask)
+
+
+def reconstruct_keys(
+    k_cache: torch.Tensor,
+    a_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    w_t: torch.Tensor,
+    seq_rows: torch.Tensor,
+    slot_ids: torch.Tensor,
+    miss: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    dst_rows: torch.Tensor,
+    chunk_size: int,
+) -> None:
+    """Rebuild missed slots' keys in place; see ``reference.reconstruct_keys``."""
+    B, Hkv, K = slot_ids.shape
+    _, S, _, D = k_cache.shape
+    P, R = a_pages.shape[1], a_pages.shape[2]
+    C = chunk_size
+    check(D % 2 == 0, f"RoPE needs an even head dim, got D={D}")
+    check(
+        k_cache.stride(3) == 1 and k_cache.stride(0) == S * k_cache.stride(1),
+        "k_cache blocks must be contiguous rows ([num_blocks * S] flat rows, contiguous D)",
+    )
+    check(
+        a_pages.stride(2) == 1 and w_t.stride(2) == 1 and cos.stride(1) == 1 and sin.stride(1) == 1,
+        "a_pages, w_t, cos and sin need a contiguous last dim",
+    )
+    check(
+        slot_ids.dtype == torch.int32 and page_table.dtype == torch.int32,
+        "slot_ids and page_table must be int32",
+    )
+    check(
+        dst_rows.dtype == torch.int64 and dst_rows.stride(1) == 1,
+        "dst_rows must be contiguous int64",
+    )
+    if B * Hkv * K == 0:
+        return
+    slot_ids = slot_ids.contiguous()
+    miss = miss.contiguous().view(torch.int8)
+    same = a_pages.dtype == w_t.dtype
+    compute = a_pages.dtype if same else torch.float32
+    C_PAD = triton.next_power_of_2(C)
+    block_t = max(BLOCK_T, C_PAD)
+    grid = (B, Hkv, triton.cdiv(K, block_t // C_PAD))
+    _reconstruct_keys_kernel[grid](
+        k_cache,
+        a_pages,
+        page_table,
+        w_t,
+        seq_rows,
+        slot_ids,
+        miss,
+        cos,
+        sin,
+        dst_rows,
+        k_cache.stride(1),
+        k_cache.stride(2),
+        a_pages.stride(0),
+        a_pages.stride(1),
+        page_table.stride(0),
+        w_t.stride(0),
+        w_t.stride(1),
+        slot_ids.stride(0),
+        slot_ids.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        dst_rows.stride(0),
+        K,
+        R,
+        C=C,
+        C_PAD=C_PAD,
+        P=P,
+        D=D,
+        HALF=D // 2,
+        BLOCK_T=block_t,
+        BLOCK_HALF=max(16, triton.next_power_of_2(D // 2)),
+        BLOCK_R=max(16, min(64, triton.next_power_of_2(R))),
+        PRECISION=dot_precision(compute),
+        DOT_DTYPE=dot_dtype(compute),
+        num_warps=8,  # 4 warps need ~226 registers a thread at R=160, D=128 (sm_90 cubin)
+    )

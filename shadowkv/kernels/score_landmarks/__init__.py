@@ -1,0 +1,38 @@
+"""``score_landmarks``: softmax of one query per sequence over its landmarks, max over GQA groups."""
+
+from __future__ import annotations
+
+import torch
+
+from shadowkv.kernels._dispatch import use_triton
+from shadowkv.kernels.score_landmarks.reference import score_landmarks as score_landmarks_ref
+
+__all__ = ["score_landmarks", "score_landmarks_ref"]
+
+
+def score_landmarks(
+    q: torch.Tensor,
+    landmarks: torch.Tensor,
+    page_table: torch.Tensor,
+    num_landmarks: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``[B, Hkv, max_pages * Pc]`` float32 scores; see ``reference.score_landmarks``."""
+    if q.dim() != 3 or landmarks.dim() != 4:
+        raise ValueError(
+            f"score_landmarks wants q [B, H, D] and landmarks [pages, Pc, Hkv, D], got "
+            f"{tuple(q.shape)} and {tuple(landmarks.shape)}"
+        )
+    B, H, D = q.shape
+    if landmarks.shape[3] != D or H % landmarks.shape[2]:
+        raise ValueError(
+            f"landmarks {tuple(landmarks.shape)} do not match q {tuple(q.shape)}: head dims must "
+            "agree and query heads must be a multiple of KV heads"
+        )
+    if page_table.shape[0] != B or num_landmarks.shape != (B,):
+        raise ValueError(f"page_table and num_landmarks must have {B} rows, one per sequence")
+    if use_triton(q, "score_landmarks"):
+        from shadowkv.kernels.score_landmarks.triton import score_landmarks as impl
+
+        return impl(q, landmarks, page_table, num_landmarks, scale)
+    return score_landmarks_ref(q, landmarks, page_table, num_landmarks, scale)

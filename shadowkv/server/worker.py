@@ -1,0 +1,324 @@
+"""The engine thread: one background thread owns the ``Engine`` and steps it in a loop.
+
+HTTP handlers never touch the engine. They ``submit`` a request (refused at once when it can
+never be served), then read events from the request's own asyncio queue; the engine thread
+feeds those queues with ``loop.call_soon_threadsafe``. Commands (add, abort, stop) reach the
+engine thread through one thread-safe FIFO, so admission order is arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from shadowkv.cache.base import CacheCapacityError, CacheMemory
+from shadowkv.engine.engine import ContextLengthError, Engine, PromptError, StepOutput
+from shadowkv.engine.request import Request
+from shadowkv.engine.sampling import SamplingParams
+from shadowkv.errors import USER_ERRORS
+
+log = logging.getLogger("shadowkv.server")
+
+
+class EngineFailure(RuntimeError):
+    """The engine raised while stepping; every request in flight is failed with this."""
+
+
+class WorkerStopped(RuntimeError):
+    """The engine thread is not running (the server is shutting down or has crashed)."""
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a request: ``tail`` is the text not yet sent as deltas, ``text`` all of it."""
+
+    tail: str
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: Exception
+
+
+Event = Delta | Finished | Failed
+
+
+class Handle:
+    """One request as its HTTP handler sees it; events arrive on ``events`` in ``loop``."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, stream: bool,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.stream = stream  # False: only the last event is sent (``Finished`` holds all the text)
+        self.loop = loop
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.closed = False  # set by the handler once it has read the last event
+        self.request: Request | None = None  # engine thread only, from here down
+        self.sent = ""  # text already delivered as deltas
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """A snapshot published by the engine thread after each loop turn (read from any thread)."""
+
+    queued: int = 0
+    running: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    tokens_per_s: float = 0.0
+    cache_device_bytes: int = 0
+    cache_host_bytes: int = 0
+    finished: int = 0
+    aborted: int = 0
+    failed: int = 0
+    steps: int = 0
+
+
+_STOP = object()
+
+
+class EngineWorker:
+    """Owns ``engine`` on a background thread; ``submit``/``abort`` are called from the event loop."""
+
+    def __init__(self, engine: Engine, rate_window_s: float = 10.0, idle_poll_s: float = 1.0) -> None:
+        self.engine = engine
+        self.rate_window_s = rate_window_s
+        self.idle_poll_s = idle_poll_s
+        self.rejected = 0  # event-loop thread only
+        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._active: dict[int, Handle] = {}
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step, within the window
+        self._counts = {"generated": 0, "prompt": 0, "finished": 0, "aborted": 0, "failed": 0, "steps": 0}
+        self._stats = WorkerStats()
+        self._thread: threading.Thread | None = None
+        self._started = time.perf_counter()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the engine worker is already started")
+        self._thread = threading.Thread(target=self._run, name="shadowkv-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Fail what is in flight and join the thread (waits for the current step to end)."""
+        if self._thread is None:
+            return
+        self._inbox.put(_STOP)
+        self._thread.join(timeout)
+        # Requests submitted while the thread was exiting are refused rather than left waiting.
+        self._refuse(self._drain(block=False), WorkerStopped("the server is shutting down"))
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stats(self) -> WorkerStats:
+        return self._stats
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> Handle:
+        """Queue a request, or raise a user error now if it could never be served.
+
+        Must be called from a running event loop: its events are delivered to that loop.
+        """
+        try:
+            self._check_admissible(prompt_ids, params)
+        except USER_ERRORS:
+            self.rejected += 1
+            raise
+        if not self.alive:
+            raise WorkerStopped("the engine thread is not running")
+        handle = Handle(list(prompt_ids), params, stream, asyncio.get_running_loop())
+        self._inbox.put(("add", handle))
+        return handle
+
+    def abort(self, handle: Handle) -> None:
+        """Stop generating for ``handle`` and free its cache memory (a no-op once it finished)."""
+        self._inbox.put(("abort", handle))
+
+    def _check_admissible(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        n, limit = len(prompt_ids), self.engine.max_model_len
+        if n == 0:
+            raise PromptError("the prompt is empty")
+        if n >= limit:
+            raise ContextLengthError(
+                f"the prompt has {n} tokens but the model's context is {limit}; shorten it to at "
+                f"most {limit - 1} tokens"
+            )
+        vocab = self.engine.model_cfg.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise PromptError(f"prompt token ids must be in [0, {vocab}) for this model")
+        if not self.engine.fits_ever(n, params.max_tokens):
+            max_new = min(params.max_tokens, limit - n)
+            raise CacheCapacityError(
+                f"a request of {n} prompt + {max_new} new tokens can never fit in this server's "
+                "cache, even when it is empty; lower max_tokens or shorten the prompt, or restart "
+                "the server with more cache memory (--cache-memory-gb)"
+            )
+
+    def _run(self) -> None:
+        while True:
+            cmds = self._drain(block=not self.engine.has_unfinished())
+            for i, cmd in enumerate(cmds):
+                if cmd is _STOP:
+                    stopped = WorkerStopped("the server is shutting down")
+                    self._fail_all(stopped)
+                    self._refuse(cmds[i + 1:], stopped)
+                    self._publish()
+                    return
+                kind, handle = cmd  # type: ignore[misc]
+                if kind == "add":
+                    self._admit(handle)
+                else:
+                    self._abort(handle)
+            if self.engine.has_unfinished():
+                self._step()
+            self._publish()
+
+    def _drain(self, block: bool) -> list[object]:
+        cmds: list[object] = []
+        try:
+            if block:
+                cmds.append(self._inbox.get(timeout=self.idle_poll_s))
+            while True:
+                cmds.append(self._inbox.get_nowait())
+        except queue.Empty:
+            return cmds
+
+    def _admit(self, handle: Handle) -> None:
+        try:
+            handle.request = self.engine.add_request(handle.prompt_ids, handle.params)
+        except USER_ERRORS as err:
+            self._deliver(handle, Failed(err))
+            return
+        self._active[handle.request.request_id] = handle
+        self._counts["prompt"] += len(handle.prompt_ids)
+
+    def _abort(self, handle: Handle) -> None:
+        req = handle.request
+        if req is None or req.finish_reason is not None:
+            return
+        self.engine.abort(req.request_id)
+        self._active.pop(req.request_id, None)
+        self._counts["aborted"] += 1
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except CacheCapacityError as err:
+            if self.engine.running or not self.engine.waiting:
+                self._crash(err)
+                return
+            # Nothing runs and the head still cannot be admitted: it never will be (caches that
+            # cannot answer ``fits_empty`` up front land here). Refuse it and go on.
+            head = self.engine.waiting[0]
+            self.engine.abort(head.request_id)
+            handle = self._active.pop(head.request_id, None)
+            self._counts["failed"] += 1
+            if handle is not None:
+                self._deliver(handle, Failed(err))
+            return
+        except Exception as err:  # noqa: BLE001 - any engine bug must fail requests, not the thread
+            self._crash(err)
+            return
+        self._counts["steps"] += 1
+        tokens = 0
+        for out in outputs:
+            tokens += out.new_token is not None
+            handle = self._active.get(out.request.request_id)
+            if handle is not None:
+                self._forward(handle, out)
+        self._counts["generated"] += tokens
+        self._recent.append((time.perf_counter(), tokens))
+
+    def _forward(self, handle: Handle, out: StepOutput) -> None:
+        req = out.request
+        text = req.text
+        if out.finished:
+            tail = text[len(handle.sent):] if text.startswith(handle.sent) else ""
+            self._active.pop(req.request_id, None)
+            self._counts["finished"] += 1
+            self._deliver(handle, Finished(tail, text, req.finish_reason or "stop", len(req.prompt_ids),
+                                           len(req.output_ids)))
+            return
+        if not handle.stream:
+            return
+        # Hold back a suffix that may grow into a stop string: the engine cuts it off when it does.
+        safe = text[: len(text) - stop_prefix_len(text, req.params.stop)]
+        if len(safe) > len(handle.sent) and safe.startswith(handle.sent):
+            self._deliver(handle, Delta(safe[len(handle.sent):]))
+            handle.sent = safe
+
+    def _crash(self, err: Exception) -> None:
+        log.error("engine step failed; failing %d requests", len(self._active), exc_info=err)
+        self._fail_all(EngineFailure(f"the engine failed: {type(err).__name__}: {err}"))
+
+    def _fail_all(self, err: Exception) -> None:
+        for rid, handle in list(self._active.items()):
+            try:
+                self.engine.abort(rid)
+            except Exception:  # noqa: BLE001 - a broken engine must not keep clients waiting
+                log.exception("aborting request %d failed", rid)
+            self._deliver(handle, Failed(err))
+            self._counts["failed"] += 1
+        self._active.clear()
+
+    def _refuse(self, cmds: list[object], err: Exception) -> None:
+        for cmd in cmds:
+            if cmd is not _STOP and cmd[0] == "add":  # type: ignore[index]
+                self._deliver(cmd[1], Failed(err))  # type: ignore[index]
+
+    def _deliver(self, handle: Handle, event: Event) -> None:
+        try:
+            handle.loop.call_soon_threadsafe(handle.events.put_nowait, event)
+        except RuntimeError:
+            pass  # the handler's loop is closed: nobody is listening any more
+
+    def _publish(self) -> None:
+        now = time.perf_counter()
+        while self._recent and self._recent[0][0] < now - self.rate_window_s:
+            self._recent.popleft()
+        try:
+            mem = self.engine.cache.memory()
+        except Exception:  # noqa: BLE001 - accounting must not stop serving
+            log.exception("cache.memory() failed; keeping the last published bytes")
+            mem = CacheMemory(self._stats.cache_device_bytes, self._stats.cache_host_bytes)
+        c = self._counts
+        self._stats = WorkerStats(
+            queued=len(self.engine.waiting) + self._inbox.qsize(),
+            running=len(self.engine.running),
+            generated_tokens=c["generated"],
+            prompt_tokens=c["prompt"],
+            tokens_per_s=sum(t for _, t in self._recent) / max(1e-9, min(self.rate_window_s, now - self._started)),
+            cache_device_bytes=mem.device_bytes,
+            cache_host_bytes=mem.host_bytes,
+            finished=c["finished"],
+            aborted=c["aborted"],
+            failed=c["failed"],
+            steps=c["steps"],
+        )
+
+
+def stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of one of ``stops``."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best

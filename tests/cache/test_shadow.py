@@ -1,0 +1,307 @@
+"""ShadowKV cache: its invariants on tiny random models, a property test of the slot buffer, and
+agreement with dense attention on the real SmolLM2 checkpoint."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shadowkv import LLM, CacheConfig, EngineConfig, SamplingParams
+from shadowkv.cache import CacheCapacityError, make_cache
+from shadowkv.cache.shadow import ShadowKVCache
+from shadowkv.cache.shadow_prefill import lowrank_factors, summarize_chunks
+from shadowkv.config import ConfigError, ModelConfig
+from shadowkv.models.loader import load_model
+from shadowkv.models.rope import RotaryEmbedding
+from utils import PASSKEY_ANSWER, assert_close_verbose, passkey_prompt, read_essays
+
+CPU = torch.device("cpu")
+MAX_LEN = 512
+
+
+def greedy_with_logits(model, rope, cache, prompt: list[int], steps: int, seq_id: int = 0):
+    """Prefill then ``steps`` greedy decode steps of one sequence: (tokens, logits [steps+1, V])."""
+    n = len(prompt)
+    cache.add_sequence(seq_id, n, steps + 1)
+    cache.begin_prefill(seq_id, n)
+    logits = [model(torch.tensor(prompt), torch.arange(n), rope, cache, "prefill",
+                    logits_index=torch.tensor([n - 1]))[0]]
+    cache.end_prefill()
+    for _ in range(steps):
+        cache.begin_decode([seq_id])
+        pos = torch.tensor([cache.lengths[seq_id]])
+        logits.append(model(logits[-1].argmax()[None], pos, rope, cache, "decode")[0])
+        cache.end_decode()
+    out = torch.stack(logits)
+    cache.free_sequence(seq_id)
+    return out.argmax(-1).tolist(), out
+
+
+def full_budget(prompt_len: int, chunk: int = 8, local: int = 4, outliers: int = 2) -> int:
+    """The sparse budget (tokens) that selects every landmark chunk of a prompt."""
+    return (prompt_len // chunk - local - outliers) * chunk
+
+
+# low-rank factors ---------------------------------------------------------------------------
+def spectrum_keys(T: int, width: int, dtype=torch.float64) -> torch.Tensor:
+    """Keys with well separated singular values 2^0 .. 2^-(width-1)*..., so subspaces are unique."""
+    gen = torch.Generator().manual_seed(5)
+    u, _ = torch.linalg.qr(torch.randn(T, width, dtype=torch.float64, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(width, width, dtype=torch.float64, generator=gen))
+    s = torch.logspace(1, -1, width, dtype=torch.float64)
+    return ((u * s) @ v.T).to(dtype)
+
+
+def test_full_rank_factors_rebuild_keys_exactly() -> None:
+    keys = torch.randn(77, 48, generator=torch.Generator().manual_seed(6))
+    f = lowrank_factors(keys, 48)
+    assert_close_verbose(f.a @ f.w_t, keys, atol=2e-5, rtol=1e-5, what="A Wᵀ at full rank")
+
+
+@pytest.mark.parametrize("rank", [1, 7, 20])
+def test_truncation_error_is_the_dropped_eigen_energy(rank: int) -> None:
+    keys = spectrum_keys(90, 32)
+    f = lowrank_factors(keys, rank)
+    err = (keys - f.a @ f.w_t).pow(2).sum()
+    dropped = f.eigenvalues[rank:].sum()
+    assert math.isclose(err.item(), dropped.item(), rel_tol=1e-7), (err.item(), dropped.item())
+    # fp32 keys: the same identity up to fp32 Gram accuracy.
+    f32 = lowrank_factors(keys.float(), rank)
+    err32 = (keys.float() - f32.a @ f32.w_t).double().pow(2).sum()
+    assert math.isclose(err32.item(), dropped.item(), rel_tol=2e-3)
+
+
+def test_gram_route_matches_svd() -> None:
+    keys = spectrum_keys(120, 24)
+    rank = 9
+    f = lowrank_factors(keys, rank)
+    _, s, vh = torch.linalg.svd(keys, full_matrices=False)
+    assert_close_verbose(f.eigenvalues.sqrt(), s, atol=1e-9, rtol=1e-7, what="singular values")
+    proj_gram = f.w_t.T @ f.w_t
+    proj_svd = vh[:rank].T @ vh[:rank]
+    assert_close_verbose(proj_gram, proj_svd, atol=1e-9, rtol=0, what="top-r subspace projector")
+
+
+def test_summarize_chunks_picks_worst_chunks_as_outliers() -> None:
+    gen = torch.Generator().manual_seed(7)
+    T, Hkv, D, C = 8 * 12 + 5, 2, 16, 8
+    keys = torch.randn(T, Hkv, D, generator=gen)
+    s = summarize_chunks(keys, C, local_chunks=3, outlier_chunks=2)
+    assert s.num_candidates == 9
+    for h in range(Hkv):
+        worst = []
+        for c in range(9):
+            chunk = keys[c * C : (c + 1) * C, h]
+            mean = chunk.mean(0)
+            worst.append(min(float(torch.dot(k, mean) / (k.norm() * mean.norm())) for k in chunk))
+        want_out = sorted(range(9), key=lambda c: worst[c])[:2]
+        assert sorted(s.outlier_ids[:, h].tolist()) == sorted(want_out)
+        rest = [c for c in range(9) if c not in want_out]
+        assert s.landmark_ids[:, h].tolist() == rest
+        for i, c in enumerate(rest):
+            assert_close_verbose(s.landmarks[i, h], keys[c * C : (c + 1) * C, h].mean(0), what="landmark")
+
+
+# configuration and admission ---------------------------------------------------------------
+def tiny_model_config(num_heads=6, num_kv_heads=2, head_dim=16, num_layers=1) -> ModelConfig:
+    return ModelConfig(
+        architecture="llama", vocab_size=64, hidden_size=num_heads * head_dim,
+        intermediate_size=64, num_layers=num_layers, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim,
+    )
+
+
+def make_shadow(cfg: CacheConfig, mcfg: ModelConfig | None = None, max_len: int = MAX_LEN,
+                memory: int = 2**24, seqs: int = 4) -> ShadowKVCache:
+    mcfg = mcfg or tiny_model_config()
+    rope = RotaryEmbedding(mcfg.rope, mcfg.head_dim, max_len)
+    cache = make_cache(mcfg, cfg, rope, CPU, torch.float32, seqs, max_len, memory)
+    assert isinstance(cache, ShadowKVCache)
+    return cache
+
+
+def test_refuses_settings_where_every_prompt_runs_dense() -> None:
+    with pytest.raises(ConfigError, match="every prompt would run dense"):
+        make_shadow(CacheConfig(method="shadowkv"), max_len=1024)  # defaults need 2464 tokens
+
+
+def test_refuses_rank_wider_than_keys() -> None:
+    with pytest.raises(ConfigError, match="exceeds the key width"):
+        make_shadow(CacheConfig(method="shadowkv", sparse_budget=32, outlier_chunks=2, rank=40))
+
+
+def test_refuses_device_budget_below_per_sequence_state() -> None:
+    with pytest.raises(ConfigError, match="cache_memory_gb"):
+        make_shadow(CacheConfig(method="shadowkv", sparse_budget=32, outlier_chunks=2), memory=1024)
+
+
+def test_admission_checks_host_store_and_frees_pages() -> None:
+    cfg = CacheConfig(method="shadowkv", sparse_budget=32, outlier_chunks=2, host_memory_gb=5e-5)
+    cache = make_shadow(cfg)  # 53 KB of host store: three 16 KiB pages, one the null page
+    assert cache.can_add(200, 8) and cache.layouts == {}
+    cache.add_sequence(0, 200, 8)
+    assert not cache.can_add(200, 8)
+    with pytest.raises(CacheCapacityError, match="host_memory_gb"):
+        cache.add_sequence(1, 200, 8)
+    assert cache.can_add(60, 8), "a prompt short enough to run dense needs no host store"
+    free = (len(cache.factor_pool.free), len(cache.block_pool.free), len(cache.store.pool.free))
+    cache.free_sequence(0)
+    assert cache.can_add(200, 8)
+    assert len(cache.store.pool.free) == free[2] + 2 and len(cache.factor_pool.free) == free[0] + 2
+
+
+def test_memory_accounting_is_honest() -> None:
+    mcfg = tiny_model_config(num_layers=2)
+    cfg = CacheConfig(method="shadowkv", sparse_budget=32, outlier_chunks=2, rank=8)
+    cache = make_shadow(cfg, mcfg)
+    T, new = 300, 20
+    cache.add_sequence(7, T, new)
+    cache.lengths[7] = T
+    L, Hkv, D, C, R = 2, 2, 16, 8, 8
+    lay = cache.layouts[7]
+    assert (lay.local_len, lay.num_select, lay.num_landmarks) == (32 + 4, 4, 37 - 4 - 2)
+    rows = lay.local_len + 2 * C + 4 * C + new
+    device = L * (
+        math.ceil(T / 128) * (128 * R * 4 + 16 * Hkv * (D * 4 + 4))  # A rows + landmarks + ids
+        + math.ceil(rows / 16) * 16 * 2 * Hkv * D * 4  # K and V buffer blocks
+        + R * Hkv * D * 4 + Hkv * cache.max_slots * 4  # Wᵀ + slot ids
+    )
+    host = L * math.ceil(math.ceil(T / C) / 16) * 16 * Hkv * C * D * 4
+    mem = cache.memory(7)
+    assert (mem.device_bytes, mem.host_bytes, mem.dense_bytes) == (device, host, 2 * L * T * Hkv * D * 4)
+    assert cache.memory() == mem
+
+
+# exactness against dense on tiny models ------------------------------------------------------
+FAMILIES = [
+    pytest.param("llama", dict(num_heads=6, num_kv_heads=2, head_dim=16), id="llama-G3"),
+    pytest.param("qwen2", dict(num_heads=4, num_kv_heads=4, head_dim=16), id="qwen2-bias-G1"),
+    pytest.param("mistral", dict(num_heads=7, num_kv_heads=1, head_dim=32), id="mistral-G7"),
+]
+
+
+@pytest.mark.parametrize("family,shape", FAMILIES)
+def test_full_budget_full_rank_equals_dense(tiny_checkpoint, family, shape) -> None:
+    mcfg, model = load_model(tiny_checkpoint(family, **shape), CPU, torch.float32)
+    rope = RotaryEmbedding(mcfg.rope, mcfg.head_dim, MAX_LEN)
+    dense = make_cache(mcfg, CacheConfig(), rope, CPU, torch.float32, 2, MAX_LEN, 2**24)
+    for n in (141, 50):  # 50 tokens fall back to dense for this budget
+        cfg = CacheConfig(method="shadowkv", sparse_budget=full_budget(141), outlier_chunks=2, rank=1.0)
+        shadow = make_cache(mcfg, cfg, rope, CPU, torch.float32, 2, MAX_LEN, 2**24)
+        prompt = torch.randint(3, mcfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        want_tokens, want = greedy_with_logits(model, rope, dense, prompt, 10)
+        shadow.add_sequence(99, n, 1)
+        assert shadow.layouts[99].dense == (n == 50)
+        shadow.free_sequence(99)
+        got_tokens, got = greedy_with_logits(model, rope, shadow, prompt, 10)
+        assert got_tokens == want_tokens
+        assert_close_verbose(got, want, atol=2e-5, rtol=1e-4, what=f"{family} logits, prompt {n}")
+        if n == 141:
+            assert all(r == 1.0 for r in shadow.hit_rate()), "full budget: every chunk stays selected"
+
+
+def test_ragged_batch_matches_each_sequence_alone(tiny_checkpoint) -> None:
+    path = tiny_checkpoint("llama", num_heads=6, num_kv_heads=2, head_dim=16)
+    cfg = CacheConfig(method="shadowkv", sparse_budget=32, outlier_chunks=2, rank=0.5)
+    llm = LLM(str(path), cache=cfg, engine=EngineConfig(max_num_seqs=3, max_model_len=MAX_LEN), device="cpu")
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (173, 61, 250)]
+    params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (14, 9, 12)]
+    batched = llm.generate(prompts, params)
+    cache = llm.engine.cache
+    assert isinstance(cache, ShadowKVCache) and not cache.rows, "finished sequences free their slots"
+    alone = [llm.generate(p, q)[0] for p, q in zip(prompts, params)]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    assert batched[0].cache_memory["host_bytes"] > 0 and batched[1].cache_memory["host_bytes"] == 0  # 61: dense
+    rates = cache.hit_rate()
+    assert len(rates) == 2 and all(0 < r < 1 for r in rates), rates
+
+
+# property: the slot buffer always holds exactly the selected chunks -----------------------------
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lengths=st.lists(st.integers(40, 230), min_size=1, max_size=3),
+    seeds=st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=5),
+    budget=st.sampled_from([8, 24, 40]),
+)
+def test_slot_buffer_holds_exactly_the_selected_chunks(lengths, seeds, budget) -> None:
+    C, Hkv, D, G = 8, 2, 16, 3
+    mcfg = tiny_model_config(num_heads=Hkv * G, num_kv_heads=Hkv, head_dim=D)
+    cfg = CacheConfig(method="shadowkv", sparse_budget=budget, outlier_chunks=2, local_chunks=2, rank=1.0)
+    cache = make_shadow(cfg, mcfg)
+    rope = cache.rope
+    gen = torch.Generator().manual_seed(seeds[0])
+    truth = {}
+    for sid, n in enumerate(lengths):
+        k_pre = torch.randn(n, Hkv, D, generator=gen)
+        k, v = rope.apply(k_pre, torch.arange(n)), torch.randn(n, Hkv, D, generator=gen)
+        cache.add_sequence(sid, n, len(seeds))
+        cache.begin_prefill(sid, n)
+        cache.prefill(0, torch.randn(n, Hkv * G, D, generator=gen), k, v, k_pre)
+        cache.end_prefill()
+        truth[sid] = (k, v)
+    seqs = list(truth)
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        q = 3 * torch.randn(len(seqs), Hkv * G, D, generator=g)
+        kv = torch.randn(len(seqs), Hkv, D, generator=g)
+        cache.begin_decode(seqs)
+        positions = torch.tensor([cache.lengths[s] for s in seqs])
+        cache.decode(0, q, rope.apply(kv, positions), kv, kv)
+        cache.end_decode()
+        for b, sid in enumerate(seqs):
+            lay = cache.layouts[sid]
+            if lay.dense:
+                continue
+            k, v = truth[sid]
+            row = cache.rows[sid]
+            slots = cache.slot_ids[0][row, :, : lay.num_select].long()  # [Hkv, K]
+            table = cache.factor_tables[row].long()
+            n = torch.arange(lay.num_landmarks)
+            flat = table[n // 16] * 16 + n % 16
+            lms = cache.landmarks[0].view(-1, Hkv, D)[flat].double()  # [N, Hkv, D]
+            ids = cache.landmark_ids[0].view(-1, Hkv)[flat]
+            # Expected selection from the stored landmarks, in float64.
+            logits = torch.einsum("hgd,nhd->hgn", q[b].double().view(Hkv, G, D), lms) / math.sqrt(D)
+            top = logits.softmax(-1).amax(1).topk(lay.num_select).indices  # [Hkv, K]
+            for h in range(Hkv):
+                assert set(slots[h].tolist()) == set(ids[top[h], h].tolist())
+            end = lay.select_start + lay.num_select * C
+            rows = cache.buffer_rows(sid, lay.select_start, end).view(-1, C)  # [K, C]
+            got_k = cache.k_buf[0].view(-1, Hkv, D)[rows].permute(2, 0, 1, 3)  # [Hkv, K, C, D]
+            got_v = cache.v_buf[0].view(-1, Hkv, D)[rows].permute(2, 0, 1, 3)
+            tok = slots[..., None] * C + torch.arange(C)  # [Hkv, K, C]
+            heads = torch.arange(Hkv)[:, None, None]
+            assert_close_verbose(got_k, k[tok, heads], atol=1e-4, rtol=1e-4, what="selected keys")
+            assert torch.equal(got_v, v[tok, heads]), "selected values"
+
+
+# the real model ------------------------------------------------------------------------------
+def test_smollm2_full_budget_matches_dense(smollm2, smollm2_dir, pg_essays) -> None:
+    prompt = smollm2.encode(passkey_prompt(read_essays(pg_essays), smollm2.tokenizer, 1000))
+    n = len(prompt)
+    cfg = CacheConfig(method="shadowkv", sparse_budget=full_budget(n, outliers=8), outlier_chunks=8, rank=1.0)
+    shadow = LLM(str(smollm2_dir), cache=cfg, device="cpu")
+    dense_engine, shadow_engine = smollm2.engine, shadow.engine
+    want_tokens, want = greedy_with_logits(dense_engine.model, dense_engine.rope, dense_engine.cache, prompt, 15)
+    got_tokens, got = greedy_with_logits(shadow_engine.model, shadow_engine.rope, shadow_engine.cache, prompt, 15)
+    assert shadow_engine.cache.rank == 192
+    assert got_tokens == want_tokens
+    assert_close_verbose(got[:2], want[:2], atol=2e-3, rtol=1e-3, what="prefill and first decode logits")
+
+
+def test_smollm2_passkey_at_budget_512(smollm2, smollm2_dir, pg_essays) -> None:
+    text = passkey_prompt(read_essays(pg_essays), smollm2.tokenizer, 2048)
+    params = SamplingParams(max_tokens=6)
+    want = smollm2.generate(text, params)[0]
+    cfg = CacheConfig(method="shadowkv", sparse_budget=512, outlier_chunks=8, rank=48)
+    shadow = LLM(str(smollm2_dir), cache=cfg, device="cpu")
+    got = shadow.generate(text, params)[0]
+    assert PASSKEY_ANSWER in want.text, f"dense SmolLM2 should find the passkey: {want.text!r}"
+    assert got.text == want.text
+    mem = got.cache_memory
+    assert mem["host_bytes"] > 0 and mem["device_bytes"] < mem["dense_bytes"], mem

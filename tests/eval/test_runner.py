@@ -1,0 +1,164 @@
+"""The eval runner: resumable JSONL results, tables, the budget plot, the ``shadowkv eval`` CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from shadowkv.config import CacheConfig, ConfigError, EngineConfig
+from shadowkv.eval.runner import (
+    EvalConfig,
+    load_records,
+    plot_budget_sweep,
+    record_key,
+    run_eval,
+    summary_tables,
+)
+
+ENGINE = EngineConfig(max_model_len=512, cache_memory_gb=0.01, max_num_seqs=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_checkpoint):
+    from shadowkv import LLM
+
+    ckpt = tiny_checkpoint("llama", num_heads=4, num_kv_heads=2, head_dim=16)
+    return LLM(ckpt, engine=ENGINE, device="cpu")
+
+
+def config(out: Path, **kw) -> EvalConfig:
+    base = dict(
+        tasks=("niah_single_1",), lengths=(256,), methods=("dense", "streaming"), out=out,
+        num_samples=3, budgets=(32,), batch_size=2, chat_template="base", max_new_tokens=3,
+        cache=CacheConfig(local_chunks=1), engine=ENGINE,
+    )
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption(tiny_llm, tmp_path, monkeypatch):
+    out = tmp_path / "results.jsonl"
+    cfg = config(out)
+    real = tiny_llm.generate
+    calls: list[int] = []
+
+    def failing(prompts, params):
+        if len(calls) == 1:
+            raise Interrupt  # the second batch dies mid-run
+        calls.append(len(prompts))
+        return real(prompts, params)
+
+    monkeypatch.setattr(tiny_llm, "generate", failing)
+    with pytest.raises(Interrupt):
+        run_eval(cfg, progress=False, llm=tiny_llm)
+    first = load_records(out)
+    assert [r["index"] for r in first] == [0, 1] and {r["method"] for r in first} == {"dense"}
+    with open(out, "a", encoding="utf-8") as fh:
+        fh.write('{"model": "torn-wri')  # a write cut off by the interruption
+
+    calls.clear()
+    monkeypatch.setattr(tiny_llm, "generate", lambda p, s: (calls.append(len(p)), real(p, s))[1])
+    with pytest.warns(UserWarning, match="unreadable line"):
+        records = run_eval(cfg, progress=False, llm=tiny_llm)
+    # Dense: only sample 2 was left; streaming: all three (batches of 2 then 1).
+    assert calls == [1, 2, 1]
+    keys = [record_key(r) for r in records]
+    assert len(keys) == len(set(keys)) == 6
+    assert {(r["method"], r["budget"]) for r in records} == {("dense", None), ("streaming", 32)}
+    for r in records:
+        assert set(r["score"]) == {"ruler", "shadowkv"} and 0 <= r["score"]["ruler"] <= 1
+        assert r["prompt_tokens"] + 128 <= 256 + 1  # fitted to the length (+ BOS)
+        assert 1 <= r["generated_tokens"] <= 3
+
+    calls.clear()
+    with pytest.warns(UserWarning):
+        again = run_eval(cfg, progress=False, llm=tiny_llm)
+    assert calls == [] and len(again) == 6, "a finished run must not generate anything"
+
+
+def test_budget_sweep_runs_dense_once(tiny_llm, tmp_path):
+    out = tmp_path / "sweep.jsonl"
+    cfg = config(out, num_samples=1, budgets=(16, 48), methods=("dense", "oracle", "quest"))
+    records = run_eval(cfg, progress=False, llm=tiny_llm)
+    runs = sorted((r["method"], r["budget"] or 0) for r in records)
+    assert runs == [("dense", 0), ("oracle", 16), ("oracle", 48), ("quest", 16), ("quest", 48)]
+    budgets = {(r["method"], r["budget"]): r["budget_tokens"] for r in records}
+    assert budgets[("oracle", 16)] == 16 and budgets[("dense", None)] is None
+    png = plot_budget_sweep(records, tmp_path / "sweep.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _record(method, budget, task, length, index, prediction, outputs):
+    from shadowkv.eval.metrics import score
+
+    return {
+        "model": "m", "method": method, "budget": budget, "task": task, "length": length,
+        "seed": 42, "index": index, "prediction": prediction, "outputs": outputs,
+        "score": score(task, prediction, outputs),
+    }
+
+
+def test_summary_table_scores_each_method_and_task():
+    records = [
+        _record("dense", None, "niah_single_1", 4096, 0, "is 1234567.", ["1234567"]),
+        _record("dense", None, "niah_single_1", 4096, 1, "is 7654321.", ["7654321"]),
+        _record("dense", None, "niah_multivalue", 4096, 0, "1, 2 and 9", ["1", "2", "3", "4"]),
+        _record("quest", 128, "niah_single_1", 4096, 0, "is 1234567.", ["1234567"]),
+        _record("quest", 128, "niah_single_1", 4096, 1, "no idea", ["7654321"]),
+        _record("quest", 128, "niah_single_1", 8192, 0, "no idea", ["7654321"]),
+    ]
+    table = summary_tables(records)
+    lines = table.splitlines()
+    assert "### 4096 tokens (ruler metric)" in lines and "### 8192 tokens (ruler metric)" in lines
+    header = lines[lines.index("### 4096 tokens (ruler metric)") + 2]
+    assert header == "| method | niah_single_1 | niah_multivalue | mean | n |"
+    assert "| dense | 100.00 | 50.00 | 75.00 | 2/1 |" in lines
+    assert "| quest@128 | 50.00 | - | 50.00 | 2 |" in lines
+    assert "| quest@128 | 0.00 | - | 0.00 | 1 |" in lines
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(tasks=("niah_single_9",)), "unknown task"),
+        (dict(methods=("dense", "h2o")), "unknown method"),
+        (dict(tasks=("niah_single_2",)), "--haystack"),
+        (dict(tasks=("qa_1",)), "--qa-file"),
+        (dict(budgets=(12,)), "multiple of chunk_size"),
+        (dict(lengths=()), "lengths"),
+        (dict(chat_template="llama-9"), "chat template"),
+    ],
+    ids=["task", "method", "haystack", "qa", "budget", "lengths", "template"],
+)
+def test_bad_config_names_the_fix(tmp_path, change, match):
+    with pytest.raises(ConfigError, match=match):
+        config(tmp_path / "x.jsonl", **change)
+
+
+def test_cli_prints_table_and_resumes(tiny_checkpoint, tmp_path, capsys):
+    from shadowkv.cli import main
+
+    ckpt = tiny_checkpoint("llama", num_heads=4, num_kv_heads=2, head_dim=16)
+    out = tmp_path / "cli.jsonl"
+    argv = [
+        "eval", "--model", str(ckpt), "--device", "cpu", "--tasks", "niah_single_1",
+        "--lengths", "256", "--methods", "dense,loki", "--samples", "1", "--sparse-budget", "16",
+        "--chat-template", "base", "--max-new-tokens", "3", "--max-model-len", "512",
+        "--cache-memory-gb", "0.01",
+        "--out", str(out), "--table", str(tmp_path / "t.md"), "--quiet",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| dense |" in printed and "| loki@16 |" in printed
+    assert (tmp_path / "t.md").read_text().strip() == printed.strip()
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["length"] == 256 for line in lines)
+    assert main(argv) == 0
+    assert len(out.read_text().splitlines()) == 2, "the rerun must skip finished samples"
+    assert main([*argv[:-1], "--methods", "dense,nope"]) == 2

@@ -1,0 +1,179 @@
+"""RoPE frequencies and tables equal transformers' (``ROPE_INIT_FUNCTIONS``) for every kind we accept.
+
+The configs go the way a checkpoint's do: a transformers config, its ``to_dict()`` as config.json,
+then ``ModelConfig.from_hf``; so parsing is under test as well as the formulas.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shadowkv.config import ConfigError, ModelConfig, RopeConfig
+from shadowkv.models.rope import RotaryEmbedding, apply_rope, inv_frequencies
+from utils import assert_close_verbose
+
+HEAD_DIMS = [64, 96, 128]
+CONTEXT = 4096  # the checkpoint's max_position_embeddings in these cases
+
+KINDS = [
+    pytest.param({"rope_type": "default"}, id="default"),
+    pytest.param({"rope_type": "linear", "factor": 4.0}, id="linear-x4"),
+    pytest.param(
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 1024},
+        id="llama3-x8",
+    ),
+    pytest.param(
+        {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0},
+        id="llama3-x32-no-original",
+    ),
+    pytest.param({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}, id="yarn-x4"),
+    pytest.param({"rope_type": "yarn", "factor": 8.0}, id="yarn-x8-no-original"),
+    pytest.param(
+        {"rope_type": "yarn", "factor": 4.0, "beta_fast": 8.0, "beta_slow": 0.5,
+         "original_max_position_embeddings": 1024, "truncate": False},
+        id="yarn-betas-untruncated",
+    ),
+    pytest.param(
+        {"rope_type": "yarn", "factor": 16.0, "mscale": 1.0, "mscale_all_dim": 0.707,
+         "original_max_position_embeddings": 1024},
+        id="yarn-mscale-pair",
+    ),
+    pytest.param(
+        {"rope_type": "yarn", "factor": 4.0, "attention_factor": 1.5,
+         "original_max_position_embeddings": 1024},
+        id="yarn-attention-factor",
+    ),
+]
+
+
+def hf_config(head_dim: int, rope_parameters: dict, theta: float = 500000.0):
+    import transformers
+
+    return transformers.LlamaConfig(
+        hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+        intermediate_size=64, num_hidden_layers=1, vocab_size=32, max_position_embeddings=CONTEXT,
+        rope_parameters={"rope_theta": theta, **rope_parameters},
+    )
+
+
+def hf_inv_freq(config, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    kind = config.rope_parameters["rope_type"]
+    if kind == "default":
+        return LlamaRotaryEmbedding.compute_default_rope_parameters(config)
+    return ROPE_INIT_FUNCTIONS[kind](config, torch.device("cpu"), seq_len=seq_len)
+
+
+def ours(config) -> RopeConfig:
+    return ModelConfig.from_hf(config.to_dict()).rope
+
+
+# HF computes in fp32 (theta ** x loses ~|x ln theta| ulps); ours in fp64.
+FREQ_RTOL = 5e-6
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS, ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("rope_parameters", KINDS)
+def test_inv_frequencies_match_transformers(rope_parameters: dict, head_dim: int) -> None:
+    config = hf_config(head_dim, rope_parameters)
+    expected, expected_factor = hf_inv_freq(config)
+    rope = ours(config)
+    assert rope.kind == rope_parameters["rope_type"]
+    # The engine's table length (here 3x the context) must not move the scaling's reference.
+    got, factor = inv_frequencies(rope, head_dim, 3 * CONTEXT)
+    assert got.dtype == torch.float64 and got.shape == (head_dim // 2,)
+    assert_close_verbose(got.float(), expected.float(), atol=0, rtol=FREQ_RTOL, what="inv_freq")
+    assert factor == pytest.approx(expected_factor, rel=1e-12)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS, ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("length", [1000, CONTEXT, 3 * CONTEXT + 5], ids=lambda n: f"len{n}")
+def test_dynamic_ntk_equals_transformers_at_the_table_length(head_dim: int, length: int) -> None:
+    """We evaluate dynamic NTK once, at the engine's maximum length; transformers evaluates it at
+    each forward's length. They agree when those lengths are equal, the comparable case."""
+    config = hf_config(head_dim, {"rope_type": "dynamic", "factor": 2.0})
+    expected, _ = hf_inv_freq(config, seq_len=length)
+    got, factor = inv_frequencies(ours(config), head_dim, length)
+    assert_close_verbose(got.float(), expected.float(), atol=0, rtol=FREQ_RTOL, what="inv_freq")
+    assert factor == 1.0
+    unscaled, _ = inv_frequencies(RopeConfig(theta=500000.0), head_dim, length)
+    assert torch.equal(got, unscaled) == (length <= CONTEXT)
+
+
+def test_legacy_rope_scaling_field_is_read() -> None:
+    """transformers 4.x wrote ``rope_theta`` + ``rope_scaling: {"type": ...}``."""
+    raw = hf_config(64, {"rope_type": "default"}).to_dict()
+    raw.pop("rope_parameters")
+    raw["rope_theta"] = 1e6
+    raw["rope_scaling"] = {"type": "linear", "factor": 2.5}
+    rope = ModelConfig.from_hf(raw).rope
+    assert (rope.kind, rope.theta, rope.factor) == ("linear", 1e6, 2.5)
+    expected = 1.0 / (1e6 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)) / 2.5
+    assert torch.equal(inv_frequencies(rope, 64, 128)[0], expected)
+
+
+def test_legacy_yarn_without_original_length_scales_from_the_checkpoint_context() -> None:
+    """No ``original_max_position_embeddings``: transformers measures from the checkpoint's
+    ``max_position_embeddings``, never from the serving length."""
+    config = hf_config(64, {"rope_type": "yarn", "factor": 4.0})
+    expected, expected_factor = hf_inv_freq(config)
+    raw = config.to_dict()
+    raw.pop("rope_parameters")
+    raw["rope_theta"] = 500000.0
+    raw["rope_scaling"] = {"type": "yarn", "factor": 4.0}
+    rope = ModelConfig.from_hf(raw).rope
+    assert rope.original_max_position == CONTEXT
+    for table_len in (CONTEXT // 4, CONTEXT, 4 * CONTEXT):
+        got, factor = inv_frequencies(rope, 64, table_len)
+        assert_close_verbose(got.float(), expected.float(), atol=0, rtol=FREQ_RTOL, what="inv_freq")
+        assert factor == pytest.approx(expected_factor)
+
+
+@pytest.mark.parametrize("rope_parameters", KINDS[:6])
+def test_cos_sin_tables_match_transformers(rope_parameters: dict) -> None:
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = hf_config(64, rope_parameters)
+    positions = torch.tensor([0, 1, 7, 100, 511, 2047])
+    hf_cos, hf_sin = LlamaRotaryEmbedding(config)(torch.zeros(1, dtype=torch.float32), positions[None])
+    table = RotaryEmbedding(ours(config), 64, CONTEXT)
+    # HF multiplies position * inv_freq in fp32: the angle error grows like position * 6e-8.
+    assert_close_verbose(table.cos[positions], hf_cos[0], atol=2e-4, rtol=0, what="cos")
+    assert_close_verbose(table.sin[positions], hf_sin[0], atol=2e-4, rtol=0, what="sin")
+
+
+def test_apply_matches_transformers_rotate_half_convention() -> None:
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    table = RotaryEmbedding(RopeConfig(), 32, 64, dtype=torch.float64)
+    positions = torch.tensor([3, 0, 63, 17, 17])
+    q = torch.randn(5, 4, 32, dtype=torch.float64)  # [T, H, D]
+    k = torch.randn(5, 2, 32, dtype=torch.float64)
+    cos, sin = table.cos[positions], table.sin[positions]
+    # HF layout: [B, H, T, D] with cos/sin [B, T, D] unsqueezed at dim 1.
+    hf_q, hf_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    assert_close_verbose(table.apply(q, positions), hf_q[0].transpose(0, 1), what="q")
+    assert_close_verbose(table.apply(k, positions), hf_k[0].transpose(0, 1), what="k")
+    # The rotation preserves norms and is relative: <R_m q, R_n k> depends on m - n only.
+    assert_close_verbose(apply_rope(q, cos[:, None], sin[:, None]).norm(dim=-1), q.norm(dim=-1))
+    m, n = torch.tensor([9]), torch.tensor([2])
+    dot = (table.apply(q[:1], m) * table.apply(k[:1, :1], n)).sum(-1)
+    shifted = (table.apply(q[:1], m + 40) * table.apply(k[:1, :1], n + 40)).sum(-1)
+    assert_close_verbose(shifted, dot, atol=1e-12, rtol=1e-10, what="relative position")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        pytest.param({"kind": "longrope"}, "longrope", id="unsupported-kind"),
+        pytest.param({"partial_rotary_factor": 0.5}, "partial rotary", id="partial-rotary"),
+        pytest.param({"theta": 0.0}, "positive", id="zero-theta"),
+    ],
+)
+def test_rope_config_rejects_what_we_cannot_compute(kwargs: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        RopeConfig(**kwargs)

@@ -1,0 +1,103 @@
+"""Shared test helpers: per-dtype tolerances, a verbose closeness check, the passkey prompt."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+# (atol, rtol) per dtype, starting from torch.testing's defaults; fp64 is the oracle's own dtype.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (1e-5, 1.3e-6),
+    torch.bfloat16: (1e-2, 1.6e-2),
+    torch.float16: (1e-3, 1e-3),
+}
+
+PASSKEY_NEEDLE = "The secret passkey is 71432."
+PASSKEY_ANSWER = "71432"
+PASSKEY_HEADER = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it.\n\n"
+)
+PASSKEY_QUESTION = "\n\nWhat is the secret passkey? The secret passkey is"
+
+# Sentence end, then whitespace, then a capital: where a needle may go without splitting a sentence.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def assert_close_verbose(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    atol: float | None = None,
+    rtol: float | None = None,
+    what: str = "tensor",
+    show: int = 5,
+) -> None:
+    """``|actual - expected| <= atol + rtol * |expected|`` elementwise, else fail naming the first
+    ``show`` mismatching indices with both values. Tolerances default to ``TOLERANCES[dtype]``."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+    d_atol, d_rtol = TOLERANCES[expected.dtype]
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    a, e = actual.double(), expected.double()
+    err = (a - e).abs()
+    bad = ~(err <= atol + rtol * e.abs())
+    if not bad.any():
+        return
+    idx = bad.nonzero()[:show]
+    lines = [
+        f"  at {tuple(i.tolist())}: got {a[tuple(i)].item():.8g}, expected {e[tuple(i)].item():.8g}"
+        for i in idx
+    ]
+    raise AssertionError(
+        f"{what}: {int(bad.sum())} of {bad.numel()} elements differ (atol={atol:g}, rtol={rtol:g}, "
+        f"max abs err {err.max().item():.3g})\n" + "\n".join(lines)
+    )
+
+
+def read_essays(path: Path) -> str:
+    """All essay texts of a ``{"text": ...}`` per line ``.jsonl`` file, joined by blank lines."""
+    with open(path, encoding="utf-8") as fh:
+        return "\n\n".join(json.loads(line)["text"].strip() for line in fh if line.strip())
+
+
+def passkey_prompt(
+    corpus: str,
+    tokenizer,
+    num_tokens: int,
+    depth: float = 0.5,
+    needle: str = PASSKEY_NEEDLE,
+) -> str:
+    """A passkey-retrieval prompt of about ``num_tokens`` tokens (header + haystack + question).
+
+    The haystack is the start of ``corpus`` (whitespace runs collapsed), cut at a sentence end;
+    ``needle`` goes at the sentence boundary nearest ``depth`` (0 = start, 1 = end) of it.
+    ``tokenizer`` needs only ``encode(text) -> list[int]``.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    text = re.sub(r"\s+", " ", corpus).strip()
+    frame = len(tokenizer.encode(PASSKEY_HEADER + needle + PASSKEY_QUESTION))
+    budget = num_tokens - frame
+    if budget <= 0:
+        raise ValueError(f"num_tokens={num_tokens} leaves no room for a haystack ({frame} needed)")
+    # Characters per token estimated from a sample, then trimmed until the haystack fits.
+    sample = text[:20000]
+    chars = int(budget * len(sample) / max(1, len(tokenizer.encode(sample))))
+    if chars > len(text):
+        raise ValueError(f"the corpus is too short for a {num_tokens}-token haystack")
+    haystack = text[:chars]
+    while len(tokenizer.encode(haystack)) > budget:
+        haystack = haystack[: int(len(haystack) * 0.98)]
+    ends = [m.start() for m in _SENTENCE_END.finditer(haystack)]
+    if not ends:
+        raise ValueError("the haystack has no sentence boundary to put the needle at")
+    haystack = haystack[: ends[-1]]  # end on a whole sentence
+    target = depth * len(haystack)
+    cut = min(ends, key=lambda i: abs(i - target))
+    haystack = f"{haystack[:cut]} {needle} {haystack[cut:].lstrip()}"
+    return PASSKEY_HEADER + haystack + PASSKEY_QUESTION
