@@ -111,10 +111,10 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2; Llama when asked)
-    output_bias: bool = False  # o_proj carries a bias (Llama with attention_bias)
-    mlp_bias: bool = False  # gate/up/down projections carry a bias (Llama with mlp_bias)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    output_bias: bool = False  # o_proj carries a bias (Llama with attention_bias)
+    mlp_bias: bool = False  # gate/up/down projections carry a bias (Llama with mlp_bias)
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES.values():

@@ -74,8 +74,10 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling parameter sets")
         ids = [self.encode(p, chat) for p in prompts]  # encode all first: errors before any work
         self.engine.progress = progress
-        reqs = [self.engine.add_request(i, p) for i, p in zip(ids, plist)]
+        reqs: list[Request] = []
         try:
+            for i, p in zip(ids, plist):
+                reqs.append(self.engine.add_request(i, p))
             while any(r.finish_reason is None for r in reqs):
                 self.engine.step()
         finally:

@@ -15,6 +15,9 @@ if not torch.cuda.is_available():
     # Triton kernels run on the CPU through the interpreter; it must be set before any kernel
     # module is imported, whichever test collects first.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # On a shared 2-core machine, intra-op threads that spin-wait for a descheduled sibling make
+    # small ops ~10x slower (SmolLM2 decode step: 3.1 s with 2 threads vs 0.21 s with 1).
+    torch.set_num_threads(int(os.environ.get("SHADOWKV_TEST_THREADS", "1")))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -62,8 +62,7 @@ class LokiCache(SparseCache):
     def select(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, H, D = q.shape
         Hkv, G = self.model.num_kv_heads, H // self.model.num_kv_heads
-        rows = torch.tensor([self.rows[s] for s in self._decode_seqs], device=self.device)
-        basis = self.basis[layer][rows]  # [B, Hkv, D, r]
+        basis = self.basis[layer][self._seq_rows]  # [B, Hkv, D, r]
         q_low = torch.einsum("bhgd,bhdr->bhgr", q.float().view(B, Hkv, G, D), basis)
         k_low = self.gather_prefix(self.k_low[layer], self._max_selectable).float()  # [B,N,Hkv,r]
         scores = torch.einsum("bhgr,bnhr->bhgn", q_low, k_low) * self.scale

@@ -97,6 +97,7 @@ class SparseCache(DenseCache):
             budget = self.cfg.budget_tokens(p)
             units.append(-(-n // self.unit) if budget >= n else budget // self.unit)
         dev = self.device
+        self._seq_rows = torch.tensor([self.rows[s] for s in seq_ids], device=dev)  # [B]
         self._selectable = torch.tensor(selectable, device=dev)  # [B]
         self._units = torch.tensor(units, device=dev)  # [B] selection units granted
         self._max_selectable = max(selectable, default=0)

@@ -181,26 +181,22 @@ class Engine:
         req.output_ids.append(token)
         if req.first_token is None:
             req.first_token = time.perf_counter()
-        before = req.text
-        full = self.tokenizer.decode(req.output_ids)
         reason = None
-        if token in self.eos_ids and not req.params.ignore_eos:
-            reason = "stop"
-            full = self.tokenizer.decode(req.output_ids[:-1])
-        elif token in req.params.stop_token_ids:
-            reason = "stop"
-        else:
-            cut = min((i for i in (full.find(s, max(0, len(before) - len(s))) for s in req.params.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                full, reason = full[:cut], "stop"
+        ids = req.output_ids
+        if (token in self.eos_ids and not req.params.ignore_eos) or token in req.params.stop_token_ids:
+            reason, ids = "stop", ids[:-1]  # the stop token's own text is not part of the output
+        text = self.tokenizer.decode(ids)
+        cut = min((i for i in (text.find(s) for s in req.params.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
         if reason is None and (
             len(req.output_ids) >= req.params.max_tokens or req.num_tokens >= self.max_model_len
         ):
             reason = "length"
-        # A partial UTF-8 sequence decodes to U+FFFD; hold it back until the next token completes it.
-        emit = full if reason else full.rstrip("\ufffd")
-        delta = emit[len(before):] if emit.startswith(before) else emit
-        req.text = emit
+        req.text = text
+        emit = text if reason else _streamable(text, req.params.stop)
+        delta = emit[req.emitted :] if len(emit) > req.emitted else ""
+        req.emitted = max(req.emitted, len(emit))
         if reason:
             self._finish(req, reason)
         return StepOutput(req, token, delta, reason is not None)
@@ -212,3 +208,19 @@ class Engine:
         if req in self.running:
             self.running.remove(req)
         self.cache.free_sequence(req.request_id)
+
+
+def _streamable(text: str, stops: tuple[str, ...]) -> str:
+    """The part of unfinished text that is safe to stream.
+
+    Holds back a trailing partial UTF-8 character (decoded as U+FFFD) and any ending that could
+    be the start of a stop string, so streamed text always equals the final text's prefix.
+    """
+    text = text.rstrip("\ufffd")
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:n]):
+                hold = n
+                break
+    return text[: len(text) - hold]

@@ -27,6 +27,7 @@ class Request:
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
+    emitted: int = 0  # characters of ``text`` already streamed
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" (EOS / stop string / stop token) or "length"
     arrival: float = field(default_factory=time.perf_counter)

@@ -49,7 +49,9 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise SamplingError(f"stop strings must be non-empty strings, got {self.stop!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise SamplingError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}")
+            raise SamplingError(
+                f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}"
+            )
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             raise SamplingError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 

@@ -11,7 +11,6 @@ Decoding is greedy with each task's generation length and no stop strings (RULER
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 import time
@@ -25,11 +24,9 @@ from shadowkv.config import CACHE_METHODS, CacheConfig, ConfigError, EngineConfi
 from shadowkv.eval.haystack import Haystack
 from shadowkv.eval.metrics import aggregate, mean_row
 from shadowkv.eval.niah import generate_niah_samples, niah_depths
-from shadowkv.eval.ruler import TASKS, CHAT_TEMPLATES, Sample, generate_samples
+from shadowkv.eval.ruler import CHAT_TEMPLATES, TASKS, Sample, generate_samples
 
 NIAH_TASK = "niah"
-_METHOD_MODULES = {"shadowkv": "shadow", "quest": "quest", "loki": "loki",
-                   "streaming": "streaming", "oracle": "oracle"}
 Key = tuple[str, str, Any, str, int, int, int]
 
 
@@ -181,8 +178,6 @@ def run_eval(
     """
     from shadowkv.llm import LLM
 
-    for method in {m for m, _ in cfg.runs() if m != "dense"}:
-        _check_importable(method)
     model_name = _model_name(cfg, llm)
     done = {record_key(r) for r in load_records(cfg.out)}
     pending = {
@@ -227,18 +222,6 @@ def run_eval(
         and r["task"] in cfg.tasks and r["length"] in cfg.lengths and r["seed"] == cfg.seed
         and r["index"] < cfg.num_samples
     ]
-
-
-def _check_importable(method: str) -> None:
-    module = f"shadowkv.cache.{_METHOD_MODULES[method]}"
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name != module:
-            raise
-        raise ConfigError(
-            f"cache method {method!r} is not available in this build ({module} is missing)"
-        ) from err
 
 
 def _model_name(cfg: EvalConfig, llm: Any | None) -> str:

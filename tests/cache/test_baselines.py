@@ -22,8 +22,8 @@ MAX_LEN = 512
 
 
 @functools.cache
-def _load(checkpoint):
-    return load_model(checkpoint, CPU, torch.float32)
+def _load(checkpoint, device=CPU, dtype=torch.float32):
+    return load_model(checkpoint, device, dtype)
 
 
 @functools.cache
@@ -32,40 +32,42 @@ def _dense_logits(checkpoint, lens: tuple[int, ...], steps: int) -> torch.Tensor
 
 
 class Driver:
-    """Prefill prompts one by one, then batched greedy decode steps, recording logits."""
+    """Prefill prompts one by one, then batched decode steps of fixed tokens, recording logits."""
 
-    def __init__(self, checkpoint, method: str, **cache_kw) -> None:
-        self.cfg, self.model = _load(checkpoint)
-        self.rope = RotaryEmbedding(self.cfg.rope, self.cfg.head_dim, MAX_LEN)
+    def __init__(
+        self, checkpoint, method: str, device=CPU, dtype=torch.float32, **cache_kw
+    ) -> None:
+        self.cfg, self.model = _load(checkpoint, device, dtype)
+        self.device = device
+        self.rope = RotaryEmbedding(self.cfg.rope, self.cfg.head_dim, MAX_LEN, device)
         cache_cfg = CacheConfig(method=method, **cache_kw)
-        self.cache = make_cache(
-            self.cfg, cache_cfg, self.rope, CPU, torch.float32, 4, MAX_LEN, 2**24
-        )
+        self.cache = make_cache(self.cfg, cache_cfg, self.rope, device, dtype, 4, MAX_LEN, 2**24)
 
     def run(self, prompt_lens: tuple[int, ...], steps: int, seed: int = 0) -> torch.Tensor:
         """Logits ``[steps + 1, B, vocab]``: the prefill's last token, then each decode step."""
         gen = torch.Generator().manual_seed(seed)
         prompts = [torch.randint(3, self.cfg.vocab_size, (n,), generator=gen) for n in prompt_lens]
+        dev = self.device
         first = []
         for sid, ids in enumerate(prompts):
             self.cache.add_sequence(sid, len(ids), steps)
             self.cache.begin_prefill(sid, len(ids))
             logits = self.model(
-                ids, torch.arange(len(ids)), self.rope, self.cache, "prefill",
-                logits_index=torch.tensor([len(ids) - 1]),
+                ids.to(dev), torch.arange(len(ids), device=dev), self.rope, self.cache, "prefill",
+                logits_index=torch.tensor([len(ids) - 1], device=dev),
             )
             self.cache.end_prefill()
             first.append(logits[0])
         out = [torch.stack(first)]
         seqs = list(range(len(prompts)))
-        tokens = out[0].argmax(-1)
-        for _ in range(steps):
+        # Fed tokens are fixed, not sampled, so a near-tie cannot send two methods down two paths.
+        fed = torch.randint(3, self.cfg.vocab_size, (steps, len(prompts)), generator=gen).to(dev)
+        for tokens in fed:
             self.cache.begin_decode(seqs)
-            positions = torch.tensor([self.cache.lengths[s] for s in seqs])
+            positions = torch.tensor([self.cache.lengths[s] for s in seqs], device=dev)
             logits = self.model(tokens, positions, self.rope, self.cache, "decode")
             self.cache.end_decode()
             out.append(logits)
-            tokens = logits.argmax(-1)
         return torch.stack(out)
 
 
@@ -98,6 +100,22 @@ def test_full_budget_equals_dense(tiny_checkpoint, family, shape, method):
     dense = _dense_logits(ckpt, lens, steps=3)
     sparse = Driver(ckpt, method, sparse_budget=256).run(lens, steps=3)
     assert_close_verbose(sparse, dense, atol=1e-4, rtol=1e-4, what=f"{method} logits")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("method", METHODS)
+def test_full_budget_equals_dense_cuda(tiny_checkpoint, method, dtype):
+    ckpt = tiny_checkpoint("llama", num_heads=8, num_kv_heads=2, head_dim=64)
+    cuda = torch.device("cuda")
+    lens = (301, 150)
+    dense = Driver(ckpt, "dense", cuda, dtype).run(lens, steps=4)
+    sparse = Driver(ckpt, method, cuda, dtype, sparse_budget=512).run(lens, steps=4)
+    err = ((sparse - dense).norm() / dense.norm()).item()
+    assert err < (1e-5 if dtype == torch.float32 else 2e-2), f"{method}: relative error {err:.3g}"
+    small = Driver(ckpt, method, cuda, dtype, sparse_budget=32).run(lens, steps=2)
+    assert torch.isfinite(small).all()
 
 
 @pytest.mark.parametrize("method", METHODS)

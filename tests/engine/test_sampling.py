@@ -13,7 +13,9 @@ CPU = torch.device("cpu")
 DRAWS = 3000
 
 
-def draw(logits: torch.Tensor, params: SamplingParams, n: int = DRAWS, seed: int = 0) -> torch.Tensor:
+def draw(
+    logits: torch.Tensor, params: SamplingParams, n: int = DRAWS, seed: int = 0
+) -> torch.Tensor:
     """Token counts ``[V]`` over ``n`` draws with one seeded generator."""
     gen = torch.Generator().manual_seed(seed)
     counts = torch.zeros(logits.shape[-1], dtype=torch.long)

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from shadowkv.cache.dense import DenseCache
-from shadowkv.config import CacheConfig, ModelConfig
+from shadowkv.config import CacheConfig, ModelConfig, RopeConfig
 from shadowkv.models.llama import LlamaModel
 from shadowkv.models.loader import load_model
 from shadowkv.models.rope import RotaryEmbedding
 from utils import assert_close_verbose
 
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[2]
 VOCAB = 512  # the tiny checkpoints' vocabulary
 # fp32 logits from two implementations that order their sums differently: a few ulps per layer.
 ATOL, RTOL = 2e-5, 1e-4
@@ -44,7 +45,9 @@ def our_logits(
     only the last that many prefill rows (the LM head over a long prompt is costly)."""
     cache_cfg = CacheConfig(page_size=16)
     blocks = sum(-(-len(s) // 16) for s in seqs)
-    cache = DenseCache(cfg, cache_cfg, rope, CPU, torch.float32, len(seqs), rope.max_position, blocks)
+    cache = DenseCache(
+        cfg, cache_cfg, rope, CPU, torch.float32, len(seqs), rope.max_position, blocks
+    )
     out: list[list[torch.Tensor]] = []
     for i, (ids, n) in enumerate(zip(seqs, prompt_lens)):
         cache.add_sequence(i, n, len(ids) - n)
@@ -138,10 +141,11 @@ def test_rope_scaling_matches_hf(
 def test_dynamic_rope_actually_scales_past_the_context(tiny_checkpoint) -> None:
     """Guards the dynamic case above from passing vacuously: past the checkpoint's context the
     scaled logits must differ from unscaled ones."""
-    scaled = tiny_checkpoint("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position=24)
+    dynamic = {"rope_type": "dynamic", "factor": 2.0}
+    scaled = tiny_checkpoint("llama", rope_scaling=dynamic, max_position=24)
     cfg, model = load_model(scaled, CPU, torch.float32)
     ids = random_ids(37, seed=2)
-    plain = ModelConfig(**{**cfg.__dict__, "rope": type(cfg.rope)(theta=cfg.rope.theta)})
+    plain = ModelConfig(**{**cfg.__dict__, "rope": RopeConfig(theta=cfg.rope.theta)})
     a = our_logits(model, cfg, RotaryEmbedding(cfg.rope, cfg.head_dim, 37), [ids], [32])[0]
     b = our_logits(model, plain, RotaryEmbedding(plain.rope, cfg.head_dim, 37), [ids], [32])[0]
     assert (a - b).abs().max() > 1e-3
@@ -163,7 +167,7 @@ def test_batched_decode_of_unequal_sequences_matches_hf(tiny_checkpoint) -> None
 def test_smollm2_real_weights_1k_prompt_match_hf(smollm2, smollm2_dir: Path) -> None:
     """SmolLM2-135M (30 layers, G=3, tied embeddings): 1020-token prefill + 4 decode steps; the
     last 8 prefill positions and the 4 decode steps are compared."""
-    text = (Path(__file__).resolve().parents[2] / "shadowkv" / "data" / "demo_document.txt").read_text()
+    text = (REPO / "shadowkv" / "data" / "demo_document.txt").read_text()
     ids = torch.tensor(smollm2.tokenizer.encode(text)[:1024])
     assert len(ids) == 1024, "the demo document should hold at least 1024 tokens"
     expected = hf_logits(smollm2_dir, ids, keep=12)

@@ -1,4 +1,4 @@
-"""RoPE frequencies and tables equal transformers' (``ROPE_INIT_FUNCTIONS``) for every kind we accept.
+"""RoPE frequencies and tables equal transformers' (``ROPE_INIT_FUNCTIONS``) for each kind we take.
 
 The configs go the way a checkpoint's do: a transformers config, its ``to_dict()`` as config.json,
 then ``ModelConfig.from_hf``; so parsing is under test as well as the formulas.
@@ -28,7 +28,9 @@ KINDS = [
         {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0},
         id="llama3-x32-no-original",
     ),
-    pytest.param({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}, id="yarn-x4"),
+    pytest.param(
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}, id="yarn-x4"
+    ),
     pytest.param({"rope_type": "yarn", "factor": 8.0}, id="yarn-x8-no-original"),
     pytest.param(
         {"rope_type": "yarn", "factor": 4.0, "beta_fast": 8.0, "beta_slow": 0.5,
@@ -139,7 +141,8 @@ def test_cos_sin_tables_match_transformers(rope_parameters: dict) -> None:
 
     config = hf_config(64, rope_parameters)
     positions = torch.tensor([0, 1, 7, 100, 511, 2047])
-    hf_cos, hf_sin = LlamaRotaryEmbedding(config)(torch.zeros(1, dtype=torch.float32), positions[None])
+    hf_rope = LlamaRotaryEmbedding(config)
+    hf_cos, hf_sin = hf_rope(torch.zeros(1, dtype=torch.float32), positions[None])
     table = RotaryEmbedding(ours(config), 64, CONTEXT)
     # HF multiplies position * inv_freq in fp32: the angle error grows like position * 6e-8.
     assert_close_verbose(table.cos[positions], hf_cos[0], atol=2e-4, rtol=0, what="cos")
@@ -155,7 +158,9 @@ def test_apply_matches_transformers_rotate_half_convention() -> None:
     k = torch.randn(5, 2, 32, dtype=torch.float64)
     cos, sin = table.cos[positions], table.sin[positions]
     # HF layout: [B, H, T, D] with cos/sin [B, T, D] unsqueezed at dim 1.
-    hf_q, hf_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    hf_q, hf_k = apply_rotary_pos_emb(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None]
+    )
     assert_close_verbose(table.apply(q, positions), hf_q[0].transpose(0, 1), what="q")
     assert_close_verbose(table.apply(k, positions), hf_k[0].transpose(0, 1), what="k")
     # The rotation preserves norms and is relative: <R_m q, R_n k> depends on m - n only.

@@ -32,7 +32,8 @@ def reconstruct_keys(
         k   = k * cos[t] + rotate_half(k) * sin[t]                         # neox layout
         k_cache.view(-1, Hkv, D)[dst_rows[b, s*C + j], h] = k              # cast to cache dtype
 
-    Nothing else is written: hit slots keep the keys rebuilt at an earlier step.
+    Nothing else is written: hit slots keep the keys rebuilt at an earlier step. The reference
+    finds the misses with ``nonzero`` (a host sync on CUDA); kernels skip hit tiles without one.
 
     Args:
         k_cache: ``[num_blocks, S, Hkv, D]`` paged key buffer, written in place.
@@ -47,20 +48,19 @@ def reconstruct_keys(
             token at index ``s * C + j``; ``-1`` for unused slots.
         chunk_size: ``C``.
     """
-    B, Hkv, K = slot_ids.shape
-    C, D = chunk_size, k_cache.shape[-1]
+    Hkv, C, D = slot_ids.shape[1], chunk_size, k_cache.shape[-1]
     P, R = a_pages.shape[1], a_pages.shape[2]
     dev = k_cache.device
-    tok = slot_ids.clamp_min(0).long()[..., None] * C + torch.arange(C, device=dev)  # [B, Hkv, K, C]
-    page = page_table.long().gather(1, (tok // P).reshape(B, -1)).view_as(tok)
-    a = a_pages.reshape(-1, R)[page * P + tok % P]  # [B, Hkv, K, C, R]
-    w = w_t[seq_rows.long()].view(B, R, Hkv, D)
+    # Only the missed slots: M = number of misses (a data-dependent size, fine for the reference).
+    b, h, s = miss.nonzero(as_tuple=True)
+    j = torch.arange(C, device=dev)
+    tok = slot_ids[b, h, s].long()[:, None] * C + j  # [M, C]
+    page = page_table.long()[b[:, None], tok // P]
+    a = a_pages.reshape(-1, R)[page * P + tok % P]  # [M, C, R]
+    w = w_t.view(-1, R, Hkv, D)[seq_rows.long()[b], :, h]  # [M, R, D]
     acc = torch.promote_types(a_pages.dtype, torch.float32)
-    k = torch.einsum("bhkcr,brhd->bhkcd", a.to(acc), w.to(acc))
-    c, s = cos[tok].to(acc), sin[tok].to(acc)
+    k = torch.bmm(a.to(acc), w.to(acc))  # [M, C, D]
     half = D // 2
-    k = k * c + torch.cat([-k[..., half:], k[..., :half]], dim=-1) * s
-    write = miss[..., None].expand(B, Hkv, K, C)
-    rows = dst_rows.view(B, 1, K, C).expand(B, Hkv, K, C)
-    heads = torch.arange(Hkv, device=dev).view(1, Hkv, 1, 1).expand(B, Hkv, K, C)
-    k_cache.view(-1, Hkv, D)[rows[write], heads[write]] = k[write].to(k_cache.dtype)
+    k = k * cos[tok].to(acc) + torch.cat([-k[..., half:], k[..., :half]], dim=-1) * sin[tok].to(acc)
+    rows = dst_rows[b[:, None], s[:, None] * C + j]  # [M, C]
+    k_cache.view(-1, Hkv, D)[rows, h[:, None].expand(-1, C)] = k.to(k_cache.dtype)

@@ -1,0 +1,207 @@
+"""The throughput benchmark end to end on the tiny random-weight config, on CPU."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shadowkv.bench import ARCHITECTURES, BenchConfig, arch_config, random_model, run_throughput
+from shadowkv.bench.harness import build_engine, fits, max_batch, new_tokens
+from shadowkv.bench.models import weight_bytes
+from shadowkv.bench.report import write_plot
+from shadowkv.cache.dense import DenseCache
+from shadowkv.cli import main as cli_main
+from shadowkv.config import CacheConfig, ConfigError, EngineConfig
+from shadowkv.models.llama import LlamaModel
+
+CONTEXT = 256
+STEPS = 3
+SHADOW_KNOBS = CacheConfig(sparse_budget=32, outlier_chunks=2, local_chunks=2)  # sparse at 256 tokens
+DEVICE_GB = 0.001  # ~1 MiB of cache: the batch search, not max_batch, sets the batch
+HOST_GB = 0.001
+
+
+def tiny_config(**kw) -> BenchConfig:
+    base = dict(
+        arch="tiny", device="cpu", contexts=(CONTEXT,), methods=("dense", "shadowkv"),
+        decode_steps=STEPS, max_batch=16, cache_memory_gb=DEVICE_GB,
+        cache=CacheConfig(**{**SHADOW_KNOBS.__dict__, "host_memory_gb": HOST_GB}),
+    )
+    return BenchConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("throughput")
+    return run_throughput(tiny_config(), out), out
+
+
+def expected_dense_batch(budget_gb: float, context: int, steps: int, limit: int) -> int:
+    """Largest B whose requests' blocks (request i asks for new_tokens(steps, B, i)) fit the pool."""
+    cfg, model = CacheConfig(), arch_config("tiny")
+    num_blocks = int(budget_gb * 2**30) // DenseCache.bytes_per_block(model, cfg, torch.float32)
+    S, best = cfg.page_size, 0
+    for B in range(1, limit + 1):
+        need = sum(-(-(context + new_tokens(steps, B, i)) // S) for i in range(B))
+        if need <= num_blocks:
+            best = B
+    return best
+
+
+def test_report_fields_and_files(report: tuple[dict, Path]) -> None:
+    data, out = report
+    on_disk = json.loads((out / "throughput.json").read_text())
+    assert on_disk["runs"] == data["runs"]
+    assert (out / "throughput.md").read_text().strip() == data["table"].strip()
+    assert data["meta"]["weights"] == "random weights"
+    assert "random weights" in data["table"].lower()
+    assert data["meta"]["model"] == "tiny" and data["meta"]["device"] == "cpu"
+    assert data["meta"]["weight_bytes"] > 0
+    methods = {r["method"] for r in data["runs"]}
+    assert methods == {"dense", "shadowkv"}
+    for r in data["runs"]:
+        assert r["context"] == CONTEXT and r["decode_steps"] == STEPS
+        assert 1 <= r["batch"] <= r["max_batch"]
+        for key in ("prefill_s", "ttft_s", "ttft_mean_s", "decode_tokens_per_s", "decode_ms_per_step"):
+            assert r[key] > 0, key
+        assert r["ttft_mean_s"] >= r["ttft_s"] * 0.5
+        assert r["peak_device_bytes"] > 0
+        assert r["cache_device_bytes"] > 0
+        assert r["dense_bytes"] > 0
+    shadow = [r for r in data["runs"] if r["method"] == "shadowkv"]
+    assert all(0.0 <= r["hit_rate"] <= 1.0 for r in shadow)
+    assert all(r["cache_host_bytes"] > 0 for r in shadow), "ShadowKV offloads values to the host"
+    assert all(r["hit_rate"] is None for r in data["runs"] if r["method"] == "dense")
+
+
+def test_each_method_runs_at_its_max_and_dense_at_shadows_where_it_fits(report: tuple[dict, Path]) -> None:
+    data, _ = report
+    limits = {m: per[str(CONTEXT)] for m, per in data["max_batch"].items()}
+    timed = {(r["method"], r["batch"]) for r in data["runs"]}
+    assert limits["shadowkv"] > limits["dense"], "the fixture should give ShadowKV the larger batch"
+    for method, own in limits.items():
+        assert (method, own) in timed
+        for other, b in limits.items():
+            assert ((method, b) in timed) == (b <= own), (method, other)
+    assert len(data["runs"]) == 3  # dense@dense, shadowkv@dense, shadowkv@shadowkv
+
+
+def test_batch_search_respects_device_memory(report: tuple[dict, Path]) -> None:
+    data, _ = report
+    dense_max = data["max_batch"]["dense"][str(CONTEXT)]
+    assert dense_max == expected_dense_batch(DEVICE_GB, CONTEXT, STEPS, 16)
+    assert 1 < dense_max < 16, "the budget, not the limit, must decide the batch"
+    for r in data["runs"]:
+        assert r["cache_device_bytes"] <= DEVICE_GB * 2**30
+        assert r["cache_host_bytes"] <= HOST_GB * 2**30
+
+
+def test_batch_search_respects_host_memory() -> None:
+    """A smaller host value store admits fewer ShadowKV sequences; the cache is left empty."""
+    cfg = arch_config("tiny")
+    model = random_model(cfg, torch.device("cpu"), torch.float32)
+    batches = []
+    for host_gb in (0.0005, 0.002):
+        cache_cfg = CacheConfig(**{**SHADOW_KNOBS.__dict__, "method": "shadowkv", "host_memory_gb": host_gb})
+        engine = build_engine(
+            model, cfg, cache_cfg, EngineConfig(max_num_seqs=64, max_model_len=512, cache_memory_gb=0.05),
+            torch.device("cpu"), torch.float32,
+        )
+        b = max_batch(engine.cache, CONTEXT, STEPS, 64)
+        assert fits(engine.cache, CONTEXT, STEPS, b) and not fits(engine.cache, CONTEXT, STEPS, b + 1)
+        store = engine.cache.store
+        pages = store.pages_for(-(-CONTEXT // SHADOW_KNOBS.chunk_size))
+        assert b * pages <= store.pool.num_pages - 1 < (b + 1) * pages  # page 0 is the null page
+        assert not engine.cache.rows and engine.cache.memory().host_bytes == 0
+        batches.append(b)
+    assert 0 < batches[0] < batches[1]
+
+
+def test_max_batch_respects_the_limit() -> None:
+    cfg = arch_config("tiny")
+    model = random_model(cfg, torch.device("cpu"), torch.float32)
+    engine = build_engine(
+        model, cfg, CacheConfig(), EngineConfig(max_num_seqs=5, max_model_len=512, cache_memory_gb=0.05),
+        torch.device("cpu"), torch.float32,
+    )
+    assert max_batch(engine.cache, CONTEXT, STEPS, 5) == 5
+    assert max_batch(engine.cache, CONTEXT, STEPS, 3) == 3
+    assert max_batch(engine.cache, 10**6, STEPS, 5) == 0  # larger than the pool: nothing fits
+
+
+def test_requested_batches_skip_what_does_not_fit(tmp_path: Path) -> None:
+    big = 1000
+    data = run_throughput(tiny_config(methods=("dense",), batches=(2, big), decode_steps=2), None)
+    assert [r["batch"] for r in data["runs"]] == [2]
+    assert data["runs"][0]["batch_kind"] == "requested"
+
+
+def test_cli_writes_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli_main([
+        "bench", "--arch", "tiny", "--device", "cpu", "--contexts", "96", "--methods", "dense",
+        "--batch", "2", "--decode-steps", "2", "--cache-memory-gb", "0.01", "--out", str(tmp_path),
+    ])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| dense | 96 | 2 | requested |" in printed
+    assert {p.name for p in tmp_path.iterdir()} >= {"throughput.json", "throughput.md"}
+
+
+def test_cli_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["bench", "--arch", "tiny", "--methods", "dense,magic", "--device", "cpu"]) == 2
+    assert "unknown method 'magic'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--arch", "tiny", "--model", "x"])  # mutually exclusive
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        pytest.param(dict(arch=None), "exactly one of", id="no-model"),
+        pytest.param(dict(model_path="x"), "exactly one of", id="arch-and-model"),
+        pytest.param(dict(arch="gpt-5"), "unknown architecture", id="unknown-arch"),
+        pytest.param(dict(contexts=()), "contexts", id="no-contexts"),
+        pytest.param(dict(methods=("dense", "nope")), "unknown method", id="unknown-method"),
+        pytest.param(dict(decode_steps=0), "decode_steps", id="zero-steps"),
+        pytest.param(dict(batches=(0,)), "batch sizes", id="zero-batch"),
+    ],
+)
+def test_config_rejects(kw: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(**kw)
+
+
+def test_plot_is_optional(report: tuple[dict, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, out = report
+    pytest.importorskip("matplotlib", reason="matplotlib is optional (shadowkv[plot])")
+    assert (out / "throughput.png").stat().st_size > 1000
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now raises ImportError
+    assert write_plot(data, tmp_path / "none.png") is False
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_named_architectures_match_their_checkpoints() -> None:
+    with torch.device("meta"):
+        counts = {name: sum(p.numel() for p in LlamaModel(cfg).parameters()) for name, cfg in ARCHITECTURES.items()}
+    assert counts["llama-3.1-8b"] == 8_030_261_248  # Meta's published parameter count
+    assert counts["llama-3-8b"] == 8_030_261_248
+    assert counts["qwen2.5-7b"] == 7_615_616_512  # Qwen2.5-7B's published count
+    cfg = arch_config("llama-3.1-8b")
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (32, 4096, 32, 8, 128)
+    assert (cfg.rope.kind, cfg.rope.factor, cfg.rope.theta, cfg.max_position_embeddings) == ("llama3", 8.0, 500000.0, 131072)
+
+
+def test_random_model_is_materialised_on_device_and_dtype() -> None:
+    cfg = arch_config("tiny")
+    model = random_model(cfg, torch.device("cpu"), torch.bfloat16, seed=1)
+    params = list(model.parameters())
+    assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in params)
+    assert all(torch.isfinite(p.float()).all() for p in params)
+    assert weight_bytes(model) == 2 * sum(p.numel() for p in params)
+    again = random_model(cfg, torch.device("cpu"), torch.bfloat16, seed=1)
+    assert torch.equal(model.layers[0].mlp.down_proj.weight, again.layers[0].mlp.down_proj.weight)
+    assert torch.equal(model.norm.weight, torch.ones_like(model.norm.weight))
