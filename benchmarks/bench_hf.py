@@ -2,17 +2,21 @@
 
 Both run the same checkpoint (SmolLM2-135M by default) in fp32 on the CPU, on the same prompts
 (PG-essay text cut to exactly ``--prompt-tokens`` ids), greedy, with EOS ignored so both make
-exactly ``--new-tokens`` tokens per sequence. For each batch size:
+exactly ``--new-tokens`` (N) tokens per sequence. For each batch size B and prompt length T:
 
 - prefill tokens/s = B * T / time(generate 1 token)
 - decode tokens/s  = B * N / (time(generate N + 1 tokens) - time(generate 1 token))
+- step decode tokens/s = B / (mean wall time of one decode step with all B sequences decoding),
+  from per-step timestamps of the (N + 1)-token run (an HF streamer; our engine's step loop).
+  It does not subtract two long, noisy times, so it is the steadier figure on a busy machine.
 
+Every figure is also given in CPU seconds of this process (``time.process_time``), which other
+processes on a shared machine disturb far less than wall time; use ``--threads 1`` for that.
 HF batches are left-padded with an attention mask. Our engine is driven through its public step
-loop (``Engine.add_request`` + ``Engine.step``, what ``LLM.generate`` does); its steady-state decode
-(steps where every sequence decodes) is reported beside the end-to-end figure because the engine
-interleaves prefills with decode steps.
+loop (``Engine.add_request`` + ``Engine.step``, what ``LLM.generate`` does); it interleaves
+prefills with decode steps, which the end-to-end decode figure includes.
 
-    .venv/bin/python benchmarks/bench_hf.py --batches 1,8 --new-tokens 32 --out bench_out/bench_hf.json
+    .venv/bin/python benchmarks/bench_hf.py --batches 1,8 --new-tokens 32 --threads 1
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +40,47 @@ SYNTHETIC_SENTENCE = (
     "The river kept its own counsel through the long valley, and every town along it told a "
     "different story about where the water came from and where it meant to go. "
 )
+CLOCKS = ("wall", "cpu")
+
+
+def now() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+@dataclass
+class Run:
+    """One generate call: total (wall, cpu) seconds, full-batch decode step times, tokens."""
+
+    total: tuple[float, float]
+    steps: list[tuple[float, float]] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)
+
+    def step_mean(self, clock: int) -> float | None:
+        return statistics.mean(s[clock] for s in self.steps) if self.steps else None
+
+
+class StepClock:
+    """An HF streamer that timestamps every ``put`` (the prompt, then one per generated token)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[tuple[float, float]] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.stamps.append(now())
+
+    def end(self) -> None:
+        pass
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2", help="checkpoint dir / .gguf / 'smollm2'")
-    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS,
-                   help="prompt text (.jsonl with 'text' fields); synthetic text when absent")
+    p.add_argument(
+        "--corpus",
+        type=Path,
+        default=DEFAULT_CORPUS,
+        help="prompt text (.jsonl with 'text' fields); synthetic text when absent",
+    )
     p.add_argument("--prompt-tokens", type=int, default=2048)
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     p.add_argument("--new-tokens", type=int, default=32, help="decode tokens per sequence (N)")
@@ -57,9 +96,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def make_prompts(tokenizer: Any, corpus: Path, num: int, length: int) -> tuple[list[list[int]], str]:
+def make_prompts(
+    tokenizer: Any, corpus: Path, num: int, length: int
+) -> tuple[list[list[int]], str]:
     """``num`` disjoint windows of ``length`` ids (BOS first) from the corpus, and its label."""
-    need_chars = num * length * 8  # ~4 chars per token with a 2x margin
+    need_chars = num * length * 8  # ~4 characters per token, with a 2x margin
     if corpus.is_file():
         from shadowkv.eval.haystack import load_corpus_text
 
@@ -88,68 +129,88 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def hf_run(hf: Any, prompts: list[list[int]], new_tokens: int, pad_id: int) -> tuple[float, torch.Tensor]:
+def hf_run(hf: Any, prompts: list[list[int]], new_tokens: int, pad_id: int) -> Run:
     ids, mask = left_pad(prompts, pad_id)
-    start = time.perf_counter()
+    clock = StepClock()
+    start = now()
     with torch.inference_mode():
         out = hf.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            streamer=clock,
         )
-    elapsed = time.perf_counter() - start
+    end = now()
     gen = out[:, ids.shape[1] :]
     if gen.shape[1] != new_tokens:
         raise RuntimeError(f"HF made {gen.shape[1]} tokens, {new_tokens} were asked for")
-    return elapsed, gen
+    # stamps: [prompt, token 1 (after prefill), token 2, ...]; decode steps are 2..N.
+    s = clock.stamps
+    steps = [(s[i][0] - s[i - 1][0], s[i][1] - s[i - 1][1]) for i in range(2, len(s))]
+    return Run((end[0] - start[0], end[1] - start[1]), steps, gen.tolist())
 
 
-def ours_run(engine: Any, prompts: list[list[int]], new_tokens: int) -> tuple[float, float | None, list[list[int]]]:
-    """Total seconds, steady-state decode tokens/s (every sequence decoding), tokens."""
+def ours_run(engine: Any, prompts: list[list[int]], new_tokens: int) -> Run:
     from shadowkv.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-    start = time.perf_counter()
+    start = now()
     reqs = [engine.add_request(p, params) for p in prompts]
-    full_steps, full_s = 0, 0.0
+    steps = []
     while any(r.finish_reason is None for r in reqs):
-        t0 = time.perf_counter()
+        t0 = now()
         outs = engine.step()
-        dt = time.perf_counter() - t0
+        t1 = now()
         if len(outs) == len(prompts) and all(len(o.request.output_ids) > 1 for o in outs):
-            full_steps, full_s = full_steps + 1, full_s + dt
-    elapsed = time.perf_counter() - start
+            steps.append((t1[0] - t0[0], t1[1] - t0[1]))
+    end = now()
     made = [r.output_ids for r in reqs]
     if any(len(m) != new_tokens for m in made):
-        raise RuntimeError(f"our engine made {[len(m) for m in made]} tokens, {new_tokens} were asked for")
-    steady = len(prompts) * full_steps / full_s if full_steps else None
-    return elapsed, steady, made
+        raise RuntimeError(
+            f"our engine made {[len(m) for m in made]} tokens, {new_tokens} were asked for"
+        )
+    return Run((end[0] - start[0], end[1] - start[1]), steps, made)
 
 
-def bench_batch(hf: Any, engine: Any, prompts: list[list[int]], n: int, pad_id: int, repeats: int) -> dict[str, Any]:
+def fastest(runs: list[Run], clock: int) -> Run:
+    return min(runs, key=lambda r: r.total[clock])
+
+
+def bench_batch(
+    hf: Any, engine: Any, prompts: list[list[int]], n: int, pad_id: int, repeats: int
+) -> dict[str, Any]:
     """Time both sides, alternating HF and ours; keep each figure's fastest of ``repeats`` runs.
 
     The fastest run is the one least disturbed by other processes on a shared machine.
     """
     B, T = len(prompts), len(prompts[0])
-    runs: dict[str, list[Any]] = {"hf1": [], "us1": [], "hfn": [], "usn": []}
+    runs: dict[str, list[Run]] = {"hf1": [], "us1": [], "hfn": [], "usn": []}
     for _ in range(repeats):
         runs["hf1"].append(hf_run(hf, prompts, 1, pad_id))
         runs["us1"].append(ours_run(engine, prompts, 1))
         runs["hfn"].append(hf_run(hf, prompts, n + 1, pad_id))
         runs["usn"].append(ours_run(engine, prompts, n + 1))
-    hf1, us1, hfn, usn = (min(runs[k], key=lambda r: r[0]) for k in ("hf1", "us1", "hfn", "usn"))
-    steady = max((r[1] for r in runs["usn"] if r[1]), default=None)
-    row = {
-        "batch": B,
-        "prompt_tokens": T,
-        "new_tokens": n,
-        "hf": figures(B, T, n, hf1[0], hfn[0]),
-        "ours": figures(B, T, n, us1[0], usn[0]),
-        "ours_steady_decode_tokens_per_s": round(steady, 2) if steady else None,
-        "greedy_prefix_agreement": round(prefix_agreement(hfn[1].tolist(), usn[2]), 4),
-    }
-    row["prefill_ratio"] = round(row["ours"]["prefill_tokens_per_s"] / row["hf"]["prefill_tokens_per_s"], 3)
-    row["decode_ratio"] = round(row["ours"]["decode_tokens_per_s"] / row["hf"]["decode_tokens_per_s"], 3)
+    row: dict[str, Any] = {"batch": B, "prompt_tokens": T, "new_tokens": n}
+    for c, clock in enumerate(CLOCKS):
+        for side, one, full in (("hf", "hf1", "hfn"), ("ours", "us1", "usn")):
+            first, whole = fastest(runs[one], c), fastest(runs[full], c)
+            step = min(s for r in runs[full] if (s := r.step_mean(c)) is not None)
+            row[f"{side}_{clock}"] = {
+                "time_1_token_s": round(first.total[c], 3),
+                "time_n_plus_1_tokens_s": round(whole.total[c], 3),
+                "prefill_tokens_per_s": round(B * T / first.total[c], 2),
+                "decode_tokens_per_s": round(B * n / max(whole.total[c] - first.total[c], 1e-9), 2),
+                "step_decode_tokens_per_s": round(B / step, 2),
+            }
+        for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "step_decode_tokens_per_s"):
+            ratio = row[f"ours_{clock}"][key] / row[f"hf_{clock}"][key]
+            row[f"{clock}_{key.removesuffix('_tokens_per_s')}_ratio"] = round(ratio, 3)
+    row["greedy_prefix_agreement"] = round(
+        prefix_agreement(runs["hfn"][0].tokens, runs["usn"][0].tokens), 4
+    )
     return row
 
 
@@ -162,31 +223,26 @@ def prefix_agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return statistics.mean(fracs)
 
 
-def figures(B: int, T: int, n: int, first_s: float, full_s: float) -> dict[str, float]:
-    decode_s = max(full_s - first_s, 1e-9)
-    return {
-        "time_1_token_s": round(first_s, 3),
-        "time_n_plus_1_tokens_s": round(full_s, 3),
-        "prefill_tokens_per_s": round(B * T / first_s, 2),
-        "decode_tokens_per_s": round(B * n / decode_s, 2),
-        "decode_ms_per_step": round(1000 * decode_s / n, 2),
-    }
-
-
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| batch | prompt | new | HF prefill tok/s | ours prefill tok/s | ratio | HF decode tok/s "
-        "| ours decode tok/s | ratio | ours steady decode tok/s | greedy prefix agreement |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        (
+            "| batch | clock | HF prefill tok/s | ours | ratio | HF decode tok/s | ours | ratio "
+            "| HF step decode tok/s | ours | ratio | greedy prefix agreement |"
+        ),
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(
-            f"| {r['batch']} | {r['prompt_tokens']} | {r['new_tokens']} "
-            f"| {r['hf']['prefill_tokens_per_s']:.0f} | {r['ours']['prefill_tokens_per_s']:.0f} "
-            f"| {r['prefill_ratio']:.2f}x | {r['hf']['decode_tokens_per_s']:.1f} "
-            f"| {r['ours']['decode_tokens_per_s']:.1f} | {r['decode_ratio']:.2f}x "
-            f"| {r['ours_steady_decode_tokens_per_s'] or 0:.1f} | {r['greedy_prefix_agreement']:.0%} |"
-        )
+        for clock in CLOCKS:
+            hf, us = r[f"hf_{clock}"], r[f"ours_{clock}"]
+            cells = [f"{r['batch']}", clock]
+            for key in ("prefill", "decode", "step_decode"):
+                cells += [
+                    f"{hf[key + '_tokens_per_s']:.1f}",
+                    f"{us[key + '_tokens_per_s']:.1f}",
+                    f"**{r[f'{clock}_{key}_ratio']:.2f}x**",
+                ]
+            cells.append(f"{r['greedy_prefix_agreement']:.0%}")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -227,9 +283,15 @@ def main(argv: list[str] | None = None) -> int:
     T, n = args.prompt_tokens, args.new_tokens
     cfg = read_config(path)
     kv_bytes = 2 * cfg.num_layers * cfg.kv_dim * 4 * (T + n + 64) * max_batch  # fp32 K and V
-    llm = LLM(str(path), device="cpu", engine=EngineConfig(
-        max_num_seqs=max_batch, dtype="float32", cache_memory_gb=kv_bytes / 2**30,
-    ))
+    llm = LLM(
+        str(path),
+        device="cpu",
+        engine=EngineConfig(
+            max_num_seqs=max_batch,
+            dtype="float32",
+            cache_memory_gb=kv_bytes / 2**30,
+        ),
+    )
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     pad_id = hf.config.pad_token_id
     pad_id = pad_id if pad_id is not None else (llm.tokenizer.eos_token_id or 0)
@@ -255,12 +317,17 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": "float32",
         "device": "cpu",
         "prompt_source": source,
+        "prompt_tokens": T,
+        "new_tokens": n,
+        "repeats": args.repeats,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
         **machine_info(),
     }
-    print(f"\nload average (1/5/15 min) before {meta['load_average_before']}, "
-          f"after {meta['load_average_after']}; {meta['cpu']}, {meta['torch_threads']} threads")
+    print(
+        f"\nload average (1/5/15 min) before {meta['load_average_before']}, "
+        f"after {meta['load_average_after']}; {meta['cpu']}, {meta['torch_threads']} threads"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=2) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)

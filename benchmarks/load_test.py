@@ -59,13 +59,13 @@ def percentiles(values: list[float], ps: tuple[int, ...] = (50, 90, 99)) -> dict
 
 
 def make_prompts(text: str, lengths: list[int], count: int, tokenizer: object | None) -> list[str]:
-    """``count`` prompts cycling through ``lengths`` (tokens), each from a different corpus offset."""
+    """``count`` prompts cycling through ``lengths`` (tokens), each from its own corpus offset."""
     words = text.split()
     prompts = []
     for i in range(count):
         n = lengths[i % len(lengths)]
         start = (i * 7919) % max(1, len(words) - 1)
-        chunk = " ".join((words[start:] + words) [: n * 2])  # ~2 words per token is more than enough
+        chunk = " ".join((words[start:] + words)[: n * 2])  # ~2 words per token is more than enough
         if tokenizer is not None:
             ids = tokenizer.encode(chunk, add_special_tokens=False)[: n - 1]
             chunk = tokenizer.decode(ids)
@@ -75,11 +75,19 @@ def make_prompts(text: str, lengths: list[int], count: int, tokenizer: object | 
     return prompts
 
 
-async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int,
-                      ignore_eos: bool) -> Sample:
+async def one_request(
+    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, ignore_eos: bool
+) -> Sample:
     s = Sample(len(prompt))
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": ignore_eos,
+    }
     t0 = last = time.perf_counter()
     try:
         async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -110,7 +118,9 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_to
     return s
 
 
-async def poll_metrics(client: httpx.AsyncClient, peaks: dict[str, float], stop: asyncio.Event) -> None:
+async def poll_metrics(
+    client: httpx.AsyncClient, peaks: dict[str, float], stop: asyncio.Event
+) -> None:
     while not stop.is_set():
         try:
             text = (await client.get("/metrics")).text
@@ -124,21 +134,26 @@ async def poll_metrics(client: httpx.AsyncClient, peaks: dict[str, float], stop:
             pass
 
 
-async def run_load(url: str, model: str, prompts: list[str], args: argparse.Namespace,
-                   headers: dict[str, str]) -> tuple[list[Sample], int, float, dict[str, float]]:
+async def run_load(
+    url: str, model: str, prompts: list[str], args: argparse.Namespace, headers: dict[str, str]
+) -> tuple[list[Sample], int, float, dict[str, float]]:
     """Samples, requests cut at the hard limit, wall seconds, and server metric peaks."""
     samples: list[Sample] = []
     next_index = 0
     deadline = time.perf_counter() + args.duration
     limits = httpx.Limits(max_connections=args.clients + 2)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=None, limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, timeout=None, limits=limits
+    ) as client:
 
         async def worker() -> None:
             nonlocal next_index
             while next_index < args.max_requests and time.perf_counter() < deadline:
                 prompt = prompts[next_index % len(prompts)]
                 next_index += 1
-                samples.append(await one_request(client, model, prompt, args.max_tokens, args.ignore_eos))
+                samples.append(
+                    await one_request(client, model, prompt, args.max_tokens, args.ignore_eos)
+                )
 
         peaks: dict[str, float] = {}
         stop = asyncio.Event()
@@ -156,7 +171,9 @@ async def run_load(url: str, model: str, prompts: list[str], args: argparse.Name
     return samples, cut, wall, peaks
 
 
-def summarise(samples: list[Sample], cut: int, wall: float, peaks: dict[str, float]) -> dict[str, object]:
+def summarise(
+    samples: list[Sample], cut: int, wall: float, peaks: dict[str, float]
+) -> dict[str, object]:
     ok = [s for s in samples if s.error is None]
     out_tokens = sum(s.completion_tokens for s in ok)
     return {
@@ -184,8 +201,11 @@ def summarise(samples: list[Sample], cut: int, wall: float, peaks: dict[str, flo
 def markdown(summary: dict[str, object], label: str) -> str:
     t, i, lat = summary["ttft_ms"], summary["itl_ms"], summary["latency_ms"]
     rows = [
-        ("requests ok / failed / cut", f"{summary['requests_ok']} / {summary['requests_failed']} / "
-                                       f"{summary['requests_cut_at_time_limit']}"),
+        (
+            "requests ok / failed / cut",
+            f"{summary['requests_ok']} / {summary['requests_failed']} / "
+            f"{summary['requests_cut_at_time_limit']}",
+        ),
         ("5xx responses", summary["server_errors_5xx"]),
         ("wall (s)", summary["wall_s"]),
         ("requests/s", summary["requests_per_s"]),
@@ -193,9 +213,15 @@ def markdown(summary: dict[str, object], label: str) -> str:
         ("TTFT p50 / p90 / p99 (ms)", f"{t['p50']} / {t['p90']} / {t['p99']}"),  # type: ignore[index]
         ("ITL p50 / p90 / p99 (ms)", f"{i['p50']} / {i['p90']} / {i['p99']}"),  # type: ignore[index]
         ("latency p50 / p90 (ms)", f"{lat['p50']} / {lat['p90']}"),  # type: ignore[index]
-        ("peak running batch / queue", f"{summary['server_peak_running']} / {summary['server_peak_queue']}"),
-        ("peak cache device / host (MiB)", f"{_mib(summary['server_peak_cache_device_bytes'])} / "
-                                            f"{_mib(summary['server_peak_cache_host_bytes'])}"),
+        (
+            "peak running batch / queue",
+            f"{summary['server_peak_running']} / {summary['server_peak_queue']}",
+        ),
+        (
+            "peak cache device / host (MiB)",
+            f"{_mib(summary['server_peak_cache_device_bytes'])} / "
+            f"{_mib(summary['server_peak_cache_host_bytes'])}",
+        ),
     ]
     lines = [f"| {label} | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines) + "\n"
@@ -208,7 +234,9 @@ def _mib(value: object) -> str:
 def check_loopback(url: str) -> None:
     host = urlparse(url).hostname or ""
     if host not in ("127.0.0.1", "localhost", "::1"):
-        raise SystemExit(f"load_test: refusing {url}: only loopback servers (127.0.0.1, localhost) may be loaded")
+        raise SystemExit(
+            f"load_test: refusing {url}: only loopback servers (127.0.0.1, localhost) may be loaded"
+        )
 
 
 def free_port() -> int:
@@ -220,14 +248,29 @@ def free_port() -> int:
 def start_server(serve_args: list[str], name: str, timeout: float) -> tuple[str, subprocess.Popen]:
     """``shadowkv serve`` in a child process on a free loopback port, once ``/health`` answers."""
     port = free_port()
-    cmd = [sys.executable, "-m", "shadowkv", "serve", *serve_args, "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", name, "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "shadowkv",
+        "serve",
+        *serve_args,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        name,
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"load_test: the server exited with status {proc.returncode}: {' '.join(cmd)}")
+            raise SystemExit(
+                f"load_test: the server exited with status {proc.returncode}: {' '.join(cmd)}"
+            )
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return url, proc
@@ -241,26 +284,44 @@ def start_server(serve_args: list[str], name: str, timeout: float) -> tuple[str,
 def main(argv: list[str] | None = None) -> int:
     from shadowkv.commands.common import add_model_args
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                epilog="Other flags (--model, --cache, --sparse-budget, ...) go to `shadowkv serve`.")
-    p.add_argument("--url", default=None, help="a running server on loopback (default: start one here)")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Other flags (--model, --cache, --sparse-budget, ...) go to `shadowkv serve`.",
+    )
+    p.add_argument(
+        "--url", default=None, help="a running server on loopback (default: start one here)"
+    )
     p.add_argument("--served-model-name", default="model", help="the model name to request")
     p.add_argument("--api-key", default=None, help="bearer key for --url servers that want one")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--max-requests", type=int, default=64)
-    p.add_argument("--duration", type=float, default=120.0, help="seconds after which no request is sent")
-    p.add_argument("--grace", type=float, default=60.0, help="seconds in-flight requests get past --duration")
-    p.add_argument("--prompt-lengths", default="64,256,1024", help="prompt tokens, cycled over requests")
+    p.add_argument(
+        "--duration", type=float, default=120.0, help="seconds after which no request is sent"
+    )
+    p.add_argument(
+        "--grace", type=float, default=60.0, help="seconds in-flight requests get past --duration"
+    )
+    p.add_argument(
+        "--prompt-lengths", default="64,256,1024", help="prompt tokens, cycled over requests"
+    )
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
-                   help="generate exactly --max-tokens per request (default on)")
-    p.add_argument("--haystack", type=Path, default=None, help="prompt text corpus (.jsonl/.json/.txt)")
+    p.add_argument(
+        "--ignore-eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="generate exactly --max-tokens per request (default on)",
+    )
+    p.add_argument(
+        "--haystack", type=Path, default=None, help="prompt text corpus (.jsonl/.json/.txt)"
+    )
     p.add_argument("--out", type=Path, default=Path("bench_out/load_test"))
     p.add_argument("--startup-timeout", type=float, default=600.0)
     args, serve_args = p.parse_known_args(argv)
     model_parser = argparse.ArgumentParser(prog="load_test (serve flags)", add_help=False)
     add_model_args(model_parser)
-    model_args = model_parser.parse_args(serve_args)  # refuse unknown flags before starting anything
+    model_args = model_parser.parse_args(
+        serve_args
+    )  # refuse unknown flags before starting anything
     if args.clients < 1 or args.max_requests < 1 or args.duration <= 0:
         raise SystemExit("load_test: --clients, --max-requests and --duration must be positive")
     lengths = [int(x) for x in args.prompt_lengths.split(",")]
@@ -291,8 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "server": url, "cache": method, "model": model_args.model or "smollm2",
+        "command": " ".join(
+            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "server": url,
+        "cache": method,
+        "model": model_args.model or "smollm2",
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "serve_args": serve_args,
         "summary": summary,
@@ -301,12 +366,17 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"load_{method}"
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2))
-    table = markdown(summary, f"{method} cache, {args.clients} clients, prompts {args.prompt_lengths}, "
-                              f"{args.max_tokens} new tokens")
+    table = markdown(
+        summary,
+        f"{method} cache, {args.clients} clients, prompts {args.prompt_lengths}, "
+        f"{args.max_tokens} new tokens",
+    )
     (args.out / f"{stem}.md").write_text(table)
     print(table)
     print(f"written: {args.out / (stem + '.json')}, {args.out / (stem + '.md')}", file=sys.stderr)
-    return 0 if summary["requests_failed"] == 0 and summary["requests_cut_at_time_limit"] == 0 else 1
+    return (
+        0 if summary["requests_failed"] == 0 and summary["requests_cut_at_time_limit"] == 0 else 1
+    )
 
 
 if __name__ == "__main__":

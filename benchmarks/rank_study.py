@@ -234,8 +234,9 @@ def mean(xs: list[float]) -> float:
 
 def report(rows: list[dict]) -> str:
     """Markdown table: one line per (model, length, rank, budget), dense first per model/length."""
+    latest = {config_key(r): r for r in rows}  # a configuration rerun counts once
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
+    for r in latest.values():
         groups[(r["model"], r["length"], r.get("rank") or 0, r.get("budget") or 0)].append(r)
     lines = [
         "| model | ctx | rank | budget | outliers | n | TF top-1 agree | prefix agree | position agree | passkey acc | hit rate |",

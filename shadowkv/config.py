@@ -243,9 +243,10 @@ class CacheConfig:
     def rank_for(self, kv_dim: int) -> int:
         """The low-rank key rank for keys of ``kv_dim`` columns."""
         if self.rank is None:
-            # Paper: 160 of 1024 columns. Small models (128-192 columns) keep 1/4, measured in
-            # benchmarks/RESULTS.md (rank study) to keep greedy agreement with dense.
-            return 160 if kv_dim >= 1024 else max(1, math.ceil(kv_dim / 4))
+            # Paper: rank 160 for every model it ran (512- and 1024-column keys). Small models
+            # (128-192 columns): at least 64, measured in benchmarks/RESULTS.md (rank study:
+            # rank 16 lost every passkey, 32 fell behind full rank on Qwen2.5-0.5B, 64 matched).
+            return min(kv_dim, 160 if kv_dim >= 512 else max(64, math.ceil(kv_dim / 4)))
         r = math.ceil(self.rank * kv_dim) if self.rank <= 1 else int(self.rank)
         if r > kv_dim:
             raise ConfigError(f"rank={r} exceeds the key width h_kv*d={kv_dim}")

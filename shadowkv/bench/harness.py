@@ -136,7 +136,9 @@ class RunResult:
         }
 
 
-def timed_run(engine: Engine, context: int, batch: int, decode_steps: int, seed: int = 0) -> RunResult:
+def timed_run(
+    engine: Engine, context: int, batch: int, decode_steps: int, seed: int = 0
+) -> RunResult:
     """Prefill ``batch`` random prompts and decode until each made ``decode_steps`` full steps."""
     device = engine.device
     gen = torch.Generator().manual_seed(seed)
@@ -149,7 +151,9 @@ def timed_run(engine: Engine, context: int, batch: int, decode_steps: int, seed:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     reqs = [
-        engine.add_request(p, SamplingParams(max_tokens=new_tokens(decode_steps, batch, i), ignore_eos=True))
+        engine.add_request(
+            p, SamplingParams(max_tokens=new_tokens(decode_steps, batch, i), ignore_eos=True)
+        )
         for i, p in enumerate(prompts)
     ]
     prefill: list[float] = []

@@ -7,6 +7,8 @@ weights". ``tiny`` is a few-layer config for CPU tests.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from shadowkv.config import ConfigError, ModelConfig, RopeConfig
@@ -14,25 +16,29 @@ from shadowkv.models.llama import LlamaModel
 
 RANDOM_WEIGHTS = "random weights"
 
-_LLAMA3_8B = dict(
-    architecture="llama",
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_layers=32,
-    num_heads=32,
-    num_kv_heads=8,
-    head_dim=128,
-    rms_norm_eps=1e-5,
-    bos_token_id=128000,
-)
+_LLAMA3_8B: dict[str, Any] = {
+    "architecture": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_layers": 32,
+    "num_heads": 32,
+    "num_kv_heads": 8,
+    "head_dim": 128,
+    "rms_norm_eps": 1e-5,
+    "bos_token_id": 128000,
+}
 
 ARCHITECTURES: dict[str, ModelConfig] = {
     "llama-3.1-8b": ModelConfig(
         **_LLAMA3_8B,
         rope=RopeConfig(
-            theta=500000.0, kind="llama3", factor=8.0, original_max_position=8192,
-            low_freq_factor=1.0, high_freq_factor=4.0,
+            theta=500000.0,
+            kind="llama3",
+            factor=8.0,
+            original_max_position=8192,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
         ),
         max_position_embeddings=131072,
         eos_token_ids=(128001, 128008, 128009),

@@ -15,17 +15,29 @@ def markdown_table(report: dict[str, Any]) -> str:
     meta = report["meta"]
     dense_best = {
         r["context"]: r["decode_tokens_per_s"]
-        for r in report["runs"] if r["method"] == "dense" and r["batch_kind"] == "own max"
+        for r in report["runs"]
+        if r["method"] == "dense" and r["batch_kind"] == "own max" and "error" not in r
     }
     lines = [
-        f"{meta['model']} ({meta['weights']}), {meta['dtype']} on {meta['device_name']}, "
-        f"{meta['date']}",
+        (
+            f"{meta['model']} ({meta['weights']}), {meta['dtype']} on {meta['device_name']}, "
+            f"{meta['date']}"
+        ),
         "",
-        "| method | context | batch | batch is | prefill s | TTFT s | decode tok/s | vs dense max "
-        "| ms/step | hit rate | cache device GiB | cache host GiB | peak device GiB |",
+        (
+            "| method | context | batch | batch is | prefill s | TTFT s | decode tok/s "
+            "| vs dense max | ms/step | hit rate | cache device GiB | cache host GiB "
+            "| peak device GiB |"
+        ),
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["runs"]:
+        if "error" in r:
+            lines.append(
+                f"| {r['method']} | {r['context']} | {r['batch']} | {r['batch_kind']} "
+                f"| failed: {r['error'][:80]} |"
+            )
+            continue
         base = dense_best.get(r["context"])
         ratio = f"{r['decode_tokens_per_s'] / base:.2f}x" if base else "-"
         hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.0%}"
@@ -53,15 +65,26 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
         return False
     series: dict[tuple[str, int], list[tuple[int, float]]] = {}
     for r in report["runs"]:
-        series.setdefault((r["method"], r["context"]), []).append((r["batch"], r["decode_tokens_per_s"]))
+        if "error" in r:
+            continue
+        series.setdefault((r["method"], r["context"]), []).append(
+            (r["batch"], r["decode_tokens_per_s"])
+        )
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (method, context), points in sorted(series.items()):
         xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", label=f"{method}, {context // 1024}K" if context >= 1024 else f"{method}, {context}")
+        ax.plot(
+            xs,
+            ys,
+            marker="o",
+            label=f"{method}, {context // 1024}K" if context >= 1024 else f"{method}, {context}",
+        )
     meta = report["meta"]
     ax.set_xlabel("batch (sequences)")
     ax.set_ylabel("decode tokens/s")
-    ax.set_title(f"{meta['model']} ({meta['weights']}), {meta['dtype']}, {meta['device_name']}", fontsize=9)
+    ax.set_title(
+        f"{meta['model']} ({meta['weights']}), {meta['dtype']}, {meta['device_name']}", fontsize=9
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -51,7 +51,9 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         if (self.arch is None) == (self.model_path is None):
-            raise ConfigError("give exactly one of --arch (random weights) and --model (checkpoint)")
+            raise ConfigError(
+                "give exactly one of --arch (random weights) and --model (checkpoint)"
+            )
         if self.arch is not None:
             arch_config(self.arch)
         if not self.contexts or min(self.contexts) < 1:
@@ -79,7 +81,9 @@ class BenchConfig:
         return max(self.contexts) + self.decode_steps + max(self.max_batch, *self.batches, 1) + 1
 
 
-def load_model(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> tuple[ModelConfig, LlamaModel, str]:
+def load_model(
+    cfg: BenchConfig, device: torch.device, dtype: torch.dtype
+) -> tuple[ModelConfig, LlamaModel, str]:
     """The model to time and how its weights were made (``random weights`` or a checkpoint path)."""
     if cfg.arch is not None:
         model_cfg = arch_config(cfg.arch)
@@ -92,20 +96,28 @@ def load_model(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> tu
     return model_cfg, model, f"checkpoint {path}"
 
 
-def run_throughput(cfg: BenchConfig, out_dir: Path | None = None, log: Log | None = None) -> dict[str, Any]:
+def run_throughput(
+    cfg: BenchConfig, out_dir: Path | None = None, log: Log | None = None
+) -> dict[str, Any]:
     """Measure every (method, context, batch); write JSON, markdown and a plot to ``out_dir``."""
     say = log or (lambda _: None)
     device = cfg.torch_device
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu")
+        raise ConfigError(
+            "device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu"
+        )
     dtype = pick_dtype(cfg.dtype, device)
     model_cfg, model, weights = load_model(cfg, device, dtype)
     if cfg.max_model_len > model_cfg.max_position_embeddings:
-        say(f"note: contexts reach {cfg.max_model_len} tokens, past the model's "
-            f"{model_cfg.max_position_embeddings}-token window (fine for speed, not for quality)")
+        say(
+            f"note: contexts reach {cfg.max_model_len} tokens, past the model's "
+            f"{model_cfg.max_position_embeddings}-token window (fine for speed, not for quality)"
+        )
     engine_cfg = EngineConfig(
-        max_num_seqs=cfg.max_batch, max_model_len=cfg.max_model_len,
-        cache_memory_gb=cfg.cache_memory_gb, dtype=cfg.dtype,
+        max_num_seqs=cfg.max_batch,
+        max_model_len=cfg.max_model_len,
+        cache_memory_gb=cfg.cache_memory_gb,
+        dtype=cfg.dtype,
     )
 
     def engine_for(method: str) -> Engine:
@@ -115,41 +127,74 @@ def run_throughput(cfg: BenchConfig, out_dir: Path | None = None, log: Log | Non
     limits: dict[str, dict[int, int]] = {}
     for method in cfg.methods:
         engine = engine_for(method)
-        limits[method] = {c: max_batch(engine.cache, c, cfg.decode_steps, cfg.max_batch) for c in cfg.contexts}
+        limits[method] = {
+            c: max_batch(engine.cache, c, cfg.decode_steps, cfg.max_batch) for c in cfg.contexts
+        }
         say(f"{method}: largest batch per context {limits[method]}")
         _release(engine, device)
 
-    runs: list[dict[str, Any]] = []
+    report: dict[str, Any] = {
+        "meta": _meta(cfg, model_cfg, model, weights, device, dtype),
+        "max_batch": {m: {str(c): b for c, b in per.items()} for m, per in limits.items()},
+        "runs": [],
+    }
     for method in cfg.methods:
         engine = engine_for(method)
         for context in cfg.contexts:
+            # Re-check on the engine being timed: a cache that sizes a pool from free memory
+            # may come out smaller the second time; time what this one admits.
+            own = max_batch(engine.cache, context, cfg.decode_steps, cfg.max_batch)
+            if own != limits[method][context]:
+                say(f"note: {method} @ {context} now admits {own}, not {limits[method][context]}")
+                limits[method][context] = own
+                report["max_batch"][method][str(context)] = own
             for batch, kind in _plan_batches(cfg, method, context, limits):
                 if batch > limits[method][context]:
-                    say(f"{method} @ {context}: batch {batch} does not fit (max {limits[method][context]})")
+                    say(
+                        f"{method} @ {context}: batch {batch} does not fit (max {limits[method][context]})"
+                    )
                     continue
                 say(f"{method} @ {context} tokens x {batch} ({kind}) ...")
-                result = timed_run(engine, context, batch, cfg.decode_steps, seed=cfg.seed)
                 row = {"method": method, "batch_kind": kind, "max_batch": limits[method][context]}
-                row.update(result.as_dict())
-                runs.append(row)
-                say(f"  decode {row['decode_tokens_per_s']:.1f} tok/s, prefill {row['prefill_s']:.3f} s")
+                try:
+                    row.update(
+                        timed_run(engine, context, batch, cfg.decode_steps, seed=cfg.seed).as_dict()
+                    )
+                    say(
+                        f"  decode {row['decode_tokens_per_s']:.1f} tok/s, prefill {row['prefill_s']:.3f} s"
+                    )
+                except Exception as err:  # noqa: BLE001 - any failure: keep the other runs' results
+                    row.update(context=context, batch=batch, error=f"{type(err).__name__}: {err}")
+                    say(f"  FAILED: {row['error']}")
+                report["runs"].append(row)
+                if "error" in row:  # its requests are mid-flight: start clean (outside the
+                    _release(engine, device)  # except block, whose traceback pins the pools)
+                    engine = engine_for(method)
+                _write(report, out_dir, final=False)
         _release(engine, device)
-
-    report = {
-        "meta": _meta(cfg, model_cfg, model, weights, device, dtype),
-        "max_batch": {m: {str(c): b for c, b in per.items()} for m, per in limits.items()},
-        "runs": runs,
-    }
-    report["table"] = markdown_table(report)
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out_dir / "throughput.md").write_text(report["table"] + "\n")
-        plot = write_plot(report, out_dir / "throughput.png")
-        say(f"wrote {out_dir / 'throughput.json'}, throughput.md" + (", throughput.png" if plot else ""))
-        if not plot:
-            say("no plot: matplotlib is not installed (pip install 'shadowkv[plot]')")
+    _write(report, out_dir, final=True, log=say)
     return report
+
+
+def _write(
+    report: dict[str, Any], out_dir: Path | None, final: bool, log: Log | None = None
+) -> None:
+    """Refresh the table; write JSON and markdown (after every run) and the plot (at the end)."""
+    report["table"] = markdown_table(report)
+    if out_dir is None:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "throughput.md").write_text(report["table"] + "\n")
+    if final:
+        plot = write_plot(report, out_dir / "throughput.png")
+        if log is not None:
+            log(
+                f"wrote {out_dir / 'throughput.json'}, throughput.md"
+                + (", throughput.png" if plot else "")
+            )
+            if not plot:
+                log("no plot: matplotlib is not installed (pip install 'shadowkv[plot]')")
 
 
 def _plan_batches(
@@ -169,17 +214,30 @@ def _plan_batches(
 def _release(engine: Engine, device: torch.device) -> None:
     """Drop an engine's cache pools before the next engine allocates its own."""
     engine.cache = None  # type: ignore[assignment]
-    del engine
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        # Freed pinned blocks stay in PyTorch's host cache, not the OS: a store sized from
+        # available RAM would come out smaller (the name differs across torch versions).
+        for name in ("_accelerator_emptyHostCache", "_host_emptyCache"):
+            if hasattr(torch._C, name):
+                getattr(torch._C, name)()
+                break
 
 
 def _meta(
-    cfg: BenchConfig, model_cfg: ModelConfig, model: LlamaModel, weights: str,
-    device: torch.device, dtype: torch.dtype,
+    cfg: BenchConfig,
+    model_cfg: ModelConfig,
+    model: LlamaModel,
+    weights: str,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> dict[str, Any]:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu"
+    )
     config = asdict(cfg)
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

@@ -142,14 +142,22 @@ class AttentionCache(ABC):
         return 2 * self.model.num_layers * num_tokens * self.model.kv_dim * elem
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Exact causal attention over one prompt: ``q [T, H, D]``, ``k, v [T, Hkv, D]`` -> ``[T, H, D]``.
 
     Uses SDPA's causal path without an explicit mask so the CPU and CUDA flash kernels tile the
     score matrix instead of materialising ``[H, T, T]``.
     """
+    # 4-D inputs: SDPA's flash kernels refuse 3-D ones and fall back to the math path, which
+    # materialises the [H, T, T] scores (128 GiB for Llama-3.1-8B at 32K).
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-        is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        is_causal=True,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
     )
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)

@@ -58,11 +58,17 @@ class DenseCache(AttentionCache):
         S = cfg.page_size
         self.pool = BlockPool(num_blocks, S)
         shape = (num_blocks, S, model.num_kv_heads, model.head_dim)
-        self.k_cache = [torch.empty(shape, device=device, dtype=dtype) for _ in range(model.num_layers)]
-        self.v_cache = [torch.empty(shape, device=device, dtype=dtype) for _ in range(model.num_layers)]
+        self.k_cache = [
+            torch.empty(shape, device=device, dtype=dtype) for _ in range(model.num_layers)
+        ]
+        self.v_cache = [
+            torch.empty(shape, device=device, dtype=dtype) for _ in range(model.num_layers)
+        ]
         self.max_blocks = self.pool.blocks_for(max_model_len)
         # Per-sequence block tables live on the device so a decode step only indexes them.
-        self.block_tables = torch.zeros(max_num_seqs, self.max_blocks, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(
+            max_num_seqs, self.max_blocks, dtype=torch.int32, device=device
+        )
         self.rows: dict[int, int] = {}  # seq id -> row in block_tables
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
 
@@ -113,7 +119,9 @@ class DenseCache(AttentionCache):
         pos = torch.tensor([self.lengths[s] for s in seq_ids], device=self.device)
         self._tables = self.block_tables[rows]  # [B, max_blocks]
         self._seq_lens = (pos + 1).to(torch.int32)
-        self._slot_mapping = self._tables.gather(1, (pos // S)[:, None]).squeeze(1).long() * S + pos % S
+        self._slot_mapping = (
+            self._tables.gather(1, (pos // S)[:, None]).squeeze(1).long() * S + pos % S
+        )
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         Hkv, D = self.model.num_kv_heads, self.model.head_dim

@@ -15,13 +15,21 @@ dim, ``R`` rank, ``C`` chunk size, ``N`` landmarks and ``K`` selected chunks per
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from shadowkv.cache.base import AttentionCache, CacheCapacityError, CacheMemory, causal_attention
-from shadowkv.cache.shadow_layout import PagePool, SeqLayout, cdiv, plan_sequence, split_device_pages
+from shadowkv.cache.shadow_layout import (
+    PAGE_CHUNKS,
+    PagePool,
+    cdiv,
+    check_engages,
+    plan_sequence,
+    reference_layout,
+    split_device_pages,
+)
 from shadowkv.cache.shadow_prefill import exact_token_index, lowrank_factors, summarize_chunks
+from shadowkv.cache.shadow_tables import DecodePlan, PrefillPlan, SequenceTables, SparsePlan
 from shadowkv.cache.store import HostValueStore, auto_host_bytes
 from shadowkv.config import CacheConfig, ConfigError, ModelConfig
 from shadowkv.kernels.decode_attention import decode_attention
@@ -30,39 +38,6 @@ from shadowkv.kernels.reconstruct_keys import reconstruct_keys
 from shadowkv.kernels.score_landmarks import score_landmarks
 from shadowkv.kernels.select_chunks import select_chunks
 from shadowkv.models.rope import RotaryEmbedding
-
-PAGE_CHUNKS = 16  # chunks per factor/landmark page and per value-store page
-REFERENCE_NEW_TOKENS = 512  # generation length the device-pool split plans for
-
-
-@dataclass(frozen=True)
-class _PrefillPlan:
-    row: int
-    layout: SeqLayout
-    exact_rows: torch.Tensor  # [E] buffer rows of the exact tokens (all T when dense)
-    factor_rows: torch.Tensor | None = None  # [T] rows of a_pages
-    landmark_rows: torch.Tensor | None = None  # [N] rows of landmarks
-    store_pages: torch.Tensor | None = None  # value-store pages in chunk order
-
-
-@dataclass(frozen=True)
-class _SparsePlan:
-    factor_tables: torch.Tensor  # [B, max factor pages] int32
-    landmark_tables: torch.Tensor  # [B, max landmark pages] int32 (a prefix of factor_tables)
-    store_tables: torch.Tensor  # [B, max store pages] int32
-    num_landmarks: torch.Tensor  # [B] int32
-    num_select: torch.Tensor  # [B] int32
-    dst_rows: torch.Tensor  # [B, K*C] int64 buffer rows of the selected slots, -1 unused
-    primed: torch.Tensor  # [B] bool: the slots hold a previous step's selection
-
-
-@dataclass(frozen=True)
-class _DecodePlan:
-    rows: torch.Tensor  # [B] sequence slots
-    buf_tables: torch.Tensor  # [B, max blocks] int32
-    seq_lens: torch.Tensor  # [B] int32 buffer rows to attend, the new token included
-    gen_rows: torch.Tensor  # [B] int64 buffer row of the new token
-    sparse: _SparsePlan | None
 
 
 class ShadowKVCache(AttentionCache):
@@ -82,7 +57,7 @@ class ShadowKVCache(AttentionCache):
         super().__init__(model, cfg, rope, device, dtype, max_num_seqs, max_model_len)
         L, Hkv, D, C = model.num_layers, model.num_kv_heads, model.head_dim, cfg.chunk_size
         self.rank = R = cfg.rank_for(model.kv_dim)
-        _check_engages(cfg, max_model_len)
+        check_engages(cfg, max_model_len)
         self.page_tokens = P = PAGE_CHUNKS * C
         self.block_rows = S = cfg.page_size
         self.max_slots = cfg.budget_tokens(max_model_len) // C
@@ -98,8 +73,12 @@ class ShadowKVCache(AttentionCache):
                 "raise EngineConfig.cache_memory_gb or lower max_num_seqs"
             )
         num_pages, num_blocks = split_device_pages(
-            memory_bytes - fixed, self.factor_page_bytes, self.block_bytes, P, S,
-            _reference_layout(cfg, max_model_len),
+            memory_bytes - fixed,
+            self.factor_page_bytes,
+            self.block_bytes,
+            P,
+            S,
+            reference_layout(cfg, max_model_len),
         )
         fix = "raise EngineConfig.cache_memory_gb, lower max_tokens, or wait for running requests"
         self.factor_pool = PagePool("ShadowKV factor pages", num_pages, f"{P} tokens", fix)
@@ -117,7 +96,8 @@ class ShadowKVCache(AttentionCache):
             for t in pool:
                 t[0].zero_()  # the null page
         self.w_t = alloc(max_num_seqs, R, model.kv_dim)
-        self.slot_ids = [
+        # Per layer [max_num_seqs, Hkv, max_slots]: the chunk each buffer slot holds, -1 = empty.
+        self.selection = [
             torch.full((max_num_seqs, Hkv, self.max_slots), -1, dtype=torch.int32, device=device)
             for _ in range(L)
         ]
@@ -129,30 +109,32 @@ class ShadowKVCache(AttentionCache):
             need = (max_num_seqs * max_store_pages + 1) * L * PAGE_CHUNKS * C * model.kv_dim * elem
             host = auto_host_bytes(need, device)
         self.store = HostValueStore(
-            L, Hkv, D, C, PAGE_CHUNKS, dtype, host, store_device,
+            L,
+            Hkv,
+            D,
+            C,
+            PAGE_CHUNKS,
+            dtype,
+            host,
+            store_device,
             pin=cfg.offload_values and device.type == "cuda",
         )
 
-        def table(width: int) -> torch.Tensor:
-            return torch.zeros(max_num_seqs, width, dtype=torch.int32, device=device)
-
-        self.factor_tables = table(cdiv(max_model_len, P))
-        self.store_tables = table(max_store_pages)
-        self.buf_tables = table(cdiv(max_model_len, S))
-        self.rows: dict[int, int] = {}
-        self.layouts: dict[int, SeqLayout] = {}
-        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
-        self._primed: set[int] = set()
+        self.tables = SequenceTables(max_num_seqs, max_model_len, C, P, S, device)
         self._hits = torch.zeros(L, dtype=torch.int64, device=device)
         self._used = torch.zeros(L, dtype=torch.int64, device=device)
 
     # lifecycle -------------------------------------------------------------------------------
     def _admission_problem(self, prompt_len: int, max_new_tokens: int) -> str | None:
         if prompt_len > self.max_model_len:
-            return f"the prompt has {prompt_len} tokens, more than max_model_len={self.max_model_len}"
-        if not self._free_rows:
+            return (
+                f"the prompt has {prompt_len} tokens, more than max_model_len={self.max_model_len}"
+            )
+        if not self.tables.has_free_row:
             return f"all {self.max_num_seqs} sequence slots are in use"
-        lay = plan_sequence(self.cfg, prompt_len, min(max_new_tokens, self.max_model_len - prompt_len))
+        lay = plan_sequence(
+            self.cfg, prompt_len, min(max_new_tokens, self.max_model_len - prompt_len)
+        )
         return (
             self.block_pool.shortfall(cdiv(lay.buffer_rows, self.block_rows))
             or self.factor_pool.shortfall(0 if lay.dense else cdiv(prompt_len, self.page_tokens))
@@ -166,126 +148,59 @@ class ShadowKVCache(AttentionCache):
         why = self._admission_problem(prompt_len, max_new_tokens)
         if why is not None:
             raise CacheCapacityError(why)
-        lay = plan_sequence(self.cfg, prompt_len, min(max_new_tokens, self.max_model_len - prompt_len))
-        row = self._free_rows[-1]
+        lay = plan_sequence(
+            self.cfg, prompt_len, min(max_new_tokens, self.max_model_len - prompt_len)
+        )
+        store_pages: list[int] = []
+        factor_pages: list[int] = []
         if not lay.dense:
             store_pages = self.store.reserve(seq_id, lay.num_chunks)  # may fail to pin: first
             factor_pages = self.factor_pool.reserve(seq_id, cdiv(prompt_len, self.page_tokens))
-            self.store_tables[row, : len(store_pages)] = torch.tensor(store_pages, dtype=torch.int32)
-            self.factor_tables[row, : len(factor_pages)] = torch.tensor(factor_pages, dtype=torch.int32)
         blocks = self.block_pool.reserve(seq_id, cdiv(lay.buffer_rows, self.block_rows))
-        self.buf_tables[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        self._free_rows.pop()
-        self.rows[seq_id], self.layouts[seq_id], self.lengths[seq_id] = row, lay, 0
+        row = self.tables.admit(seq_id, lay, factor_pages, store_pages, blocks)
+        self.lengths[seq_id] = 0
         idx = torch.tensor(blocks, device=self.device)
         for layer in range(self.model.num_layers):
             # Rows past a sequence's length are read (masked) by attention: keep them finite.
             self.k_buf[layer].index_fill_(0, idx, 0)
             self.v_buf[layer].index_fill_(0, idx, 0)
-            self.slot_ids[layer][row] = -1
+            self.selection[layer][row] = -1
 
     def free_sequence(self, seq_id: int) -> None:
-        if seq_id not in self.rows:
+        if seq_id not in self.tables.rows:
             return
         for pool in (self.factor_pool, self.block_pool, self.store):
             pool.release(seq_id)
-        row = self.rows.pop(seq_id)
-        for t in (self.factor_tables, self.store_tables, self.buf_tables):
-            t[row] = 0
-        self._free_rows.append(row)
-        self.layouts.pop(seq_id)
+        self.tables.release(seq_id)
         self.lengths.pop(seq_id, None)
-        self._primed.discard(seq_id)
-
-    def buffer_rows(self, seq_id: int, start: int, end: int) -> torch.Tensor:
-        """Flat rows (``block * S + offset``) of a sequence's buffer rows ``[start, end)``."""
-        S = self.block_rows
-        pos = torch.arange(start, end, device=self.device)
-        return self.buf_tables[self.rows[seq_id]].long()[pos // S] * S + pos % S
 
     def begin_prefill(self, seq_id: int, num_tokens: int) -> None:
-        lay = self.layouts[seq_id]
+        lay = self.tables.layouts[seq_id]
         if num_tokens != lay.prompt_len:
             raise ValueError(
                 f"sequence {seq_id} was admitted with a {lay.prompt_len}-token prompt but prefills "
                 f"{num_tokens}; ShadowKV prefills a whole prompt at once"
             )
         super().begin_prefill(seq_id, num_tokens)
-        row = self.rows[seq_id]
-        if lay.dense:
-            self._prefill = _PrefillPlan(row, lay, self.buffer_rows(seq_id, 0, num_tokens))
-            return
-        table = self.factor_tables[row].long()
-        tok = torch.arange(num_tokens, device=self.device)
-        lm = torch.arange(lay.num_landmarks, device=self.device)
-        self._prefill = _PrefillPlan(
-            row,
-            lay,
-            exact_rows=self.buffer_rows(seq_id, 0, lay.select_start),
-            factor_rows=table[tok // self.page_tokens] * self.page_tokens + tok % self.page_tokens,
-            landmark_rows=table[lm // PAGE_CHUNKS] * PAGE_CHUNKS + lm % PAGE_CHUNKS,
-            store_pages=self.store_tables[row].long(),
-        )
+        self._prefill = self.tables.plan_prefill(seq_id)
 
     def begin_decode(self, seq_ids: list[int]) -> None:
         self._decode_seqs = seq_ids
-        lays = [self.layouts[s] for s in seq_ids]
-        gen = [lay.gen_start + self.lengths[s] - lay.prompt_len for s, lay in zip(seq_ids, lays)]
-        for s, lay, g in zip(seq_ids, lays, gen):
-            if g >= lay.buffer_rows:
-                raise CacheCapacityError(
-                    f"sequence {s} generates past the {lay.max_new_tokens} new tokens reserved "
-                    "at admission"
-                )
-        S, dev = self.block_rows, self.device
-        rows = torch.tensor([self.rows[s] for s in seq_ids], device=dev)
-        gen_t = torch.tensor(gen, device=dev)
-        tables = self.buf_tables[rows, : max(cdiv(g + 1, S) for g in gen)]
-        gen_rows = tables.gather(1, (gen_t // S)[:, None]).squeeze(1).long() * S + gen_t % S
-        sparse = self._plan_sparse(seq_ids, lays, rows, tables) if not all(x.dense for x in lays) else None
-        self._decode = _DecodePlan(rows, tables, (gen_t + 1).to(torch.int32), gen_rows, sparse)
-
-    def _plan_sparse(
-        self, seq_ids: list[int], lays: list[SeqLayout], rows: torch.Tensor, tables: torch.Tensor
-    ) -> _SparsePlan:
-        S, C, dev = self.block_rows, self.cfg.chunk_size, self.device
-        K = max(lay.num_select for lay in lays)
-
-        def ints(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int32, device=dev)
-
-        num_select = ints([lay.num_select for lay in lays])
-        starts = torch.tensor([lay.select_start for lay in lays], device=dev)
-        offs = torch.arange(K * C, device=dev)
-        used = offs[None, :] < num_select[:, None].long() * C
-        r = torch.where(used, starts[:, None] + offs, 0)
-        dst = tables.gather(1, r // S).long() * S + r % S
-        factor_tables = self.factor_tables[rows, : max(cdiv(x.prompt_len, self.page_tokens) for x in lays)]
-        return _SparsePlan(
-            factor_tables=factor_tables,
-            landmark_tables=factor_tables[:, : max(cdiv(x.num_landmarks, PAGE_CHUNKS) for x in lays)],
-            store_tables=self.store_tables[rows, : max(cdiv(x.num_chunks, PAGE_CHUNKS) for x in lays)],
-            num_landmarks=ints([lay.num_landmarks for lay in lays]),
-            num_select=num_select,
-            dst_rows=dst.masked_fill(~used, -1),
-            primed=torch.tensor([s in self._primed for s in seq_ids], device=dev),
-        )
+        self._decode = self.tables.plan_decode(seq_ids, [self.lengths[s] for s in seq_ids])
 
     def end_decode(self) -> None:
         super().end_decode()
-        self._primed.update(self._decode_seqs)
+        self.tables.primed.update(self._decode_seqs)
 
     # per layer -------------------------------------------------------------------------------
     def prefill(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
     ) -> torch.Tensor:
         out = causal_attention(q, k, v, self.scale)
-        plan = self._prefill
+        plan: PrefillPlan = self._prefill
         if plan.layout.dense:
             self._write_exact(layer, plan.exact_rows, k, v)
             return out
-        assert plan.factor_rows is not None and plan.landmark_rows is not None
-        assert plan.store_pages is not None
         T, Hkv, D = k.shape
         f = lowrank_factors(k_pre.reshape(T, Hkv * D), self.rank)
         self.a_pages[layer].view(-1, self.rank)[plan.factor_rows] = f.a.to(self.dtype)
@@ -302,7 +217,7 @@ class ShadowKVCache(AttentionCache):
     def decode(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
     ) -> torch.Tensor:
-        plan = self._decode
+        plan: DecodePlan = self._decode
         self._write_exact(layer, plan.gen_rows, k, v)
         if plan.sparse is not None:
             self._refresh_selection(layer, q, plan.rows, plan.sparse)
@@ -310,16 +225,22 @@ class ShadowKVCache(AttentionCache):
             q, self.k_buf[layer], self.v_buf[layer], plan.buf_tables, plan.seq_lens, self.scale
         )
 
-    def _write_exact(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _write_exact(
+        self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
         Hkv, D = self.model.num_kv_heads, self.model.head_dim
         self.k_buf[layer].view(-1, Hkv, D)[rows] = k.to(self.dtype)
         self.v_buf[layer].view(-1, Hkv, D)[rows] = v.to(self.dtype)
 
-    def _refresh_selection(self, layer: int, q: torch.Tensor, rows: torch.Tensor, sp: _SparsePlan) -> None:
+    def _refresh_selection(
+        self, layer: int, q: torch.Tensor, rows: torch.Tensor, sp: SparsePlan
+    ) -> None:
         """Select this step's chunks; rebuild keys and fetch values of the slots that changed."""
-        scores = score_landmarks(q, self.landmarks[layer], sp.landmark_tables, sp.num_landmarks, self.scale)
+        scores = score_landmarks(
+            q, self.landmarks[layer], sp.landmark_tables, sp.num_landmarks, self.scale
+        )
         K = sp.dst_rows.shape[1] // self.cfg.chunk_size
-        state = self.slot_ids[layer]
+        state = self.selection[layer]
         slot_ids, miss = select_chunks(
             scores, self.landmark_ids[layer], sp.landmark_tables, sp.num_select, state[rows, :, :K]
         )
@@ -328,18 +249,31 @@ class ShadowKVCache(AttentionCache):
         self._hits[layer] += (used & ~miss).sum()
         self._used[layer] += used.sum()
         reconstruct_keys(
-            self.k_buf[layer], self.a_pages[layer], sp.factor_tables, self.w_t[layer], rows,
-            slot_ids, miss, self.rope.cos, self.rope.sin, sp.dst_rows, self.cfg.chunk_size,
+            self.k_buf[layer],
+            self.a_pages[layer],
+            sp.factor_tables,
+            self.w_t[layer],
+            rows,
+            slot_ids,
+            miss,
+            self.rope.cos,
+            self.rope.sin,
+            sp.dst_rows,
+            self.cfg.chunk_size,
         )
         self._fetch_values(layer, slot_ids, miss, sp)
 
-    def _fetch_values(self, layer: int, slot_ids: torch.Tensor, miss: torch.Tensor, sp: _SparsePlan) -> None:
+    def _fetch_values(
+        self, layer: int, slot_ids: torch.Tensor, miss: torch.Tensor, sp: SparsePlan
+    ) -> None:
         """Missed chunks' values from the store into the buffer.
 
         Runs on the current stream; on CUDA this is the place to move the fetch onto a copy
         stream that overlaps ``reconstruct_keys`` (the paper's critical path).
         """
-        gather_values(self.v_buf[layer], self.store.layer(layer), sp.store_tables, slot_ids, miss, sp.dst_rows)
+        gather_values(
+            self.v_buf[layer], self.store.layer(layer), sp.store_tables, slot_ids, miss, sp.dst_rows
+        )
 
     # accounting ------------------------------------------------------------------------------
     def hit_rate(self) -> list[float]:
@@ -353,10 +287,10 @@ class ShadowKVCache(AttentionCache):
         self._used.zero_()
 
     def memory(self, seq_id: int | None = None) -> CacheMemory:
-        ids = [seq_id] if seq_id is not None else list(self.rows)
+        ids = [seq_id] if seq_id is not None else list(self.tables.rows)
         total = CacheMemory()
         for s in ids:
-            if s not in self.rows:
+            if s not in self.tables.rows:
                 continue
             device = (
                 self.factor_pool.held(s) * self.factor_page_bytes
@@ -371,22 +305,3 @@ class ShadowKVCache(AttentionCache):
                 dense_bytes=self.dense_bytes(self.lengths.get(s, 0)),
             )
         return total
-
-
-def _reference_layout(cfg: CacheConfig, max_model_len: int) -> SeqLayout:
-    new = min(REFERENCE_NEW_TOKENS, max_model_len // 4)
-    lay = plan_sequence(cfg, max_model_len - new, new)
-    return lay if not lay.dense else plan_sequence(cfg, max_model_len - 1, 1)
-
-
-def _check_engages(cfg: CacheConfig, max_model_len: int) -> None:
-    """Refuse settings under which every prompt would fall back to dense attention."""
-    if plan_sequence(cfg, max_model_len - 1, 1).dense:
-        budget = cfg.budget_tokens(max_model_len - 1)
-        need = (cfg.local_chunks + cfg.outlier_chunks) * cfg.chunk_size + budget
-        raise ConfigError(
-            f"ShadowKV needs prompts of at least {need} tokens (local_chunks={cfg.local_chunks} + "
-            f"outlier_chunks={cfg.outlier_chunks} chunks of {cfg.chunk_size} + a {budget}-token "
-            f"sparse_budget) but max_model_len is {max_model_len}, so every prompt would run "
-            "dense; lower sparse_budget or outlier_chunks, or raise max_model_len"
-        )

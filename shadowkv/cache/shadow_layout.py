@@ -11,7 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shadowkv.cache.base import CacheCapacityError
-from shadowkv.config import CacheConfig
+from shadowkv.config import CacheConfig, ConfigError
+
+PAGE_CHUNKS = 16  # chunks per factor/landmark page and per value-store page
+REFERENCE_NEW_TOKENS = 512  # generation length the device-pool split plans for
 
 
 def cdiv(a: int, b: int) -> int:
@@ -77,27 +80,33 @@ def plan_sequence(cfg: CacheConfig, prompt_len: int, max_new_tokens: int) -> Seq
 
 
 class PagePool:
-    """A free list of ``num_pages`` fixed-size pages; page 0 is the null page, never handed out."""
+    """``num_pages`` fixed-size pages; page 0 is the null page, never handed out.
+
+    Freed pages are reused first; fresh ones are counted, not listed, so a huge pool costs
+    nothing until it is used.
+    """
 
     def __init__(self, name: str, num_pages: int, unit: str, fix: str) -> None:
         self.name, self.unit, self.fix = name, unit, fix
         self.num_pages = max(2, num_pages)
-        self.free: list[int] = list(range(self.num_pages - 1, 0, -1))
+        self._recycled: list[int] = []
+        self._next_fresh = 1
         self.owned: dict[int, list[int]] = {}
 
     @property
     def capacity(self) -> int:
         return self.num_pages - 1
 
-    def can_reserve(self, num: int) -> bool:
-        return num <= len(self.free)
+    @property
+    def num_free(self) -> int:
+        return len(self._recycled) + self.num_pages - self._next_fresh
 
     def shortfall(self, num: int) -> str | None:
         """Why ``num`` pages cannot be reserved now, or None when they can."""
-        if num <= len(self.free):
+        if num <= self.num_free:
             return None
         return (
-            f"{self.name}: needs {num} pages of {self.unit}, {len(self.free)} free of "
+            f"{self.name}: needs {num} pages of {self.unit}, {self.num_free} free of "
             f"{self.capacity}; {self.fix}"
         )
 
@@ -105,11 +114,15 @@ class PagePool:
         why = self.shortfall(num)
         if why is not None:
             raise CacheCapacityError(why)
-        self.owned[seq_id] = [self.free.pop() for _ in range(num)]
-        return self.owned[seq_id]
+        reuse = min(num, len(self._recycled))
+        pages = [self._recycled.pop() for _ in range(reuse)]
+        pages += range(self._next_fresh, self._next_fresh + num - reuse)
+        self._next_fresh += num - reuse
+        self.owned[seq_id] = pages
+        return pages
 
     def release(self, seq_id: int) -> None:
-        self.free.extend(reversed(self.owned.pop(seq_id, [])))
+        self._recycled.extend(reversed(self.owned.pop(seq_id, [])))
 
     def held(self, seq_id: int) -> int:
         return len(self.owned.get(seq_id, ()))
@@ -134,3 +147,23 @@ def split_device_pages(
     num_prompt = int(budget_bytes * share) // prompt_page_bytes
     num_blocks = (budget_bytes - num_prompt * prompt_page_bytes) // block_bytes
     return max(2, num_prompt), max(2, num_blocks)
+
+
+def reference_layout(cfg: CacheConfig, max_model_len: int) -> SeqLayout:
+    """The sequence the device-pool split is sized for: a full context less a typical answer."""
+    new = min(REFERENCE_NEW_TOKENS, max_model_len // 4)
+    lay = plan_sequence(cfg, max_model_len - new, new)
+    return lay if not lay.dense else plan_sequence(cfg, max_model_len - 1, 1)
+
+
+def check_engages(cfg: CacheConfig, max_model_len: int) -> None:
+    """Refuse settings under which every prompt would fall back to dense attention."""
+    if plan_sequence(cfg, max_model_len - 1, 1).dense:
+        budget = cfg.budget_tokens(max_model_len - 1)
+        need = (cfg.local_chunks + cfg.outlier_chunks) * cfg.chunk_size + budget
+        raise ConfigError(
+            f"ShadowKV needs prompts of at least {need} tokens (local_chunks={cfg.local_chunks} + "
+            f"outlier_chunks={cfg.outlier_chunks} chunks of {cfg.chunk_size} + a {budget}-token "
+            f"sparse_budget) but max_model_len is {max_model_len}, so every prompt would run "
+            "dense; lower sparse_budget or outlier_chunks, or raise max_model_len"
+        )

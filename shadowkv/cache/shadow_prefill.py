@@ -14,8 +14,10 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class LowRankFactors:
-    """``K ≈ a @ w_t``: ``a [T, R]``, ``w_t [R, Hkv*D]`` (orthonormal rows), ``eigenvalues [Hkv*D]``
-    of ``KᵀK`` in descending order (the squared singular values of ``K``)."""
+    """``K ≈ a @ w_t`` with ``a [T, R]`` and ``w_t [R, Hkv*D]`` (orthonormal rows).
+
+    ``eigenvalues [Hkv*D]``: those of ``KᵀK``, descending (the squared singular values of ``K``).
+    """
 
     a: torch.Tensor
     w_t: torch.Tensor
@@ -26,8 +28,8 @@ def lowrank_factors(keys: torch.Tensor, rank: int) -> LowRankFactors:
     """Rank-``rank`` factors of pre-RoPE keys ``[T, Hkv*D]`` by the Gram route.
 
     ``G = KᵀK`` (fp32, or fp64 for fp64 input), ``eigh(G)``, ``W`` = the top ``rank``
-    eigenvectors ``[Hkv*D, R]``, ``A = K W``. The squared Frobenius error of ``A Wᵀ`` is the sum of
-    the dropped eigenvalues; at full rank ``W`` is orthogonal and ``A Wᵀ = K``. Cheaper than an
+    eigenvectors ``[Hkv*D, R]``, ``A = K W``. The squared Frobenius error of ``A Wᵀ`` is the sum
+    of the dropped eigenvalues; at full rank ``W`` is orthogonal and ``A Wᵀ = K``. Cheaper than an
     SVD of the tall ``K`` and spans the same top singular subspace.
     """
     if keys.dim() != 2:
@@ -56,7 +58,9 @@ class ChunkSummary:
     num_candidates: int
 
 
-def summarize_chunks(keys: torch.Tensor, chunk_size: int, local_chunks: int, outlier_chunks: int) -> ChunkSummary:
+def summarize_chunks(
+    keys: torch.Tensor, chunk_size: int, local_chunks: int, outlier_chunks: int
+) -> ChunkSummary:
     """Chunk means of post-RoPE ``keys [T, Hkv, D]`` and the outlier chunks they summarise worst.
 
     The last ``local_chunks`` whole chunks and the ``T mod C`` tail are the local window and are
@@ -68,7 +72,8 @@ def summarize_chunks(keys: torch.Tensor, chunk_size: int, local_chunks: int, out
     n = T // C - local_chunks
     if n < outlier_chunks:
         raise ValueError(
-            f"{T} tokens give {max(n, 0)} candidate chunks, fewer than outlier_chunks={outlier_chunks}"
+            f"{T} tokens give {max(n, 0)} candidate chunks, fewer than "
+            f"outlier_chunks={outlier_chunks}"
         )
     chunks = keys[: n * C].float().view(n, C, Hkv, D)
     means = chunks.mean(dim=1)  # [n, Hkv, D]
@@ -92,7 +97,9 @@ def exact_token_index(
     """
     O, Hkv = outlier_ids.shape
     dev = outlier_ids.device
-    local = torch.arange(num_candidates * chunk_size, prompt_len, device=dev)[:, None].expand(-1, Hkv)
+    local = torch.arange(num_candidates * chunk_size, prompt_len, device=dev)[:, None].expand(
+        -1, Hkv
+    )
     within = torch.arange(chunk_size, device=dev)[None, :, None]
     outlier = (outlier_ids[:, None, :] * chunk_size + within).reshape(O * chunk_size, Hkv)
     return torch.cat([local, outlier], dim=0)

@@ -106,7 +106,9 @@ class HostValueStore:
             return
         shape = (self.num_layers, self.pool.num_pages, *self.shape)
         try:
-            self._data = torch.empty(shape, dtype=self.dtype, device=self.device, pin_memory=self.pin)
+            self._data = torch.empty(
+                shape, dtype=self.dtype, device=self.device, pin_memory=self.pin
+            )
         except RuntimeError as err:  # pinned or device allocation refused (e.g. ShadowKV issue #20)
             gib = self.pool.num_pages * self.page_bytes / 2**30
             where = "pinned host" if self.pin else str(self.device)

@@ -23,7 +23,9 @@ def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
 
 def _batch(text: str) -> tuple[int, ...]:
@@ -38,26 +40,57 @@ def _budget(text: str) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--arch", choices=sorted(ARCHITECTURES),
-                      help="a named architecture built with random weights (no checkpoint needed)")
+    what.add_argument(
+        "--arch",
+        choices=sorted(ARCHITECTURES),
+        help="a named architecture built with random weights (no checkpoint needed)",
+    )
     what.add_argument("--model", help="a checkpoint directory, .gguf file or hub id (real weights)")
-    p.add_argument("--contexts", type=_int_list, default=_BENCH_DEFAULTS["contexts"],
-                   help="prompt lengths in tokens, comma-separated (default: 32768)")
-    p.add_argument("--methods", type=lambda s: tuple(x for x in s.split(",") if x),
-                   default=_BENCH_DEFAULTS["methods"],
-                   help=f"cache methods, comma-separated, from {', '.join(CACHE_METHODS)}")
-    p.add_argument("--batch", type=_batch, default=(), dest="batches",
-                   help="'auto' (each method's largest batch, plus the others') or sizes N[,N...]")
-    p.add_argument("--decode-steps", type=int, default=_BENCH_DEFAULTS["decode_steps"],
-                   help="timed decode steps at the full batch")
-    p.add_argument("--max-batch", type=int, default=_BENCH_DEFAULTS["max_batch"],
-                   help="upper bound of the batch search")
-    p.add_argument("--out", type=Path, default=Path("bench_out") / "throughput",
-                   help="directory for throughput.json, throughput.md and throughput.png")
+    p.add_argument(
+        "--contexts",
+        type=_int_list,
+        default=_BENCH_DEFAULTS["contexts"],
+        help="prompt lengths in tokens, comma-separated (default: 32768)",
+    )
+    p.add_argument(
+        "--methods",
+        type=lambda s: tuple(x for x in s.split(",") if x),
+        default=_BENCH_DEFAULTS["methods"],
+        help=f"cache methods, comma-separated, from {', '.join(CACHE_METHODS)}",
+    )
+    p.add_argument(
+        "--batch",
+        type=_batch,
+        default=(),
+        dest="batches",
+        help="'auto' (each method's largest batch, plus the others') or sizes N[,N...]",
+    )
+    p.add_argument(
+        "--decode-steps",
+        type=int,
+        default=_BENCH_DEFAULTS["decode_steps"],
+        help="timed decode steps at the full batch",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=_BENCH_DEFAULTS["max_batch"],
+        help="upper bound of the batch search",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench_out") / "throughput",
+        help="directory for throughput.json, throughput.md and throughput.png",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--cache-memory-gb", type=float, default=None,
-                   help="device memory for the cache (default: 85%% of free GPU memory, 4 GiB on CPU)")
+    p.add_argument(
+        "--cache-memory-gb",
+        type=float,
+        default=None,
+        help="device memory for the cache (default: 85%% of free GPU memory, 4 GiB on CPU)",
+    )
     p.add_argument("--seed", type=int, default=0)
     c = p.add_argument_group("shadowkv knobs (shared by all methods)")
     c.add_argument("--sparse-budget", type=_budget, default=_CACHE_DEFAULTS["sparse_budget"])
@@ -65,8 +98,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--chunk-size", type=int, default=_CACHE_DEFAULTS["chunk_size"])
     c.add_argument("--outlier-chunks", type=int, default=_CACHE_DEFAULTS["outlier_chunks"])
     c.add_argument("--local-chunks", type=int, default=_CACHE_DEFAULTS["local_chunks"])
-    c.add_argument("--host-memory-gb", type=float, default=None,
-                   help="host memory for offloaded values (default: automatic)")
+    c.add_argument(
+        "--host-memory-gb",
+        type=float,
+        default=None,
+        help="host memory for offloaded values (default: automatic)",
+    )
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
 
 
@@ -75,14 +112,25 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         if m not in CACHE_METHODS:
             raise ConfigError(f"unknown method {m!r}; choose from {', '.join(CACHE_METHODS)}")
     cache = CacheConfig(
-        sparse_budget=args.sparse_budget, rank=args.rank, chunk_size=args.chunk_size,
-        outlier_chunks=args.outlier_chunks, local_chunks=args.local_chunks,
+        sparse_budget=args.sparse_budget,
+        rank=args.rank,
+        chunk_size=args.chunk_size,
+        outlier_chunks=args.outlier_chunks,
+        local_chunks=args.local_chunks,
         host_memory_gb=args.host_memory_gb,
     )
     return BenchConfig(
-        arch=args.arch, model_path=args.model, contexts=args.contexts, methods=args.methods,
-        batches=args.batches, decode_steps=args.decode_steps, max_batch=args.max_batch,
-        device=args.device, dtype=args.dtype, cache_memory_gb=args.cache_memory_gb, cache=cache,
+        arch=args.arch,
+        model_path=args.model,
+        contexts=args.contexts,
+        methods=args.methods,
+        batches=args.batches,
+        decode_steps=args.decode_steps,
+        max_batch=args.max_batch,
+        device=args.device,
+        dtype=args.dtype,
+        cache_memory_gb=args.cache_memory_gb,
+        cache=cache,
         seed=args.seed,
     )
 

@@ -38,7 +38,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="tokens selected per decode step (or a fraction / percentage of the prompt)")
     c.add_argument("--rank", type=_number, default=None,
                    help="low-rank key rank: columns, or a fraction of h_kv*d (default: 160 for "
-                   "1024-column keys, else h_kv*d/4)")
+                   "keys of 512+ columns, else max(64, h_kv*d/4))")
     c.add_argument("--chunk-size", type=int, default=_CACHE_DEFAULTS["chunk_size"])
     c.add_argument("--outlier-chunks", type=int, default=_CACHE_DEFAULTS["outlier_chunks"])
     c.add_argument("--local-chunks", type=int, default=_CACHE_DEFAULTS["local_chunks"])

@@ -17,14 +17,25 @@ API_KEY_ENV = "SHADOWKV_API_KEY"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     s = p.add_argument_group("server")
-    s.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0: the network)",
+    )
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer <key>' on /v1 routes (or set ${API_KEY_ENV})")
-    s.add_argument("--served-model-name", default=None,
-                   help="the name clients pass as 'model' (default: the --model value, or its folder name)")
-    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer <key>' on /v1 routes (or set ${API_KEY_ENV})",
+    )
+    s.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the name clients pass as 'model' (default: the --model value, or its folder name)",
+    )
+    s.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
 
 
 def served_name(args: argparse.Namespace) -> str:
@@ -42,19 +53,28 @@ def run(args: argparse.Namespace) -> int:
 
         from shadowkv.server import create_app
     except ImportError as err:
-        raise ConfigError(f"serving needs fastapi and uvicorn ({err.name} is missing): "
-                          "pip install 'shadowkv[serve]'") from err
+        raise ConfigError(
+            f"serving needs fastapi and uvicorn ({err.name} is missing): "
+            "pip install 'shadowkv[serve]'"
+        ) from err
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(args.host) and api_key is None:
-        print(f"shadowkv serve: warning: listening on {args.host} without an API key; anyone who can "
-              "reach this port can use the model (set --api-key)", file=sys.stderr)
+        print(
+            f"shadowkv serve: warning: listening on {args.host} without an API key; anyone who can "
+            "reach this port can use the model (set --api-key)",
+            file=sys.stderr,
+        )
     llm = llm_from_args(args)
     name = served_name(args)
     app = create_app(llm, name, api_key=api_key)
-    print(f"shadowkv serve: {name!r} ({llm.cache_config.method} cache, context {llm.max_model_len}) on "
-          f"http://{args.host}:{args.port}/v1", file=sys.stderr)
+    print(
+        f"shadowkv serve: {name!r} ({llm.cache_config.method} cache, "
+        f"context {llm.max_model_len}) on "
+        f"http://{args.host}:{args.port}/v1",
+        file=sys.stderr,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

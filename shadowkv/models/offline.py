@@ -36,22 +36,26 @@ def qwen_coder_gguf(out: Path | None = None) -> Path:
 
 
 def package_parts(packages: Sequence[str], install: str = QWEN_CODER_INSTALL) -> list[Path]:
-    """The ``data/part0N.bin`` file of each package, in order; names the install command if any is missing."""
+    """Each package's ``data/part0N.bin`` in order; a missing one names the install command."""
     parts = []
     for n, module in enumerate(packages, start=1):
         # find_spec locates the package without importing (and so running) it.
         spec = importlib.util.find_spec(module)
         if spec is None or not spec.submodule_search_locations:
-            raise ModelLoadError(f"the Qwen2.5-Coder checkpoint needs the {module!r} package: run `{install}`")
+            raise ModelLoadError(
+                f"the Qwen2.5-Coder checkpoint needs the {module!r} package: run `{install}`"
+            )
         path = Path(list(spec.submodule_search_locations)[0]) / "data" / f"part{n:02d}.bin"
         if not path.is_file():
-            raise ModelLoadError(f"{path} is missing from the {module!r} package; reinstall: `{install}`")
+            raise ModelLoadError(
+                f"{path} is missing from the {module!r} package; reinstall: `{install}`"
+            )
         parts.append(path)
     return parts
 
 
 def assemble_parts(parts: Sequence[Path], out: Path, sha256: str) -> Path:
-    """Concatenate ``parts`` into ``out`` if the result hashes to ``sha256``; else raise ChecksumError."""
+    """Concatenate ``parts`` into ``out`` if the result hashes to ``sha256``, else ChecksumError."""
     out.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     fd, tmp_name = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
@@ -65,7 +69,8 @@ def assemble_parts(parts: Sequence[Path], out: Path, sha256: str) -> Path:
                         dst.write(block)
         if digest.hexdigest() != sha256:
             raise ChecksumError(
-                f"the concatenation of {len(parts)} parts has sha256 {digest.hexdigest()}, expected "
+                f"the concatenation of {len(parts)} parts has sha256 {digest.hexdigest()}, "
+                f"expected "
                 f"{sha256}: the packages are corrupt or of the wrong version; reinstall them "
                 f"(`{QWEN_CODER_INSTALL}`)"
             )

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API: translate bodies to ``SamplingParams``, stream engine events back.
+"""The OpenAI-compatible HTTP API: bodies to ``SamplingParams``, engine events back to clients.
 
 Routes: ``/v1/completions``, ``/v1/chat/completions`` (SSE streaming or one JSON answer),
 ``/v1/models``, ``/health``, ``/metrics`` (Prometheus text). With an API key, every ``/v1`` route
@@ -29,8 +29,8 @@ from shadowkv.server.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
-    Usage,
     SamplingFields,
+    Usage,
     chat_body,
     chat_chunk,
     completion_body,
@@ -84,19 +84,29 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None) -> FastAPI
         sent = request.headers.get("authorization", "")
         scheme, _, token = sent.partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), api_key):
-            raise APIError(401, "invalid or missing API key; send the header 'Authorization: Bearer <key>'",
-                           type="authentication_error", code="invalid_api_key")
+            raise APIError(
+                401,
+                "invalid or missing API key; send the header 'Authorization: Bearer <key>'",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
     def check_model(body: SamplingFields) -> None:
         if body.model not in (None, model_name):
-            raise APIError(404, f"the model {body.model!r} does not exist; this server serves "
-                           f"{model_name!r} (see /v1/models)", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {body.model!r} does not exist; this server serves "
+                f"{model_name!r} (see /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
         body.check_supported()
 
-    async def submit(request: Request, body: SamplingFields, ids: list[int], max_tokens: int | None,
-                     param: str) -> tuple[Handle, Event]:
+    async def submit(
+        request: Request, body: SamplingFields, ids: list[int], max_tokens: int | None, param: str
+    ) -> tuple[Handle, Event]:
         """Queue a request and wait for its first event (a non-streamed one: its answer).
 
         Waiting before answering lets errors found at admission still get a 4xx status.
@@ -117,7 +127,11 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None) -> FastAPI
     async def completions(body: CompletionRequest, request: Request) -> Any:
         check_model(body)
         prompt = body.single_prompt()
-        ids = prompt if isinstance(prompt, list) else await asyncio.to_thread(llm.tokenizer.encode, prompt)
+        ids = (
+            prompt
+            if isinstance(prompt, list)
+            else await asyncio.to_thread(llm.tokenizer.encode, prompt)
+        )
         handle, first = await submit(request, body, ids, body.max_tokens, "prompt")
         rid, created = new_id("cmpl"), now()
 
@@ -130,8 +144,14 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None) -> FastAPI
         if body.stream:
             return sse(stream_events(handle, first, worker, chunk, body.include_usage, None))
         done = collect(handle, first)
-        return completion_body(rid, model_name, done.text, done.finish_reason,
-                               Usage.of(done.prompt_tokens, done.completion_tokens), created)
+        return completion_body(
+            rid,
+            model_name,
+            done.text,
+            done.finish_reason,
+            Usage.of(done.prompt_tokens, done.completion_tokens),
+            created,
+        )
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -140,7 +160,11 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None) -> FastAPI
             ids = await asyncio.to_thread(llm.tokenizer.chat_ids, body.chat_messages())
         except ValueError as err:  # no chat template, or the template refused the messages
             raise APIError(400, str(err), param="messages") from err
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = (
+            body.max_completion_tokens
+            if body.max_completion_tokens is not None
+            else body.max_tokens
+        )
         handle, first = await submit(request, body, ids, max_tokens, "messages")
         rid, created = new_id("chatcmpl"), now()
 
@@ -149,16 +173,30 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None) -> FastAPI
             return chat_chunk(rid, model_name, delta, finish, created, usage)
 
         if body.stream:
-            opening = chat_chunk(rid, model_name, {"role": "assistant", "content": ""}, None, created)
+            opening = chat_chunk(
+                rid, model_name, {"role": "assistant", "content": ""}, None, created
+            )
             return sse(stream_events(handle, first, worker, chunk, body.include_usage, opening))
         done = collect(handle, first)
-        return chat_body(rid, model_name, done.text, done.finish_reason,
-                         Usage.of(done.prompt_tokens, done.completion_tokens), created)
+        return chat_body(
+            rid,
+            model_name,
+            done.text,
+            done.finish_reason,
+            Usage.of(done.prompt_tokens, done.completion_tokens),
+            created,
+        )
 
     @v1.get("/models")
     async def models() -> dict[str, Any]:
-        card = {"id": model_name, "object": "model", "created": now(), "owned_by": "shadowkv",
-                "max_model_len": llm.max_model_len, "cache_method": llm.cache_config.method}
+        card = {
+            "id": model_name,
+            "object": "model",
+            "created": now(),
+            "owned_by": "shadowkv",
+            "max_model_len": llm.max_model_len,
+            "cache_method": llm.cache_config.method,
+        }
         return {"object": "list", "data": [card]}
 
     app.include_router(v1)
@@ -166,12 +204,15 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None) -> FastAPI
     @app.get("/health")
     async def health() -> JSONResponse:
         ok = worker.alive
-        return JSONResponse({"status": "ok" if ok else "engine thread stopped"}, status_code=200 if ok else 503)
+        return JSONResponse(
+            {"status": "ok" if ok else "engine thread stopped"}, status_code=200 if ok else 503
+        )
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(render_metrics(worker.stats(), worker.rejected),
-                                 media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(
+            render_metrics(worker.stats(), worker.rejected), media_type="text/plain; version=0.0.4"
+        )
 
     return app
 
@@ -203,9 +244,15 @@ def collect(handle: Handle, event: Event) -> Finished:
 Chunk = Callable[..., dict[str, Any]]
 
 
-async def stream_events(handle: Handle, event: Event, worker: EngineWorker, chunk: Chunk,
-                        include_usage: bool, opening: dict[str, Any] | None) -> AsyncIterator[str]:
-    """Server-sent events for one request; closing the connection aborts it (Starlette cancels us)."""
+async def stream_events(
+    handle: Handle,
+    event: Event,
+    worker: EngineWorker,
+    chunk: Chunk,
+    include_usage: bool,
+    opening: dict[str, Any] | None,
+) -> AsyncIterator[str]:
+    """Server-sent events for one request; a closed connection aborts it (Starlette cancels us)."""
     try:
         if opening is not None:
             yield _sse(opening)
@@ -218,7 +265,9 @@ async def stream_events(handle: Handle, event: Event, worker: EngineWorker, chun
                     yield _sse(chunk(event.tail, None))
                 yield _sse(chunk("", event.finish_reason))
                 if include_usage:
-                    yield _sse(chunk("", None, Usage.of(event.prompt_tokens, event.completion_tokens)))
+                    yield _sse(
+                        chunk("", None, Usage.of(event.prompt_tokens, event.completion_tokens))
+                    )
                 break
             else:
                 handle.closed = True
@@ -232,8 +281,11 @@ async def stream_events(handle: Handle, event: Event, worker: EngineWorker, chun
 
 
 def sse(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 def _sse(body: dict[str, Any]) -> str:
@@ -270,14 +322,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {}
         if first.get("type") == "json_invalid":
-            return await api_error(request, APIError(
-                400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip(),
-                code="invalid_json"))
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        name = ".".join(loc) or None
-        where = f"{name}: " if name else ""
-        return await api_error(request, APIError(400, f"{where}{first.get('msg', 'invalid request')}",
-                                                 param=name, code="invalid_value"))
+            detail = first.get("ctx", {}).get("error", "")
+            message = f"the request body is not valid JSON: {detail}".strip()
+            return await api_error(request, APIError(400, message, code="invalid_json"))
+        name = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        message = f"{name + ': ' if name else ''}{first.get('msg', 'invalid request')}"
+        return await api_error(request, APIError(400, message, param=name, code="invalid_value"))
 
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
         return await api_error(request, APIError(err.status_code, str(err.detail), code=None))
@@ -301,21 +351,54 @@ def render_metrics(stats: WorkerStats, rejected: int) -> str:
     rows = [
         ("queue_length", "gauge", "Requests waiting for admission.", stats.queued),
         ("running_requests", "gauge", "Sequences in the running decode batch.", stats.running),
-        ("generated_tokens_total", "counter", "Tokens generated since start.", stats.generated_tokens),
-        ("prompt_tokens_total", "counter", "Prompt tokens admitted since start.", stats.prompt_tokens),
-        ("generation_tokens_per_second", "gauge", "Generated tokens per second, recent window.",
-         round(stats.tokens_per_s, 3)),
-        ("cache_device_bytes", "gauge", "Attention-cache bytes held on the compute device.",
-         stats.cache_device_bytes),
-        ("cache_host_bytes", "gauge", "Attention-cache bytes held in host memory.", stats.cache_host_bytes),
+        (
+            "generated_tokens_total",
+            "counter",
+            "Tokens generated since start.",
+            stats.generated_tokens,
+        ),
+        (
+            "prompt_tokens_total",
+            "counter",
+            "Prompt tokens admitted since start.",
+            stats.prompt_tokens,
+        ),
+        (
+            "generation_tokens_per_second",
+            "gauge",
+            "Generated tokens per second, recent window.",
+            round(stats.tokens_per_s, 3),
+        ),
+        (
+            "cache_device_bytes",
+            "gauge",
+            "Attention-cache bytes held on the compute device.",
+            stats.cache_device_bytes,
+        ),
+        (
+            "cache_host_bytes",
+            "gauge",
+            "Attention-cache bytes held in host memory.",
+            stats.cache_host_bytes,
+        ),
         ("engine_steps_total", "counter", "Engine steps (prefills and decode steps).", stats.steps),
     ]
     lines: list[str] = []
     for name, kind, help_text, value in rows:
-        lines += [f"# HELP shadowkv_{name} {help_text}", f"# TYPE shadowkv_{name} {kind}",
-                  f"shadowkv_{name} {value}"]
-    lines += ["# HELP shadowkv_requests_total Requests by outcome.", "# TYPE shadowkv_requests_total counter"]
-    outcomes = {"finished": stats.finished, "aborted": stats.aborted, "failed": stats.failed,
-                "rejected": rejected}
+        lines += [
+            f"# HELP shadowkv_{name} {help_text}",
+            f"# TYPE shadowkv_{name} {kind}",
+            f"shadowkv_{name} {value}",
+        ]
+    lines += [
+        "# HELP shadowkv_requests_total Requests by outcome.",
+        "# TYPE shadowkv_requests_total counter",
+    ]
+    outcomes = {
+        "finished": stats.finished,
+        "aborted": stats.aborted,
+        "failed": stats.failed,
+        "rejected": rejected,
+    }
     lines += [f'shadowkv_requests_total{{outcome="{k}"}} {v}' for k, v in outcomes.items()]
     return "\n".join(lines) + "\n"

@@ -27,10 +27,23 @@ class APIError(Exception):
         code: str | None = None,
     ) -> None:
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type,
+            param,
+            code,
+        )
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 class StreamOptions(BaseModel):
@@ -38,7 +51,7 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """Fields shared by both endpoints. Unknown fields are ignored, as OpenAI clients send extras."""
+    """Fields shared by both endpoints; unknown fields are ignored (OpenAI clients send extras)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -62,16 +75,28 @@ class SamplingFields(BaseModel):
     def check_supported(self) -> None:
         """Refuse what we parse but do not implement, naming the field."""
         if self.n not in (None, 1):
-            raise APIError(400, f"n={self.n} is not supported; only n=1 (send one request per sample)",
-                           param="n", code="unsupported_parameter")
+            raise APIError(
+                400,
+                f"n={self.n} is not supported; only n=1 (send one request per sample)",
+                param="n",
+                code="unsupported_parameter",
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
-                raise APIError(400, f"{name} is not supported; leave it at 0", param=name,
-                               code="unsupported_parameter")
+                raise APIError(
+                    400,
+                    f"{name} is not supported; leave it at 0",
+                    param=name,
+                    code="unsupported_parameter",
+                )
         if self.logprobs not in (None, False, 0):
-            raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_parameter")
+            raise APIError(
+                400, "logprobs are not supported", param="logprobs", code="unsupported_parameter"
+            )
         if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias", code="unsupported_parameter")
+            raise APIError(
+                400, "logit_bias is not supported", param="logit_bias", code="unsupported_parameter"
+            )
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         """``max_tokens`` is the request's own value, or the room left in the context when unset."""
@@ -81,7 +106,9 @@ class SamplingFields(BaseModel):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_k=self.top_k or 0,
             top_p=1.0 if self.top_p is None else self.top_p,
-            seed=self.seed, stop=stop, ignore_eos=self.ignore_eos,
+            seed=self.seed,
+            stop=stop,
+            ignore_eos=self.ignore_eos,
         )
 
     @property
@@ -100,15 +127,22 @@ class CompletionRequest(SamplingFields):
         super().check_supported()
         if self.echo or self.suffix or (self.best_of not in (None, 1)):
             name = "echo" if self.echo else "suffix" if self.suffix else "best_of"
-            raise APIError(400, f"{name} is not supported", param=name, code="unsupported_parameter")
+            raise APIError(
+                400, f"{name} is not supported", param=name, code="unsupported_parameter"
+            )
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt as text or token ids (a list of one prompt is accepted too)."""
         p = self.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             if len(p) != 1:
-                raise APIError(400, f"{len(p)} prompts in one request are not supported; send one "
-                               "request per prompt", param="prompt", code="unsupported_parameter")
+                raise APIError(
+                    400,
+                    f"{len(p)} prompts in one request are not supported; send one "
+                    "request per prompt",
+                    param="prompt",
+                    code="unsupported_parameter",
+                )
             p = p[0]
         if not p:
             raise APIError(400, "the prompt is empty", param="prompt", code="invalid_prompt")
@@ -136,8 +170,10 @@ class ChatCompletionRequest(SamplingFields):
 
     def chat_messages(self) -> list[dict[str, str]]:
         # Templates written before "developer" existed know it as "system".
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in self.messages
+        ]
 
 
 class Usage(BaseModel):
@@ -147,8 +183,11 @@ class Usage(BaseModel):
 
     @staticmethod
     def of(prompt_tokens: int, completion_tokens: int) -> Usage:
-        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=prompt_tokens + completion_tokens)
+        return Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
 
 
 def new_id(prefix: str) -> str:
@@ -159,33 +198,64 @@ def now() -> int:
     return int(time.time())
 
 
-def completion_body(rid: str, model: str, text: str, finish: str | None, usage: Usage | None,
-                    created: int) -> dict[str, Any]:
+def completion_body(
+    rid: str, model: str, text: str, finish: str | None, usage: Usage | None, created: int
+) -> dict[str, Any]:
     """A ``text_completion`` object; streamed chunks use the same shape with partial ``text``."""
     choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-    body: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                            "choices": [choice]}
+    body: dict[str, Any] = {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }
     if usage is not None:
         body["usage"] = usage.model_dump()
     return body
 
 
-def chat_body(rid: str, model: str, text: str, finish: str, usage: Usage, created: int) -> dict[str, Any]:
+def chat_body(
+    rid: str, model: str, text: str, finish: str, usage: Usage, created: int
+) -> dict[str, Any]:
     return {
-        "id": rid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": None, "finish_reason": finish}],
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        ],
         "usage": usage.model_dump(),
     }
 
 
-def chat_chunk(rid: str, model: str, delta: dict[str, str], finish: str | None, created: int,
-               usage: Usage | None = None) -> dict[str, Any]:
+def chat_chunk(
+    rid: str,
+    model: str,
+    delta: dict[str, str],
+    finish: str | None,
+    created: int,
+    usage: Usage | None = None,
+) -> dict[str, Any]:
     """A ``chat.completion.chunk``; the usage-only chunk at the end has no choices."""
-    choices = [] if usage is not None and not delta and finish is None else [
-        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
-    body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                            "model": model, "choices": choices}
+    choices = (
+        []
+        if usage is not None and not delta and finish is None
+        else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    )
+    body: dict[str, Any] = {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
     if usage is not None:
         body["usage"] = usage.model_dump()
     return body

@@ -40,7 +40,7 @@ class Delta:
 
 @dataclass(frozen=True)
 class Finished:
-    """The last event of a request: ``tail`` is the text not yet sent as deltas, ``text`` all of it."""
+    """A request's last event: ``tail`` is the text not yet streamed, ``text`` all of it."""
 
     tail: str
     text: str
@@ -60,16 +60,20 @@ Event = Delta | Finished | Failed
 class Handle:
     """One request as its HTTP handler sees it; events arrive on ``events`` in ``loop``."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, stream: bool,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stream: bool,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self.prompt_ids = prompt_ids
         self.params = params
         self.stream = stream  # False: only the last event is sent (``Finished`` holds all the text)
         self.loop = loop
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.closed = False  # set by the handler once it has read the last event
-        self.request: Request | None = None  # engine thread only, from here down
-        self.sent = ""  # text already delivered as deltas
+        self.request: Request | None = None  # set and read by the engine thread only
 
 
 @dataclass(frozen=True)
@@ -93,17 +97,29 @@ _STOP = object()
 
 
 class EngineWorker:
-    """Owns ``engine`` on a background thread; ``submit``/``abort`` are called from the event loop."""
+    """Owns ``engine`` on a background thread; call ``submit``/``abort`` from the event loop."""
 
-    def __init__(self, engine: Engine, rate_window_s: float = 10.0, idle_poll_s: float = 1.0) -> None:
+    def __init__(
+        self, engine: Engine, rate_window_s: float = 10.0, idle_poll_s: float = 1.0
+    ) -> None:
         self.engine = engine
         self.rate_window_s = rate_window_s
         self.idle_poll_s = idle_poll_s
         self.rejected = 0  # event-loop thread only
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._active: dict[int, Handle] = {}
-        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step, within the window
-        self._counts = {"generated": 0, "prompt": 0, "finished": 0, "aborted": 0, "failed": 0, "steps": 0}
+        self._outbox: list[tuple[Handle, Event]] = []  # this loop turn's events, sent by _flush
+        self._recent: deque[tuple[float, int]] = (
+            deque()
+        )  # (time, tokens) per step, within the window
+        self._counts = {
+            "generated": 0,
+            "prompt": 0,
+            "finished": 0,
+            "aborted": 0,
+            "failed": 0,
+            "steps": 0,
+        }
         self._stats = WorkerStats()
         self._thread: threading.Thread | None = None
         self._started = time.perf_counter()
@@ -122,6 +138,7 @@ class EngineWorker:
         self._thread.join(timeout)
         # Requests submitted while the thread was exiting are refused rather than left waiting.
         self._refuse(self._drain(block=False), WorkerStopped("the server is shutting down"))
+        self._flush()
 
     @property
     def alive(self) -> bool:
@@ -171,14 +188,25 @@ class EngineWorker:
             )
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as err:  # noqa: BLE001 - a dead thread must not leave clients waiting
+            log.error("the engine thread failed", exc_info=err)
+            failure = EngineFailure(f"the engine thread failed: {type(err).__name__}: {err}")
+            self._fail_all(failure)
+            self._refuse(self._drain(block=False), failure)
+            self._flush()
+
+    def _loop(self) -> None:
         while True:
             cmds = self._drain(block=not self.engine.has_unfinished())
             for i, cmd in enumerate(cmds):
                 if cmd is _STOP:
                     stopped = WorkerStopped("the server is shutting down")
                     self._fail_all(stopped)
-                    self._refuse(cmds[i + 1:], stopped)
+                    self._refuse(cmds[i + 1 :], stopped)
                     self._publish()
+                    self._flush()
                     return
                 kind, handle = cmd  # type: ignore[misc]
                 if kind == "add":
@@ -188,6 +216,7 @@ class EngineWorker:
             if self.engine.has_unfinished():
                 self._step()
             self._publish()
+            self._flush()
 
     def _drain(self, block: bool) -> list[object]:
         cmds: list[object] = []
@@ -246,22 +275,19 @@ class EngineWorker:
         self._recent.append((time.perf_counter(), tokens))
 
     def _forward(self, handle: Handle, out: StepOutput) -> None:
+        # The engine's deltas hold back partial characters and possible stop-string starts, so
+        # the streamed text is always a prefix of the final text and the last delta completes it.
         req = out.request
-        text = req.text
         if out.finished:
-            tail = text[len(handle.sent):] if text.startswith(handle.sent) else ""
             self._active.pop(req.request_id, None)
             self._counts["finished"] += 1
-            self._deliver(handle, Finished(tail, text, req.finish_reason or "stop", len(req.prompt_ids),
-                                           len(req.output_ids)))
-            return
-        if not handle.stream:
-            return
-        # Hold back a suffix that may grow into a stop string: the engine cuts it off when it does.
-        safe = text[: len(text) - stop_prefix_len(text, req.params.stop)]
-        if len(safe) > len(handle.sent) and safe.startswith(handle.sent):
-            self._deliver(handle, Delta(safe[len(handle.sent):]))
-            handle.sent = safe
+            reason = req.finish_reason or "stop"
+            done = Finished(
+                out.text_delta, req.text, reason, len(req.prompt_ids), len(req.output_ids)
+            )
+            self._deliver(handle, done)
+        elif handle.stream and out.text_delta:
+            self._deliver(handle, Delta(out.text_delta))
 
     def _crash(self, err: Exception) -> None:
         log.error("engine step failed; failing %d requests", len(self._active), exc_info=err)
@@ -283,10 +309,17 @@ class EngineWorker:
                 self._deliver(cmd[1], Failed(err))  # type: ignore[index]
 
     def _deliver(self, handle: Handle, event: Event) -> None:
-        try:
-            handle.loop.call_soon_threadsafe(handle.events.put_nowait, event)
-        except RuntimeError:
-            pass  # the handler's loop is closed: nobody is listening any more
+        self._outbox.append((handle, event))
+
+    def _flush(self) -> None:
+        """Send this turn's events, after ``_publish`` so a client holding its answer also finds
+        it counted in ``stats()``."""
+        for handle, event in self._outbox:
+            try:
+                handle.loop.call_soon_threadsafe(handle.events.put_nowait, event)
+            except RuntimeError:
+                pass  # the handler's loop is closed: nobody is listening any more
+        self._outbox.clear()
 
     def _publish(self) -> None:
         now = time.perf_counter()
@@ -303,7 +336,8 @@ class EngineWorker:
             running=len(self.engine.running),
             generated_tokens=c["generated"],
             prompt_tokens=c["prompt"],
-            tokens_per_s=sum(t for _, t in self._recent) / max(1e-9, min(self.rate_window_s, now - self._started)),
+            tokens_per_s=sum(t for _, t in self._recent)
+            / max(1e-9, min(self.rate_window_s, now - self._started)),
             cache_device_bytes=mem.device_bytes,
             cache_host_bytes=mem.host_bytes,
             finished=c["finished"],
@@ -311,14 +345,3 @@ class EngineWorker:
             failed=c["failed"],
             steps=c["steps"],
         )
-
-
-def stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of one of ``stops``."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best

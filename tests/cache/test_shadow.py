@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from utils import PASSKEY_ANSWER, assert_close_verbose, passkey_prompt, read_essays
 
 from shadowkv import LLM, CacheConfig, EngineConfig, SamplingParams
 from shadowkv.cache import CacheCapacityError, make_cache
@@ -17,7 +18,6 @@ from shadowkv.cache.shadow_prefill import lowrank_factors, summarize_chunks
 from shadowkv.config import ConfigError, ModelConfig
 from shadowkv.models.loader import load_model
 from shadowkv.models.rope import RotaryEmbedding
-from utils import PASSKEY_ANSWER, assert_close_verbose, passkey_prompt, read_essays
 
 CPU = torch.device("cpu")
 MAX_LEN = 512
@@ -25,15 +25,16 @@ MAX_LEN = 512
 
 def greedy_with_logits(model, rope, cache, prompt: list[int], steps: int, seq_id: int = 0):
     """Prefill then ``steps`` greedy decode steps of one sequence: (tokens, logits [steps+1, V])."""
-    n = len(prompt)
+    n, dev = len(prompt), rope.cos.device
     cache.add_sequence(seq_id, n, steps + 1)
     cache.begin_prefill(seq_id, n)
-    logits = [model(torch.tensor(prompt), torch.arange(n), rope, cache, "prefill",
-                    logits_index=torch.tensor([n - 1]))[0]]
+    ids, pos = torch.tensor(prompt, device=dev), torch.arange(n, device=dev)
+    last = torch.tensor([n - 1], device=dev)
+    logits = [model(ids, pos, rope, cache, "prefill", logits_index=last)[0]]
     cache.end_prefill()
     for _ in range(steps):
         cache.begin_decode([seq_id])
-        pos = torch.tensor([cache.lengths[seq_id]])
+        pos = torch.tensor([cache.lengths[seq_id]], device=dev)
         logits.append(model(logits[-1].argmax()[None], pos, rope, cache, "decode")[0])
         cache.end_decode()
     out = torch.stack(logits)
@@ -103,20 +104,32 @@ def test_summarize_chunks_picks_worst_chunks_as_outliers() -> None:
         rest = [c for c in range(9) if c not in want_out]
         assert s.landmark_ids[:, h].tolist() == rest
         for i, c in enumerate(rest):
-            assert_close_verbose(s.landmarks[i, h], keys[c * C : (c + 1) * C, h].mean(0), what="landmark")
+            assert_close_verbose(
+                s.landmarks[i, h], keys[c * C : (c + 1) * C, h].mean(0), what="landmark"
+            )
 
 
 # configuration and admission ---------------------------------------------------------------
 def tiny_model_config(num_heads=6, num_kv_heads=2, head_dim=16, num_layers=1) -> ModelConfig:
     return ModelConfig(
-        architecture="llama", vocab_size=64, hidden_size=num_heads * head_dim,
-        intermediate_size=64, num_layers=num_layers, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, head_dim=head_dim,
+        architecture="llama",
+        vocab_size=64,
+        hidden_size=num_heads * head_dim,
+        intermediate_size=64,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
     )
 
 
-def make_shadow(cfg: CacheConfig, mcfg: ModelConfig | None = None, max_len: int = MAX_LEN,
-                memory: int = 2**24, seqs: int = 4) -> ShadowKVCache:
+def make_shadow(
+    cfg: CacheConfig,
+    mcfg: ModelConfig | None = None,
+    max_len: int = MAX_LEN,
+    memory: int = 2**24,
+    seqs: int = 4,
+) -> ShadowKVCache:
     mcfg = mcfg or tiny_model_config()
     rope = RotaryEmbedding(mcfg.rope, mcfg.head_dim, max_len)
     cache = make_cache(mcfg, cfg, rope, CPU, torch.float32, seqs, max_len, memory)
@@ -142,16 +155,25 @@ def test_refuses_device_budget_below_per_sequence_state() -> None:
 def test_admission_checks_host_store_and_frees_pages() -> None:
     cfg = CacheConfig(method="shadowkv", sparse_budget=32, outlier_chunks=2, host_memory_gb=5e-5)
     cache = make_shadow(cfg)  # 53 KB of host store: three 16 KiB pages, one the null page
-    assert cache.can_add(200, 8) and cache.layouts == {}
+    assert cache.can_add(200, 8) and cache.tables.layouts == {}
     cache.add_sequence(0, 200, 8)
     assert not cache.can_add(200, 8)
     with pytest.raises(CacheCapacityError, match="host_memory_gb"):
         cache.add_sequence(1, 200, 8)
     assert cache.can_add(60, 8), "a prompt short enough to run dense needs no host store"
-    free = (len(cache.factor_pool.free), len(cache.block_pool.free), len(cache.store.pool.free))
+    free = (cache.factor_pool.num_free, cache.block_pool.num_free, cache.store.pool.num_free)
     cache.free_sequence(0)
     assert cache.can_add(200, 8)
-    assert len(cache.store.pool.free) == free[2] + 2 and len(cache.factor_pool.free) == free[0] + 2
+    assert cache.store.pool.num_free == free[2] + 2 and cache.factor_pool.num_free == free[0] + 2
+
+
+def test_store_allocation_failure_refuses_admission_not_startup() -> None:
+    cfg = CacheConfig(method="shadowkv", sparse_budget=32, outlier_chunks=2, host_memory_gb=1e6)
+    cache = make_shadow(cfg)  # a petabyte store: allocated lazily, so construction succeeds
+    with pytest.raises(CacheCapacityError, match="host_memory_gb lower"):
+        cache.add_sequence(0, 200, 8)
+    assert not cache.tables.rows and cache.block_pool.num_free == cache.block_pool.capacity
+    cache.add_sequence(1, 60, 8)  # dense fallback needs no store
 
 
 def test_memory_accounting_is_honest() -> None:
@@ -162,25 +184,30 @@ def test_memory_accounting_is_honest() -> None:
     cache.add_sequence(7, T, new)
     cache.lengths[7] = T
     L, Hkv, D, C, R = 2, 2, 16, 8, 8
-    lay = cache.layouts[7]
+    lay = cache.tables.layouts[7]
     assert (lay.local_len, lay.num_select, lay.num_landmarks) == (32 + 4, 4, 37 - 4 - 2)
     rows = lay.local_len + 2 * C + 4 * C + new
     device = L * (
         math.ceil(T / 128) * (128 * R * 4 + 16 * Hkv * (D * 4 + 4))  # A rows + landmarks + ids
         + math.ceil(rows / 16) * 16 * 2 * Hkv * D * 4  # K and V buffer blocks
-        + R * Hkv * D * 4 + Hkv * cache.max_slots * 4  # Wᵀ + slot ids
+        + R * Hkv * D * 4
+        + Hkv * cache.max_slots * 4  # Wᵀ + slot ids
     )
     host = L * math.ceil(math.ceil(T / C) / 16) * 16 * Hkv * C * D * 4
     mem = cache.memory(7)
-    assert (mem.device_bytes, mem.host_bytes, mem.dense_bytes) == (device, host, 2 * L * T * Hkv * D * 4)
+    assert (mem.device_bytes, mem.host_bytes, mem.dense_bytes) == (
+        device,
+        host,
+        2 * L * T * Hkv * D * 4,
+    )
     assert cache.memory() == mem
 
 
 # exactness against dense on tiny models ------------------------------------------------------
 FAMILIES = [
-    pytest.param("llama", dict(num_heads=6, num_kv_heads=2, head_dim=16), id="llama-G3"),
-    pytest.param("qwen2", dict(num_heads=4, num_kv_heads=4, head_dim=16), id="qwen2-bias-G1"),
-    pytest.param("mistral", dict(num_heads=7, num_kv_heads=1, head_dim=32), id="mistral-G7"),
+    pytest.param("llama", {"num_heads": 6, "num_kv_heads": 2, "head_dim": 16}, id="llama-G3"),
+    pytest.param("qwen2", {"num_heads": 4, "num_kv_heads": 4, "head_dim": 16}, id="qwen2-bias-G1"),
+    pytest.param("mistral", {"num_heads": 7, "num_kv_heads": 1, "head_dim": 32}, id="mistral-G7"),
 ]
 
 
@@ -190,33 +217,76 @@ def test_full_budget_full_rank_equals_dense(tiny_checkpoint, family, shape) -> N
     rope = RotaryEmbedding(mcfg.rope, mcfg.head_dim, MAX_LEN)
     dense = make_cache(mcfg, CacheConfig(), rope, CPU, torch.float32, 2, MAX_LEN, 2**24)
     for n in (141, 50):  # 50 tokens fall back to dense for this budget
-        cfg = CacheConfig(method="shadowkv", sparse_budget=full_budget(141), outlier_chunks=2, rank=1.0)
+        cfg = CacheConfig(
+            method="shadowkv", sparse_budget=full_budget(141), outlier_chunks=2, rank=1.0
+        )
         shadow = make_cache(mcfg, cfg, rope, CPU, torch.float32, 2, MAX_LEN, 2**24)
-        prompt = torch.randint(3, mcfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        prompt = torch.randint(
+            3, mcfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n)
+        ).tolist()
         want_tokens, want = greedy_with_logits(model, rope, dense, prompt, 10)
         shadow.add_sequence(99, n, 1)
-        assert shadow.layouts[99].dense == (n == 50)
+        assert shadow.tables.layouts[99].dense == (n == 50)
         shadow.free_sequence(99)
         got_tokens, got = greedy_with_logits(model, rope, shadow, prompt, 10)
         assert got_tokens == want_tokens
         assert_close_verbose(got, want, atol=2e-5, rtol=1e-4, what=f"{family} logits, prompt {n}")
         if n == 141:
-            assert all(r == 1.0 for r in shadow.hit_rate()), "full budget: every chunk stays selected"
+            assert all(r == 1.0 for r in shadow.hit_rate()), (
+                "full budget: every chunk stays selected"
+            )
+
+
+def test_generation_has_no_fixed_cap_and_overruns_raise(tiny_checkpoint) -> None:
+    mcfg, model = load_model(
+        tiny_checkpoint("llama", num_heads=6, num_kv_heads=2, head_dim=16), CPU, torch.float32
+    )
+    rope = RotaryEmbedding(mcfg.rope, mcfg.head_dim, MAX_LEN)
+    dense = make_cache(mcfg, CacheConfig(), rope, CPU, torch.float32, 1, MAX_LEN, 2**24)
+    cfg = CacheConfig(method="shadowkv", sparse_budget=full_budget(97), outlier_chunks=2, rank=1.0)
+    shadow = make_cache(mcfg, cfg, rope, CPU, torch.float32, 1, MAX_LEN, 2**24)
+    prompt = torch.randint(
+        3, mcfg.vocab_size, (97,), generator=torch.Generator().manual_seed(9)
+    ).tolist()
+    # 150 generated tokens: past the 65-128 slots after which the reference code drops K/V.
+    want_tokens, want = greedy_with_logits(model, rope, dense, prompt, 150)
+    got_tokens, got = greedy_with_logits(model, rope, shadow, prompt, 150)
+    assert got_tokens == want_tokens
+    assert_close_verbose(got, want, atol=1e-4, rtol=1e-4, what="logits over 150 generated tokens")
+    shadow.add_sequence(0, 97, 2)
+    shadow.begin_prefill(0, 97)
+    model(torch.tensor(prompt), torch.arange(97), rope, shadow, "prefill")
+    shadow.end_prefill()
+    for _ in range(2):
+        shadow.begin_decode([0])
+        model(torch.tensor([5]), torch.tensor([shadow.lengths[0]]), rope, shadow, "decode")
+        shadow.end_decode()
+    with pytest.raises(CacheCapacityError, match="reserved at admission"):
+        shadow.begin_decode([0])
 
 
 def test_ragged_batch_matches_each_sequence_alone(tiny_checkpoint) -> None:
     path = tiny_checkpoint("llama", num_heads=6, num_kv_heads=2, head_dim=16)
     cfg = CacheConfig(method="shadowkv", sparse_budget=32, outlier_chunks=2, rank=0.5)
-    llm = LLM(str(path), cache=cfg, engine=EngineConfig(max_num_seqs=3, max_model_len=MAX_LEN), device="cpu")
+    llm = LLM(
+        str(path),
+        cache=cfg,
+        engine=EngineConfig(max_num_seqs=3, max_model_len=MAX_LEN),
+        device="cpu",
+    )
     gen = torch.Generator().manual_seed(8)
     prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (173, 61, 250)]
     params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (14, 9, 12)]
     batched = llm.generate(prompts, params)
     cache = llm.engine.cache
-    assert isinstance(cache, ShadowKVCache) and not cache.rows, "finished sequences free their slots"
+    assert isinstance(cache, ShadowKVCache) and not cache.tables.rows, (
+        "finished sequences free their slots"
+    )
     alone = [llm.generate(p, q)[0] for p, q in zip(prompts, params)]
     assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
-    assert batched[0].cache_memory["host_bytes"] > 0 and batched[1].cache_memory["host_bytes"] == 0  # 61: dense
+    assert (
+        batched[0].cache_memory["host_bytes"] > 0 and batched[1].cache_memory["host_bytes"] == 0
+    )  # 61: dense
     rates = cache.hit_rate()
     assert len(rates) == 2 and all(0 < r < 1 for r in rates), rates
 
@@ -231,7 +301,9 @@ def test_ragged_batch_matches_each_sequence_alone(tiny_checkpoint) -> None:
 def test_slot_buffer_holds_exactly_the_selected_chunks(lengths, seeds, budget) -> None:
     C, Hkv, D, G = 8, 2, 16, 3
     mcfg = tiny_model_config(num_heads=Hkv * G, num_kv_heads=Hkv, head_dim=D)
-    cfg = CacheConfig(method="shadowkv", sparse_budget=budget, outlier_chunks=2, local_chunks=2, rank=1.0)
+    cfg = CacheConfig(
+        method="shadowkv", sparse_budget=budget, outlier_chunks=2, local_chunks=2, rank=1.0
+    )
     cache = make_shadow(cfg, mcfg)
     rope = cache.rope
     gen = torch.Generator().manual_seed(seeds[0])
@@ -254,13 +326,13 @@ def test_slot_buffer_holds_exactly_the_selected_chunks(lengths, seeds, budget) -
         cache.decode(0, q, rope.apply(kv, positions), kv, kv)
         cache.end_decode()
         for b, sid in enumerate(seqs):
-            lay = cache.layouts[sid]
+            lay = cache.tables.layouts[sid]
             if lay.dense:
                 continue
             k, v = truth[sid]
-            row = cache.rows[sid]
-            slots = cache.slot_ids[0][row, :, : lay.num_select].long()  # [Hkv, K]
-            table = cache.factor_tables[row].long()
+            row = cache.tables.rows[sid]
+            slots = cache.selection[0][row, :, : lay.num_select].long()  # [Hkv, K]
+            table = cache.tables.factor[row].long()
             n = torch.arange(lay.num_landmarks)
             flat = table[n // 16] * 16 + n % 16
             lms = cache.landmarks[0].view(-1, Hkv, D)[flat].double()  # [N, Hkv, D]
@@ -271,7 +343,7 @@ def test_slot_buffer_holds_exactly_the_selected_chunks(lengths, seeds, budget) -
             for h in range(Hkv):
                 assert set(slots[h].tolist()) == set(ids[top[h], h].tolist())
             end = lay.select_start + lay.num_select * C
-            rows = cache.buffer_rows(sid, lay.select_start, end).view(-1, C)  # [K, C]
+            rows = cache.tables.buffer_rows(sid, lay.select_start, end).view(-1, C)  # [K, C]
             got_k = cache.k_buf[0].view(-1, Hkv, D)[rows].permute(2, 0, 1, 3)  # [Hkv, K, C, D]
             got_v = cache.v_buf[0].view(-1, Hkv, D)[rows].permute(2, 0, 1, 3)
             tok = slots[..., None] * C + torch.arange(C)  # [Hkv, K, C]
@@ -284,14 +356,22 @@ def test_slot_buffer_holds_exactly_the_selected_chunks(lengths, seeds, budget) -
 def test_smollm2_full_budget_matches_dense(smollm2, smollm2_dir, pg_essays) -> None:
     prompt = smollm2.encode(passkey_prompt(read_essays(pg_essays), smollm2.tokenizer, 1000))
     n = len(prompt)
-    cfg = CacheConfig(method="shadowkv", sparse_budget=full_budget(n, outliers=8), outlier_chunks=8, rank=1.0)
+    cfg = CacheConfig(
+        method="shadowkv", sparse_budget=full_budget(n, outliers=8), outlier_chunks=8, rank=1.0
+    )
     shadow = LLM(str(smollm2_dir), cache=cfg, device="cpu")
     dense_engine, shadow_engine = smollm2.engine, shadow.engine
-    want_tokens, want = greedy_with_logits(dense_engine.model, dense_engine.rope, dense_engine.cache, prompt, 15)
-    got_tokens, got = greedy_with_logits(shadow_engine.model, shadow_engine.rope, shadow_engine.cache, prompt, 15)
+    want_tokens, want = greedy_with_logits(
+        dense_engine.model, dense_engine.rope, dense_engine.cache, prompt, 15
+    )
+    got_tokens, got = greedy_with_logits(
+        shadow_engine.model, shadow_engine.rope, shadow_engine.cache, prompt, 15
+    )
     assert shadow_engine.cache.rank == 192
     assert got_tokens == want_tokens
-    assert_close_verbose(got[:2], want[:2], atol=2e-3, rtol=1e-3, what="prefill and first decode logits")
+    assert_close_verbose(
+        got[:2], want[:2], atol=2e-3, rtol=1e-3, what="prefill and first decode logits"
+    )
 
 
 def test_smollm2_passkey_at_budget_512(smollm2, smollm2_dir, pg_essays) -> None:

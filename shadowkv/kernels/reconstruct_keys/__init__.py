@@ -43,7 +43,19 @@ def reconstruct_keys(
         )
     if cos.shape != sin.shape or cos.shape[-1] != D:
         raise ValueError(f"RoPE tables must be [max_position, {D}], got {tuple(cos.shape)}")
-    args = (k_cache, a_pages, page_table, w_t, seq_rows, slot_ids, miss, cos, sin, dst_rows, chunk_size)
+    args = (
+        k_cache,
+        a_pages,
+        page_table,
+        w_t,
+        seq_rows,
+        slot_ids,
+        miss,
+        cos,
+        sin,
+        dst_rows,
+        chunk_size,
+    )
     if use_triton(k_cache, "reconstruct_keys"):
         from shadowkv.kernels.reconstruct_keys.triton import reconstruct_keys as impl
 

@@ -1,4 +1,4 @@
-"""``score_landmarks``: softmax of one query per sequence over its landmarks, max over GQA groups."""
+"""``score_landmarks``: per-query softmax over its landmarks, max over each GQA group."""
 
 from __future__ import annotations
 

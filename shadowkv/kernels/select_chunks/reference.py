@@ -51,7 +51,11 @@ def select_chunks(
     chosen = ids.gather(-1, top).long().masked_fill(~used, big).sort(dim=-1).values
     prev = prev_ids.long().masked_fill(~used, -1)
     # [B, Hkv, K_new, K_slot]: chosen chunk equals the chunk a slot held.
-    same = (chosen[..., :, None] == prev[..., None, :]) & used[..., :, None] & (prev >= 0)[..., None, :]
+    same = (
+        (chosen[..., :, None] == prev[..., None, :])
+        & used[..., :, None]
+        & (prev >= 0)[..., None, :]
+    )
     is_miss = used & ~same.any(dim=-1)
     kept = same.any(dim=-2)
     is_free = used & ~kept
@@ -61,7 +65,9 @@ def select_chunks(
     miss_order = torch.sort((~is_miss).to(torch.int8), dim=-1, stable=True).indices
     free_order = torch.sort((~is_free).to(torch.int8), dim=-1, stable=True).indices
     num_miss = is_miss.sum(dim=-1, keepdim=True)
-    fill = torch.where(slot < num_miss, chosen.gather(-1, miss_order), slot_ids.gather(-1, free_order))
+    fill = torch.where(
+        slot < num_miss, chosen.gather(-1, miss_order), slot_ids.gather(-1, free_order)
+    )
     slot_ids = slot_ids.scatter(-1, free_order, fill)
     miss = (slot_ids != prev_ids.long()) & (slot_ids >= 0)
     return slot_ids.to(torch.int32), miss
