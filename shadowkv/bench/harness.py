@@ -41,7 +41,8 @@ def build_engine(
     dtype: torch.dtype,
 ) -> Engine:
     """An ``Engine`` over an already-built model, as ``LLM`` makes one, with ``StubTokenizer``."""
-    return Engine(model, model_cfg, StubTokenizer(), cache_cfg, engine_cfg, device, dtype)  # type: ignore[arg-type]
+    tokenizer: Any = StubTokenizer()  # duck-types the two members the engine uses
+    return Engine(model, model_cfg, tokenizer, cache_cfg, engine_cfg, device, dtype)
 
 
 def new_tokens(decode_steps: int, batch: int, index: int) -> int:
@@ -157,13 +158,14 @@ def timed_run(
         for i, p in enumerate(prompts)
     ]
     prefill: list[float] = []
-    decode_s, full_steps, mem = 0.0, 0, None
+    decode_s, full_steps, mem, most_running = 0.0, 0, None, 0
     while engine.has_unfinished():
         _sync(device)
         start = time.perf_counter()
         outs = engine.step()
         _sync(device)
         elapsed = time.perf_counter() - start
+        most_running = max(most_running, len(engine.running) + sum(o.finished for o in outs))
         if len(outs) == 1 and len(outs[0].request.output_ids) == 1:
             prefill.append(elapsed)
         elif len(outs) == batch:
@@ -171,9 +173,15 @@ def timed_run(
                 mem = cache.memory()  # every sequence live, before any finishes
             decode_s, full_steps = decode_s + elapsed, full_steps + 1
     if full_steps != decode_steps or mem is None or len(prefill) != batch:
+        why = (
+            f"at most {most_running} of them ran at once: the cache admitted fewer than it "
+            "reserved in the batch search"
+            if most_running < batch
+            else "the engine's scheduling changed; update shadowkv.bench.harness"
+        )
         raise RuntimeError(
             f"expected {batch} prefills and {decode_steps} full-batch decode steps, saw "
-            f"{len(prefill)} and {full_steps}: the engine's scheduling changed; update bench.harness"
+            f"{len(prefill)} and {full_steps}; {why}"
         )
     ttfts = [r.first_token - r.arrival for r in reqs]  # type: ignore[operator]
     peak = _peak(device)

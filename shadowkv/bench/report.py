@@ -43,7 +43,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.0%}"
         lines.append(
             f"| {r['method']} | {r['context']} | {r['batch']} | {r['batch_kind']} "
-            f"| {r['prefill_s']:.3f} | {r['ttft_s']:.3f} | {r['decode_tokens_per_s']:.1f} | {ratio} "
+            f"| {r['prefill_s']:.3f} | {r['ttft_s']:.3f} | {r['decode_tokens_per_s']:.1f} "
+            f"| {ratio} "
             f"| {r['decode_ms_per_step']:.1f} | {hit} | {_gib(r['cache_device_bytes'])} "
             f"| {_gib(r['cache_host_bytes'])} | {_gib(r['peak_device_bytes'])} |"
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import platform
 import sys
 import time
@@ -149,20 +150,16 @@ def run_throughput(
                 limits[method][context] = own
                 report["max_batch"][method][str(context)] = own
             for batch, kind in _plan_batches(cfg, method, context, limits):
-                if batch > limits[method][context]:
-                    say(
-                        f"{method} @ {context}: batch {batch} does not fit (max {limits[method][context]})"
-                    )
+                if batch > own:
+                    say(f"{method} @ {context}: batch {batch} does not fit (max {own})")
                     continue
                 say(f"{method} @ {context} tokens x {batch} ({kind}) ...")
-                row = {"method": method, "batch_kind": kind, "max_batch": limits[method][context]}
+                row = {"method": method, "batch_kind": kind, "max_batch": own}
                 try:
-                    row.update(
-                        timed_run(engine, context, batch, cfg.decode_steps, seed=cfg.seed).as_dict()
-                    )
-                    say(
-                        f"  decode {row['decode_tokens_per_s']:.1f} tok/s, prefill {row['prefill_s']:.3f} s"
-                    )
+                    result = timed_run(engine, context, batch, cfg.decode_steps, seed=cfg.seed)
+                    row.update(result.as_dict())
+                    tok_s, prefill_s = result.decode_tokens_per_s, result.prefill_s
+                    say(f"  decode {tok_s:.1f} tok/s, prefill {prefill_s:.3f} s")
                 except Exception as err:  # noqa: BLE001 - any failure: keep the other runs' results
                     row.update(context=context, batch=batch, error=f"{type(err).__name__}: {err}")
                     say(f"  FAILED: {row['error']}")
@@ -249,6 +246,15 @@ def _meta(
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "weight_bytes": weight_bytes(model),
+        "host_memory_bytes": _host_bytes("SC_PHYS_PAGES"),
+        "host_available_bytes": _host_bytes("SC_AVPHYS_PAGES"),
         "model_config": {k: v for k, v in asdict(model_cfg).items() if k != "rope"},
         "bench_config": config,
     }
+
+
+def _host_bytes(pages: str) -> int | None:
+    try:
+        return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None

