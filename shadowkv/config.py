@@ -260,14 +260,13 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_model_len: int | None = None
     prefill_mlp_chunk: int = 4096  # tokens per MLP slice during prefill (bounds peak memory)
-    prefill_attn_chunk: int = 8192  # query rows per attention slice during prefill
     cache_memory_gb: float | None = None  # device memory for the cache pool; None = auto
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ConfigError("max_num_seqs must be >= 1")
-        if self.prefill_mlp_chunk < 1 or self.prefill_attn_chunk < 1:
-            raise ConfigError("prefill chunk sizes must be >= 1")
+        if self.prefill_mlp_chunk < 1:
+            raise ConfigError("prefill_mlp_chunk must be >= 1")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError("dtype must be auto, float32, bfloat16 or float16")

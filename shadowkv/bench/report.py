@@ -87,7 +87,8 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
         f"{meta['model']} ({meta['weights']}), {meta['dtype']}, {meta['device_name']}", fontsize=9
     )
     ax.grid(alpha=0.3)
-    ax.legend()
+    if series:  # every run may have failed; their errors are in the table
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -304,3 +304,21 @@ def test_timed_run_says_when_the_cache_admits_fewer_than_the_batch() -> None:
     assert 0 < fit < 8
     with pytest.raises(RuntimeError, match=f"at most {fit} of them ran at once"):
         timed_run(engine, 96, fit + 1, 2)
+
+
+def test_a_checkpoint_runs_with_its_own_weights(tiny_checkpoint, tmp_path: Path) -> None:
+    path = tiny_checkpoint("qwen2")
+    cfg = BenchConfig(
+        arch=None,
+        model_path=str(path),
+        device="cpu",
+        contexts=(64,),
+        methods=("dense",),
+        batches=(2,),
+        decode_steps=2,
+        cache_memory_gb=0.01,
+    )
+    data = run_throughput(cfg, tmp_path)
+    assert data["meta"]["weights"] == f"checkpoint {path}"
+    assert "random weights" not in data["table"].lower()
+    assert data["runs"][0]["decode_tokens_per_s"] > 0

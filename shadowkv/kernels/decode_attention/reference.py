@@ -19,6 +19,10 @@ def decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
+    """Softmax attention of each ``q[b]`` over its sequence's first ``seq_lens[b]`` cached rows.
+
+    Query head ``h`` reads KV head ``h // (H // Hkv)``. Returns ``[B, H, D]`` in ``q``'s dtype.
+    """
     B, H, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
     # fp32 math for low-precision inputs; float64 inputs (the oracle's) stay float64.
