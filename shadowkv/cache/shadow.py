@@ -141,6 +141,19 @@ class ShadowKVCache(AttentionCache):
             or self.store.shortfall(lay.num_chunks)
         )
 
+    def fits_empty(self, prompt_len: int, max_new_tokens: int) -> bool:
+        """Whether the sequence would fit with the pools empty (reads only their fixed sizes)."""
+        if prompt_len > self.max_model_len:
+            return False
+        lay = plan_sequence(
+            self.cfg, prompt_len, min(max_new_tokens, self.max_model_len - prompt_len)
+        )
+        return (
+            cdiv(lay.buffer_rows, self.block_rows) <= self.block_pool.capacity
+            and (lay.dense or cdiv(prompt_len, self.page_tokens) <= self.factor_pool.capacity)
+            and self.store.pages_for(lay.num_chunks) <= self.store.pool.capacity
+        )
+
     def can_add(self, prompt_len: int, max_new_tokens: int) -> bool:
         return self._admission_problem(prompt_len, max_new_tokens) is None
 

@@ -167,6 +167,16 @@ def test_admission_checks_host_store_and_frees_pages() -> None:
     assert cache.store.pool.num_free == free[2] + 2 and cache.factor_pool.num_free == free[0] + 2
 
 
+def test_fits_empty_judges_the_empty_pools_not_the_busy_ones() -> None:
+    cfg = CacheConfig(method="shadowkv", sparse_budget=32, outlier_chunks=2, host_memory_gb=5e-5)
+    cache = make_shadow(cfg)  # two usable store pages of 16 chunks (256 tokens)
+    cache.add_sequence(0, 200, 8)
+    assert not cache.can_add(200, 8) and cache.fits_empty(200, 8), "busy now, fits once empty"
+    assert not cache.fits_empty(400, 8), "needs more store pages than the store has"
+    assert cache.fits_empty(60, 8), "dense fallback needs no store pages"
+    assert not cache.fits_empty(MAX_LEN + 1, 8)
+
+
 def test_store_allocation_failure_refuses_admission_not_startup() -> None:
     cfg = CacheConfig(method="shadowkv", sparse_budget=32, outlier_chunks=2, host_memory_gb=1e6)
     cache = make_shadow(cfg)  # a petabyte store: allocated lazily, so construction succeeds
