@@ -13,6 +13,7 @@ from pathlib import Path
 
 from shadowkv.bench.models import ARCHITECTURES
 from shadowkv.bench.throughput import BenchConfig, run_throughput
+from shadowkv.commands.common import budget_or_fraction, cache_config_from_args
 from shadowkv.config import CACHE_METHODS, CacheConfig, ConfigError
 
 _CACHE_DEFAULTS = {f.name: f.default for f in fields(CacheConfig)}
@@ -30,12 +31,6 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def _batch(text: str) -> tuple[int, ...]:
     return () if text.strip() == "auto" else _int_list(text)
-
-
-def _budget(text: str) -> float:
-    """Tokens (``2048``) or a fraction of the prompt (``0.0156``)."""
-    value = float(text)
-    return int(value) if value >= 1 and value == int(value) else value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -93,8 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     c = p.add_argument_group("shadowkv knobs (shared by all methods)")
-    c.add_argument("--sparse-budget", type=_budget, default=_CACHE_DEFAULTS["sparse_budget"])
-    c.add_argument("--rank", type=_budget, default=None)
+    c.add_argument("--sparse-budget", type=budget_or_fraction, default=_CACHE_DEFAULTS["sparse_budget"])
+    c.add_argument("--rank", type=budget_or_fraction, default=None)
     c.add_argument("--chunk-size", type=int, default=_CACHE_DEFAULTS["chunk_size"])
     c.add_argument("--outlier-chunks", type=int, default=_CACHE_DEFAULTS["outlier_chunks"])
     c.add_argument("--local-chunks", type=int, default=_CACHE_DEFAULTS["local_chunks"])
@@ -111,14 +106,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     for m in args.methods:
         if m not in CACHE_METHODS:
             raise ConfigError(f"unknown method {m!r}; choose from {', '.join(CACHE_METHODS)}")
-    cache = CacheConfig(
-        sparse_budget=args.sparse_budget,
-        rank=args.rank,
-        chunk_size=args.chunk_size,
-        outlier_chunks=args.outlier_chunks,
-        local_chunks=args.local_chunks,
-        host_memory_gb=args.host_memory_gb,
-    )
+    cache = cache_config_from_args(args, method="dense")  # BenchConfig sets each method
     return BenchConfig(
         arch=args.arch,
         model_path=args.model,

@@ -14,7 +14,7 @@ _CACHE_DEFAULTS = {f.name: f.default for f in fields(CacheConfig)}
 _ENGINE_DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
 
 
-def _number(text: str) -> float:
+def budget_or_fraction(text: str) -> float:
     """A token count (``2048``) or a fraction of the context (``0.0156``) or a percentage (``1.5%``)."""
     text = text.strip()
     value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
@@ -34,9 +34,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="device memory for the KV cache (default: 85%% of free GPU memory, 4 GiB on CPU)")
     c = p.add_argument_group("attention cache")
     c.add_argument("--cache", default="dense", choices=CACHE_METHODS, help="attention-cache method")
-    c.add_argument("--sparse-budget", type=_number, default=_CACHE_DEFAULTS["sparse_budget"],
+    c.add_argument("--sparse-budget", type=budget_or_fraction, default=_CACHE_DEFAULTS["sparse_budget"],
                    help="tokens selected per decode step (or a fraction / percentage of the prompt)")
-    c.add_argument("--rank", type=_number, default=None,
+    c.add_argument("--rank", type=budget_or_fraction, default=None,
                    help="low-rank key rank: columns, or a fraction of h_kv*d (default: 160 for "
                    "keys of 512+ columns, else max(64, h_kv*d/4))")
     c.add_argument("--chunk-size", type=int, default=_CACHE_DEFAULTS["chunk_size"])
@@ -46,9 +46,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="host memory for offloaded values (shadowkv; default: automatic)")
 
 
-def cache_config_from_args(args: argparse.Namespace) -> CacheConfig:
+def cache_config_from_args(args: argparse.Namespace, method: str | None = None) -> CacheConfig:
+    """The cache knobs shared by the subcommands; ``method`` overrides ``--cache``."""
     return CacheConfig(
-        method=args.cache,
+        method=method or args.cache,
         sparse_budget=args.sparse_budget,
         rank=args.rank,
         chunk_size=args.chunk_size,

@@ -14,7 +14,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from shadowkv.commands.common import _number
+from shadowkv.commands.common import budget_or_fraction
 from shadowkv.config import CacheConfig, ConfigError, EngineConfig
 from shadowkv.eval.runner import EvalConfig, plot_budget_sweep, run_eval, summary_tables
 
@@ -65,11 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="samples generated together (and saved together)")
     m.add_argument("--cache-memory-gb", type=float, default=None)
     c = p.add_argument_group("methods' knobs")
-    c.add_argument("--sparse-budget", type=_number, default=_CACHE["sparse_budget"],
+    c.add_argument("--sparse-budget", type=budget_or_fraction, default=_CACHE["sparse_budget"],
                    help="tokens per decode step (or a fraction / percentage of the prompt)")
-    c.add_argument("--budgets", type=_csv(_number), default=None,
+    c.add_argument("--budgets", type=_csv(budget_or_fraction), default=None,
                    help="comma-separated budgets for a sweep (overrides --sparse-budget; plots)")
-    c.add_argument("--rank", type=_number, default=None, help="shadowkv low-rank key rank")
+    c.add_argument("--rank", type=budget_or_fraction, default=None, help="shadowkv low-rank key rank")
     c.add_argument("--chunk-size", type=int, default=_CACHE["chunk_size"])
     c.add_argument("--outlier-chunks", type=int, default=_CACHE["outlier_chunks"])
     c.add_argument("--local-chunks", type=int, default=_CACHE["local_chunks"])
