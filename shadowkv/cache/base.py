@@ -115,14 +115,25 @@ class AttentionCache(ABC):
             self.lengths[s] += 1
 
     # per layer -------------------------------------------------------------------------------
-    @abstractmethod
     def prefill(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
     ) -> torch.Tensor:
         """Cache a prompt's keys/values and return exact causal attention ``[T, H, D]``.
 
         ``q [T, H, D]`` and ``k [T, Hkv, D]`` are post-RoPE; ``k_pre`` is the pre-RoPE key (after
-        any projection bias), which low-rank methods factorise.
+        any projection bias), which low-rank methods factorise. Prefill attention is exact in
+        every method (the paper's protocol), so only what is stored differs.
+        """
+        self.store_prompt(layer, k, v, k_pre)
+        return causal_attention(q, k, v, self.scale)
+
+    @abstractmethod
+    def store_prompt(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
+    ) -> None:
+        """Cache one layer of the prompt of the sequence being prefilled, without attending.
+
+        Also the replay path: a recorded prompt (``engine.prompt_kv``) is stored through it.
         """
 
     @abstractmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from shadowkv.cache.base import AttentionCache, CacheCapacityError, CacheMemory, causal_attention
+from shadowkv.cache.base import AttentionCache, CacheCapacityError, CacheMemory
 from shadowkv.config import CacheConfig, ModelConfig
 from shadowkv.kernels.decode_attention import decode_attention
 from shadowkv.models.rope import RotaryEmbedding
@@ -110,7 +110,7 @@ class DenseCache(AttentionCache):
 
     def begin_prefill(self, seq_id: int, num_tokens: int) -> None:
         super().begin_prefill(seq_id, num_tokens)
-        self._slot_mapping = self._slots(seq_id, 0, num_tokens)
+        self._prefill_slots = self._slots(seq_id, 0, num_tokens)
 
     def begin_decode(self, seq_ids: list[int]) -> None:
         self._decode_seqs = seq_ids
@@ -119,21 +119,21 @@ class DenseCache(AttentionCache):
         pos = torch.tensor([self.lengths[s] for s in seq_ids], device=self.device)
         self._tables = self.block_tables[rows]  # [B, max_blocks]
         self._seq_lens = (pos + 1).to(torch.int32)
-        self._slot_mapping = (
+        # Kept apart from the prefill's slots: a sliced prefill runs between decode steps.
+        self._decode_slots = (
             self._tables.gather(1, (pos // S)[:, None]).squeeze(1).long() * S + pos % S
         )
 
-    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         Hkv, D = self.model.num_kv_heads, self.model.head_dim
-        self.k_cache[layer].view(-1, Hkv, D)[self._slot_mapping] = k.to(self.dtype)
-        self.v_cache[layer].view(-1, Hkv, D)[self._slot_mapping] = v.to(self.dtype)
+        self.k_cache[layer].view(-1, Hkv, D)[slots] = k.to(self.dtype)
+        self.v_cache[layer].view(-1, Hkv, D)[slots] = v.to(self.dtype)
 
-    def prefill(self, layer, q, k, v, k_pre):
-        self._write(layer, k, v)
-        return causal_attention(q, k, v, self.scale)
+    def store_prompt(self, layer, k, v, k_pre):
+        self._write(layer, self._prefill_slots, k, v)
 
     def decode(self, layer, q, k, v, k_pre):
-        self._write(layer, k, v)
+        self._write(layer, self._decode_slots, k, v)
         return decode_attention(
             q, self.k_cache[layer], self.v_cache[layer], self._tables, self._seq_lens, self.scale
         )

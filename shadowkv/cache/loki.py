@@ -57,7 +57,7 @@ class LokiCache(SparseCache):
         self.basis[layer][row] = basis
         low = torch.einsum("thd,hdr->thr", k.float(), basis)
         Hkv = self.model.num_kv_heads
-        self.k_low[layer].view(-1, Hkv, self.rank)[self._slot_mapping] = low.to(self.dtype)
+        self.k_low[layer].view(-1, Hkv, self.rank)[self._prefill_slots] = low.to(self.dtype)
 
     def select(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, H, D = q.shape

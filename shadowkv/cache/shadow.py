@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from shadowkv.cache.base import AttentionCache, CacheCapacityError, CacheMemory, causal_attention
+from shadowkv.cache.base import AttentionCache, CacheCapacityError, CacheMemory
 from shadowkv.cache.shadow_layout import (
     PAGE_CHUNKS,
     PagePool,
@@ -206,14 +206,13 @@ class ShadowKVCache(AttentionCache):
         self.tables.primed.update(self._decode_seqs)
 
     # per layer -------------------------------------------------------------------------------
-    def prefill(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
-    ) -> torch.Tensor:
-        out = causal_attention(q, k, v, self.scale)
+    def store_prompt(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
+    ) -> None:
         plan: PrefillPlan = self._prefill
         if plan.layout.dense:
             self._write_exact(layer, plan.exact_rows, k, v)
-            return out
+            return
         T, Hkv, D = k.shape
         f = lowrank_factors(k_pre.reshape(T, Hkv * D), self.rank)
         self.a_pages[layer].view(-1, self.rank)[plan.factor_rows] = f.a.to(self.dtype)
@@ -225,7 +224,6 @@ class ShadowKVCache(AttentionCache):
         idx = idx[..., None].expand(-1, -1, D)  # [E, Hkv, D]
         self._write_exact(layer, plan.exact_rows, k.gather(0, idx), v.gather(0, idx))
         self.store.write(layer, plan.store_pages, v)
-        return out
 
     def decode(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor

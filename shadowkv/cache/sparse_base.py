@@ -79,10 +79,9 @@ class SparseCache(DenseCache):
         super().end_prefill()
         self.prompt_lens[self._prefill_seq] = self._prefill_len
 
-    def prefill(self, layer, q, k, v, k_pre):
-        out = super().prefill(layer, q, k, v, k_pre)
+    def store_prompt(self, layer, k, v, k_pre):
+        super().store_prompt(layer, k, v, k_pre)
         self.summarise(layer, k.to(self.dtype))
-        return out
 
     def summarise(self, layer: int, k: torch.Tensor) -> None:
         """Build selection metadata from the prompt's post-RoPE keys ``k [T, Hkv, D]``."""
@@ -116,7 +115,7 @@ class SparseCache(DenseCache):
         """
 
     def decode(self, layer, q, k, v, k_pre):
-        self._write(layer, k, v)
+        self._write(layer, self._decode_slots, k, v)
         sel_pos, sel_valid = self.select(layer, q)
         B, Hkv = q.shape[0], self.model.num_kv_heads
         always = self._always_pos[:, None, :].expand(B, Hkv, -1)
