@@ -260,6 +260,10 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_model_len: int | None = None
     prefill_mlp_chunk: int = 4096  # tokens per MLP slice during prefill (bounds peak memory)
+    # While sequences decode, a prompt longer than this prefills a slice of layers per step
+    # (about this many tokens' worth of work), alternating with decode steps, so running
+    # sequences are not stalled for a whole long prefill. None: whole prompts at once.
+    prefill_slice_tokens: int | None = 8192
     cache_memory_gb: float | None = None  # device memory for the cache pool; None = auto
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
 
@@ -268,5 +272,7 @@ class EngineConfig:
             raise ConfigError("max_num_seqs must be >= 1")
         if self.prefill_mlp_chunk < 1:
             raise ConfigError("prefill_mlp_chunk must be >= 1")
+        if self.prefill_slice_tokens is not None and self.prefill_slice_tokens < 1:
+            raise ConfigError("prefill_slice_tokens must be >= 1 (or None to prefill whole prompts)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError("dtype must be auto, float32, bfloat16 or float16")

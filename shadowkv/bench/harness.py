@@ -158,7 +158,7 @@ def timed_run(
         for i, p in enumerate(prompts)
     ]
     prefill: list[float] = []
-    decode_s, full_steps, mem, most_running = 0.0, 0, None, 0
+    decode_s, full_steps, mem, most_running, slices = 0.0, 0, None, 0, 0.0
     while engine.has_unfinished():
         _sync(device)
         start = time.perf_counter()
@@ -166,8 +166,12 @@ def timed_run(
         _sync(device)
         elapsed = time.perf_counter() - start
         most_running = max(most_running, len(engine.running) + sum(o.finished for o in outs))
-        if len(outs) == 1 and len(outs[0].request.output_ids) == 1:
-            prefill.append(elapsed)
+        if engine.last_step == "prefill":
+            # A long prompt prefills in slices of layers between decode steps: sum its slices.
+            slices += elapsed
+            if outs:
+                prefill.append(slices)
+                slices = 0.0
         elif len(outs) == batch:
             if mem is None:
                 mem = cache.memory()  # every sequence live, before any finishes

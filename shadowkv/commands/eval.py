@@ -64,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--batch-size", type=int, default=4,
                    help="samples generated together (and saved together)")
     m.add_argument("--cache-memory-gb", type=float, default=None)
+    m.add_argument("--no-share-prefill", action="store_true",
+                   help="prefill every sample once per method instead of replaying one prefill")
     c = p.add_argument_group("methods' knobs")
     c.add_argument("--sparse-budget", type=budget_or_fraction, default=_CACHE["sparse_budget"],
                    help="tokens per decode step (or a fraction / percentage of the prompt)")
@@ -103,7 +105,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         model=args.model, num_samples=args.samples, budgets=args.budgets or (args.sparse_budget,),
         haystack=args.haystack, qa_file=args.qa_file, chat_template=args.chat_template,
         seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        cache=cache, engine=engine, device=args.device,
+        cache=cache, engine=engine, device=args.device, share_prefill=not args.no_share_prefill,
     )
 
 

@@ -1,7 +1,8 @@
-"""The step loop: admit and prefill one request, or decode every running one.
+"""The step loop: advance one request's prefill, or decode every running one.
 
-Prefills and decode steps alternate while requests wait, so a long prompt delays running
-sequences by one prefill, never by the whole queue.
+Prefill work and decode steps alternate while requests wait. A prompt longer than
+``EngineConfig.prefill_slice_tokens`` prefills a slice of layers per step while others decode, so
+running sequences wait for one slice at a time, never for a whole long prefill or the queue.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from shadowkv.cache import AttentionCache, CacheCapacityError, make_cache
 from shadowkv.config import CacheConfig, EngineConfig, ModelConfig
+from shadowkv.engine.prompt_kv import PromptKV, RecordingCache
 from shadowkv.engine.request import Request, Status
 from shadowkv.engine.sampling import SamplingParams, make_generator, sample
 from shadowkv.models.llama import LlamaModel
@@ -30,6 +32,17 @@ class PromptError(ValueError):
 
 class ContextLengthError(PromptError):
     """A prompt does not fit the model's context window."""
+
+
+@dataclass
+class _Prefill:
+    """A prefill in progress: hidden states ``x [T, hidden]`` entering layer ``next_layer``."""
+
+    request: Request
+    cache: AttentionCache | RecordingCache
+    x: torch.Tensor
+    positions: torch.Tensor
+    next_layer: int = 0
 
 
 @dataclass(frozen=True)
@@ -83,11 +96,22 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._next_id = 0
-        self._last_was_prefill = False
+        self._prefilling: _Prefill | None = None
+        self.last_step: str | None = None  # "prefill" or "decode": what the last step worked on
         self.progress: ProgressFn | None = None
 
     # requests ----------------------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        prompt_kv: PromptKV | None = None,
+        record_prompt_kv: bool = False,
+    ) -> Request:
+        """Queue a request. ``prompt_kv`` replays a recorded prefill of these exact tokens instead
+        of running the model; ``record_prompt_kv`` keeps this prefill in ``Request.prompt_kv``."""
+        if prompt_kv is not None and list(prompt_kv.token_ids) != list(prompt_ids):
+            raise PromptError("prompt_kv was recorded for other prompt tokens")
         if not prompt_ids:
             raise PromptError("the prompt is empty")
         n = len(prompt_ids)
@@ -103,11 +127,15 @@ class Engine:
                 "it is empty; lower max_tokens or give the cache more memory"
             )
         req = Request(self._next_id, list(prompt_ids), params, self.eos_ids, make_generator(params, self.device))
+        req.prompt_kv, req.record_prompt_kv = prompt_kv, record_prompt_kv
         self._next_id += 1
         self.waiting.append(req)
         return req
 
     def abort(self, request_id: int) -> None:
+        if self._prefilling is not None and self._prefilling.request.request_id == request_id:
+            req, self._prefilling = self._prefilling.request, None
+            self._finish(req, "abort")
         for req in list(self.waiting):
             if req.request_id == request_id:
                 self.waiting.remove(req)
@@ -117,7 +145,12 @@ class Engine:
                 self._finish(req, "abort")
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._prefilling)
+
+    @property
+    def prefilling(self) -> Request | None:
+        """The request whose prefill is under way (between slices), if any."""
+        return self._prefilling.request if self._prefilling else None
 
     def fits_ever(self, prompt_len: int, max_new: int) -> bool:
         """Whether a request of this size could be admitted into the empty cache.
@@ -130,14 +163,13 @@ class Engine:
 
     # the loop ----------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        if self.waiting and (not self.running or not self._last_was_prefill):
-            req = self.waiting[0]
-            max_new = self._max_new(req)
-            if len(self.running) < self.cfg.max_num_seqs and self.cache.can_add(len(req.prompt_ids), max_new):
-                self.waiting.popleft()
-                self._last_was_prefill = True
-                return [self._prefill(req, max_new)]
-        self._last_was_prefill = False
+        prefill_turn = not self.running or self.last_step != "prefill"
+        if prefill_turn and self._prefilling is None and self.waiting:
+            self._admit_next()
+        if prefill_turn and self._prefilling is not None:
+            self.last_step = "prefill"
+            return self._advance_prefill()
+        self.last_step = "decode"
         if self.running:
             return self._decode()
         if self.waiting:
@@ -147,24 +179,59 @@ class Engine:
     def _max_new(self, req: Request) -> int:
         return min(req.params.max_tokens, self.max_model_len - len(req.prompt_ids))
 
-    def _prefill(self, req: Request, max_new: int) -> StepOutput:
+    def _admit_next(self) -> None:
+        """Start the head request's prefill if a decode slot and cache room are free."""
+        req = self.waiting[0]
+        n, max_new = len(req.prompt_ids), self._max_new(req)
+        if len(self.running) >= self.cfg.max_num_seqs or not self.cache.can_add(n, max_new):
+            return
         req.prefill_start = time.perf_counter()
-        sid, n = req.request_id, len(req.prompt_ids)
-        self.cache.add_sequence(sid, n, max_new)
-        self.cache.begin_prefill(sid, n)
+        self.cache.add_sequence(req.request_id, n, max_new)  # may still refuse (pinning): stays queued
+        self.waiting.popleft()
+        self.cache.begin_prefill(req.request_id, n)
+        cache: AttentionCache | RecordingCache = self.cache
+        if req.record_prompt_kv:
+            cache = RecordingCache(self.cache)
         ids = torch.tensor(req.prompt_ids, device=self.device)
-        positions = torch.arange(n, device=self.device)
+        x = self.model.embed(ids) if req.prompt_kv is None else ids  # replay needs no activations
+        self._prefilling = _Prefill(req, cache, x, torch.arange(n, device=self.device))
+
+    def _advance_prefill(self) -> list[StepOutput]:
+        """Run the next slice of layers (all of them when nothing else is running)."""
+        p = self._prefilling
+        assert p is not None
+        req, n, L = p.request, len(p.request.prompt_ids), self.model_cfg.num_layers
+        if req.prompt_kv is not None:
+            req.prompt_kv.replay(self.cache)
+            return [self._end_prefill(req.prompt_kv.logits)]
+        slice_tokens = self.cfg.prefill_slice_tokens
+        if not self.running or slice_tokens is None:
+            stop = L
+        else:
+            stop = min(L, p.next_layer + max(1, L * slice_tokens // n))
         progress = (lambda i, t: self.progress(req, i, t)) if self.progress else None
-        logits = self.model(
-            ids, positions, self.rope, self.cache, "prefill",
-            logits_index=torch.tensor([n - 1], device=self.device),
-            mlp_chunk=self.cfg.prefill_mlp_chunk, progress=progress,
+        p.x = self.model.run_layers(
+            p.x, p.positions, self.rope, p.cache, "prefill", p.next_layer, stop,
+            self.cfg.prefill_mlp_chunk, progress,
         )
+        p.next_layer = stop
+        if stop < L:
+            return []
+        logits = self.model.logits(p.x, torch.tensor([n - 1], device=self.device))[0]
+        if isinstance(p.cache, RecordingCache):
+            req.prompt_kv = p.cache.result(req.prompt_ids, logits)
+        return [self._end_prefill(logits)]
+
+    def _end_prefill(self, logits: torch.Tensor) -> StepOutput:
+        p = self._prefilling
+        assert p is not None
+        self._prefilling = None
+        req = p.request
         self.cache.end_prefill()
-        req.memory = self.cache.memory(sid).as_dict()
+        req.memory = self.cache.memory(req.request_id).as_dict()
         req.status = Status.RUNNING
         self.running.append(req)
-        return self._append(req, logits[0])
+        return self._append(req, logits)
 
     def _decode(self) -> list[StepOutput]:
         reqs = list(self.running)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shadowkv.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from shadowkv.engine.prompt_kv import PromptKV
 
 
 class Status(enum.Enum):
@@ -35,6 +38,8 @@ class Request:
     first_token: float | None = None
     finished_at: float | None = None
     memory: dict[str, Any] | None = None  # cache bytes held at the end of prefill
+    prompt_kv: PromptKV | None = None  # a recorded prefill: replayed if given, else kept if asked
+    record_prompt_kv: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -7,6 +7,11 @@ budget and runs once (its key has ``budget = null``). ``task = "niah"`` is the n
 grid: sample ``i`` of ``n`` puts the needle at depth ``niah_depths(n)[i]``.
 
 Decoding is greedy with each task's generation length and no stop strings (RULER's protocol).
+
+Work goes batch by batch: a batch of samples runs through every method before the next batch.
+Prefill attention is exact in every method, so with ``share_prefill`` the first method to see a
+sample records its prefill (``engine.prompt_kv``) and the other methods replay it instead of
+running the model over the prompt again: one prefill per sample instead of one per method.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class EvalConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     device: str | None = None
+    share_prefill: bool = True
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS and t != NIAH_TASK]
@@ -191,25 +197,32 @@ def run_eval(
         for method, budget in cfg.runs()
     }
     bar = Progress(sum(len(v) for v in pending.values()), progress)
-    samples: dict[tuple[str, int], list[Sample]] = {}
+    todo = {run: set(items) for run, items in pending.items()}
+    every = sorted(
+        {item for items in pending.values() for item in items},
+        key=lambda t: (cfg.tasks.index(t[0]), cfg.lengths.index(t[1]), t[2]),
+    )
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        for (method, budget), todo in pending.items():
-            if not todo:
-                continue
-            cache_cfg = replace(
-                cfg.cache, method=method, sparse_budget=budget or cfg.cache.sparse_budget
-            )
-            if llm is None:
-                llm = LLM(cfg.model, cache=cache_cfg, engine=cfg.engine, device=cfg.device)
-            else:
+        if llm is None and every:
+            llm = LLM(cfg.model, cache=replace(cfg.cache, method="dense"), engine=cfg.engine, device=cfg.device)
+        made: dict[tuple[str, int], list[Sample]] = {}
+        for task, length, batch in _batches(every, cfg.batch_size):
+            if (task, length) not in made:
+                made[task, length] = _make_samples(cfg, llm.tokenizer, task, length)
+            samples = made[task, length]
+            recorded: dict[int, Any] = {}  # sample index -> PromptKV of its prefill
+            for (method, budget), items in todo.items():
+                chosen = [samples[i] for i in batch if (task, length, i) in items]
+                if not chosen:
+                    continue
+                cache_cfg = replace(
+                    cfg.cache, method=method, sparse_budget=budget or cfg.cache.sparse_budget
+                )
                 _use_cache(llm, cache_cfg)
-            for task, length, batch in _batches(todo, cfg.batch_size):
-                if (task, length) not in samples:
-                    samples[task, length] = _make_samples(cfg, llm.tokenizer, task, length)
-                chosen = [samples[task, length][i] for i in batch]
                 records = _generate(
-                    llm, chosen, model_name, method, budget, cache_cfg, cfg.max_new_tokens
+                    llm, chosen, model_name, method, budget, cache_cfg, cfg.max_new_tokens,
+                    recorded if cfg.share_prefill else None,
                 )
                 append_records(cfg.out, records)
                 bar.update(len(records), f"{method}@{budget} {task} {length}")
@@ -288,33 +301,48 @@ def _chat_template(name: str, tokenizer: Any) -> Callable[[str], str] | str | No
 
 def _generate(
     llm: Any, samples: list[Sample], model_name: str, method: str, budget: float | None,
-    cache_cfg: CacheConfig, max_new_tokens: int | None,
+    cache_cfg: CacheConfig, max_new_tokens: int | None, recorded: dict[int, Any] | None,
 ) -> list[dict[str, Any]]:
+    """Greedy generation for a batch of samples. ``recorded`` (sample index -> PromptKV) is
+    replayed where it holds a sample and filled with this run's prefill where it does not."""
     from shadowkv.engine.sampling import SamplingParams
     from shadowkv.eval.metrics import score
 
     # A chat template already carries BOS where the model wants one.
     special = not llm.tokenizer.has_chat_template
     prompts = [llm.tokenizer.encode(s.prompt, add_special_tokens=special) for s in samples]
-    params = [
-        SamplingParams(max_tokens=min(s.max_new_tokens, max_new_tokens or s.max_new_tokens))
-        for s in samples
-    ]
+    engine = llm.engine
     start = time.perf_counter()
-    results = llm.generate(prompts, params)
+    reqs = []
+    try:
+        for s, ids in zip(samples, prompts):
+            kv = None if recorded is None else recorded.get(s.index)
+            params = SamplingParams(max_tokens=min(s.max_new_tokens, max_new_tokens or s.max_new_tokens))
+            reqs.append(engine.add_request(
+                ids, params, prompt_kv=kv, record_prompt_kv=recorded is not None and kv is None
+            ))
+        while engine.has_unfinished():
+            engine.step()
+    finally:
+        for r in reqs:
+            if r.finish_reason is None:
+                engine.abort(r.request_id)
     elapsed = time.perf_counter() - start
+    replayed = [recorded is not None and s.index in recorded for s in samples]
+    if recorded is not None:
+        recorded.update({s.index: r.prompt_kv for s, r in zip(samples, reqs) if r.prompt_kv})
     return [
         {
             "model": model_name, "method": method, "budget": budget, "task": s.task,
             "length": s.length_target, "seed": s.seed, "index": s.index,
-            "prediction": res.text, "outputs": s.outputs,
-            "score": score(s.task, res.text, s.outputs),
-            "prompt_tokens": len(ids), "generated_tokens": len(res.token_ids),
+            "prediction": req.text, "outputs": s.outputs,
+            "score": score(s.task, req.text, s.outputs),
+            "prompt_tokens": len(ids), "generated_tokens": len(req.output_ids),
             "budget_tokens": None if budget is None else cache_cfg.budget_tokens(len(ids)),
             "depth": s.metadata.get("depth", s.metadata.get("depths")),
-            "batch_seconds": round(elapsed, 3),
+            "batch_seconds": round(elapsed, 3), "prefill_replayed": rep,
         }
-        for s, ids, res in zip(samples, prompts, results)
+        for s, ids, req, rep in zip(samples, prompts, reqs, replayed)
     ]
 
 

@@ -117,11 +117,38 @@ class LlamaModel(nn.Module):
         progress: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
         """Logits ``[N, vocab]`` (fp32) for the tokens at ``logits_index`` (default: all)."""
-        x = self.embed_tokens(input_ids)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, positions, rope, cache, phase, mlp_chunk)
+        x = self.embed(input_ids)
+        x = self.run_layers(x, positions, rope, cache, phase, 0, len(self.layers), mlp_chunk, progress)
+        return self.logits(x, logits_index)
+
+    # The engine drives a long prefill through these three in slices of layers, so decode steps
+    # of running sequences can run between the slices.
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    @torch.inference_mode()
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        cache: AttentionCache,
+        phase: Phase,
+        start: int,
+        stop: int,
+        mlp_chunk: int = 4096,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Hidden states ``[T, hidden]`` after layers ``[start, stop)``."""
+        for i in range(start, stop):
+            x = self.layers[i](x, positions, rope, cache, phase, mlp_chunk)
             if progress is not None:
                 progress(i + 1, len(self.layers))
-        if logits_index is not None:
-            x = x[logits_index]
+        return x
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        if index is not None:
+            x = x[index]
         return self.lm_head(self.norm(x)).float()

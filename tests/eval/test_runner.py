@@ -43,18 +43,20 @@ class Interrupt(Exception):
 
 
 def test_resume_after_interruption(tiny_llm, tmp_path, monkeypatch):
+    import shadowkv.eval.runner as runner
+
     out = tmp_path / "results.jsonl"
     cfg = config(out)
-    real = tiny_llm.generate
-    calls: list[int] = []
+    real = runner._generate
+    calls: list[tuple[str, int]] = []
 
-    def failing(prompts, params):
+    def failing(llm, samples, model, method, *rest):
         if len(calls) == 1:
-            raise Interrupt  # the second batch dies mid-run
-        calls.append(len(prompts))
-        return real(prompts, params)
+            raise Interrupt  # the second call (streaming on the first batch) dies mid-run
+        calls.append((method, len(samples)))
+        return real(llm, samples, model, method, *rest)
 
-    monkeypatch.setattr(tiny_llm, "generate", failing)
+    monkeypatch.setattr(runner, "_generate", failing)
     with pytest.raises(Interrupt):
         run_eval(cfg, progress=False, llm=tiny_llm)
     first = load_records(out)
@@ -63,14 +65,18 @@ def test_resume_after_interruption(tiny_llm, tmp_path, monkeypatch):
         fh.write('{"model": "torn-wri')  # a write cut off by the interruption
 
     calls.clear()
-    monkeypatch.setattr(tiny_llm, "generate", lambda p, s: (calls.append(len(p)), real(p, s))[1])
+    monkeypatch.setattr(
+        runner, "_generate", lambda llm, s, m, meth, *r: (calls.append((meth, len(s))), real(llm, s, m, meth, *r))[1]
+    )
     with pytest.warns(UserWarning, match="unreadable line"):
         records = run_eval(cfg, progress=False, llm=tiny_llm)
-    # Dense: only sample 2 was left; streaming: all three (batches of 2 then 1).
-    assert calls == [1, 2, 1]
+    # Batch-major: samples 0-1 only lack streaming; sample 2 lacks both.
+    assert calls == [("streaming", 2), ("dense", 1), ("streaming", 1)]
     keys = [record_key(r) for r in records]
     assert len(keys) == len(set(keys)) == 6
     assert {(r["method"], r["budget"]) for r in records} == {("dense", None), ("streaming", 32)}
+    replayed = {(r["method"], r["index"]): r["prefill_replayed"] for r in records if "prefill_replayed" in r}
+    assert replayed[("streaming", 2)] and not replayed[("dense", 2)] and not replayed[("streaming", 0)]
     for r in records:
         assert set(r["score"]) == {"ruler", "shadowkv"} and 0 <= r["score"]["ruler"] <= 1
         assert r["prompt_tokens"] + 128 <= 256 + 1  # fitted to the length (+ BOS)
@@ -80,6 +86,22 @@ def test_resume_after_interruption(tiny_llm, tmp_path, monkeypatch):
     with pytest.warns(UserWarning):
         again = run_eval(cfg, progress=False, llm=tiny_llm)
     assert calls == [] and len(again) == 6, "a finished run must not generate anything"
+
+
+def test_shared_prefill_changes_no_prediction(tiny_llm, tmp_path):
+    """Replaying the recorded prefill gives every method exactly what its own prefill gives."""
+    methods = ("dense", "shadowkv", "quest", "loki")
+    cache = CacheConfig(local_chunks=1, outlier_chunks=1, rank=8)
+    got = {}
+    for share in (True, False):
+        cfg = config(
+            tmp_path / f"share{share}.jsonl", methods=methods, num_samples=2, max_new_tokens=6,
+            share_prefill=share, cache=cache,
+        )
+        records = run_eval(cfg, progress=False, llm=tiny_llm)
+        assert sum(r["prefill_replayed"] for r in records) == (6 if share else 0)
+        got[share] = {(r["method"], r["index"]): r["prediction"] for r in records}
+    assert len(got[True]) == 8 and got[True] == got[False]
 
 
 def test_budget_sweep_runs_dense_once(tiny_llm, tmp_path):

@@ -1,0 +1,134 @@
+"""Sliced prefill (running sequences keep decoding while a long prompt prefills) and recorded
+prefills replayed into other cache methods.
+
+A tiny random 4-layer Llama; prompts are token ids. With ``prefill_slice_tokens=100`` a 200-token
+prompt prefills 2 layers per step, so its prefill spans two steps with a decode step between.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shadowkv import LLM, CacheConfig, EngineConfig, SamplingParams
+from shadowkv.config import ConfigError
+from shadowkv.engine.engine import Engine, PromptError
+from shadowkv.engine.prompt_kv import PromptKV
+
+SHORT = list(range(5, 25))  # 20 tokens
+LONG = [(7 * i) % 90 + 3 for i in range(200)]  # 200 tokens
+METHODS = ["dense", "shadowkv", "quest", "loki", "streaming", "oracle"]
+
+
+def cache_cfg(method: str) -> CacheConfig:
+    if method == "dense":
+        return CacheConfig()
+    extra = {"outlier_chunks": 2, "rank": 16} if method == "shadowkv" else {}
+    return CacheConfig(method=method, sparse_budget=32, **extra)
+
+
+@pytest.fixture(scope="module")
+def path(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("llama", num_layers=4, vocab_size=96)
+
+
+def make_llm(path: Path, method: str, slice_tokens: int | None = 100) -> LLM:
+    engine = EngineConfig(cache_memory_gb=0.01, prefill_slice_tokens=slice_tokens)
+    return LLM(str(path), cache=cache_cfg(method), engine=engine, device="cpu")
+
+
+def run_all(engine: Engine) -> list[tuple[str | None, list[int]]]:
+    """Step to the end; per step, what it worked on and which requests got a token."""
+    trace = []
+    while engine.has_unfinished():
+        outs = engine.step()
+        trace.append((engine.last_step, [o.request.request_id for o in outs]))
+    return trace
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_decodes_continue_during_a_sliced_prefill(path: Path, method: str) -> None:
+    llm = make_llm(path, method)
+    alone = [llm.generate(p, SamplingParams(max_tokens=n))[0].token_ids for p, n in ((SHORT, 12), (LONG, 6))]
+    engine = llm.engine
+    a = engine.add_request(SHORT, SamplingParams(max_tokens=12))
+    engine.step()  # a's whole prefill: nothing else runs
+    assert a in engine.running
+    b = engine.add_request(LONG, SamplingParams(max_tokens=6))
+    assert [o.request for o in engine.step()] == [a]  # prefill and decode turns alternate
+    assert engine.step() == [] and engine.prefilling is b  # first half of b's layers
+    outs = engine.step()
+    assert engine.last_step == "decode" and [o.request for o in outs] == [a]
+    outs = engine.step()  # second half: b's first token
+    assert engine.last_step == "prefill" and [o.request for o in outs] == [b]
+    assert engine.prefilling is None
+    run_all(engine)
+    assert [a.output_ids, b.output_ids] == alone
+
+
+def test_no_slicing_when_nothing_runs_or_when_disabled(path: Path) -> None:
+    for slice_tokens, running in ((100, False), (None, True)):
+        engine = make_llm(path, "dense", slice_tokens).engine
+        if running:
+            engine.add_request(SHORT, SamplingParams(max_tokens=8))
+            engine.step()
+            engine.step()
+        b = engine.add_request(LONG, SamplingParams(max_tokens=2))
+        outs = engine.step()
+        assert [o.request for o in outs] == [b] and engine.prefilling is None
+
+
+@pytest.mark.parametrize("method", ["dense", "shadowkv"])
+def test_abort_mid_prefill_frees_its_memory(path: Path, method: str) -> None:
+    engine = make_llm(path, method).engine
+    engine.add_request(SHORT, SamplingParams(max_tokens=8))
+    engine.step()
+    idle = engine.cache.memory()
+    b = engine.add_request(LONG, SamplingParams(max_tokens=4))
+    engine.step()  # a decodes
+    engine.step()
+    assert engine.prefilling is b and engine.cache.memory().device_bytes > idle.device_bytes
+    engine.abort(b.request_id)
+    assert b.finish_reason == "abort" and engine.prefilling is None
+    after = engine.cache.memory()  # dense_bytes grew: the running sequence decoded a token
+    assert (after.device_bytes, after.host_bytes) == (idle.device_bytes, idle.host_bytes)
+    trace = run_all(engine)
+    assert trace and all(step == "decode" for step, _ in trace)
+
+
+def record(path: Path, prompt: list[int], max_tokens: int) -> tuple[list[int], PromptKV]:
+    engine = make_llm(path, "dense").engine
+    req = engine.add_request(prompt, SamplingParams(max_tokens=max_tokens), record_prompt_kv=True)
+    run_all(engine)
+    assert req.prompt_kv is not None
+    return req.output_ids, req.prompt_kv
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_replayed_prefill_decodes_like_a_real_one(path: Path, method: str) -> None:
+    dense_tokens, kv = record(path, LONG, 6)
+    assert len(kv.layers) == 4 and kv.layers[0][0].shape == (200, 2, 16)
+    llm = make_llm(path, method)
+    direct = llm.generate(LONG, SamplingParams(max_tokens=6))[0].token_ids
+    req = llm.engine.add_request(LONG, SamplingParams(max_tokens=6), prompt_kv=kv)
+    trace = run_all(llm.engine)
+    assert req.output_ids == direct
+    assert len(set(direct)) > 1, "a constant output would make the comparison vacuous"
+    assert trace[0] == ("prefill", [req.request_id])  # replay is one step, no model layers run
+    if method == "dense":
+        assert direct == dense_tokens
+
+
+def test_replay_checks_the_tokens(path: Path) -> None:
+    _, kv = record(path, SHORT, 1)
+    engine = make_llm(path, "dense").engine
+    with pytest.raises(PromptError, match="other prompt tokens"):
+        engine.add_request(SHORT[:-1] + [3], SamplingParams(max_tokens=1), prompt_kv=kv)
+    assert torch.equal(kv.logits, kv.logits.float()) and kv.logits.shape == (96,)
+
+
+def test_slice_config_is_validated() -> None:
+    with pytest.raises(ConfigError, match="prefill_slice_tokens"):
+        EngineConfig(prefill_slice_tokens=0)
