@@ -200,6 +200,17 @@ class CacheConfig:
     column count when >= 1 and a fraction of h_kv * d when in (0, 1]; ``None`` picks the default
     (160 for 1024-column keys as in the paper, otherwise the small-model default measured in
     ``benchmarks/RESULTS.md``).
+
+    ShadowKV keeps each sequence's values wholly in one of two tiers of the same paged layout:
+    the host tier (pinned on CUDA) when it has room, else the device tier, which is carved out of
+    the device cache budget (``EngineConfig.cache_memory_gb``). ``host_memory_gb=None`` sizes the
+    host tier for ``max_num_seqs`` full-context sequences, capped by a share of free RAM.
+    ``device_value_memory_gb=None`` is 0 on CPU. On CUDA, and on any device when
+    ``offload_values=False`` turns the host tier off, it is the size that admits the most
+    sequences of the reference length the device pools are split for (``max_model_len - 512``
+    prompt tokens): host-tier sequences cost the device their factors and buffers, device-tier
+    ones their values too, so the tier grows only when the host tier, not the device budget,
+    limits the batch.
     """
 
     method: str = "dense"
@@ -211,8 +222,9 @@ class CacheConfig:
     page_size: int = 16  # quest page / dense paging granularity
     sink_tokens: int = 4  # streaming baseline
     loki_rank: float = 0.25  # loki: fraction of d kept in the PCA scoring keys
-    offload_values: bool = True  # shadowkv: values in host memory (pinned on CUDA)
-    host_memory_gb: float | None = None  # shadowkv: host value-store size; None = auto
+    offload_values: bool = True  # shadowkv: False keeps every value in the device tier
+    host_memory_gb: float | None = None  # shadowkv: host value tier size; None = auto
+    device_value_memory_gb: float | None = None  # shadowkv: device value tier size; None = auto
 
     def __post_init__(self) -> None:
         if self.method not in CACHE_METHODS:
@@ -234,6 +246,26 @@ class CacheConfig:
             raise ConfigError("page_size must be >= 1 and sink_tokens >= 0")
         if not 0 < self.loki_rank <= 1:
             raise ConfigError("loki_rank must be a fraction in (0, 1]")
+        self._check_value_tiers()
+
+    def _check_value_tiers(self) -> None:
+        for name in ("host_memory_gb", "device_value_memory_gb"):
+            gb = getattr(self, name)
+            if gb is not None and not gb >= 0:  # also refuses NaN
+                raise ConfigError(
+                    f"{name}={gb} must be >= 0 GiB (0 turns that value tier off; None sizes it "
+                    "automatically)"
+                )
+        if not self.offload_values and self.host_memory_gb is not None:
+            raise ConfigError(
+                "host_memory_gb sizes the host value tier, which offload_values=False turns off; "
+                "drop one of the two (device_value_memory_gb sizes the device tier)"
+            )
+        if not self.offload_values and self.device_value_memory_gb == 0:
+            raise ConfigError(
+                "offload_values=False keeps every value in the device tier, but "
+                "device_value_memory_gb=0 gives it no memory; leave it None (auto) or set it > 0"
+            )
 
     def budget_tokens(self, prompt_len: int) -> int:
         """The sparse budget in tokens for a prompt, rounded down to whole chunks (>= 1 chunk)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from shadowkv.cache.base import CacheOptions
 from shadowkv.config import CacheConfig, ConfigError, EngineConfig
 from shadowkv.engine.engine import Engine, ProgressFn, pick_dtype
 from shadowkv.engine.request import GenerationResult, Request
@@ -65,19 +66,27 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         chat: bool = False,
         progress: ProgressFn | None = None,
+        cache_options: CacheOptions | Sequence[CacheOptions | None] | None = None,
     ) -> list[GenerationResult]:
-        """Generate for every prompt as one continuously batched run; results keep input order."""
+        """Generate for every prompt as one continuously batched run; results keep input order.
+
+        ``cache_options`` (one for all prompts, or one per prompt) tunes the cache method per
+        request, e.g. ``CacheOptions(exact=True)`` or ``CacheOptions(sparse_budget=512)``.
+        """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         plist = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling parameter sets")
+        opts = list(cache_options) if isinstance(cache_options, (list, tuple)) else [cache_options] * len(prompts)
+        if len(opts) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(opts)} cache option sets")
         ids = [self.encode(p, chat) for p in prompts]  # encode all first: errors before any work
         self.engine.progress = progress
         reqs: list[Request] = []
         try:
-            for i, p in zip(ids, plist):
-                reqs.append(self.engine.add_request(i, p))
+            for i, p, o in zip(ids, plist, opts):
+                reqs.append(self.engine.add_request(i, p, cache_options=o))
             while any(r.finish_reason is None for r in reqs):
                 self.engine.step()
         finally:

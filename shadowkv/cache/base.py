@@ -12,17 +12,43 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from shadowkv.config import CacheConfig, ModelConfig
+from shadowkv.config import CacheConfig, ConfigError, ModelConfig
 from shadowkv.models.rope import RotaryEmbedding
 
 
 class CacheCapacityError(RuntimeError):
     """A sequence cannot be admitted: the cache pools are too small for it."""
+
+
+class CacheOptionsError(ConfigError):
+    """A request's cache options do not apply to the engine's cache method."""
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """One request's cache settings, within the method the engine runs.
+
+    ``exact``: attend every token of this request exactly (no sparse selection; ShadowKV keeps
+    its whole KV on the device). ``sparse_budget``: this request's budget, tokens (>= 1) or a
+    fraction of its prompt (< 1), instead of the engine's; ShadowKV caps it at its own budget,
+    which sizes the selection state.
+    """
+
+    exact: bool = False
+    sparse_budget: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.sparse_budget is not None and not self.sparse_budget > 0:
+            raise CacheOptionsError(
+                f"sparse_budget={self.sparse_budget} must be > 0 (tokens, or a fraction < 1)"
+            )
+        if self.exact and self.sparse_budget is not None:
+            raise CacheOptionsError("exact attention has no budget: give exact or sparse_budget")
 
 
 @dataclass(frozen=True)
@@ -76,13 +102,27 @@ class AttentionCache(ABC):
         self.max_model_len = max_model_len
         self.scale = 1.0 / math.sqrt(model.head_dim)
         self.lengths: dict[int, int] = {}  # seq id -> tokens cached so far (prompt + generated)
+        self.options: dict[int, CacheOptions] = {}  # seq id -> its request's cache options
 
     # lifecycle -------------------------------------------------------------------------------
+    def check_options(self, options: CacheOptions) -> None:
+        """Raise ``CacheOptionsError`` when this method cannot honour ``options``."""
+
+    def seq_config(self, options: CacheOptions | None) -> CacheConfig:
+        """The cache settings one sequence runs with: the engine's, with its budget override."""
+        if options is None or options.sparse_budget is None:
+            return self.cfg
+        return replace(self.cfg, sparse_budget=options.sparse_budget)
+
     @abstractmethod
-    def can_add(self, prompt_len: int, max_new_tokens: int) -> bool:
+    def can_add(
+        self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None
+    ) -> bool:
         """Whether a sequence of this worst-case size fits now."""
 
-    def fits_empty(self, prompt_len: int, max_new_tokens: int) -> bool:
+    def fits_empty(
+        self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None
+    ) -> bool:
         """Whether a sequence of this size would fit with no other sequence in the cache.
 
         Must read only fixed sizes (the server calls it off the engine thread). Methods that
@@ -91,7 +131,9 @@ class AttentionCache(ABC):
         return True
 
     @abstractmethod
-    def add_sequence(self, seq_id: int, prompt_len: int, max_new_tokens: int) -> None:
+    def add_sequence(
+        self, seq_id: int, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None
+    ) -> None:
         """Reserve room for a sequence; raises ``CacheCapacityError`` when it cannot fit."""
 
     @abstractmethod

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from shadowkv.cache.base import AttentionCache, CacheCapacityError, CacheMemory
+from shadowkv.cache.base import (
+    AttentionCache,
+    CacheCapacityError,
+    CacheMemory,
+    CacheOptions,
+    CacheOptionsError,
+)
 from shadowkv.config import CacheConfig, ModelConfig
 from shadowkv.kernels.decode_attention import decode_attention
 from shadowkv.models.rope import RotaryEmbedding
@@ -77,14 +83,23 @@ class DenseCache(AttentionCache):
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * model.num_layers * cfg.page_size * model.kv_dim * elem
 
-    def can_add(self, prompt_len: int, max_new_tokens: int) -> bool:
+    def check_options(self, options: CacheOptions) -> None:
+        if options.sparse_budget is not None and self.cfg.method == "dense":
+            raise CacheOptionsError(
+                "sparse_budget applies to sparse cache methods; this engine runs dense attention, "
+                "which attends every token (start it with a sparse method, e.g. --cache shadowkv)"
+            )
+
+    def can_add(self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None) -> bool:
         return bool(self._free_rows) and self.pool.can_reserve(prompt_len + max_new_tokens)
 
-    def fits_empty(self, prompt_len: int, max_new_tokens: int) -> bool:
+    def fits_empty(self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None) -> bool:
         total = min(prompt_len + max_new_tokens, self.max_model_len)
         return self.pool.blocks_for(total) <= self.pool.num_blocks
 
-    def add_sequence(self, seq_id: int, prompt_len: int, max_new_tokens: int) -> None:
+    def add_sequence(
+        self, seq_id: int, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None
+    ) -> None:
         if not self._free_rows:
             raise CacheCapacityError(f"all {self.max_num_seqs} sequence slots are in use")
         total = min(prompt_len + max_new_tokens, self.max_model_len)
@@ -93,6 +108,7 @@ class DenseCache(AttentionCache):
         self.rows[seq_id] = row
         self.block_tables[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         self.lengths[seq_id] = 0
+        self.options[seq_id] = options or CacheOptions()
 
     def free_sequence(self, seq_id: int) -> None:
         if seq_id not in self.rows:
@@ -100,6 +116,7 @@ class DenseCache(AttentionCache):
         self.pool.release(seq_id)
         self._free_rows.append(self.rows.pop(seq_id))
         self.lengths.pop(seq_id, None)
+        self.options.pop(seq_id, None)
 
     def _slots(self, seq_id: int, start: int, end: int) -> torch.Tensor:
         """Flat pool rows (block * S + offset) of token positions [start, end)."""

@@ -2,7 +2,8 @@
 
 Prefill keeps, per layer and sequence: low-rank factors of the pre-RoPE keys (``A [T, R]`` in
 paged device memory, ``Wᵀ [R, Hkv*D]`` per sequence slot), one landmark per candidate chunk, the
-local window and outlier chunks exact in a paged buffer, and every value in the value store.
+local window and outlier chunks exact in a paged buffer, and every value in the value store
+(host tier first, device tier when the host tier is full; see ``store.py``).
 Decode selects chunks by landmark score, rebuilds the keys and fetches the values of chunks not
 already in the buffer, and attends exactly over ``[local | outliers | selected | generated]``.
 The four steps are kernel ops (``shadowkv.kernels``) dispatched by device; the buffer is paged
@@ -15,13 +16,15 @@ dim, ``R`` rank, ``C`` chunk size, ``N`` landmarks and ``K`` selected chunks per
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
-from shadowkv.cache.base import AttentionCache, CacheCapacityError, CacheMemory
+from shadowkv.cache.base import AttentionCache, CacheCapacityError, CacheMemory, CacheOptions
 from shadowkv.cache.shadow_layout import (
     PAGE_CHUNKS,
     PagePool,
+    SeqLayout,
     cdiv,
     check_engages,
     plan_sequence,
@@ -30,7 +33,7 @@ from shadowkv.cache.shadow_layout import (
 )
 from shadowkv.cache.shadow_prefill import exact_token_index, lowrank_factors, summarize_chunks
 from shadowkv.cache.shadow_tables import DecodePlan, PrefillPlan, SequenceTables, SparsePlan
-from shadowkv.cache.store import HostValueStore, auto_host_bytes
+from shadowkv.cache.store import HOST, ValueStore, auto_host_bytes, device_tier_seqs
 from shadowkv.config import CacheConfig, ConfigError, ModelConfig
 from shadowkv.kernels.decode_attention import decode_attention
 from shadowkv.kernels.gather_values import gather_values
@@ -41,7 +44,7 @@ from shadowkv.models.rope import RotaryEmbedding
 
 
 class ShadowKVCache(AttentionCache):
-    """Low-rank pre-RoPE keys and paged exact buffers on ``device``; values in the store."""
+    """Low-rank pre-RoPE keys and paged exact buffers on ``device``; values in two tiers."""
 
     def __init__(
         self,
@@ -66,19 +69,29 @@ class ShadowKVCache(AttentionCache):
         self.factor_page_bytes = L * (P * R * elem + PAGE_CHUNKS * Hkv * (D * elem + 4))
         self.block_bytes = L * 2 * S * model.kv_dim * elem
         fixed = max_num_seqs * self.slot_bytes
-        if memory_bytes < fixed + 2 * (self.factor_page_bytes + self.block_bytes):
+        least = 2 * (self.factor_page_bytes + self.block_bytes)
+        if memory_bytes < fixed + least:
             raise ConfigError(
                 f"a device budget of {memory_bytes / 2**20:.1f} MiB cannot hold ShadowKV state for "
                 f"max_num_seqs={max_num_seqs} ({fixed / 2**20:.1f} MiB of per-sequence factors); "
                 "raise EngineConfig.cache_memory_gb or lower max_num_seqs"
             )
+        ref = reference_layout(cfg, max_model_len)
+        self.value_page_bytes = L * PAGE_CHUNKS * C * model.kv_dim * elem
+        host_bytes, device_value_bytes = self._value_tier_bytes(ref, memory_bytes - fixed - least)
+        if memory_bytes - fixed - device_value_bytes < least:
+            raise ConfigError(
+                f"device_value_memory_gb={cfg.device_value_memory_gb} leaves less than "
+                f"{least / 2**20:.2f} MiB of the {memory_bytes / 2**30:.3f} GiB device budget for "
+                "ShadowKV's keys and buffers; lower it or raise EngineConfig.cache_memory_gb"
+            )
         num_pages, num_blocks = split_device_pages(
-            memory_bytes - fixed,
+            memory_bytes - fixed - device_value_bytes,
             self.factor_page_bytes,
             self.block_bytes,
             P,
             S,
-            reference_layout(cfg, max_model_len),
+            ref,
         )
         fix = "raise EngineConfig.cache_memory_gb, lower max_tokens, or wait for running requests"
         self.factor_pool = PagePool("ShadowKV factor pages", num_pages, f"{P} tokens", fix)
@@ -101,77 +114,104 @@ class ShadowKVCache(AttentionCache):
             torch.full((max_num_seqs, Hkv, self.max_slots), -1, dtype=torch.int32, device=device)
             for _ in range(L)
         ]
-        store_device = torch.device("cpu") if cfg.offload_values else device
-        max_store_pages = cdiv(cdiv(max_model_len, C), PAGE_CHUNKS)
-        if cfg.host_memory_gb is not None:
-            host = int(cfg.host_memory_gb * 2**30)
-        else:
-            need = (max_num_seqs * max_store_pages + 1) * L * PAGE_CHUNKS * C * model.kv_dim * elem
-            host = auto_host_bytes(need, device)
-        self.store = HostValueStore(
-            L,
-            Hkv,
-            D,
-            C,
-            PAGE_CHUNKS,
-            dtype,
-            host,
-            store_device,
-            pin=cfg.offload_values and device.type == "cuda",
+        self.store = ValueStore(
+            L, Hkv, D, C, PAGE_CHUNKS, dtype, host_bytes, device_value_bytes, device
         )
 
         self.tables = SequenceTables(max_num_seqs, max_model_len, C, P, S, device)
         self._hits = torch.zeros(L, dtype=torch.int64, device=device)
         self._used = torch.zeros(L, dtype=torch.int64, device=device)
 
+    def _value_tier_bytes(self, ref: SeqLayout, spare: int) -> tuple[int, int]:
+        """(host, device) bytes of the value tiers; ``spare`` is the device budget the factor
+        and buffer pools need not keep. The auto sizes are documented on ``CacheConfig``."""
+        cfg, page = self.cfg, self.value_page_bytes
+        if not cfg.offload_values:
+            host = 0
+        elif cfg.host_memory_gb is not None:
+            host = int(cfg.host_memory_gb * 2**30)
+        else:
+            max_pages = cdiv(cdiv(self.max_model_len, cfg.chunk_size), PAGE_CHUNKS)
+            host = auto_host_bytes((self.max_num_seqs * max_pages + 1) * page, self.device)
+        if cfg.device_value_memory_gb is not None:
+            return host, int(cfg.device_value_memory_gb * 2**30)
+        if cfg.offload_values and self.device.type != "cuda":
+            return host, 0
+        ref_pages = cdiv(ref.num_chunks, PAGE_CHUNKS)
+        seq_device = (
+            cdiv(ref.prompt_len, self.page_tokens) * self.factor_page_bytes
+            + cdiv(ref.buffer_rows, self.block_rows) * self.block_bytes
+        )
+        host_seqs = max(0, host // page - 1) // ref_pages  # page 0 of a tier is the null page
+        extra = device_tier_seqs(spare, seq_device, ref_pages * page, host_seqs, self.max_num_seqs)
+        return host, (extra * ref_pages + 1) * page if extra else 0
+
     # lifecycle -------------------------------------------------------------------------------
-    def _admission_problem(self, prompt_len: int, max_new_tokens: int) -> str | None:
+    def _layout(
+        self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None
+    ) -> SeqLayout:
+        """The rows a sequence gets; ``exact`` runs it dense, a request budget may only lower
+        ours (ours sizes the selection state)."""
+        new = min(max_new_tokens, self.max_model_len - prompt_len)
+        if options is not None and options.exact:
+            return SeqLayout(prompt_len, new, self.cfg.chunk_size, dense=True)
+        cfg = self.cfg
+        if options is not None and options.sparse_budget is not None:
+            own = cfg.budget_tokens(prompt_len)
+            asked = self.seq_config(options).budget_tokens(prompt_len)
+            cfg = replace(cfg, sparse_budget=min(own, asked))
+        return plan_sequence(cfg, prompt_len, new)
+
+    def _admission_problem(
+        self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None
+    ) -> str | None:
         if prompt_len > self.max_model_len:
             return (
                 f"the prompt has {prompt_len} tokens, more than max_model_len={self.max_model_len}"
             )
         if not self.tables.has_free_row:
             return f"all {self.max_num_seqs} sequence slots are in use"
-        lay = plan_sequence(
-            self.cfg, prompt_len, min(max_new_tokens, self.max_model_len - prompt_len)
-        )
+        lay = self._layout(prompt_len, max_new_tokens, options)
         return (
             self.block_pool.shortfall(cdiv(lay.buffer_rows, self.block_rows))
             or self.factor_pool.shortfall(0 if lay.dense else cdiv(prompt_len, self.page_tokens))
             or self.store.shortfall(lay.num_chunks)
         )
 
-    def fits_empty(self, prompt_len: int, max_new_tokens: int) -> bool:
+    def fits_empty(
+        self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None
+    ) -> bool:
         """Whether the sequence would fit with the pools empty (reads only their fixed sizes)."""
         if prompt_len > self.max_model_len:
             return False
-        lay = plan_sequence(
-            self.cfg, prompt_len, min(max_new_tokens, self.max_model_len - prompt_len)
-        )
+        lay = self._layout(prompt_len, max_new_tokens, options)
         return (
             cdiv(lay.buffer_rows, self.block_rows) <= self.block_pool.capacity
             and (lay.dense or cdiv(prompt_len, self.page_tokens) <= self.factor_pool.capacity)
-            and self.store.pages_for(lay.num_chunks) <= self.store.pool.capacity
+            and self.store.fits_empty(lay.num_chunks)
         )
 
-    def can_add(self, prompt_len: int, max_new_tokens: int) -> bool:
-        return self._admission_problem(prompt_len, max_new_tokens) is None
+    def can_add(
+        self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None
+    ) -> bool:
+        return self._admission_problem(prompt_len, max_new_tokens, options) is None
 
-    def add_sequence(self, seq_id: int, prompt_len: int, max_new_tokens: int) -> None:
-        why = self._admission_problem(prompt_len, max_new_tokens)
+    def add_sequence(
+        self, seq_id: int, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None
+    ) -> None:
+        why = self._admission_problem(prompt_len, max_new_tokens, options)
         if why is not None:
             raise CacheCapacityError(why)
-        lay = plan_sequence(
-            self.cfg, prompt_len, min(max_new_tokens, self.max_model_len - prompt_len)
-        )
-        store_pages: list[int] = []
-        factor_pages: list[int] = []
+        lay = self._layout(prompt_len, max_new_tokens, options)
+        tier, store_pages, factor_pages = HOST, [], []
         if not lay.dense:
-            store_pages = self.store.reserve(seq_id, lay.num_chunks)  # may fail to pin: first
+            # First: pinning the host tier may fail, and then nothing else is held.
+            tier, store_pages = self.store.reserve(seq_id, lay.num_chunks)
             factor_pages = self.factor_pool.reserve(seq_id, cdiv(prompt_len, self.page_tokens))
         blocks = self.block_pool.reserve(seq_id, cdiv(lay.buffer_rows, self.block_rows))
-        row = self.tables.admit(seq_id, lay, factor_pages, store_pages, blocks)
+        row = self.tables.admit(seq_id, lay, factor_pages, store_pages, blocks, tier)
         self.lengths[seq_id] = 0
+        self.options[seq_id] = options or CacheOptions()
         idx = torch.tensor(blocks, device=self.device)
         for layer in range(self.model.num_layers):
             # Rows past a sequence's length are read (masked) by attention: keep them finite.
@@ -186,6 +226,7 @@ class ShadowKVCache(AttentionCache):
             pool.release(seq_id)
         self.tables.release(seq_id)
         self.lengths.pop(seq_id, None)
+        self.options.pop(seq_id, None)
 
     def begin_prefill(self, seq_id: int, num_tokens: int) -> None:
         lay = self.tables.layouts[seq_id]
@@ -223,7 +264,7 @@ class ShadowKVCache(AttentionCache):
         idx = exact_token_index(T, self.cfg.chunk_size, s.num_candidates, s.outlier_ids)
         idx = idx[..., None].expand(-1, -1, D)  # [E, Hkv, D]
         self._write_exact(layer, plan.exact_rows, k.gather(0, idx), v.gather(0, idx))
-        self.store.write(layer, plan.store_pages, v)
+        self.store.write(plan.value_tier, layer, plan.store_pages, v)
 
     def decode(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
@@ -277,14 +318,21 @@ class ShadowKVCache(AttentionCache):
     def _fetch_values(
         self, layer: int, slot_ids: torch.Tensor, miss: torch.Tensor, sp: SparsePlan
     ) -> None:
-        """Missed chunks' values from the store into the buffer.
+        """Missed chunks' values from the store into the buffer, one gather per value tier.
 
         Runs on the current stream; on CUDA this is the place to move the fetch onto a copy
         stream that overlaps ``reconstruct_keys`` (the paper's critical path).
         """
-        gather_values(
-            self.v_buf[layer], self.store.layer(layer), sp.store_tables, slot_ids, miss, sp.dst_rows
-        )
+        for tier, seqs in sp.value_groups:
+            tier_miss = miss if seqs is None else miss & seqs[:, None, None]
+            gather_values(
+                self.v_buf[layer],
+                self.store.layer(tier, layer),
+                sp.store_tables,
+                slot_ids,
+                tier_miss,
+                sp.dst_rows,
+            )
 
     # accounting ------------------------------------------------------------------------------
     def hit_rate(self) -> list[float]:
@@ -308,11 +356,6 @@ class ShadowKVCache(AttentionCache):
                 + self.block_pool.held(s) * self.block_bytes
                 + self.slot_bytes
             )
-            stored = self.store.held_bytes(s)
-            on_host = self.cfg.offload_values
-            total = total + CacheMemory(
-                device_bytes=device + (0 if on_host else stored),
-                host_bytes=stored if on_host else 0,
-                dense_bytes=self.dense_bytes(self.lengths.get(s, 0)),
-            )
+            dense = self.dense_bytes(self.lengths.get(s, 0))
+            total = total + CacheMemory(device, 0, dense) + self.store.memory(s)
         return total

@@ -83,12 +83,12 @@ class PagePool:
     """``num_pages`` fixed-size pages; page 0 is the null page, never handed out.
 
     Freed pages are reused first; fresh ones are counted, not listed, so a huge pool costs
-    nothing until it is used.
+    nothing until it is used. A pool with room for the null page only has capacity 0.
     """
 
     def __init__(self, name: str, num_pages: int, unit: str, fix: str) -> None:
         self.name, self.unit, self.fix = name, unit, fix
-        self.num_pages = max(2, num_pages)
+        self.num_pages = max(1, num_pages)
         self._recycled: list[int] = []
         self._next_fresh = 1
         self.owned: dict[int, list[int]] = {}

@@ -22,6 +22,7 @@ class PrefillPlan:
     factor_rows: torch.Tensor  # [T] rows of the factor pages (empty when dense)
     landmark_rows: torch.Tensor  # [N] rows of the landmark pages
     store_pages: torch.Tensor  # value-store pages in chunk order
+    value_tier: int  # the store tier those pages belong to
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class SparsePlan:
     num_select: torch.Tensor  # [B] int32
     dst_rows: torch.Tensor  # [B, K*C] int64 buffer rows of the selected slots, -1 unused
     primed: torch.Tensor  # [B] bool: the slots hold a previous step's selection
+    # (tier, [B] bool: the sequences whose values it holds, or None for all of them) per tier
+    # that holds a sparse sequence of the step: decode gathers once per entry.
+    value_groups: tuple[tuple[int, torch.Tensor | None], ...]
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,10 @@ class DecodePlan:
 
 
 class SequenceTables:
-    """Sequence slots, their layouts, and device page tables (factor, value-store, buffer)."""
+    """Sequence slots, their layouts, and device page tables (factor, value-store, buffer).
+
+    Value-store page numbers index the arena of the sequence's tier (``value_tier``).
+    """
 
     def __init__(
         self,
@@ -68,6 +75,7 @@ class SequenceTables:
         self.buffer = table(cdiv(max_model_len, block_rows))
         self.rows: dict[int, int] = {}
         self.layouts: dict[int, SeqLayout] = {}
+        self.value_tier: dict[int, int] = {}
         self.primed: set[int] = set()  # sequences whose slots hold a previous selection
         self._free = list(range(max_num_seqs - 1, -1, -1))
 
@@ -82,6 +90,7 @@ class SequenceTables:
         factor_pages: list[int],
         store_pages: list[int],
         blocks: list[int],
+        value_tier: int,
     ) -> int:
         """Give a sequence a slot and fill its tables; returns the slot row."""
         row = self._free.pop()
@@ -92,6 +101,7 @@ class SequenceTables:
         ):
             t[row, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
         self.rows[seq_id], self.layouts[seq_id] = row, layout
+        self.value_tier[seq_id] = value_tier
         return row
 
     def release(self, seq_id: int) -> None:
@@ -100,6 +110,7 @@ class SequenceTables:
             t[row] = 0
         self._free.append(row)
         self.layouts.pop(seq_id)
+        self.value_tier.pop(seq_id)
         self.primed.discard(seq_id)
 
     def buffer_rows(self, seq_id: int, start: int, end: int) -> torch.Tensor:
@@ -122,6 +133,7 @@ class SequenceTables:
             factor_rows=table[tok // P] * P + tok % P,
             landmark_rows=table[lm // PAGE_CHUNKS] * PAGE_CHUNKS + lm % PAGE_CHUNKS,
             store_pages=self.store[row].long(),
+            value_tier=self.value_tier[seq_id],
         )
 
     def plan_decode(self, seq_ids: list[int], lengths: list[int]) -> DecodePlan:
@@ -175,4 +187,16 @@ class SequenceTables:
             num_select=num_select,
             dst_rows=dst.masked_fill(~used, -1),
             primed=torch.tensor([s in self.primed for s in seq_ids], device=dev),
+            value_groups=self._value_groups(seq_ids, lays),
+        )
+
+    def _value_groups(
+        self, seq_ids: list[int], lays: list[SeqLayout]
+    ) -> tuple[tuple[int, torch.Tensor | None], ...]:
+        tiers = [self.value_tier[s] for s in seq_ids]
+        used = sorted({t for t, lay in zip(tiers, lays) if not lay.dense})
+        if len(used) == 1:  # dense sequences have no misses, so one tier serves the whole batch
+            return ((used[0], None),)
+        return tuple(
+            (u, torch.tensor([t == u for t in tiers], device=self.device)) for u in used
         )

@@ -92,8 +92,9 @@ class SparseCache(DenseCache):
         lengths = [self.lengths[s] for s in seq_ids]
         selectable = [p - self.local_tokens(p) for p in prompt]
         units = []
-        for p, n in zip(prompt, selectable):
-            budget = self.cfg.budget_tokens(p)
+        for s, p, n in zip(seq_ids, prompt, selectable):
+            opts = self.options[s]
+            budget = n if opts.exact else self.seq_config(opts).budget_tokens(p)
             units.append(-(-n // self.unit) if budget >= n else budget // self.unit)
         dev = self.device
         self._seq_rows = torch.tensor([self.rows[s] for s in seq_ids], device=dev)  # [B]

@@ -1,24 +1,30 @@
-"""The value store: every prompt chunk's values, paged, in host memory (pinned on CUDA).
+"""The value store: every prompt chunk's values, paged, in a host tier and a device tier.
 
-Layout per layer ``[num_pages, Pc, Hkv, C*D]``: one chunk of one KV head is one contiguous row of
-``C*D`` values, so fetching a selected chunk is one row copy. The arena is allocated at the first
-admission, not at construction, so a host that cannot pin it refuses that request with a
-``CacheCapacityError`` instead of failing engine start-up.
+Both tiers have the layout ``[num_pages, Pc, Hkv, C*D]`` per layer: one chunk of one KV head is
+one contiguous row of ``C*D`` values, so fetching a selected chunk is one row copy, and the same
+gather op reads either tier. A sequence's values live wholly in one tier, chosen at admission:
+the host tier (pinned on CUDA) when it has the pages, else the device tier, which is carved out
+of the device cache budget. The host arena is allocated at the first admission, not at
+construction, so a host that cannot pin it refuses that request with a ``CacheCapacityError``
+instead of failing engine start-up; the device arena is allocated up front like the other device
+pools.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
-from shadowkv.cache.base import CacheCapacityError
+from shadowkv.cache.base import CacheCapacityError, CacheMemory
 from shadowkv.cache.shadow_layout import PagePool, cdiv
 
-# Share of host RAM the auto-sized store may take: CPU runs keep room for the model and the
+# Share of host RAM the auto-sized host tier may take: CPU runs keep room for the model and the
 # activations in the same memory; CUDA runs pin, and pinned pages cannot be swapped.
 CPU_HOST_SHARE = 0.25
 CUDA_HOST_SHARE = 0.5
+HOST, DEVICE = 0, 1  # tier indices, in admission order
 
 
 def available_host_bytes() -> int:
@@ -29,69 +35,64 @@ def available_host_bytes() -> int:
 
 
 def auto_host_bytes(need: int, device: torch.device) -> int:
-    """The store size when ``host_memory_gb`` is None: what is needed, capped by a share of RAM."""
+    """The host tier size when ``host_memory_gb`` is None: the need, capped by a share of RAM."""
     share = CUDA_HOST_SHARE if device.type == "cuda" else CPU_HOST_SHARE
     return min(need, int(available_host_bytes() * share))
 
 
-class HostValueStore:
-    """Paged value chunks for all layers; sequences reserve pages of ``chunks_per_page`` chunks."""
+def device_tier_seqs(
+    spare_bytes: int, seq_device_bytes: int, seq_value_bytes: int, host_seqs: int, max_seqs: int
+) -> int:
+    """How many reference sequences an auto-sized device tier holds.
+
+    Of ``spare_bytes`` of device budget, a host-tier sequence takes ``seq_device_bytes`` (factors
+    and buffers) and a device-tier one that plus ``seq_value_bytes``. The host tier fills first
+    (up to ``host_seqs``); the device tier takes as many more as the rest of the budget holds at
+    the higher cost, up to ``max_seqs`` sequences in all. Zero when the device budget, not the
+    host tier, limits the batch.
+    """
+    on_host = min(host_seqs, max_seqs, spare_bytes // seq_device_bytes)
+    left = spare_bytes - on_host * seq_device_bytes
+    return max(0, min(max_seqs - on_host, left // (seq_device_bytes + seq_value_bytes)))
+
+
+class ValueTier:
+    """One arena of value pages ``[L, num_pages, Pc, Hkv, C*D]`` and the pool handing them out."""
 
     def __init__(
         self,
+        name: str,
         num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        chunk_size: int,
-        chunks_per_page: int,
+        page_shape: tuple[int, int, int],
         dtype: torch.dtype,
         capacity_bytes: int,
         device: torch.device,
         pin: bool,
+        fix: str,
     ) -> None:
-        self.shape = (chunks_per_page, num_kv_heads, chunk_size * head_dim)
-        self.num_layers, self.chunk_size, self.dtype = num_layers, chunk_size, dtype
-        self.device, self.pin = device, pin
+        self.name, self.num_layers, self.page_shape = name, num_layers, page_shape
+        self.dtype = dtype
+        self.device, self.pin, self.fix = device, pin, fix
         elem = torch.empty((), dtype=dtype).element_size()
-        self.page_bytes = num_layers * chunks_per_page * num_kv_heads * chunk_size * head_dim * elem
-        self.pool = PagePool(
-            "host value store",
-            capacity_bytes // self.page_bytes,
-            f"{chunks_per_page * chunk_size} tokens",
-            "give the store more host memory (CacheConfig.host_memory_gb), lower the number of "
-            "concurrent sequences, or wait for running requests to finish",
-        )
-        self._data: torch.Tensor | None = None  # [L, num_pages, Pc, Hkv, C*D], allocated lazily
-
-    @property
-    def chunks_per_page(self) -> int:
-        return self.shape[0]
-
-    def pages_for(self, num_chunks: int) -> int:
-        return cdiv(num_chunks, self.chunks_per_page)
-
-    def shortfall(self, num_chunks: int) -> str | None:
-        return self.pool.shortfall(self.pages_for(num_chunks))
-
-    def reserve(self, seq_id: int, num_chunks: int) -> list[int]:
-        self._allocate()
-        return self.pool.reserve(seq_id, self.pages_for(num_chunks))
-
-    def release(self, seq_id: int) -> None:
-        self.pool.release(seq_id)
-
-    def held_bytes(self, seq_id: int) -> int:
-        return self.pool.held(seq_id) * self.page_bytes
+        self.page_bytes = num_layers * math.prod(page_shape) * elem
+        num_pages = capacity_bytes // self.page_bytes
+        self.pool = PagePool(f"{name} value tier", num_pages, f"{page_shape[0]} chunks", fix)
+        self._data: torch.Tensor | None = None  # [L, num_pages, Pc, Hkv, C*D]
 
     def layer(self, layer: int) -> torch.Tensor:
         """``[num_pages, Pc, Hkv, C*D]`` values of one layer."""
-        assert self._data is not None, "the store is allocated at the first reserve()"
+        assert self._data is not None, "a tier is allocated before its first page is handed out"
         return self._data[layer]
+
+    def reserve(self, seq_id: int, num_pages: int) -> list[int]:
+        if num_pages:
+            self.allocate()
+        return self.pool.reserve(seq_id, num_pages)
 
     def write(self, layer: int, pages: torch.Tensor, values: torch.Tensor) -> None:
         """Store one sequence's prompt values ``[T, Hkv, D]`` in its ``pages`` (int64, in order)."""
         T, Hkv, D = values.shape
-        C, Pc = self.chunk_size, self.chunks_per_page
+        Pc, C = self.page_shape[0], self.page_shape[2] // D
         n = cdiv(T, C)
         padded = values.new_zeros(n * C, Hkv, D)
         padded[:T] = values
@@ -101,10 +102,10 @@ class HostValueStore:
         store = self.layer(layer).view(-1, Hkv, C * D)
         store[dst.to(store.device)] = rows.to(store.device, self.dtype)
 
-    def _allocate(self) -> None:
-        if self._data is not None:
+    def allocate(self) -> None:
+        if self._data is not None or self.pool.capacity == 0:
             return
-        shape = (self.num_layers, self.pool.num_pages, *self.shape)
+        shape = (self.num_layers, self.pool.num_pages, *self.page_shape)
         try:
             self._data = torch.empty(
                 shape, dtype=self.dtype, device=self.device, pin_memory=self.pin
@@ -113,6 +114,100 @@ class HostValueStore:
             gib = self.pool.num_pages * self.page_bytes / 2**30
             where = "pinned host" if self.pin else str(self.device)
             raise CacheCapacityError(
-                f"could not allocate the {gib:.1f} GiB value store in {where} memory ({err}); "
-                "set CacheConfig.host_memory_gb lower"
+                f"could not allocate the {gib:.1f} GiB {self.name} value tier in {where} memory "
+                f"({err}); {self.fix}"
             ) from err
+
+
+class ValueStore:
+    """The two value tiers; each sequence's pages come wholly from one, host first."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        chunk_size: int,
+        chunks_per_page: int,
+        dtype: torch.dtype,
+        host_bytes: int,
+        device_bytes: int,
+        device: torch.device,
+    ) -> None:
+        shape = (chunks_per_page, num_kv_heads, chunk_size * head_dim)
+        self.page_tokens = chunks_per_page * chunk_size
+        self.tiers = (
+            ValueTier(
+                "host",
+                num_layers,
+                shape,
+                dtype,
+                host_bytes,
+                torch.device("cpu"),
+                pin=device.type == "cuda",
+                fix="set CacheConfig.host_memory_gb lower",
+            ),
+            ValueTier(
+                "device",
+                num_layers,
+                shape,
+                dtype,
+                device_bytes,
+                device,
+                pin=False,
+                fix="set CacheConfig.device_value_memory_gb or EngineConfig.cache_memory_gb lower",
+            ),
+        )
+        self.tiers[DEVICE].allocate()  # part of the device budget, like the other device pools
+
+    @property
+    def page_bytes(self) -> int:
+        return self.tiers[HOST].page_bytes
+
+    def pages_for(self, num_chunks: int) -> int:
+        return cdiv(num_chunks, self.tiers[HOST].page_shape[0])
+
+    def placement(self, num_chunks: int) -> int | None:
+        """The tier a sequence of ``num_chunks`` chunks would go to now, or None if neither fits."""
+        need = self.pages_for(num_chunks)
+        return next((i for i, t in enumerate(self.tiers) if need <= t.pool.num_free), None)
+
+    def fits_empty(self, num_chunks: int) -> bool:
+        return any(self.pages_for(num_chunks) <= t.pool.capacity for t in self.tiers)
+
+    def shortfall(self, num_chunks: int) -> str | None:
+        """Why a sequence's values cannot be placed now, or None when one tier has the pages."""
+        if self.placement(num_chunks) is not None:
+            return None
+        host, dev = (t.pool for t in self.tiers)
+        return (
+            f"value store: needs {self.pages_for(num_chunks)} pages of {self.page_tokens} tokens "
+            f"in one tier, but the host tier has {host.num_free} free of {host.capacity} and "
+            f"the device tier {dev.num_free} free of {dev.capacity}; enlarge the host tier "
+            "(CacheConfig.host_memory_gb, --host-memory-gb) or the device tier "
+            "(CacheConfig.device_value_memory_gb, --device-value-memory-gb, taken from "
+            "EngineConfig.cache_memory_gb), lower the number of concurrent sequences, or wait "
+            "for running requests to finish"
+        )
+
+    def reserve(self, seq_id: int, num_chunks: int) -> tuple[int, list[int]]:
+        """A sequence's value pages: ``(tier, pages)``; no chunks => the host tier, no pages."""
+        tier = self.placement(num_chunks)
+        if tier is None:
+            raise CacheCapacityError(self.shortfall(num_chunks))
+        return tier, self.tiers[tier].reserve(seq_id, self.pages_for(num_chunks))
+
+    def release(self, seq_id: int) -> None:
+        for t in self.tiers:
+            t.pool.release(seq_id)
+
+    def layer(self, tier: int, layer: int) -> torch.Tensor:
+        return self.tiers[tier].layer(layer)
+
+    def write(self, tier: int, layer: int, pages: torch.Tensor, values: torch.Tensor) -> None:
+        self.tiers[tier].write(layer, pages, values)
+
+    def memory(self, seq_id: int) -> CacheMemory:
+        """A sequence's value bytes: device tier as device bytes, host tier as host bytes."""
+        host, dev = (t.pool.held(seq_id) * t.page_bytes for t in self.tiers)
+        return CacheMemory(device_bytes=dev, host_bytes=host)

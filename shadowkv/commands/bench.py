@@ -13,7 +13,11 @@ from pathlib import Path
 
 from shadowkv.bench.models import ARCHITECTURES
 from shadowkv.bench.throughput import BenchConfig, run_throughput
-from shadowkv.commands.common import budget_or_fraction, cache_config_from_args
+from shadowkv.commands.common import (
+    add_value_memory_args,
+    budget_or_fraction,
+    cache_config_from_args,
+)
 from shadowkv.config import CACHE_METHODS, CacheConfig, ConfigError
 
 _CACHE_DEFAULTS = {f.name: f.default for f in fields(CacheConfig)}
@@ -93,12 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--chunk-size", type=int, default=_CACHE_DEFAULTS["chunk_size"])
     c.add_argument("--outlier-chunks", type=int, default=_CACHE_DEFAULTS["outlier_chunks"])
     c.add_argument("--local-chunks", type=int, default=_CACHE_DEFAULTS["local_chunks"])
-    c.add_argument(
-        "--host-memory-gb",
-        type=float,
-        default=None,
-        help="host memory for offloaded values (default: automatic)",
-    )
+    add_value_memory_args(c)
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
 
 

@@ -42,8 +42,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--chunk-size", type=int, default=_CACHE_DEFAULTS["chunk_size"])
     c.add_argument("--outlier-chunks", type=int, default=_CACHE_DEFAULTS["outlier_chunks"])
     c.add_argument("--local-chunks", type=int, default=_CACHE_DEFAULTS["local_chunks"])
-    c.add_argument("--host-memory-gb", type=float, default=None,
+    add_value_memory_args(c)
+
+
+def add_value_memory_args(g: argparse._ArgumentGroup) -> None:
+    """The two value-tier sizes of ShadowKV (``CacheConfig.host_memory_gb`` and
+    ``device_value_memory_gb``)."""
+    g.add_argument("--host-memory-gb", type=float, default=None,
                    help="host memory for offloaded values (shadowkv; default: automatic)")
+    g.add_argument("--device-value-memory-gb", type=float, default=None,
+                   help="device memory, within the cache budget, for the values of sequences the "
+                   "host tier cannot hold (shadowkv; default: 0 on CPU, on CUDA what balances "
+                   "the host tier against the device budget)")
 
 
 def cache_config_from_args(args: argparse.Namespace, method: str | None = None) -> CacheConfig:
@@ -56,6 +66,7 @@ def cache_config_from_args(args: argparse.Namespace, method: str | None = None) 
         outlier_chunks=args.outlier_chunks,
         local_chunks=args.local_chunks,
         host_memory_gb=args.host_memory_gb,
+        device_value_memory_gb=args.device_value_memory_gb,
     )
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from shadowkv.cache import AttentionCache, CacheCapacityError, make_cache
+from shadowkv.cache.base import CacheOptions
 from shadowkv.config import CacheConfig, EngineConfig, ModelConfig
 from shadowkv.engine.prompt_kv import PromptKV, RecordingCache
 from shadowkv.engine.request import Request, Status
@@ -107,9 +108,13 @@ class Engine:
         params: SamplingParams,
         prompt_kv: PromptKV | None = None,
         record_prompt_kv: bool = False,
+        cache_options: CacheOptions | None = None,
     ) -> Request:
         """Queue a request. ``prompt_kv`` replays a recorded prefill of these exact tokens instead
-        of running the model; ``record_prompt_kv`` keeps this prefill in ``Request.prompt_kv``."""
+        of running the model; ``record_prompt_kv`` keeps this prefill in ``Request.prompt_kv``;
+        ``cache_options`` tunes the cache method for this request alone."""
+        if cache_options is not None:
+            self.cache.check_options(cache_options)
         if prompt_kv is not None and list(prompt_kv.token_ids) != list(prompt_ids):
             raise PromptError("prompt_kv was recorded for other prompt tokens")
         if not prompt_ids:
@@ -121,13 +126,14 @@ class Engine:
                 f"shorten it to at most {self.max_model_len - 1} tokens"
             )
         max_new = min(params.max_tokens, self.max_model_len - n)
-        if not self.running and not self.waiting and not self.cache.can_add(n, max_new):
+        if not self.running and not self.waiting and not self.cache.can_add(n, max_new, cache_options):
             raise CacheCapacityError(
                 f"a request of {n} prompt + {max_new} new tokens cannot fit in the cache even when "
                 "it is empty; lower max_tokens or give the cache more memory"
             )
         req = Request(self._next_id, list(prompt_ids), params, self.eos_ids, make_generator(params, self.device))
         req.prompt_kv, req.record_prompt_kv = prompt_kv, record_prompt_kv
+        req.cache_options = cache_options
         self._next_id += 1
         self.waiting.append(req)
         return req
@@ -152,14 +158,16 @@ class Engine:
         """The request whose prefill is under way (between slices), if any."""
         return self._prefilling.request if self._prefilling else None
 
-    def fits_ever(self, prompt_len: int, max_new: int) -> bool:
+    def fits_ever(self, prompt_len: int, max_new: int, options: CacheOptions | None = None) -> bool:
         """Whether a request of this size could be admitted into the empty cache.
 
         Reads sizes only (no per-sequence state), so another thread may call it while steps run.
         """
         if not 0 < prompt_len < self.max_model_len:
             return False
-        return self.cache.fits_empty(prompt_len, min(max_new, self.max_model_len - prompt_len))
+        return self.cache.fits_empty(
+            prompt_len, min(max_new, self.max_model_len - prompt_len), options
+        )
 
     # the loop ----------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
@@ -183,10 +191,11 @@ class Engine:
         """Start the head request's prefill if a decode slot and cache room are free."""
         req = self.waiting[0]
         n, max_new = len(req.prompt_ids), self._max_new(req)
-        if len(self.running) >= self.cfg.max_num_seqs or not self.cache.can_add(n, max_new):
+        opts = req.cache_options
+        if len(self.running) >= self.cfg.max_num_seqs or not self.cache.can_add(n, max_new, opts):
             return
         req.prefill_start = time.perf_counter()
-        self.cache.add_sequence(req.request_id, n, max_new)  # may still refuse (pinning): stays queued
+        self.cache.add_sequence(req.request_id, n, max_new, opts)  # may refuse (pinning): stays queued
         self.waiting.popleft()
         self.cache.begin_prefill(req.request_id, n)
         cache: AttentionCache | RecordingCache = self.cache

@@ -12,6 +12,7 @@ import torch
 from shadowkv.engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
+    from shadowkv.cache.base import CacheOptions
     from shadowkv.engine.prompt_kv import PromptKV
 
 
@@ -40,6 +41,7 @@ class Request:
     memory: dict[str, Any] | None = None  # cache bytes held at the end of prefill
     prompt_kv: PromptKV | None = None  # a recorded prefill: replayed if given, else kept if asked
     record_prompt_kv: bool = False
+    cache_options: CacheOptions | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from shadowkv.cache.base import CacheCapacityError
+from shadowkv.cache.base import CacheCapacityError, CacheOptionsError
 from shadowkv.engine.engine import ContextLengthError, PromptError
 from shadowkv.engine.sampling import SamplingError
 from shadowkv.errors import USER_ERRORS
@@ -114,7 +114,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None) -> FastAPI
         room = llm.max_model_len - len(ids)
         try:
             params = body.sampling_params(max_tokens if max_tokens is not None else max(1, room))
-            handle = worker.submit(ids, params, stream=bool(body.stream))
+            options = body.cache_options()
+            handle = worker.submit(ids, params, stream=bool(body.stream), cache_options=options)
         except USER_ERRORS as err:
             raise to_api_error(err, param) from err
         first = await next_event(handle, request, worker)
@@ -306,6 +307,8 @@ def to_api_error(err: Exception, param: str | None) -> APIError:
         return APIError(400, msg, param=msg.split(" ", 1)[0], code="invalid_parameter")
     if isinstance(err, PromptError):
         return APIError(400, msg, param=param, code="invalid_prompt")
+    if isinstance(err, CacheOptionsError):
+        return APIError(400, msg, param="cache", code="invalid_parameter")
     if isinstance(err, USER_ERRORS):
         return APIError(400, msg, param=param)
     if isinstance(err, WorkerStopped):

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shadowkv.cache.base import CacheOptions
 from shadowkv.engine.sampling import SamplingParams
 
 
@@ -50,6 +51,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class CacheFields(BaseModel):
+    """The ``cache`` extension: this request's settings of the server's cache method."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt knob must not be silently ignored
+
+    exact: bool = False
+    sparse_budget: float | None = None
+
+
 class SamplingFields(BaseModel):
     """Fields shared by both endpoints; unknown fields are ignored (OpenAI clients send extras)."""
 
@@ -71,6 +81,13 @@ class SamplingFields(BaseModel):
     frequency_penalty: float | None = None
     logprobs: Any = None
     logit_bias: dict[str, float] | None = None
+    cache: CacheFields | None = None  # an extension: per-request cache settings
+
+    def cache_options(self) -> CacheOptions | None:
+        """The ``cache`` field as engine options (value checks raise ``CacheOptionsError``)."""
+        if self.cache is None:
+            return None
+        return CacheOptions(exact=self.cache.exact, sparse_budget=self.cache.sparse_budget)
 
     def check_supported(self) -> None:
         """Refuse what we parse but do not implement, naming the field."""

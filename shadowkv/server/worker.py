@@ -16,7 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from shadowkv.cache.base import CacheCapacityError, CacheMemory
+from shadowkv.cache.base import CacheCapacityError, CacheMemory, CacheOptions
 from shadowkv.engine.engine import ContextLengthError, Engine, PromptError, StepOutput
 from shadowkv.engine.request import Request
 from shadowkv.engine.sampling import SamplingParams
@@ -66,9 +66,11 @@ class Handle:
         params: SamplingParams,
         stream: bool,
         loop: asyncio.AbstractEventLoop,
+        cache_options: CacheOptions | None = None,
     ) -> None:
         self.prompt_ids = prompt_ids
         self.params = params
+        self.cache_options = cache_options
         self.stream = stream  # False: only the last event is sent (``Finished`` holds all the text)
         self.loop = loop
         self.events: asyncio.Queue[Event] = asyncio.Queue()
@@ -147,19 +149,25 @@ class EngineWorker:
     def stats(self) -> WorkerStats:
         return self._stats
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> Handle:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stream: bool = True,
+        cache_options: CacheOptions | None = None,
+    ) -> Handle:
         """Queue a request, or raise a user error now if it could never be served.
 
         Must be called from a running event loop: its events are delivered to that loop.
         """
         try:
-            self._check_admissible(prompt_ids, params)
+            self._check_admissible(prompt_ids, params, cache_options)
         except USER_ERRORS:
             self.rejected += 1
             raise
         if not self.alive:
             raise WorkerStopped("the engine thread is not running")
-        handle = Handle(list(prompt_ids), params, stream, asyncio.get_running_loop())
+        handle = Handle(list(prompt_ids), params, stream, asyncio.get_running_loop(), cache_options)
         self._inbox.put(("add", handle))
         return handle
 
@@ -167,8 +175,12 @@ class EngineWorker:
         """Stop generating for ``handle`` and free its cache memory (a no-op once it finished)."""
         self._inbox.put(("abort", handle))
 
-    def _check_admissible(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def _check_admissible(
+        self, prompt_ids: list[int], params: SamplingParams, options: CacheOptions | None
+    ) -> None:
         n, limit = len(prompt_ids), self.engine.max_model_len
+        if options is not None:
+            self.engine.cache.check_options(options)  # reads the method's settings only
         if n == 0:
             raise PromptError("the prompt is empty")
         if n >= limit:
@@ -179,7 +191,7 @@ class EngineWorker:
         vocab = self.engine.model_cfg.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise PromptError(f"prompt token ids must be in [0, {vocab}) for this model")
-        if not self.engine.fits_ever(n, params.max_tokens):
+        if not self.engine.fits_ever(n, params.max_tokens, options):
             max_new = min(params.max_tokens, limit - n)
             raise CacheCapacityError(
                 f"a request of {n} prompt + {max_new} new tokens can never fit in this server's "
@@ -230,7 +242,9 @@ class EngineWorker:
 
     def _admit(self, handle: Handle) -> None:
         try:
-            handle.request = self.engine.add_request(handle.prompt_ids, handle.params)
+            handle.request = self.engine.add_request(
+                handle.prompt_ids, handle.params, cache_options=handle.cache_options
+            )
         except USER_ERRORS as err:
             self._deliver(handle, Failed(err))
             return

@@ -13,8 +13,10 @@ from utils import PASSKEY_ANSWER, assert_close_verbose, passkey_prompt, read_ess
 
 from shadowkv import LLM, CacheConfig, EngineConfig, SamplingParams
 from shadowkv.cache import CacheCapacityError, make_cache
+from shadowkv.cache.base import CacheOptions
 from shadowkv.cache.shadow import ShadowKVCache
 from shadowkv.cache.shadow_prefill import lowrank_factors, summarize_chunks
+from shadowkv.cache.store import HOST
 from shadowkv.config import ConfigError, ModelConfig
 from shadowkv.models.loader import load_model
 from shadowkv.models.rope import RotaryEmbedding
@@ -161,10 +163,11 @@ def test_admission_checks_host_store_and_frees_pages() -> None:
     with pytest.raises(CacheCapacityError, match="host_memory_gb"):
         cache.add_sequence(1, 200, 8)
     assert cache.can_add(60, 8), "a prompt short enough to run dense needs no host store"
-    free = (cache.factor_pool.num_free, cache.block_pool.num_free, cache.store.pool.num_free)
+    host = cache.store.tiers[HOST].pool
+    free = (cache.factor_pool.num_free, cache.block_pool.num_free, host.num_free)
     cache.free_sequence(0)
     assert cache.can_add(200, 8)
-    assert cache.store.pool.num_free == free[2] + 2 and cache.factor_pool.num_free == free[0] + 2
+    assert host.num_free == free[2] + 2 and cache.factor_pool.num_free == free[0] + 2
 
 
 def test_fits_empty_judges_the_empty_pools_not_the_busy_ones() -> None:
@@ -175,6 +178,19 @@ def test_fits_empty_judges_the_empty_pools_not_the_busy_ones() -> None:
     assert not cache.fits_empty(400, 8), "needs more store pages than the store has"
     assert cache.fits_empty(60, 8), "dense fallback needs no store pages"
     assert not cache.fits_empty(MAX_LEN + 1, 8)
+
+
+def test_request_options_plan_the_sequence() -> None:
+    cache = make_shadow(CacheConfig(method="shadowkv", sparse_budget=32, outlier_chunks=2))
+    cache.add_sequence(0, 200, 8, CacheOptions(exact=True))
+    cache.add_sequence(1, 200, 8, CacheOptions(sparse_budget=16))
+    cache.add_sequence(2, 200, 8, CacheOptions(sparse_budget=400))  # capped at the engine's
+    lays = [cache.tables.layouts[s] for s in range(3)]
+    assert lays[0].dense and lays[0].buffer_rows == 208 and cache.memory(0).host_bytes == 0
+    assert (lays[1].num_select, lays[2].num_select) == (2, 4)
+    assert cache.options[0].exact and cache.options[1].sparse_budget == 16
+    cache.free_sequence(0)
+    assert 0 not in cache.options
 
 
 def test_store_allocation_failure_refuses_admission_not_startup() -> None:

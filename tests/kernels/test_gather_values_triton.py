@@ -1,6 +1,7 @@
 """Triton ``gather_values`` == PyTorch reference == a per-row Python copy (CPU: interpreter).
 
-On CUDA the store is pinned host memory read in place by the kernel (zero-copy).
+On CUDA a host-tier store is pinned host memory read in place by the kernel (zero-copy); a
+device-tier store is a device tensor.
 """
 
 from __future__ import annotations
@@ -99,6 +100,19 @@ def test_matches_reference_and_oracle(
     chunks, Hkv: int, K: int, C: int, D: int, Pc: int, dtype
 ) -> None:
     case = make_case(chunks, Hkv, K, C, D, Pc, dtype)
+    want = oracle(case)
+    out = run(triton_op, case)
+    assert torch.equal(out.isnan(), want.isnan()), "written rows differ from the missed rows"
+    assert torch.equal(out.nan_to_num(), want.nan_to_num())
+    assert torch.equal(run(reference, case).nan_to_num(), want.nan_to_num())
+
+
+@pytest.mark.parametrize(("chunks", "Hkv", "K", "C", "D", "Pc"), SHAPES)
+def test_device_resident_store_matches_reference_and_oracle(
+    chunks, Hkv: int, K: int, C: int, D: int, Pc: int
+) -> None:
+    case = make_case(chunks, Hkv, K, C, D, Pc, torch.float32)
+    case["store"] = case["store"].to(DEVICE)  # the device value tier
     want = oracle(case)
     out = run(triton_op, case)
     assert torch.equal(out.isnan(), want.isnan()), "written rows differ from the missed rows"

@@ -218,6 +218,18 @@ def _long_prompt(words: int) -> str:
 
 BAD_REQUESTS = [
     pytest.param(
+        "/v1/completions", {"prompt": "w5", "cache": {"sparse_budget": 64}}, {}, 400,
+        "invalid_parameter", "cache", id="sparse-budget-on-a-dense-server",
+    ),
+    pytest.param(
+        "/v1/completions", {"prompt": "w5", "cache": {"sparse_budget": -1}}, {}, 400,
+        "invalid_parameter", "cache", id="negative-sparse-budget",
+    ),
+    pytest.param(
+        "/v1/completions", {"prompt": "w5", "cache": {"budget": 64}}, {}, 400,
+        "invalid_value", "cache.budget", id="unknown-cache-field",
+    ),
+    pytest.param(
         "/v1/completions", b'{"prompt": "w5",', {}, 400, "invalid_json", None, id="malformed-json"
     ),
     pytest.param(
@@ -408,7 +420,7 @@ def test_bad_request_gets_4xx_and_server_keeps_serving(
 def test_request_refused_at_admission_when_the_cache_cannot_say_up_front(tiny, monkeypatch) -> None:
     """A cache whose ``fits_empty`` cannot tell: the engine refuses it once nothing else runs."""
     live, _ = tiny
-    monkeypatch.setattr(live.llm.engine.cache, "fits_empty", lambda n, m: True)
+    monkeypatch.setattr(live.llm.engine.cache, "fits_empty", lambda n, m, options=None: True)
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(
             live.client.post,
@@ -695,3 +707,28 @@ def test_smollm2_concurrent_mixed_requests_match_generate(smol) -> None:
         assert got[key] == (want.text, want.finish_reason, len(want.token_ids)), key
     for key in ("stop-stream", "stop"):
         assert got[key][:2] == (stopped, "stop"), key
+
+
+def test_per_request_cache_options_on_a_sparse_server(tiny_checkpoint) -> None:
+    """On a Quest server, ``"cache": {"exact": true}`` answers as dense attention does, and a
+    request's own budget answers as a server started with that budget does."""
+    path = str(tiny_checkpoint("llama"))
+    prompt = " ".join(f"w{(7 * i) % 500 + 3}" for i in range(300))
+    engine = EngineConfig(max_model_len=TINY_CONTEXT, cache_memory_gb=0.02)
+
+    def text(cache: CacheConfig) -> str:
+        llm = LLM(path, device="cpu", cache=cache, engine=engine)
+        return llm.generate(prompt, SamplingParams(max_tokens=12))[0].text
+
+    dense, quest16 = text(CacheConfig()), text(CacheConfig(method="quest", sparse_budget=16))
+    llm = LLM(path, device="cpu", cache=CacheConfig(method="quest", sparse_budget=64), engine=engine)
+    with serve(llm, "tiny-quest") as live:
+        def complete(cache: dict | None) -> str:
+            body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, **({"cache": cache} if cache else {})}
+            r = live.client.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        own = complete(None)
+        assert complete({"exact": True}) == dense != quest16
+        assert complete({"sparse_budget": 16}) == quest16 != own

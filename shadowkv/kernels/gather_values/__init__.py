@@ -1,4 +1,8 @@
-"""``gather_values``: values of missed chunks from the (host) value store into the buffer."""
+"""``gather_values``: values of missed chunks from one value-store tier into the buffer.
+
+The store is one layer of either tier: host memory (pinned on CUDA, read zero-copy by the
+kernel) or the compute device's own memory (read like any device tensor).
+"""
 
 from __future__ import annotations
 
@@ -37,6 +41,11 @@ def gather_values(
         raise ValueError(
             f"miss must match slot_ids {tuple(slot_ids.shape)} and dst_rows must be "
             f"[B, K*C] = [{B}, {K * C}], got {tuple(dst_rows.shape)}"
+        )
+    if store.device not in (v_cache.device, torch.device("cpu")):
+        raise ValueError(
+            f"the store must be in host memory or on v_cache's device {v_cache.device}, "
+            f"not {store.device}"
         )
     if store.dtype != v_cache.dtype:
         raise ValueError(f"store dtype {store.dtype} differs from v_cache dtype {v_cache.dtype}")

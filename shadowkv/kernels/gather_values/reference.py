@@ -27,8 +27,8 @@ def gather_values(
     Args:
         v_cache: ``[num_blocks, S, Hkv, D]`` paged value buffer on the compute device, written in
             place.
-        store: ``[num_pages, Pc, Hkv, C * D]`` one layer of the value store (host memory, pinned
-            on CUDA; or device memory), same dtype as ``v_cache``.
+        store: ``[num_pages, Pc, Hkv, C * D]`` one layer of one value-store tier (host memory,
+            pinned on CUDA; or the compute device's memory), same dtype as ``v_cache``.
         store_table: ``[B, max_pages]`` int32 store pages of each sequence, in chunk order.
         slot_ids: ``[B, Hkv, K]`` int32 chunk id per slot (``-1`` = unused).
         miss: ``[B, Hkv, K]`` bool, the slots to fill.

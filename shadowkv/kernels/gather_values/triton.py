@@ -1,9 +1,10 @@
 """Copy missed chunks' values from the value store into the cache rows, in Triton.
 
-Same contract as ``reference.py``. On CUDA the store lives in pinned host memory and the kernel
-reads it in place (zero-copy over PCIe through unified addressing): no host gather, no staging
-copy, no host sync, and only missed chunks cross the bus. A pageable host store cannot be read
-this way and is refused; the reference (host gather + copy) serves that case.
+Same contract as ``reference.py``. On CUDA a host-tier store lives in pinned host memory and the
+kernel reads it in place (zero-copy over PCIe through unified addressing): no host gather, no
+staging copy, no host sync, and only missed chunks cross the bus. A pageable host store cannot be
+read this way and is refused; the reference (host gather + copy) serves that case. A device-tier
+store is an ordinary device tensor, read by the same kernel from device memory.
 
 One program per (sequence, KV head, ``BLOCK_T // C_PAD`` slots) moves ``BLOCK_T`` token rows of
 ``D`` values; row ``r`` is token ``r % C_PAD`` of slot ``r // C_PAD``. A store row
