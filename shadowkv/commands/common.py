@@ -32,6 +32,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=_ENGINE_DEFAULTS["max_num_seqs"])
     g.add_argument("--cache-memory-gb", type=float, default=None,
                    help="device memory for the KV cache (default: 85%% of free GPU memory, 4 GiB on CPU)")
+    g.add_argument("--prefill-slice-tokens", type=_slice_tokens,
+                   default=_ENGINE_DEFAULTS["prefill_slice_tokens"],
+                   help="while others decode, prefill longer prompts a slice of layers per step, "
+                   "about this many tokens' worth ('none': whole prompts; default: %(default)s)")
     c = p.add_argument_group("attention cache")
     c.add_argument("--cache", default="dense", choices=CACHE_METHODS, help="attention-cache method")
     c.add_argument("--sparse-budget", type=budget_or_fraction, default=_CACHE_DEFAULTS["sparse_budget"],
@@ -43,6 +47,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--outlier-chunks", type=int, default=_CACHE_DEFAULTS["outlier_chunks"])
     c.add_argument("--local-chunks", type=int, default=_CACHE_DEFAULTS["local_chunks"])
     add_value_memory_args(c)
+
+
+def _slice_tokens(text: str) -> int | None:
+    return None if text.strip().lower() == "none" else int(text)
 
 
 def add_value_memory_args(g: argparse._ArgumentGroup) -> None:
@@ -76,6 +84,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         cache_memory_gb=args.cache_memory_gb,
         dtype=args.dtype,
+        prefill_slice_tokens=args.prefill_slice_tokens,
     )
 
 

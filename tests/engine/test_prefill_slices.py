@@ -132,3 +132,15 @@ def test_replay_checks_the_tokens(path: Path) -> None:
 def test_slice_config_is_validated() -> None:
     with pytest.raises(ConfigError, match="prefill_slice_tokens"):
         EngineConfig(prefill_slice_tokens=0)
+
+
+def test_cli_flag_sets_the_slice() -> None:
+    import argparse
+
+    from shadowkv.commands.common import add_model_args, engine_config_from_args
+
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    assert engine_config_from_args(p.parse_args([])).prefill_slice_tokens == 8192
+    assert engine_config_from_args(p.parse_args(["--prefill-slice-tokens", "512"])).prefill_slice_tokens == 512
+    assert engine_config_from_args(p.parse_args(["--prefill-slice-tokens", "none"])).prefill_slice_tokens is None
