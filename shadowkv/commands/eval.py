@@ -16,7 +16,15 @@ from pathlib import Path
 
 from shadowkv.commands.common import budget_or_fraction
 from shadowkv.config import CacheConfig, ConfigError, EngineConfig
-from shadowkv.eval.runner import EvalConfig, plot_budget_sweep, run_eval, summary_tables
+from shadowkv.eval.niah import plot_heatmap
+from shadowkv.eval.runner import (
+    NIAH_TASK,
+    EvalConfig,
+    plot_budget_sweep,
+    run_eval,
+    run_label,
+    summary_tables,
+)
 
 _CACHE = {f.name: f.default for f in fields(CacheConfig)}
 _ENGINE = {f.name: f.default for f in fields(EngineConfig)}
@@ -85,6 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--table", type=Path, default=None, help="also write the markdown table here")
     o.add_argument("--plot", type=Path, default=None,
                    help="accuracy-vs-budget PNG (default with --budgets: <out>.png)")
+    o.add_argument("--heatmaps", type=Path, default=None,
+                   help="with task 'niah': write one depth x length heat map PNG per method here "
+                   "(default: beside --out)")
     o.add_argument("--metric", choices=["ruler", "shadowkv"], default="ruler",
                    help="which per-sample metric the table and plot show")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -109,6 +120,20 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     )
 
 
+def write_heatmaps(records: list[dict], folder: Path, stem: str, metric: str) -> list[Path]:
+    """One NIAH heat map per method@budget: ``<folder>/<stem>_niah_<label>.png``."""
+    runs: dict[str, list[tuple[int, float, float]]] = {}
+    for r in records:
+        if r["task"] == NIAH_TASK:
+            cell = (int(r["length"]), float(r["depth"]), float(r["score"][metric]))
+            runs.setdefault(run_label(r["method"], r["budget"]), []).append(cell)
+    folder.mkdir(parents=True, exist_ok=True)
+    return [
+        plot_heatmap(cells, folder / f"{stem}_niah_{label}.png", title=f"NIAH, {label}")
+        for label, cells in runs.items()
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.plot is not None and args.plot.suffix.lower() != ".png":
@@ -118,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     if args.table is not None:
         args.table.write_text(table + "\n", encoding="utf-8")
+    if NIAH_TASK in cfg.tasks:
+        for path in write_heatmaps(records, args.heatmaps or cfg.out.parent, cfg.out.stem, args.metric):
+            print(f"NIAH heat map: {path}", file=sys.stderr)
     sweep = args.budgets is not None and len(args.budgets) > 1
     plot = args.plot or (cfg.out.with_suffix(".png") if sweep else None)
     if plot is not None:

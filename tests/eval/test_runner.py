@@ -184,3 +184,20 @@ def test_cli_prints_table_and_resumes(tiny_checkpoint, tmp_path, capsys):
     assert main(argv) == 0
     assert len(out.read_text().splitlines()) == 2, "the rerun must skip finished samples"
     assert main([*argv[:-1], "--methods", "dense,nope"]) == 2
+
+
+def test_cli_writes_a_niah_heat_map_per_method(tiny_checkpoint, tmp_path, pg_essays):
+    from shadowkv.cli import main
+
+    ckpt = tiny_checkpoint("llama", num_heads=4, num_kv_heads=2, head_dim=16)
+    argv = [
+        "eval", "--model", str(ckpt), "--device", "cpu", "--tasks", "niah", "--lengths", "200,300",
+        "--methods", "dense,quest", "--samples", "2", "--sparse-budget", "16", "--chat-template",
+        "base", "--max-new-tokens", "2", "--max-model-len", "512", "--cache-memory-gb", "0.01",
+        "--haystack", str(pg_essays), "--out", str(tmp_path / "n.jsonl"), "--quiet",
+        "--heatmaps", str(tmp_path / "maps"),
+    ]
+    assert main(argv) == 0
+    maps = sorted(p.name for p in (tmp_path / "maps").iterdir())
+    assert maps == ["n_niah_dense.png", "n_niah_quest@16.png"]
+    assert (tmp_path / "maps" / maps[0]).read_bytes()[:4] == b"\x89PNG"
