@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check for the Triton fast path, sized for one device call (< 8 minutes in all):
-#   1. kernel tests natively on CUDA (pytest; without pytest, bench_kernels.py --check-only)
+#   1. kernel tests natively on CUDA, and end-to-end CUDA-path invariants (tests/cache/test_cuda_paths.py)
+#      (pytest; without pytest, bench_kernels.py --check-only)
 #   2. kernel benchmarks (correctness-gated; GB/s against measured copy bandwidths)
 #   3. end-to-end decode throughput, dense vs shadowkv, Llama-3.1-8B shapes with random weights
 # Every stage has its own timeout and the script goes on after a failure; logs and results land
@@ -38,7 +39,7 @@ GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head
 cat "$OUT/env.txt"
 
 if "$PY" -c 'import pytest' 2>/dev/null; then
-    stage kernel_tests 130 "$PY" -m pytest tests/kernels -q -p no:cacheprovider -rfEs \
+    stage kernel_tests 150 "$PY" -m pytest tests/kernels tests/cache/test_cuda_paths.py -q -p no:cacheprovider -rfEs \
         --junitxml="$OUT/kernel_tests.xml"
 else
     stage kernel_checks 130 "$PY" benchmarks/bench_kernels.py --check-only --out "$OUT/checks"

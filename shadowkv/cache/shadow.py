@@ -16,6 +16,7 @@ dim, ``R`` rank, ``C`` chunk size, ``N`` landmarks and ``K`` selected chunks per
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 
 import torch
@@ -121,6 +122,10 @@ class ShadowKVCache(AttentionCache):
         self.tables = SequenceTables(max_num_seqs, max_model_len, C, P, S, device)
         self._hits = torch.zeros(L, dtype=torch.int64, device=device)
         self._used = torch.zeros(L, dtype=torch.int64, device=device)
+        # On CUDA the value fetch (PCIe-bound) runs on its own stream, overlapping the key rebuild
+        # (compute-bound) as in the paper; SHADOWKV_OVERLAP_FETCH=0 keeps both on one stream.
+        overlap = device.type == "cuda" and os.environ.get("SHADOWKV_OVERLAP_FETCH", "1") != "0"
+        self._fetch_stream = torch.cuda.Stream(device) if overlap else None
 
     def _value_tier_bytes(self, ref: SeqLayout, spare: int) -> tuple[int, int]:
         """(host, device) bytes of the value tiers; ``spare`` is the device budget the factor
@@ -300,6 +305,12 @@ class ShadowKVCache(AttentionCache):
         used = (slot_ids >= 0) & sp.primed[:, None, None]
         self._hits[layer] += (used & ~miss).sum()
         self._used[layer] += used.sum()
+        fetch = self._fetch_stream
+        if fetch is not None:
+            main = torch.cuda.current_stream(self.device)
+            fetch.wait_stream(main)  # the selection is ready
+            with torch.cuda.stream(fetch):
+                self._fetch_values(layer, slot_ids, miss, sp)
         reconstruct_keys(
             self.k_buf[layer],
             self.a_pages[layer],
@@ -313,16 +324,18 @@ class ShadowKVCache(AttentionCache):
             sp.dst_rows,
             self.cfg.chunk_size,
         )
-        self._fetch_values(layer, slot_ids, miss, sp)
+        if fetch is None:
+            self._fetch_values(layer, slot_ids, miss, sp)
+        else:
+            # Attention reads the values next. Waiting here also orders every later reuse of the
+            # tensors the fetch read (freed on the main stream) after the fetch.
+            main.wait_stream(fetch)
 
     def _fetch_values(
         self, layer: int, slot_ids: torch.Tensor, miss: torch.Tensor, sp: SparsePlan
     ) -> None:
-        """Missed chunks' values from the store into the buffer, one gather per value tier.
-
-        Runs on the current stream; on CUDA this is the place to move the fetch onto a copy
-        stream that overlaps ``reconstruct_keys`` (the paper's critical path).
-        """
+        """Missed chunks' values from the store into the buffer, one gather per value tier
+        (on the fetch stream when there is one)."""
         for tier, seqs in sp.value_groups:
             tier_miss = miss if seqs is None else miss & seqs[:, None, None]
             gather_values(

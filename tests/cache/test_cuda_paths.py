@@ -1,0 +1,79 @@
+"""Invariants of the CUDA path, end to end through ``LLM`` (run by ``benchmarks/gpu_check.sh``).
+
+CUDA is where the Triton kernels, the pinned host value tier read zero-copy, and the value
+fetch on its own stream come into play; on a machine without a GPU this module is skipped.
+A tiny random Llama in fp32, so CPU and GPU differ only by summation order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shadowkv import LLM, CacheConfig, CacheOptions, EngineConfig, SamplingParams
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA path: needs an NVIDIA GPU (run benchmarks/gpu_check.sh)"
+)
+
+PROMPTS = [[(k * i) % 90 + 3 for i in range(n)] for k, n in ((7, 300), (11, 211), (13, 157))]
+STEPS = 10
+# Budget that selects every landmark chunk: (T // 8 - 4 local - 2 outlier chunks) * 8 tokens,
+# per prompt through CacheOptions; the engine's own budget is the largest of them.
+FULL_BUDGETS = [(len(p) // 8 - 6) * 8 for p in PROMPTS]
+FULL = dict(method="shadowkv", sparse_budget=max(FULL_BUDGETS), rank=1.0, outlier_chunks=2)
+SPARSE = dict(method="shadowkv", sparse_budget=32, rank=0.5, outlier_chunks=2)
+
+
+@pytest.fixture(scope="module")
+def path(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("llama", num_heads=8, num_kv_heads=2, head_dim=64, vocab_size=96)
+
+
+def tokens(path: Path, device: str, cache: dict | None, one_by_one: bool = False) -> list[list[int]]:
+    llm = LLM(
+        str(path), device=device, cache=CacheConfig(**cache) if cache else CacheConfig(),
+        engine=EngineConfig(cache_memory_gb=0.05, dtype="float32"),
+    )
+    params = SamplingParams(max_tokens=STEPS)
+    opts = [CacheOptions(sparse_budget=b) for b in FULL_BUDGETS] if cache is FULL else [None] * 3
+    if one_by_one:
+        return [llm.generate(p, params, cache_options=o)[0].token_ids for p, o in zip(PROMPTS, opts)]
+    return [r.token_ids for r in llm.generate(PROMPTS, params, cache_options=opts)]
+
+
+@pytest.mark.parametrize("overlap", ["1", "0"], ids=["fetch-stream", "one-stream"])
+def test_full_budget_full_rank_equals_dense_on_cuda(path: Path, overlap: str, monkeypatch) -> None:
+    monkeypatch.setenv("SHADOWKV_OVERLAP_FETCH", overlap)
+    dense = tokens(path, "cuda", None)
+    assert tokens(path, "cuda", FULL) == dense
+    assert tokens(path, "cpu", None) == dense
+
+
+@pytest.mark.parametrize("overlap", ["1", "0"], ids=["fetch-stream", "one-stream"])
+def test_sparse_cuda_equals_cpu_and_batch_equals_alone(path: Path, overlap: str, monkeypatch) -> None:
+    monkeypatch.setenv("SHADOWKV_OVERLAP_FETCH", overlap)
+    gpu = tokens(path, "cuda", SPARSE)
+    assert gpu == tokens(path, "cpu", SPARSE)
+    assert gpu == tokens(path, "cuda", SPARSE, one_by_one=True)
+
+
+def test_host_and_device_value_tiers_decode_alike(path: Path) -> None:
+    from shadowkv.cache.store import DEVICE, HOST
+
+    # Host pages of 16 chunks (2 layers x 16 x 2 heads x 8 x 64 fp32 = 128 KiB): room for 4 usable
+    # pages (+ the null page), so the 300-token prompt (3 pages) goes to the host and the others
+    # (2 pages each) to the device tier.
+    mixed = dict(SPARSE, host_memory_gb=5 * 2**17 / 2**30, device_value_memory_gb=0.01)
+    llm = LLM(str(path), device="cuda", cache=CacheConfig(**mixed),
+              engine=EngineConfig(cache_memory_gb=0.05, dtype="float32"))
+    engine = llm.engine
+    reqs = [engine.add_request(p, SamplingParams(max_tokens=STEPS)) for p in PROMPTS]
+    tiers = set()
+    while engine.has_unfinished():
+        engine.step()
+        tiers |= {engine.cache.tables.value_tier[r.request_id] for r in engine.running}
+    assert tiers == {HOST, DEVICE}
+    assert [r.output_ids for r in reqs] == tokens(path, "cuda", SPARSE, one_by_one=True)
