@@ -195,6 +195,21 @@ class AttentionCache(ABC):
         return 2 * self.model.num_layers * num_tokens * self.model.kv_dim * elem
 
 
+def device_columns(columns: dict[str, list[int]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Per-sequence integer columns of a step plan, as ``int64 [B]`` tensors on ``device``.
+
+    All columns travel in one copy of one ``[n, B]`` tensor; on CUDA it is staged in pinned
+    memory and copied without blocking, so planning a step issues one transfer and no stream
+    sync (a copy from pageable memory waits for the GPU to drain first).
+    """
+    host = torch.tensor(list(columns.values()), dtype=torch.int64).reshape(len(columns), -1)
+    if device.type == "cuda":
+        host = host.pin_memory().to(device, non_blocking=True)
+    elif host.device != device:
+        host = host.to(device)
+    return dict(zip(columns, host.unbind(0)))
+
+
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> torch.Tensor:

@@ -10,6 +10,7 @@ from shadowkv.cache.base import (
     CacheMemory,
     CacheOptions,
     CacheOptionsError,
+    device_columns,
 )
 from shadowkv.config import CacheConfig, ModelConfig
 from shadowkv.kernels.decode_attention import decode_attention
@@ -132,8 +133,11 @@ class DenseCache(AttentionCache):
     def begin_decode(self, seq_ids: list[int]) -> None:
         self._decode_seqs = seq_ids
         S = self.pool.block_size
-        rows = torch.tensor([self.rows[s] for s in seq_ids], device=self.device)
-        pos = torch.tensor([self.lengths[s] for s in seq_ids], device=self.device)
+        cols = device_columns(
+            {"rows": [self.rows[s] for s in seq_ids], "pos": [self.lengths[s] for s in seq_ids]},
+            self.device,
+        )
+        rows, pos = cols["rows"], cols["pos"]
         self._tables = self.block_tables[rows]  # [B, max_blocks]
         self._seq_lens = (pos + 1).to(torch.int32)
         # Kept apart from the prefill's slots: a sliced prefill runs between decode steps.

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shadowkv.cache.base import CacheCapacityError
+from shadowkv.cache.base import CacheCapacityError, device_columns
 from shadowkv.cache.shadow_layout import PAGE_CHUNKS, SeqLayout, cdiv
 
 
@@ -146,35 +146,46 @@ class SequenceTables:
                     f"sequence {s} generates past the {lay.max_new_tokens} new tokens reserved "
                     "at admission"
                 )
-        S, dev = self.block_rows, self.device
-        rows = torch.tensor([self.rows[s] for s in seq_ids], device=dev)
-        gen_t = torch.tensor(gen, device=dev)
+        S = self.block_rows
+        cols = device_columns(
+            {
+                "rows": [self.rows[s] for s in seq_ids],
+                "gen": gen,
+                "num_select": [lay.num_select for lay in lays],
+                "select_start": [lay.select_start for lay in lays],
+                "num_landmarks": [lay.num_landmarks for lay in lays],
+                "primed": [s in self.primed for s in seq_ids],
+                "tier": [self.value_tier[s] for s in seq_ids],
+            },
+            self.device,
+        )
+        rows, gen_t = cols["rows"], cols["gen"]
         tables = self.buffer[rows, : max(cdiv(g + 1, S) for g in gen)]
         gen_rows = tables.gather(1, (gen_t // S)[:, None]).squeeze(1).long() * S + gen_t % S
         sparse = None
         if not all(lay.dense for lay in lays):
-            sparse = self._plan_sparse(seq_ids, lays, rows, tables)
+            sparse = self._plan_sparse(seq_ids, lays, cols, tables)
         seq_lens = (gen_t + 1).to(torch.int32)
         return DecodePlan(list(seq_ids), rows, tables, seq_lens, gen_rows, sparse)
 
     def _plan_sparse(
-        self, seq_ids: list[int], lays: list[SeqLayout], rows: torch.Tensor, tables: torch.Tensor
+        self,
+        seq_ids: list[int],
+        lays: list[SeqLayout],
+        cols: dict[str, torch.Tensor],
+        tables: torch.Tensor,
     ) -> SparsePlan:
         S, C, dev = self.block_rows, self.chunk_size, self.device
-
-        def ints(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int32, device=dev)
 
         def widest(pages: list[int]) -> int:
             return max(1, *pages)
 
+        rows, num_select = cols["rows"], cols["num_select"].to(torch.int32)
         K = max(lay.num_select for lay in lays)
-        num_select = ints([lay.num_select for lay in lays])
-        starts = torch.tensor([lay.select_start for lay in lays], device=dev)
         offs = torch.arange(K * C, device=dev)
-        used = offs[None, :] < num_select[:, None].long() * C
+        used = offs[None, :] < cols["num_select"][:, None] * C
         # Selected slots sit before the new token's row, so ``tables`` covers them.
-        r = torch.where(used, starts[:, None] + offs, 0)
+        r = torch.where(used, cols["select_start"][:, None] + offs, 0)
         dst = tables.gather(1, r // S).long() * S + r % S
         factor = self.factor[rows, : widest([cdiv(x.prompt_len, self.page_tokens) for x in lays])]
         return SparsePlan(
@@ -183,20 +194,18 @@ class SequenceTables:
             store_tables=self.store[
                 rows, : widest([cdiv(x.num_chunks, PAGE_CHUNKS) for x in lays])
             ],
-            num_landmarks=ints([lay.num_landmarks for lay in lays]),
+            num_landmarks=cols["num_landmarks"].to(torch.int32),
             num_select=num_select,
             dst_rows=dst.masked_fill(~used, -1),
-            primed=torch.tensor([s in self.primed for s in seq_ids], device=dev),
-            value_groups=self._value_groups(seq_ids, lays),
+            primed=cols["primed"].bool(),
+            value_groups=self._value_groups(seq_ids, lays, cols["tier"]),
         )
 
     def _value_groups(
-        self, seq_ids: list[int], lays: list[SeqLayout]
+        self, seq_ids: list[int], lays: list[SeqLayout], tier: torch.Tensor
     ) -> tuple[tuple[int, torch.Tensor | None], ...]:
         tiers = [self.value_tier[s] for s in seq_ids]
         used = sorted({t for t, lay in zip(tiers, lays) if not lay.dense})
         if len(used) == 1:  # dense sequences have no misses, so one tier serves the whole batch
             return ((used[0], None),)
-        return tuple(
-            (u, torch.tensor([t == u for t in tiers], device=self.device)) for u in used
-        )
+        return tuple((u, tier == u) for u in used)  # [B] masks, built on the device

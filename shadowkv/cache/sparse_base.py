@@ -26,7 +26,7 @@ from abc import abstractmethod
 
 import torch
 
-from shadowkv.cache.base import CacheMemory
+from shadowkv.cache.base import CacheMemory, device_columns
 from shadowkv.cache.dense import DenseCache
 from shadowkv.config import CacheConfig, ModelConfig
 from shadowkv.models.rope import RotaryEmbedding
@@ -97,16 +97,21 @@ class SparseCache(DenseCache):
             budget = n if opts.exact else self.seq_config(opts).budget_tokens(p)
             units.append(-(-n // self.unit) if budget >= n else budget // self.unit)
         dev = self.device
-        self._seq_rows = torch.tensor([self.rows[s] for s in seq_ids], device=dev)  # [B]
-        self._selectable = torch.tensor(selectable, device=dev)  # [B]
-        self._units = torch.tensor(units, device=dev)  # [B] selection units granted
+        cols = device_columns(
+            {"rows": [self.rows[s] for s in seq_ids], "selectable": selectable, "units": units,
+             "lengths": lengths},
+            dev,
+        )
+        self._seq_rows = cols["rows"]  # [B]
+        self._selectable = cols["selectable"]  # [B]
+        self._units = cols["units"]  # [B] selection units granted
         self._max_selectable = max(selectable, default=0)
         # Always-attended rows: local window, earlier generated tokens and the new one.
         span = max((n + 1 - s for n, s in zip(lengths, selectable)), default=0)
         offs = torch.arange(span, device=dev)
         start = self._selectable[:, None]
         self._always_pos = start + offs  # [B, A]
-        self._always_valid = self._always_pos <= torch.tensor(lengths, device=dev)[:, None]
+        self._always_valid = self._always_pos <= cols["lengths"][:, None]
 
     @abstractmethod
     def select(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
