@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from shadowkv import LLM, CacheConfig, EngineConfig, SamplingParams
-from shadowkv.engine.engine import Engine
 from shadowkv.eval.haystack import Haystack
 
 JOIN_AFTER = 4  # the long prompt arrives after the short request's 4th token
@@ -32,7 +31,8 @@ JOIN_AFTER = 4  # the long prompt arrives after the short request's 4th token
 def measure(llm: LLM, method: str, slice_tokens: int | None, short: list[int], long: list[int], new: int) -> dict:
     cache = CacheConfig(method=method, sparse_budget=256, outlier_chunks=8) if method != "dense" else CacheConfig()
     cfg = EngineConfig(max_model_len=llm.max_model_len, prefill_slice_tokens=slice_tokens, max_num_seqs=2)
-    engine = Engine(llm.engine.model, llm.model_config, llm.tokenizer, cache, cfg, llm.device, llm.dtype)
+    llm.set_cache(cache, cfg)
+    engine = llm.engine
     a = engine.add_request(short, SamplingParams(max_tokens=new, ignore_eos=True))
     b = None
     stamps: list[float] = []

@@ -49,6 +49,20 @@ class LLM:
             model_obj, self.model_config, self.tokenizer, self.cache_config, engine, self.device, self.dtype
         )
 
+    def set_cache(self, cache: CacheConfig, engine: EngineConfig | None = None) -> None:
+        """Switch to another cache method or settings, keeping the loaded weights.
+
+        Builds a fresh engine (empty cache); must not be called while requests are running.
+        """
+        if self.engine.has_unfinished():
+            raise RuntimeError("set_cache while requests are running; let them finish or abort them")
+        model, engine_cfg = self.engine.model, engine or self.engine.cfg
+        self.engine = None  # type: ignore[assignment]  # free the old pools before the new ones
+        self.engine = Engine(
+            model, self.model_config, self.tokenizer, cache, engine_cfg, self.device, self.dtype
+        )
+        self.cache_config = cache
+
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len

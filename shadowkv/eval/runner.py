@@ -219,7 +219,7 @@ def run_eval(
                 cache_cfg = replace(
                     cfg.cache, method=method, sparse_budget=budget or cfg.cache.sparse_budget
                 )
-                _use_cache(llm, cache_cfg)
+                llm.set_cache(cache_cfg)
                 records = _generate(
                     llm, chosen, model_name, method, budget, cache_cfg, cfg.max_new_tokens,
                     recorded if cfg.share_prefill else None,
@@ -243,20 +243,6 @@ def _model_name(cfg: EvalConfig, llm: Any | None) -> str:
     from shadowkv.models.loader import resolve_model
 
     return resolve_model(cfg.model).name
-
-
-def _use_cache(llm: Any, cache_cfg: CacheConfig) -> None:
-    """Point ``llm`` at a fresh engine with ``cache_cfg``, keeping its loaded weights."""
-    from shadowkv.engine.engine import Engine
-
-    old = llm.engine
-    model, engine_cfg = old.model, old.cfg
-    llm.engine = None  # drop the old cache pools before allocating new ones
-    del old
-    llm.engine = Engine(
-        model, llm.model_config, llm.tokenizer, cache_cfg, engine_cfg, llm.device, llm.dtype
-    )
-    llm.cache_config = cache_cfg
 
 
 def _batches(
