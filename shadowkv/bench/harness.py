@@ -112,6 +112,7 @@ class RunResult:
     peak_device_bytes: int
     activation_bytes: int  # device peak above what was allocated before the run (CUDA only)
     hit_rate: float | None
+    svd_s: float | None = None  # ShadowKV: time factorising prompt keys, all prompts together
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -129,6 +130,9 @@ class RunResult:
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
             "decode_ms_per_step": round(1000 * self.decode_s / self.decode_steps, 3),
             "hit_rate": None if self.hit_rate is None else round(self.hit_rate, 4),
+            "svd_share_of_prefill": (
+                None if self.svd_s is None else round(self.svd_s / (self.prefill_s * self.batch), 4)
+            ),
             "cache_device_bytes": self.cache_device_bytes,
             "cache_host_bytes": self.cache_host_bytes,
             "dense_bytes": self.dense_bytes,
@@ -141,6 +145,12 @@ def timed_run(
     engine: Engine, context: int, batch: int, decode_steps: int, seed: int = 0
 ) -> RunResult:
     """Prefill ``batch`` random prompts and decode until each made ``decode_steps`` full steps."""
+    slice_tokens = engine.cfg.prefill_slice_tokens
+    if slice_tokens is not None and context > slice_tokens:
+        raise ValueError(
+            f"a timed run prefills whole prompts, but this engine slices prompts over "
+            f"{slice_tokens} tokens; build it with EngineConfig(prefill_slice_tokens=None)"
+        )
     device = engine.device
     gen = torch.Generator().manual_seed(seed)
     vocab = engine.model_cfg.vocab_size
@@ -148,6 +158,9 @@ def timed_run(
     cache = engine.cache
     if hasattr(cache, "reset_hit_rate"):
         cache.reset_hit_rate()
+    if hasattr(cache, "time_svd"):
+        cache.time_svd = True
+        cache.svd_seconds()  # drop spans of earlier runs
     baseline = _allocated(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -203,6 +216,7 @@ def timed_run(
         peak_device_bytes=peak,
         activation_bytes=max(0, peak - baseline) if device.type == "cuda" else 0,
         hit_rate=_hit_rate(cache),
+        svd_s=cache.svd_seconds() if hasattr(cache, "time_svd") else None,
     )
 
 

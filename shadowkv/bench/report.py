@@ -26,10 +26,10 @@ def markdown_table(report: dict[str, Any]) -> str:
         "",
         (
             "| method | context | batch | batch is | prefill s | TTFT s | decode tok/s "
-            "| vs dense max | ms/step | hit rate | cache device GiB | cache host GiB "
-            "| peak device GiB |"
+            "| vs dense max | ms/step | hit rate | SVD % of prefill | cache device GiB "
+            "| cache host GiB | peak device GiB |"
         ),
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["runs"]:
         if "error" in r:
@@ -41,11 +41,13 @@ def markdown_table(report: dict[str, Any]) -> str:
         base = dense_best.get(r["context"])
         ratio = f"{r['decode_tokens_per_s'] / base:.2f}x" if base else "-"
         hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.0%}"
+        svd = r.get("svd_share_of_prefill")
+        svd = "-" if svd is None else f"{svd:.1%}"
         lines.append(
             f"| {r['method']} | {r['context']} | {r['batch']} | {r['batch_kind']} "
             f"| {r['prefill_s']:.3f} | {r['ttft_s']:.3f} | {r['decode_tokens_per_s']:.1f} "
             f"| {ratio} "
-            f"| {r['decode_ms_per_step']:.1f} | {hit} | {_gib(r['cache_device_bytes'])} "
+            f"| {r['decode_ms_per_step']:.1f} | {hit} | {svd} | {_gib(r['cache_device_bytes'])} "
             f"| {_gib(r['cache_host_bytes'])} | {_gib(r['peak_device_bytes'])} |"
         )
     if meta["weights"].startswith("random"):

@@ -119,6 +119,9 @@ def run_throughput(
         max_model_len=cfg.max_model_len,
         cache_memory_gb=cfg.cache_memory_gb,
         dtype=cfg.dtype,
+        # Whole-prompt prefills, the paper's protocol; slicing trades throughput for the decode
+        # latency of running requests (benchmarks/prefill_stall.py measures that).
+        prefill_slice_tokens=None,
     )
 
     def engine_for(method: str) -> Engine:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import replace
 
 import torch
@@ -126,6 +127,8 @@ class ShadowKVCache(AttentionCache):
         # (compute-bound) as in the paper; SHADOWKV_OVERLAP_FETCH=0 keeps both on one stream.
         overlap = device.type == "cuda" and os.environ.get("SHADOWKV_OVERLAP_FETCH", "1") != "0"
         self._fetch_stream = torch.cuda.Stream(device) if overlap else None
+        self.time_svd = False  # benchmarks: time the factorisation inside each prefill
+        self._svd_spans: list[tuple[object, object]] = []
 
     def _value_tier_bytes(self, ref: SeqLayout, spare: int) -> tuple[int, int]:
         """(host, device) bytes of the value tiers; ``spare`` is the device budget the factor
@@ -260,7 +263,10 @@ class ShadowKVCache(AttentionCache):
             self._write_exact(layer, plan.exact_rows, k, v)
             return
         T, Hkv, D = k.shape
+        start = self._clock() if self.time_svd else None
         f = lowrank_factors(k_pre.reshape(T, Hkv * D), self.rank)
+        if start is not None:
+            self._svd_spans.append((start, self._clock()))
         self.a_pages[layer].view(-1, self.rank)[plan.factor_rows] = f.a.to(self.dtype)
         self.w_t[layer][plan.row] = f.w_t.to(self.dtype)
         s = summarize_chunks(k, self.cfg.chunk_size, self.cfg.local_chunks, self.cfg.outlier_chunks)
@@ -348,6 +354,23 @@ class ShadowKVCache(AttentionCache):
             )
 
     # accounting ------------------------------------------------------------------------------
+    def _clock(self) -> object:
+        """A timestamp: a recorded CUDA event (no sync in the prefill), else perf_counter."""
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def svd_seconds(self) -> float:
+        """Time spent factorising prompt keys since ``time_svd`` was set (syncs on CUDA), and
+        starts a new count."""
+        spans, self._svd_spans = self._svd_spans, []
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return sum(a.elapsed_time(b) for a, b in spans) / 1000  # type: ignore[attr-defined]
+        return sum(b - a for a, b in spans)  # type: ignore[operator]
+
     def hit_rate(self) -> list[float]:
         """Per layer: share of selected chunks already in the buffer from the previous step
         (decode steps after each sequence's first; NaN before any)."""

@@ -91,6 +91,9 @@ def test_report_fields_and_files(report: tuple[dict, Path]) -> None:
     assert all(0.0 <= r["hit_rate"] <= 1.0 for r in shadow)
     assert all(r["cache_host_bytes"] > 0 for r in shadow), "ShadowKV offloads values to the host"
     assert all(r["hit_rate"] is None for r in data["runs"] if r["method"] == "dense")
+    assert all(0.0 < r["svd_share_of_prefill"] < 1.0 for r in shadow), "SVD time is part of prefill"
+    assert all(r["svd_share_of_prefill"] is None for r in data["runs"] if r["method"] == "dense")
+    assert "SVD % of prefill" in data["table"]
 
 
 def test_each_method_runs_at_its_max_and_at_the_others_where_it_fits(
@@ -322,3 +325,13 @@ def test_a_checkpoint_runs_with_its_own_weights(tiny_checkpoint, tmp_path: Path)
     assert data["meta"]["weights"] == f"checkpoint {path}"
     assert "random weights" not in data["table"].lower()
     assert data["runs"][0]["decode_tokens_per_s"] > 0
+
+
+def test_timed_run_refuses_an_engine_that_slices_its_prompts() -> None:
+    cfg = arch_config("tiny")
+    model = random_model(cfg, torch.device("cpu"), torch.float32)
+    sliced = EngineConfig(max_num_seqs=2, max_model_len=512, cache_memory_gb=0.01, prefill_slice_tokens=64)
+    engine = build_engine(model, cfg, CacheConfig(), sliced, torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="prefill_slice_tokens=None"):
+        timed_run(engine, 96, 2, 2)
+    assert timed_run(engine, 64, 2, 2).decode_steps == 2  # prompts within one slice are fine
