@@ -64,13 +64,8 @@ class DenseCache(AttentionCache):
         super().__init__(model, cfg, rope, device, dtype, max_num_seqs, max_model_len)
         S = cfg.page_size
         self.pool = BlockPool(num_blocks, S)
-        shape = (num_blocks, S, model.num_kv_heads, model.head_dim)
-        self.k_cache = [
-            torch.empty(shape, device=device, dtype=dtype) for _ in range(model.num_layers)
-        ]
-        self.v_cache = [
-            torch.empty(shape, device=device, dtype=dtype) for _ in range(model.num_layers)
-        ]
+        self.k_cache = [self._pool(num_blocks, device, dtype) for _ in range(model.num_layers)]
+        self.v_cache = [self._pool(num_blocks, device, dtype) for _ in range(model.num_layers)]
         self.max_blocks = self.pool.blocks_for(max_model_len)
         # Per-sequence block tables live on the device so a decode step only indexes them.
         self.block_tables = torch.zeros(
@@ -78,6 +73,13 @@ class DenseCache(AttentionCache):
         )
         self.rows: dict[int, int] = {}  # seq id -> row in block_tables
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
+
+    def _pool(self, num_blocks: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """One layer's pool, seen as ``[num_blocks, S, Hkv, D]`` but stored head-major
+        ``[Hkv, num_blocks, S, D]``: a head's rows of consecutive blocks are contiguous, so
+        attention reads each head's K/V in place instead of striding over the other heads."""
+        Hkv, D, S = self.model.num_kv_heads, self.model.head_dim, self.cfg.page_size
+        return torch.empty(Hkv, num_blocks, S, D, device=device, dtype=dtype).permute(1, 2, 0, 3)
 
     @staticmethod
     def bytes_per_block(model: ModelConfig, cfg: CacheConfig, dtype: torch.dtype) -> int:

@@ -171,3 +171,17 @@ def test_bad_input_is_refused() -> None:
     case = make_case([20], G=2, D=64, Hkv=1, S=16, dtype=torch.float32)
     with pytest.raises(ValueError, match="multiple of 64"):
         run(triton_op, case, split_len=100)
+
+
+@pytest.mark.parametrize(("lens", "G", "D", "Hkv"), SHAPES[:4])
+def test_head_major_pool(lens: list[int], G: int, D: int, Hkv: int) -> None:
+    """The dense cache stores its pool head-major ``[Hkv, blocks, S, D]`` and passes the
+    ``[blocks, S, Hkv, D]`` view: both ops must follow the strides."""
+    case = make_case(lens, G, D, Hkv, S=16, dtype=torch.float32)
+    for name in ("k_cache", "v_cache"):
+        t = case[name]
+        case[name] = t.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
+        assert torch.equal(case[name], t) and (Hkv == 1 or not case[name].is_contiguous())
+    want = oracle(case)
+    assert rel_err(run(reference, case).cpu(), want) < TOL[torch.float32]
+    assert rel_err(run(triton_op, case).cpu(), want) < TOL[torch.float32]
