@@ -14,7 +14,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from shadowkv.commands.common import budget_or_fraction
+from shadowkv.commands.common import add_value_memory_args, budget_or_fraction
 from shadowkv.config import CacheConfig, ConfigError, EngineConfig
 from shadowkv.eval.niah import plot_heatmap
 from shadowkv.eval.runner import (
@@ -87,6 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--sink-tokens", type=int, default=_CACHE["sink_tokens"], help="streaming sinks")
     c.add_argument("--loki-rank", type=float, default=_CACHE["loki_rank"],
                    help="loki: fraction of the head dim kept for scoring")
+    add_value_memory_args(c)
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=Path("results.jsonl"),
                    help="results JSONL; samples already in it are skipped (resume)")
@@ -106,6 +107,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         sparse_budget=args.sparse_budget, rank=args.rank, chunk_size=args.chunk_size,
         outlier_chunks=args.outlier_chunks, local_chunks=args.local_chunks,
         page_size=args.page_size, sink_tokens=args.sink_tokens, loki_rank=args.loki_rank,
+        host_memory_gb=args.host_memory_gb, device_value_memory_gb=args.device_value_memory_gb,
     )
     engine = EngineConfig(
         max_num_seqs=max(args.batch_size, 1), max_model_len=args.max_model_len,

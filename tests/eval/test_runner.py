@@ -186,6 +186,18 @@ def test_cli_prints_table_and_resumes(tiny_checkpoint, tmp_path, capsys):
     assert main([*argv[:-1], "--methods", "dense,nope"]) == 2
 
 
+def test_cli_value_memory_flags_reach_the_config():
+    import argparse
+
+    from shadowkv.commands.eval import add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = config_from_args(p.parse_args(["--host-memory-gb", "2", "--device-value-memory-gb", "0.5",
+                                         "--out", "x.jsonl"]))
+    assert (cfg.cache.host_memory_gb, cfg.cache.device_value_memory_gb) == (2, 0.5)
+
+
 def test_cli_writes_a_niah_heat_map_per_method(tiny_checkpoint, tmp_path, pg_essays):
     from shadowkv.cli import main
 
