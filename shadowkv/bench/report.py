@@ -21,15 +21,16 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines = [
         (
             f"{meta['model']} ({meta['weights']}), {meta['dtype']} on {meta['device_name']}, "
-            f"{meta['date']}"
+            f"{meta['date']}; measured copy bandwidth {meta.get('copy_bandwidth_gbps', '-')} GB/s "
+            "('of roofline': a dense step's weight + K/V bytes over that bandwidth)"
         ),
         "",
         (
             "| method | context | batch | batch is | prefill s | TTFT s | decode tok/s "
-            "| vs dense max | ms/step | hit rate | SVD % of prefill | cache device GiB "
-            "| cache host GiB | peak device GiB |"
+            "| vs dense max | ms/step | of roofline | hit rate | SVD % of prefill "
+            "| cache device GiB | cache host GiB | peak device GiB |"
         ),
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["runs"]:
         if "error" in r:
@@ -43,11 +44,14 @@ def markdown_table(report: dict[str, Any]) -> str:
         hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.0%}"
         svd = r.get("svd_share_of_prefill")
         svd = "-" if svd is None else f"{svd:.1%}"
+        roof = r.get("roofline_share")
+        roof = "-" if roof is None else f"{roof:.0%}"
         lines.append(
             f"| {r['method']} | {r['context']} | {r['batch']} | {r['batch_kind']} "
             f"| {r['prefill_s']:.3f} | {r['ttft_s']:.3f} | {r['decode_tokens_per_s']:.1f} "
             f"| {ratio} "
-            f"| {r['decode_ms_per_step']:.1f} | {hit} | {svd} | {_gib(r['cache_device_bytes'])} "
+            f"| {r['decode_ms_per_step']:.1f} | {roof} | {hit} | {svd} "
+            f"| {_gib(r['cache_device_bytes'])} "
             f"| {_gib(r['cache_host_bytes'])} | {_gib(r['peak_device_bytes'])} |"
         )
     if meta["weights"].startswith("random"):

@@ -26,6 +26,7 @@ import torch
 from shadowkv.bench.harness import build_engine, max_batch, timed_run
 from shadowkv.bench.models import RANDOM_WEIGHTS, arch_config, random_model, weight_bytes
 from shadowkv.bench.report import markdown_table, write_plot
+from shadowkv.bench.roofline import copy_bandwidth, dense_step_bytes
 from shadowkv.config import CACHE_METHODS, CacheConfig, ConfigError, EngineConfig, ModelConfig
 from shadowkv.engine.engine import Engine, pick_dtype
 from shadowkv.models.llama import LlamaModel
@@ -128,6 +129,8 @@ def run_throughput(
         cache_cfg = replace(cfg.cache, method=method)
         return build_engine(model, model_cfg, cache_cfg, engine_cfg, device, dtype)
 
+    bandwidth = copy_bandwidth(device)
+    say(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
     limits: dict[str, dict[int, int]] = {}
     for method in cfg.methods:
         engine = engine_for(method)
@@ -138,7 +141,10 @@ def run_throughput(
         _release(engine, device)
 
     report: dict[str, Any] = {
-        "meta": _meta(cfg, model_cfg, model, weights, device, dtype),
+        "meta": {
+            **_meta(cfg, model_cfg, model, weights, device, dtype),
+            "copy_bandwidth_gbps": round(bandwidth / 1e9, 2),
+        },
         "max_batch": {m: {str(c): b for c, b in per.items()} for m, per in limits.items()},
         "runs": [],
     }
@@ -161,6 +167,12 @@ def run_throughput(
                 try:
                     result = timed_run(engine, context, batch, cfg.decode_steps, seed=cfg.seed)
                     row.update(result.as_dict())
+                    if method == "dense":
+                        step_bytes = dense_step_bytes(
+                            model, model_cfg, dtype, context, batch, cfg.decode_steps
+                        )
+                        step_s = result.decode_s / result.decode_steps
+                        row["roofline_share"] = round(step_bytes / step_s / bandwidth, 4)
                     tok_s, prefill_s = result.decode_tokens_per_s, result.prefill_s
                     say(f"  decode {tok_s:.1f} tok/s, prefill {prefill_s:.3f} s")
                 except Exception as err:  # noqa: BLE001 - any failure: keep the other runs' results

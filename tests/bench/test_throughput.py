@@ -94,6 +94,10 @@ def test_report_fields_and_files(report: tuple[dict, Path]) -> None:
     assert all(0.0 < r["svd_share_of_prefill"] < 1.0 for r in shadow), "SVD time is part of prefill"
     assert all(r["svd_share_of_prefill"] is None for r in data["runs"] if r["method"] == "dense")
     assert "SVD % of prefill" in data["table"]
+    assert data["meta"]["copy_bandwidth_gbps"] > 0
+    dense = [r for r in data["runs"] if r["method"] == "dense"]
+    assert all(r["roofline_share"] > 0 for r in dense) and "of roofline" in data["table"]
+    assert all("roofline_share" not in r for r in shadow)
 
 
 def test_each_method_runs_at_its_max_and_at_the_others_where_it_fits(
@@ -335,3 +339,17 @@ def test_timed_run_refuses_an_engine_that_slices_its_prompts() -> None:
     with pytest.raises(ValueError, match="prefill_slice_tokens=None"):
         timed_run(engine, 96, 2, 2)
     assert timed_run(engine, 64, 2, 2).decode_steps == 2  # prompts within one slice are fine
+
+
+def test_dense_step_bytes_counts_weights_once_and_every_cached_row() -> None:
+    from shadowkv.bench.models import weight_bytes
+    from shadowkv.bench.roofline import dense_step_bytes
+
+    cfg = arch_config("tiny")
+    model = random_model(cfg, torch.device("cpu"), torch.float32)
+    one = dense_step_bytes(model, cfg, torch.float32, context=1000, batch=1, decode_steps=2)
+    two = dense_step_bytes(model, cfg, torch.float32, context=1000, batch=2, decode_steps=2)
+    row = 2 * cfg.num_layers * cfg.kv_dim * 4  # K and V of one token, all layers, fp32
+    assert one - row * 1001 == two - row * 2 * 1001.5  # weights counted once per step
+    embed = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * 4
+    assert one == weight_bytes(model) - embed + row * 1001
