@@ -194,8 +194,15 @@ class Engine:
         opts = req.cache_options
         if len(self.running) >= self.cfg.max_num_seqs or not self.cache.can_add(n, max_new, opts):
             return
+        try:
+            self.cache.add_sequence(req.request_id, n, max_new, opts)
+        except CacheCapacityError:
+            # can_add said yes but an allocation failed (pinning host memory): the request stays
+            # queued and is retried once running requests have freed memory.
+            if self.running:
+                return
+            raise
         req.prefill_start = time.perf_counter()
-        self.cache.add_sequence(req.request_id, n, max_new, opts)  # may refuse (pinning): stays queued
         self.waiting.popleft()
         self.cache.begin_prefill(req.request_id, n)
         cache: AttentionCache | RecordingCache = self.cache

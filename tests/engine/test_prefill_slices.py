@@ -144,3 +144,31 @@ def test_cli_flag_sets_the_slice() -> None:
     assert engine_config_from_args(p.parse_args([])).prefill_slice_tokens == 8192
     assert engine_config_from_args(p.parse_args(["--prefill-slice-tokens", "512"])).prefill_slice_tokens == 512
     assert engine_config_from_args(p.parse_args(["--prefill-slice-tokens", "none"])).prefill_slice_tokens is None
+
+
+def test_failed_allocation_at_admission_keeps_the_request_queued(path: Path, monkeypatch) -> None:
+    from shadowkv.cache.base import CacheCapacityError
+
+    engine = make_llm(path, "dense").engine
+    a = engine.add_request(SHORT, SamplingParams(max_tokens=6))
+    engine.step()
+    real, fails = engine.cache.add_sequence, [1]
+
+    def flaky(*args, **kw):
+        if fails:
+            fails.pop()
+            raise CacheCapacityError("could not pin host memory")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(engine.cache, "add_sequence", flaky)
+    b = engine.add_request(LONG[:50], SamplingParams(max_tokens=2))
+    engine.step()  # a decodes
+    engine.step()  # b's admission fails: b waits, a keeps going
+    assert list(engine.waiting) == [b] and a in engine.running
+    run_all(engine)
+    assert len(a.output_ids) == 6 and len(b.output_ids) == 2
+    fails.append(1)
+    c = engine.add_request(SHORT, SamplingParams(max_tokens=1))
+    with pytest.raises(CacheCapacityError, match="pin"):  # nothing runs: nothing will free memory
+        engine.step()
+    assert list(engine.waiting) == [c]
