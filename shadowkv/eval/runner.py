@@ -42,6 +42,7 @@ class EvalConfig:
     template, or none if it has none), ``"base"`` or a name in ``ruler.CHAT_TEMPLATES``.
     ``cache`` carries the methods' other knobs (rank, chunk size, ...); its method and budget are
     overridden per run. ``batch_size`` samples go to the engine together (and are saved together).
+    NIAH ignores ``"model"`` (the reference feeds its prompt without a template).
     ``max_new_tokens`` caps generation below the task's length (RULER: 128 for NIAH), a shortcut
     for slow CPU runs; prompts are still fitted with the task's own generation length.
     """
@@ -266,6 +267,11 @@ def _make_samples(cfg: EvalConfig, tokenizer: Any, task: str, length: int) -> li
     haystack = Haystack.from_path(cfg.haystack) if cfg.haystack is not None else None
     if task == NIAH_TASK:
         assert haystack is not None
+        # The reference's NIAH prompt goes in raw and answers within 10 tokens; a chat model
+        # wrapped in its template restates the question first and runs out of tokens.
+        # A template named explicitly is still applied.
+        if cfg.chat_template == "model":
+            chat = None
         return generate_niah_samples(
             tokenizer, haystack, [length], niah_depths(cfg.num_samples), cfg.seed, chat
         )

@@ -213,3 +213,17 @@ def test_cli_writes_a_niah_heat_map_per_method(tiny_checkpoint, tmp_path, pg_ess
     maps = sorted(p.name for p in (tmp_path / "maps").iterdir())
     assert maps == ["n_niah_dense.png", "n_niah_quest@16.png"]
     assert (tmp_path / "maps" / maps[0]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_niah_prompts_skip_the_model_chat_template(smollm2, pg_essays, tmp_path):
+    """SmolLM2 wrapped in its template restates the question and runs out of NIAH's 10 tokens."""
+    from shadowkv.eval.runner import _make_samples
+
+    base = dict(tasks=("niah", "niah_single_1"), lengths=(512,), methods=("dense",),
+                out=tmp_path / "x.jsonl", num_samples=2, haystack=pg_essays)
+    niah = _make_samples(EvalConfig(**base), smollm2.tokenizer, "niah", 512)
+    ruler = _make_samples(EvalConfig(**base), smollm2.tokenizer, "niah_single_1", 512)
+    assert niah[0].prompt.startswith("Write a high-quality answer")
+    assert "<|im_start|>" in ruler[0].prompt  # RULER tasks keep the model's template
+    named = _make_samples(EvalConfig(**base, chat_template="qwen"), smollm2.tokenizer, "niah", 512)
+    assert named[0].prompt != niah[0].prompt
