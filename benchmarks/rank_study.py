@@ -38,6 +38,7 @@ import torch
 
 from shadowkv.cache import make_cache
 from shadowkv.config import CacheConfig, EngineConfig
+from shadowkv.engine.prompt_kv import PromptKV
 from shadowkv.engine.sampling import SamplingParams
 from shadowkv.eval.haystack import Haystack
 from shadowkv.llm import LLM
@@ -58,23 +59,6 @@ class PasskeyPrompt:
     sample: int
     passkey: str
     ids: list[int]
-
-
-class RecordingCache:
-    """Wraps an engine's cache and keeps each layer's prefill inputs ``(q[-1:], k, v, k_pre)``."""
-
-    def __init__(self, inner: object) -> None:
-        self.inner = inner
-        self.layers: dict[int, tuple[torch.Tensor, ...]] = {}
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-    def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor) -> torch.Tensor:
-        # Only the last query row is kept: replay discards the prefill's attention output, and a
-        # one-row causal query makes the cache's exact-attention pass nearly free.
-        self.layers[layer] = (q[-1:].clone(), k.clone(), v.clone(), k_pre.clone())
-        return self.inner.prefill(layer, q, k, v, k_pre)  # type: ignore[attr-defined]
 
 
 def passkey_prompt(llm: LLM, hay: Haystack, length: int, depth: int, sample: int, seed: str) -> PasskeyPrompt:
@@ -112,19 +96,20 @@ def prompts(llm: LLM, hay: Haystack, length: int, depths: list[int], samples: in
             yield passkey_prompt(llm, hay, length, d, s, seed)
 
 
-def run_dense(llm: LLM, ids: list[int]) -> tuple[list[int], RecordingCache]:
+def run_dense(llm: LLM, ids: list[int]) -> tuple[list[int], PromptKV]:
+    """Dense greedy tokens, and the prompt's recorded prefill for the ShadowKV runs to replay."""
     engine = llm.engine
-    recorder = RecordingCache(engine.cache)
-    engine.cache = recorder  # type: ignore[assignment]
-    try:
-        out = llm.generate(ids, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))[0]
-    finally:
-        engine.cache = recorder.inner  # type: ignore[assignment]
-    return out.token_ids, recorder
+    req = engine.add_request(
+        ids, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True), record_prompt_kv=True
+    )
+    while engine.has_unfinished():
+        engine.step()
+    assert req.prompt_kv is not None
+    return req.output_ids, req.prompt_kv
 
 
 def run_shadow(
-    llm: LLM, cfg: CacheConfig, rec: RecordingCache, n: int, dense: list[int]
+    llm: LLM, cfg: CacheConfig, rec: PromptKV, n: int, dense: list[int]
 ) -> tuple[list[int], list[bool], list[float]]:
     """Free-running tokens, teacher-forced matches and per-layer hit rates of one configuration."""
     engine = llm.engine
@@ -134,8 +119,7 @@ def run_shadow(
     for sid in (0, 1):  # 0 free-running, 1 teacher-forced
         cache.add_sequence(sid, n, NEW_TOKENS)
         cache.begin_prefill(sid, n)
-        for layer in range(engine.model_cfg.num_layers):
-            cache.prefill(layer, *rec.layers[layer])
+        rec.replay(cache)
         cache.end_prefill()
     free, matches = [dense[0]], [True]
     for t in range(1, NEW_TOKENS):

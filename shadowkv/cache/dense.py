@@ -87,7 +87,7 @@ class DenseCache(AttentionCache):
         return 2 * model.num_layers * cfg.page_size * model.kv_dim * elem
 
     def check_options(self, options: CacheOptions) -> None:
-        if options.sparse_budget is not None and self.cfg.method == "dense":
+        if options.sparse_budget is not None:
             raise CacheOptionsError(
                 "sparse_budget applies to sparse cache methods; this engine runs dense attention, "
                 "which attends every token (start it with a sparse method, e.g. --cache shadowkv)"

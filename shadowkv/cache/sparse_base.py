@@ -26,7 +26,7 @@ from abc import abstractmethod
 
 import torch
 
-from shadowkv.cache.base import CacheMemory, device_columns
+from shadowkv.cache.base import CacheMemory, CacheOptions, device_columns
 from shadowkv.cache.dense import DenseCache
 from shadowkv.config import CacheConfig, ModelConfig
 from shadowkv.models.rope import RotaryEmbedding
@@ -65,6 +65,9 @@ class SparseCache(DenseCache):
     def metadata_bytes_per_block(model: ModelConfig, cfg: CacheConfig, dtype: torch.dtype) -> int:
         """Device bytes of per-block selection metadata over all layers (0 when none)."""
         return 0
+
+    def check_options(self, options: CacheOptions) -> None:
+        """Every option applies: ``begin_decode`` grants each sequence its own budget."""
 
     def local_tokens(self, prompt_len: int) -> int:
         """Length of the always-attended local window at the end of the prompt."""

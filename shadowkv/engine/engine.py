@@ -41,7 +41,7 @@ class _Prefill:
 
     request: Request
     cache: AttentionCache | RecordingCache
-    x: torch.Tensor
+    x: torch.Tensor | None
     positions: torch.Tensor
     next_layer: int = 0
 
@@ -208,8 +208,9 @@ class Engine:
         cache: AttentionCache | RecordingCache = self.cache
         if req.record_prompt_kv:
             cache = RecordingCache(self.cache)
-        ids = torch.tensor(req.prompt_ids, device=self.device)
-        x = self.model.embed(ids) if req.prompt_kv is None else ids  # replay needs no activations
+        x = None  # a replayed prefill runs no layers
+        if req.prompt_kv is None:
+            x = self.model.embed(torch.tensor(req.prompt_ids, device=self.device))
         self._prefilling = _Prefill(req, cache, x, torch.arange(n, device=self.device))
 
     def _advance_prefill(self) -> list[StepOutput]:
@@ -220,6 +221,7 @@ class Engine:
         if req.prompt_kv is not None:
             req.prompt_kv.replay(self.cache)
             return [self._end_prefill(req.prompt_kv.logits)]
+        assert p.x is not None
         slice_tokens = self.cfg.prefill_slice_tokens
         if not self.running or slice_tokens is None:
             stop = L
