@@ -298,8 +298,16 @@ class EngineConfig:
     prefill_slice_tokens: int | None = 8192
     cache_memory_gb: float | None = None  # device memory for the cache pool; None = auto
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # How decode steps run (engine/decode_runner.py): "auto" = CUDA graphs on CUDA for dense and
+    # ShadowKV, eager otherwise; "eager"; "static" = the graphs' padded fixed-shape step run
+    # without capture (any device); "graph" = capture (CUDA only).
+    decode_mode: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.decode_mode not in ("auto", "eager", "static", "graph"):
+            raise ConfigError(
+                f"decode_mode must be auto, eager, static or graph, got {self.decode_mode!r}"
+            )
         if self.max_num_seqs < 1:
             raise ConfigError("max_num_seqs must be >= 1")
         if self.prefill_mlp_chunk < 1:

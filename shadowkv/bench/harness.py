@@ -45,14 +45,19 @@ def build_engine(
     return Engine(model, model_cfg, tokenizer, cache_cfg, engine_cfg, device, dtype)
 
 
+# Full-batch decode steps run before timing starts: the first step of a batch shape captures its
+# CUDA graph (engine/decode_runner.py), which is set-up, not decoding.
+WARMUP_STEPS = 1
+
+
 def new_tokens(decode_steps: int, batch: int, index: int) -> int:
     """``max_tokens`` of request ``index`` of ``batch`` so that all finish on the same step.
 
     The engine alternates prefills with decode steps, so request ``i`` decodes ``batch - 1 - i``
     tokens before the last prompt is in; giving it as many extra tokens leaves every request
-    ``decode_steps`` decode steps at the full batch, after which all stop together.
+    ``WARMUP_STEPS + decode_steps`` decode steps at the full batch, after which all stop together.
     """
-    return 1 + decode_steps + (batch - 1 - index)
+    return 1 + WARMUP_STEPS + decode_steps + (batch - 1 - index)
 
 
 def fits(cache: AttentionCache, context: int, decode_steps: int, batch: int) -> bool:
@@ -113,6 +118,7 @@ class RunResult:
     activation_bytes: int  # device peak above what was allocated before the run (CUDA only)
     hit_rate: float | None
     svd_s: float | None = None  # ShadowKV: time factorising prompt keys, all prompts together
+    decode_mode: str = "eager"  # how decode steps ran (engine/decode_runner.py)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -129,6 +135,7 @@ class RunResult:
             "ttft_mean_s": round(self.ttft_mean_s, 4),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
             "decode_ms_per_step": round(1000 * self.decode_s / self.decode_steps, 3),
+            "decode_mode": self.decode_mode,
             "hit_rate": None if self.hit_rate is None else round(self.hit_rate, 4),
             "svd_share_of_prefill": (
                 None if self.svd_s is None else round(self.svd_s / (self.prefill_s * self.batch), 4)
@@ -171,7 +178,7 @@ def timed_run(
         for i, p in enumerate(prompts)
     ]
     prefill: list[float] = []
-    decode_s, full_steps, mem, most_running, slices = 0.0, 0, None, 0, 0.0
+    decode_s, full_steps, mem, most_running, slices, warmup = 0.0, 0, None, 0, 0.0, 0
     while engine.has_unfinished():
         _sync(device)
         start = time.perf_counter()
@@ -188,6 +195,9 @@ def timed_run(
         elif len(outs) == batch:
             if mem is None:
                 mem = cache.memory()  # every sequence live, before any finishes
+            if warmup < WARMUP_STEPS:
+                warmup += 1
+                continue
             decode_s, full_steps = decode_s + elapsed, full_steps + 1
     if full_steps != decode_steps or mem is None or len(prefill) != batch:
         why = (
@@ -217,6 +227,7 @@ def timed_run(
         activation_bytes=max(0, peak - baseline) if device.type == "cuda" else 0,
         hit_rate=_hit_rate(cache),
         svd_s=cache.svd_seconds() if hasattr(cache, "time_svd") else None,
+        decode_mode=engine.runner.mode,
     )
 
 

@@ -50,6 +50,7 @@ class BenchConfig:
     cache_memory_gb: float | None = None  # None: the engine's default (85% of free GPU memory)
     cache: CacheConfig = field(default_factory=CacheConfig)  # knobs shared by all methods
     seed: int = 0
+    decode_mode: str = "auto"  # EngineConfig.decode_mode: auto = CUDA graphs on CUDA
 
     def __post_init__(self) -> None:
         if (self.arch is None) == (self.model_path is None):
@@ -71,7 +72,10 @@ class BenchConfig:
             raise ConfigError("decode_steps must be >= 1")
         if self.max_batch < 1:
             raise ConfigError("max_batch must be >= 1")
-        EngineConfig(dtype=self.dtype, cache_memory_gb=self.cache_memory_gb)  # validates dtype
+        # validates dtype and decode_mode
+        EngineConfig(
+            dtype=self.dtype, cache_memory_gb=self.cache_memory_gb, decode_mode=self.decode_mode
+        )
 
     @property
     def torch_device(self) -> torch.device:
@@ -123,6 +127,7 @@ def run_throughput(
         # Whole-prompt prefills, the paper's protocol; slicing trades throughput for the decode
         # latency of running requests (benchmarks/prefill_stall.py measures that).
         prefill_slice_tokens=None,
+        decode_mode=cfg.decode_mode,
     )
 
     def engine_for(method: str) -> Engine:
@@ -226,6 +231,7 @@ def _plan_batches(
 def _release(engine: Engine, device: torch.device) -> None:
     """Drop an engine's cache pools before the next engine allocates its own."""
     engine.cache = None  # type: ignore[assignment]
+    engine.runner = None  # type: ignore[assignment]  # holds the cache and the graphs' memory
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

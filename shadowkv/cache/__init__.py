@@ -28,7 +28,7 @@ def make_cache(
     args = (model, cfg, rope, device, dtype, max_num_seqs, max_model_len)
     if cfg.method == "dense":
         per_block = DenseCache.bytes_per_block(model, cfg, dtype)
-        num_blocks = max(1, memory_bytes // per_block)
+        num_blocks = max(1, memory_bytes // per_block - 1)  # one block is the padding scratch
         return DenseCache(*args, num_blocks=num_blocks)
     module, cls = _SPARSE_METHODS[cfg.method]
     impl = getattr(importlib.import_module(f"shadowkv.cache.{module}"), cls)

@@ -148,9 +148,43 @@ class AttentionCache(ABC):
     def end_prefill(self) -> None:
         self.lengths[self._prefill_seq] = self._prefill_len
 
-    @abstractmethod
+    # A decode step is planned in two halves. On the host, ``decode_columns`` turns the step's
+    # sequences into per-sequence integers and ``decode_widths`` into the plan's sizes; on the
+    # device, ``plan_decode`` builds every index tensor the layers read from those columns with
+    # device ops only. Because the device half reads nothing from the host, a fixed-shape step
+    # (padded batch, widths rounded up: ``static=True``) can be captured in a CUDA graph together
+    # with the model and replayed after copying in new columns (``engine/decode_runner.py``).
+    supports_static_decode = False  # whether the three methods below are implemented
+
     def begin_decode(self, seq_ids: list[int]) -> None:
         """Plan one decode step (one new token per sequence): build index tensors once."""
+        self._decode_seqs = list(seq_ids)
+        cols = device_columns(self.decode_columns(seq_ids), self.device)
+        self.plan_decode(cols, self.decode_widths(seq_ids, static=False))
+
+    def begin_static_decode(self, seq_ids: list[int]) -> tuple[dict[str, list[int]], object]:
+        """Host half of a fixed-shape step: ``(columns, widths)``; the caller pads the columns
+        with ``pad_columns()`` and runs ``plan_decode`` (usually inside a CUDA graph)."""
+        self._decode_seqs = list(seq_ids)
+        return self.decode_columns(seq_ids), self.decode_widths(seq_ids, static=True)
+
+    def decode_columns(self, seq_ids: list[int]) -> dict[str, list[int]]:
+        """Per-sequence integers that plan a decode step (raises when a sequence cannot step)."""
+        raise NotImplementedError(f"{type(self).__name__} plans decode steps in begin_decode")
+
+    def pad_columns(self) -> dict[str, int]:
+        """Column values of a padding entry of a fixed-shape batch: its token is written to
+        scratch rows and attends to itself alone, touching no sequence's state."""
+        raise NotImplementedError(f"{type(self).__name__} has no fixed-shape decode step")
+
+    def decode_widths(self, seq_ids: list[int], static: bool) -> object:
+        """The plan's sizes (hashable): exact for this batch, or with ``static`` rounded up to a
+        few buckets that stay fixed while the batch's sequences do (a CUDA-graph key)."""
+        raise NotImplementedError(f"{type(self).__name__} has no fixed-shape decode step")
+
+    def plan_decode(self, cols: dict[str, torch.Tensor], widths: object) -> None:
+        """Build the step's index tensors from device columns ``[B]`` (device ops only)."""
+        raise NotImplementedError(f"{type(self).__name__} plans decode steps in begin_decode")
 
     def end_decode(self) -> None:
         for s in self._decode_seqs:
@@ -193,6 +227,11 @@ class AttentionCache(ABC):
         """What a full KV cache of ``num_tokens`` takes in this dtype over all layers."""
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.model.num_layers * num_tokens * self.model.kv_dim * elem
+
+
+def bucket(n: int, cap: int) -> int:
+    """``n`` rounded up to a power of two, at most ``cap`` (and at least 1)."""
+    return min(cap, 1 << max(0, n - 1).bit_length()) if n > 1 else 1
 
 
 def device_columns(columns: dict[str, list[int]], device: torch.device) -> dict[str, torch.Tensor]:

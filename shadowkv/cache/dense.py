@@ -10,7 +10,7 @@ from shadowkv.cache.base import (
     CacheMemory,
     CacheOptions,
     CacheOptionsError,
-    device_columns,
+    bucket,
 )
 from shadowkv.config import CacheConfig, ModelConfig
 from shadowkv.kernels.decode_attention import decode_attention
@@ -64,13 +64,17 @@ class DenseCache(AttentionCache):
         super().__init__(model, cfg, rope, device, dtype, max_num_seqs, max_model_len)
         S = cfg.page_size
         self.pool = BlockPool(num_blocks, S)
-        self.k_cache = [self._pool(num_blocks, device, dtype) for _ in range(model.num_layers)]
-        self.v_cache = [self._pool(num_blocks, device, dtype) for _ in range(model.num_layers)]
+        # One block past the pool is scratch: padding entries of fixed-shape steps write there.
+        self.k_cache = [self._pool(num_blocks + 1, device, dtype) for _ in range(model.num_layers)]
+        self.v_cache = [self._pool(num_blocks + 1, device, dtype) for _ in range(model.num_layers)]
         self.max_blocks = self.pool.blocks_for(max_model_len)
-        # Per-sequence block tables live on the device so a decode step only indexes them.
+        # Per-sequence block tables live on the device so a decode step only indexes them; the
+        # last row is the padding entries', pointing at the scratch block.
         self.block_tables = torch.zeros(
-            max_num_seqs, self.max_blocks, dtype=torch.int32, device=device
+            max_num_seqs + 1, self.max_blocks, dtype=torch.int32, device=device
         )
+        self.pad_row = max_num_seqs
+        self.block_tables[self.pad_row] = num_blocks
         self.rows: dict[int, int] = {}  # seq id -> row in block_tables
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
 
@@ -132,15 +136,25 @@ class DenseCache(AttentionCache):
         super().begin_prefill(seq_id, num_tokens)
         self._prefill_slots = self._slots(seq_id, 0, num_tokens)
 
-    def begin_decode(self, seq_ids: list[int]) -> None:
-        self._decode_seqs = seq_ids
+    supports_static_decode = True
+
+    def decode_columns(self, seq_ids: list[int]) -> dict[str, list[int]]:
+        return {"rows": [self.rows[s] for s in seq_ids], "pos": [self.lengths[s] for s in seq_ids]}
+
+    def pad_columns(self) -> dict[str, int]:
+        return {"rows": self.pad_row, "pos": 0}
+
+    def decode_widths(self, seq_ids: list[int], static: bool) -> int:
+        """Block-table columns: the longest sequence's blocks (static: its reserved blocks, as a
+        power of two, so the width holds while the batch does)."""
+        if not static:
+            return max(self.pool.blocks_for(self.lengths[s] + 1) for s in seq_ids)
+        return bucket(max(len(self.pool.owned[s]) for s in seq_ids), self.max_blocks)
+
+    def plan_decode(self, cols: dict[str, torch.Tensor], widths: int) -> None:
         S = self.pool.block_size
-        cols = device_columns(
-            {"rows": [self.rows[s] for s in seq_ids], "pos": [self.lengths[s] for s in seq_ids]},
-            self.device,
-        )
         rows, pos = cols["rows"], cols["pos"]
-        self._tables = self.block_tables[rows]  # [B, max_blocks]
+        self._tables = self.block_tables[rows, :widths]  # [B, widths]
         self._seq_lens = (pos + 1).to(torch.int32)
         # Kept apart from the prefill's slots: a sliced prefill runs between decode steps.
         self._decode_slots = (

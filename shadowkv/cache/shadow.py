@@ -34,7 +34,13 @@ from shadowkv.cache.shadow_layout import (
     split_device_pages,
 )
 from shadowkv.cache.shadow_prefill import exact_token_index, lowrank_factors, summarize_chunks
-from shadowkv.cache.shadow_tables import DecodePlan, PrefillPlan, SequenceTables, SparsePlan
+from shadowkv.cache.shadow_tables import (
+    DecodePlan,
+    PrefillPlan,
+    SequenceTables,
+    SparsePlan,
+    StepWidths,
+)
 from shadowkv.cache.store import HOST, ValueStore, auto_host_bytes, device_tier_seqs
 from shadowkv.config import CacheConfig, ConfigError, ModelConfig
 from shadowkv.kernels.decode_attention import decode_attention
@@ -70,7 +76,9 @@ class ShadowKVCache(AttentionCache):
         self.slot_bytes = L * (R * model.kv_dim * elem + Hkv * self.max_slots * 4)
         self.factor_page_bytes = L * (P * R * elem + PAGE_CHUNKS * Hkv * (D * elem + 4))
         self.block_bytes = L * 2 * S * model.kv_dim * elem
-        fixed = max_num_seqs * self.slot_bytes
+        # Per-sequence factors and selection state for every slot plus the padding row of
+        # fixed-shape steps, and one scratch buffer block that padding entries write to.
+        fixed = (max_num_seqs + 1) * self.slot_bytes + self.block_bytes
         least = 2 * (self.factor_page_bytes + self.block_bytes)
         if memory_bytes < fixed + least:
             raise ConfigError(
@@ -105,22 +113,24 @@ class ShadowKVCache(AttentionCache):
         self.a_pages = alloc(num_pages, P, R)
         self.landmarks = alloc(num_pages, PAGE_CHUNKS, Hkv, D)
         self.landmark_ids = alloc(num_pages, PAGE_CHUNKS, Hkv, dt=torch.int32)
-        self.k_buf = alloc(num_blocks, S, Hkv, D)
-        self.v_buf = alloc(num_blocks, S, Hkv, D)
+        self.k_buf = alloc(num_blocks + 1, S, Hkv, D)  # block num_blocks: padding scratch
+        self.v_buf = alloc(num_blocks + 1, S, Hkv, D)
         for pool in (self.a_pages, self.landmarks, self.landmark_ids, self.k_buf, self.v_buf):
             for t in pool:
                 t[0].zero_()  # the null page
-        self.w_t = alloc(max_num_seqs, R, model.kv_dim)
-        # Per layer [max_num_seqs, Hkv, max_slots]: the chunk each buffer slot holds, -1 = empty.
+        self.w_t = alloc(max_num_seqs + 1, R, model.kv_dim)
+        # Per layer [max_num_seqs + 1, Hkv, max_slots]: the chunk each buffer slot holds, -1 =
+        # empty (the last row is the padding row's).
         self.selection = [
-            torch.full((max_num_seqs, Hkv, self.max_slots), -1, dtype=torch.int32, device=device)
+            torch.full((max_num_seqs + 1, Hkv, self.max_slots), -1, dtype=torch.int32, device=device)
             for _ in range(L)
         ]
         self.store = ValueStore(
             L, Hkv, D, C, PAGE_CHUNKS, dtype, host_bytes, device_value_bytes, device
         )
 
-        self.tables = SequenceTables(max_num_seqs, max_model_len, C, P, S, device)
+        self.tables = SequenceTables(max_num_seqs, max_model_len, C, P, S, device, num_blocks)
+        self.tables.max_select = self.max_slots
         self._hits = torch.zeros(L, dtype=torch.int64, device=device)
         self._used = torch.zeros(L, dtype=torch.int64, device=device)
         # On CUDA the value fetch (PCIe-bound) runs on its own stream, overlapping the key rebuild
@@ -246,9 +256,20 @@ class ShadowKVCache(AttentionCache):
         super().begin_prefill(seq_id, num_tokens)
         self._prefill = self.tables.plan_prefill(seq_id)
 
-    def begin_decode(self, seq_ids: list[int]) -> None:
-        self._decode_seqs = seq_ids
-        self._decode = self.tables.plan_decode(seq_ids, [self.lengths[s] for s in seq_ids])
+    supports_static_decode = True
+
+    def decode_columns(self, seq_ids: list[int]) -> dict[str, list[int]]:
+        return self.tables.decode_columns(seq_ids, [self.lengths[s] for s in seq_ids])
+
+    def pad_columns(self) -> dict[str, int]:
+        return self.tables.pad_columns()
+
+    def decode_widths(self, seq_ids: list[int], static: bool) -> StepWidths:
+        lengths = [self.lengths[s] for s in seq_ids]
+        return self.tables.decode_widths(seq_ids, lengths, static, self.store.live_tiers())
+
+    def plan_decode(self, cols: dict[str, torch.Tensor], widths: StepWidths) -> None:
+        self._decode = self.tables.plan_decode(cols, widths)
 
     def end_decode(self) -> None:
         super().end_decode()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shadowkv.cache.base import CacheCapacityError, device_columns
+from shadowkv.cache.base import CacheCapacityError, bucket
 from shadowkv.cache.shadow_layout import PAGE_CHUNKS, SeqLayout, cdiv
 
 
@@ -41,7 +41,6 @@ class SparsePlan:
 
 @dataclass(frozen=True)
 class DecodePlan:
-    seqs: list[int]
     rows: torch.Tensor  # [B] sequence slots
     buf_tables: torch.Tensor  # [B, max blocks] int32
     seq_lens: torch.Tensor  # [B] int32 buffer rows to attend, the new token included
@@ -49,10 +48,33 @@ class DecodePlan:
     sparse: SparsePlan | None  # None when every sequence in the step runs dense
 
 
+@dataclass(frozen=True)
+class StepWidths:
+    """Python-level sizes of a decode plan (hashable: the key of a captured step).
+
+    ``buffer``: buffer-table columns. The rest sizes the sparse part and is 0 when the step has
+    no sparse sequence: factor / landmark / value-store page-table columns, ``select`` slots per
+    KV head, and ``tiers``: the value tiers gathered from (one gather each).
+    """
+
+    buffer: int
+    factor: int = 0
+    landmark: int = 0
+    store: int = 0
+    select: int = 0
+    tiers: tuple[int, ...] = ()
+
+    @property
+    def sparse(self) -> bool:
+        return self.select > 0
+
+
 class SequenceTables:
     """Sequence slots, their layouts, and device page tables (factor, value-store, buffer).
 
-    Value-store page numbers index the arena of the sequence's tier (``value_tier``).
+    Value-store page numbers index the arena of the sequence's tier (``value_tier``). Row
+    ``pad_row`` (past the ``max_num_seqs`` slots) belongs to the padding entries of fixed-shape
+    steps: null pages everywhere, its buffer table pointing at a scratch block.
     """
 
     def __init__(
@@ -63,16 +85,20 @@ class SequenceTables:
         page_tokens: int,
         block_rows: int,
         device: torch.device,
+        scratch_block: int,
     ) -> None:
         self.chunk_size, self.page_tokens, self.block_rows = chunk_size, page_tokens, block_rows
         self.device = device
 
         def table(width: int) -> torch.Tensor:
-            return torch.zeros(max_num_seqs, width, dtype=torch.int32, device=device)
+            return torch.zeros(max_num_seqs + 1, width, dtype=torch.int32, device=device)
 
         self.factor = table(cdiv(max_model_len, page_tokens))
         self.store = table(cdiv(cdiv(max_model_len, chunk_size), PAGE_CHUNKS))
         self.buffer = table(cdiv(max_model_len, block_rows))
+        self.max_select = 0  # set by the cache: selection slots per KV head
+        self.pad_row = max_num_seqs
+        self.buffer[self.pad_row] = scratch_block
         self.rows: dict[int, int] = {}
         self.layouts: dict[int, SeqLayout] = {}
         self.value_tier: dict[int, int] = {}
@@ -136,8 +162,8 @@ class SequenceTables:
             value_tier=self.value_tier[seq_id],
         )
 
-    def plan_decode(self, seq_ids: list[int], lengths: list[int]) -> DecodePlan:
-        """Index tensors of one decode step; ``lengths`` are tokens cached before it."""
+    def decode_columns(self, seq_ids: list[int], lengths: list[int]) -> dict[str, list[int]]:
+        """Per-sequence integers of one decode step; ``lengths`` are tokens cached before it."""
         lays = [self.layouts[s] for s in seq_ids]
         gen = [lay.gen_start + n - lay.prompt_len for lay, n in zip(lays, lengths)]
         for s, lay, g in zip(seq_ids, lays, gen):
@@ -146,66 +172,89 @@ class SequenceTables:
                     f"sequence {s} generates past the {lay.max_new_tokens} new tokens reserved "
                     "at admission"
                 )
-        S = self.block_rows
-        cols = device_columns(
-            {
-                "rows": [self.rows[s] for s in seq_ids],
-                "gen": gen,
-                "num_select": [lay.num_select for lay in lays],
-                "select_start": [lay.select_start for lay in lays],
-                "num_landmarks": [lay.num_landmarks for lay in lays],
-                "primed": [s in self.primed for s in seq_ids],
-                "tier": [self.value_tier[s] for s in seq_ids],
-            },
-            self.device,
+        return {
+            "rows": [self.rows[s] for s in seq_ids],
+            "gen": gen,
+            "num_select": [lay.num_select for lay in lays],
+            "select_start": [lay.select_start for lay in lays],
+            "num_landmarks": [lay.num_landmarks for lay in lays],
+            "primed": [s in self.primed for s in seq_ids],
+            "tier": [self.value_tier[s] for s in seq_ids],
+        }
+
+    def pad_columns(self) -> dict[str, int]:
+        """A padding entry: no prompt rows, nothing selected, its token in the scratch block."""
+        cols = dict.fromkeys(("gen", "num_select", "select_start", "num_landmarks", "primed"), 0)
+        return {"rows": self.pad_row, **cols, "tier": 0}
+
+    def decode_widths(
+        self, seq_ids: list[int], lengths: list[int], static: bool, tiers: tuple[int, ...]
+    ) -> StepWidths:
+        """Exact sizes of this batch's plan, or (``static``) sizes fixed for the batch's life:
+        each a power of two at least as large, capped by its table; ``tiers`` are the store's
+        tiers (a static step gathers from every tier, masked)."""
+        lays = [self.layouts[s] for s in seq_ids]
+        S, P = self.block_rows, self.page_tokens
+        if static:
+            buffer = bucket(max(cdiv(x.buffer_rows, S) for x in lays), self.buffer.shape[1])
+        else:  # up to the new token's row
+            buffer = max(cdiv(x.gen_start + n - x.prompt_len + 1, S) for x, n in zip(lays, lengths))
+        sparse = [x for x in lays if not x.dense]
+        if not sparse:
+            return StepWidths(buffer)
+
+        def width(need: int, table: torch.Tensor) -> int:
+            need = max(1, need)
+            return bucket(need, table.shape[1]) if static else need
+
+        factor = width(max(cdiv(x.prompt_len, P) for x in sparse), self.factor)
+        landmark = width(max(cdiv(x.num_landmarks, PAGE_CHUNKS) for x in sparse), self.factor)
+        select = max(x.num_select for x in sparse)
+        if static:
+            select = min(bucket(select, self.max_select), landmark * PAGE_CHUNKS)
+        else:
+            tiers = tuple(sorted({self.value_tier[s] for s, x in zip(seq_ids, lays) if not x.dense}))
+        return StepWidths(
+            buffer,
+            factor,
+            landmark,
+            width(max(cdiv(x.num_chunks, PAGE_CHUNKS) for x in sparse), self.store),
+            select,
+            tiers,
         )
+
+    def plan_decode(self, cols: dict[str, torch.Tensor], widths: StepWidths) -> DecodePlan:
+        """Index tensors of one decode step from its device columns (device ops only)."""
+        S = self.block_rows
         rows, gen_t = cols["rows"], cols["gen"]
-        tables = self.buffer[rows, : max(cdiv(g + 1, S) for g in gen)]
+        tables = self.buffer[rows, : widths.buffer]
         gen_rows = tables.gather(1, (gen_t // S)[:, None]).squeeze(1).long() * S + gen_t % S
-        sparse = None
-        if not all(lay.dense for lay in lays):
-            sparse = self._plan_sparse(seq_ids, lays, cols, tables)
+        sparse = self._plan_sparse(cols, tables, widths) if widths.sparse else None
         seq_lens = (gen_t + 1).to(torch.int32)
-        return DecodePlan(list(seq_ids), rows, tables, seq_lens, gen_rows, sparse)
+        return DecodePlan(rows, tables, seq_lens, gen_rows, sparse)
 
     def _plan_sparse(
-        self,
-        seq_ids: list[int],
-        lays: list[SeqLayout],
-        cols: dict[str, torch.Tensor],
-        tables: torch.Tensor,
+        self, cols: dict[str, torch.Tensor], tables: torch.Tensor, widths: StepWidths
     ) -> SparsePlan:
         S, C, dev = self.block_rows, self.chunk_size, self.device
-
-        def widest(pages: list[int]) -> int:
-            return max(1, *pages)
-
         rows, num_select = cols["rows"], cols["num_select"].to(torch.int32)
-        K = max(lay.num_select for lay in lays)
-        offs = torch.arange(K * C, device=dev)
+        offs = torch.arange(widths.select * C, device=dev)
         used = offs[None, :] < cols["num_select"][:, None] * C
         # Selected slots sit before the new token's row, so ``tables`` covers them.
         r = torch.where(used, cols["select_start"][:, None] + offs, 0)
         dst = tables.gather(1, r // S).long() * S + r % S
-        factor = self.factor[rows, : widest([cdiv(x.prompt_len, self.page_tokens) for x in lays])]
+        factor = self.factor[rows, : widths.factor]
+        if len(widths.tiers) == 1:  # dense sequences have no misses: one gather serves them all
+            groups: tuple[tuple[int, torch.Tensor | None], ...] = ((widths.tiers[0], None),)
+        else:  # [B] masks, built on the device
+            groups = tuple((u, cols["tier"] == u) for u in widths.tiers)
         return SparsePlan(
             factor_tables=factor,
-            landmark_tables=factor[:, : widest([cdiv(x.num_landmarks, PAGE_CHUNKS) for x in lays])],
-            store_tables=self.store[
-                rows, : widest([cdiv(x.num_chunks, PAGE_CHUNKS) for x in lays])
-            ],
+            landmark_tables=factor[:, : widths.landmark],
+            store_tables=self.store[rows, : widths.store],
             num_landmarks=cols["num_landmarks"].to(torch.int32),
             num_select=num_select,
             dst_rows=dst.masked_fill(~used, -1),
             primed=cols["primed"].bool(),
-            value_groups=self._value_groups(seq_ids, lays, cols["tier"]),
+            value_groups=groups,
         )
-
-    def _value_groups(
-        self, seq_ids: list[int], lays: list[SeqLayout], tier: torch.Tensor
-    ) -> tuple[tuple[int, torch.Tensor | None], ...]:
-        tiers = [self.value_tier[s] for s in seq_ids]
-        used = sorted({t for t, lay in zip(tiers, lays) if not lay.dense})
-        if len(used) == 1:  # dense sequences have no misses, so one tier serves the whole batch
-            return ((used[0], None),)
-        return tuple((u, tier == u) for u in used)  # [B] masks, built on the device

@@ -40,6 +40,8 @@ class SparseCache(DenseCache):
     """
 
     unit: int = 1
+    # Selection sizes come from the host each step (``top_units``): no fixed-shape step.
+    supports_static_decode = False
 
     def __init__(
         self,
@@ -55,7 +57,7 @@ class SparseCache(DenseCache):
         per_block = self.bytes_per_block(model, cfg, dtype) + self.metadata_bytes_per_block(
             model, cfg, dtype
         )
-        num_blocks = max(1, memory_bytes // per_block)
+        num_blocks = max(1, memory_bytes // per_block - 1)  # one block is DenseCache's scratch
         super().__init__(
             model, cfg, rope, device, dtype, max_num_seqs, max_model_len, num_blocks=num_blocks
         )

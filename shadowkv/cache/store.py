@@ -201,6 +201,10 @@ class ValueStore:
         for t in self.tiers:
             t.pool.release(seq_id)
 
+    def live_tiers(self) -> tuple[int, ...]:
+        """The tiers whose memory is allocated (a tier stays allocated once it is)."""
+        return tuple(i for i, t in enumerate(self.tiers) if t._data is not None)
+
     def layer(self, tier: int, layer: int) -> torch.Tensor:
         return self.tiers[tier].layer(layer)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from shadowkv.bench.models import ARCHITECTURES
 from shadowkv.bench.throughput import BenchConfig, run_throughput
 from shadowkv.commands.common import (
+    add_decode_mode_arg,
     add_value_memory_args,
     budget_or_fraction,
     cache_config_from_args,
@@ -91,6 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="device memory for the cache (default: 85%% of free GPU memory, 4 GiB on CPU)",
     )
     p.add_argument("--seed", type=int, default=0)
+    add_decode_mode_arg(p)
     c = p.add_argument_group("shadowkv knobs (shared by all methods)")
     c.add_argument("--sparse-budget", type=budget_or_fraction, default=_CACHE_DEFAULTS["sparse_budget"])
     c.add_argument("--rank", type=budget_or_fraction, default=None)
@@ -119,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         cache_memory_gb=args.cache_memory_gb,
         cache=cache,
         seed=args.seed,
+        decode_mode=args.decode_mode,
     )
 
 

@@ -36,6 +36,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    default=_ENGINE_DEFAULTS["prefill_slice_tokens"],
                    help="while others decode, prefill longer prompts a slice of layers per step, "
                    "about this many tokens' worth ('none': whole prompts; default: %(default)s)")
+    add_decode_mode_arg(g)
     c = p.add_argument_group("attention cache")
     c.add_argument("--cache", default="dense", choices=CACHE_METHODS, help="attention-cache method")
     c.add_argument("--sparse-budget", type=budget_or_fraction, default=_CACHE_DEFAULTS["sparse_budget"],
@@ -47,6 +48,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--outlier-chunks", type=int, default=_CACHE_DEFAULTS["outlier_chunks"])
     c.add_argument("--local-chunks", type=int, default=_CACHE_DEFAULTS["local_chunks"])
     add_value_memory_args(c)
+
+
+def add_decode_mode_arg(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--decode-mode", default=_ENGINE_DEFAULTS["decode_mode"],
+                   choices=["auto", "eager", "static", "graph"],
+                   help="auto: decode steps as CUDA graphs on CUDA (dense, shadowkv), eager "
+                   "otherwise; static: the graphs' padded step without capture (default: auto)")
 
 
 def _slice_tokens(text: str) -> int | None:
@@ -85,6 +93,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         cache_memory_gb=args.cache_memory_gb,
         dtype=args.dtype,
         prefill_slice_tokens=args.prefill_slice_tokens,
+        decode_mode=args.decode_mode,
     )
 
 

@@ -17,9 +17,10 @@ import torch
 from shadowkv.cache import AttentionCache, CacheCapacityError, make_cache
 from shadowkv.cache.base import CacheOptions
 from shadowkv.config import CacheConfig, EngineConfig, ModelConfig
+from shadowkv.engine.decode_runner import DecodeRunner
 from shadowkv.engine.prompt_kv import PromptKV, RecordingCache
 from shadowkv.engine.request import Request, Status
-from shadowkv.engine.sampling import SamplingParams, make_generator, sample
+from shadowkv.engine.sampling import SamplingParams, make_generator, sample, sample_batch
 from shadowkv.models.llama import LlamaModel
 from shadowkv.models.rope import RotaryEmbedding
 from shadowkv.models.tokenizer import Tokenizer
@@ -89,6 +90,9 @@ class Engine:
         self.cache: AttentionCache = make_cache(
             model_cfg, cache_cfg, self.rope, device, dtype, engine_cfg.max_num_seqs,
             self.max_model_len, cache_memory_budget(engine_cfg, device),
+        )
+        self.runner = DecodeRunner(
+            model, self.rope, self.cache, device, engine_cfg.max_num_seqs, engine_cfg.decode_mode
         )
         eos = set(model_cfg.eos_token_ids)
         if tokenizer.eos_token_id is not None:
@@ -249,20 +253,19 @@ class Engine:
         req.memory = self.cache.memory(req.request_id).as_dict()
         req.status = Status.RUNNING
         self.running.append(req)
-        return self._append(req, logits)
+        return self._append(req, sample(logits, req.params, req.generator))
 
     def _decode(self) -> list[StepOutput]:
         reqs = list(self.running)
         seq_ids = [r.request_id for r in reqs]
-        self.cache.begin_decode(seq_ids)
-        ids = torch.tensor([r.output_ids[-1] for r in reqs], device=self.device)
-        positions = torch.tensor([self.cache.lengths[s] for s in seq_ids], device=self.device)
-        logits = self.model(ids, positions, self.rope, self.cache, "decode")
+        logits = self.runner.step(
+            seq_ids, [r.output_ids[-1] for r in reqs], [self.cache.lengths[s] for s in seq_ids]
+        )
         self.cache.end_decode()
-        return [self._append(r, logits[i]) for i, r in enumerate(reqs)]
+        tokens = sample_batch(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        return [self._append(r, t) for r, t in zip(reqs, tokens)]
 
-    def _append(self, req: Request, logits: torch.Tensor) -> StepOutput:
-        token = sample(logits, req.params, req.generator)
+    def _append(self, req: Request, token: int) -> StepOutput:
         req.output_ids.append(token)
         if req.first_token is None:
             req.first_token = time.perf_counter()

@@ -1,7 +1,11 @@
-"""Sampling parameters and the per-sequence sampler (greedy, temperature, top-k, top-p, seed)."""
+"""Sampling parameters and the samplers (greedy, temperature, top-k, top-p, seed).
+
+``sample`` picks one row; ``sample_batch`` picks a decode step's rows with one host transfer.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -72,8 +76,47 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token id from ``logits [V]`` (fp32)."""
+    return int(_pick(logits, params, generator))
+
+
+def sample_batch(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> list[int]:
+    """One token id per row of ``logits [B, V]`` (fp32), with one device->host transfer in all.
+
+    Row ``i`` gives the same id as ``sample(logits[i], params[i], generators[i])`` and consumes
+    ``generators[i]`` the same way, so seeded requests draw the same tokens either way.
+    """
+    if logits.dim() != 2:
+        raise SamplingError(
+            f"sample_batch needs logits [B, V], got shape {tuple(logits.shape)}; "
+            "use sample() for a single row [V]"
+        )
+    if not len(params) == len(generators) == logits.shape[0]:
+        raise SamplingError(
+            f"sample_batch needs one SamplingParams and one generator per logits row: got "
+            f"{logits.shape[0]} rows, {len(params)} params, {len(generators)} generators"
+        )
+    # All greedy rows in one argmax over the whole batch; non-greedy rows overwrite their slot
+    # below. Arithmetic on a few extra rows is far cheaper than gathering the greedy ones.
+    if any(p.greedy for p in params):
+        ids = logits.argmax(dim=-1)  # [B] int64
+    else:
+        ids = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for i, (p, gen) in enumerate(zip(params, generators)):
+        if not p.greedy:
+            ids[i] = _pick(logits[i], p, gen)  # device-to-device copy, no host sync
+    return ids.tolist()  # the one host sync of the step
+
+
+def _pick(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The chosen id from ``logits [V]`` as a 0-d int64 tensor on the logits' device (no sync)."""
     if params.greedy:
-        return int(logits.argmax())
+        return logits.argmax()
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         # Exactly k survivors even when logits tie at the k-th value (a threshold would keep all).
@@ -86,4 +129,4 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)[0]

@@ -1,7 +1,8 @@
 """Invariants of the CUDA path, end to end through ``LLM`` (run by ``benchmarks/gpu_check.sh``).
 
-CUDA is where the Triton kernels, the pinned host value tier read zero-copy, and the value
-fetch on its own stream come into play; on a machine without a GPU this module is skipped.
+CUDA is where the Triton kernels, the pinned host value tier read zero-copy, the value fetch on
+its own stream and decode steps captured as CUDA graphs (the default there) come into play; on a
+machine without a GPU this module is skipped.
 A tiny random Llama in fp32, so CPU and GPU differ only by summation order.
 """
 
@@ -77,3 +78,33 @@ def test_host_and_device_value_tiers_decode_alike(path: Path) -> None:
         tiers |= {engine.cache.tables.value_tier[r.request_id] for r in engine.running}
     assert tiers == {HOST, DEVICE}
     assert [r.output_ids for r in reqs] == tokens(path, "cuda", SPARSE, one_by_one=True)
+
+
+@pytest.mark.parametrize("cache", [None, SPARSE], ids=["dense", "shadowkv"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_graph_steps_equal_the_uncaptured_step(path: Path, cache: dict | None, dtype: str) -> None:
+    """Replayed graphs compute what the same fixed-shape step computes uncaptured (bit for bit:
+    the same kernels on the same shapes), and in fp32 what eager steps compute; the batch
+    shrinks 3 -> 2 -> 1, so several padded sizes are captured."""
+    params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (12, 8, 4)]
+
+    def run(mode: str):
+        llm = LLM(
+            str(path), device="cuda", cache=CacheConfig(**cache) if cache else CacheConfig(),
+            engine=EngineConfig(cache_memory_gb=0.05, dtype=dtype, decode_mode=mode),
+        )
+        return [r.token_ids for r in llm.generate(PROMPTS, params)], llm.engine.runner
+
+    graph, runner = run("graph")
+    assert runner.mode == "graph" and runner.captures >= 3
+    assert [len(t) for t in graph] == [12, 8, 4]
+    assert graph == run("static")[0]
+    if dtype == "float32":
+        assert graph == run("eager")[0]
+
+
+def test_auto_mode_captures_on_cuda(path: Path) -> None:
+    llm = LLM(str(path), device="cuda", cache=CacheConfig(**SPARSE),
+              engine=EngineConfig(cache_memory_gb=0.05, dtype="float32"))
+    llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4))
+    assert llm.engine.runner.mode == "graph" and llm.engine.runner.captures == 1

@@ -104,7 +104,8 @@ def tiny(tiny_checkpoint) -> Iterator[tuple[Live, dict[tuple[str, int], str]]]:
     path = tiny_checkpoint("llama")
     cache = CacheConfig()
     per_block = DenseCache.bytes_per_block(read_config(path), cache, torch.float32)
-    gb = TINY_POOL_TOKENS // cache.page_size * per_block / 2**30
+    # The pool's blocks plus DenseCache's scratch block (padding entries of fixed-shape steps).
+    gb = (TINY_POOL_TOKENS // cache.page_size + 1) * per_block / 2**30
     llm = LLM(
         str(path),
         device="cpu",

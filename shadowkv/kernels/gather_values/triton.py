@@ -95,7 +95,9 @@ def gather_values(
         "v_cache blocks must be contiguous rows ([num_blocks * S] flat rows, contiguous D)",
     )
     check(store.stride(3) == 1, "store rows [C * D] must be contiguous")
-    if v_cache.is_cuda and store.device.type == "cpu":
+    # (Not while a CUDA graph captures: the pinned check queries the driver, and the replayed
+    # graph reads the same store the uncaptured warm-up runs checked.)
+    if v_cache.is_cuda and store.device.type == "cpu" and not torch.cuda.is_current_stream_capturing():
         check(
             store.is_pinned(),
             "a host value store must be pinned for the zero-copy kernel; pin it "
