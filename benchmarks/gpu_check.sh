@@ -3,7 +3,8 @@
 #   1. kernel tests natively on CUDA, and end-to-end CUDA-path invariants (tests/cache/test_cuda_paths.py)
 #      (pytest; without pytest, bench_kernels.py --check-only)
 #   2. kernel benchmarks (correctness-gated; GB/s against measured copy bandwidths)
-#   3. end-to-end decode throughput, dense vs shadowkv, Llama-3.1-8B shapes with random weights
+#   3. decode step time with CUDA graphs vs eager, dense and shadowkv, Llama-3.1-8B shapes
+#   4. end-to-end decode throughput, dense vs shadowkv, Llama-3.1-8B shapes with random weights
 # Every stage has its own timeout and the script goes on after a failure; logs and results land
 # under $OUT (default ./gpu_out); a summary table is printed last.
 #   OUT=/tmp/gpu_out bash benchmarks/gpu_check.sh
@@ -39,16 +40,19 @@ GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head
 cat "$OUT/env.txt"
 
 if "$PY" -c 'import pytest' 2>/dev/null; then
-    stage kernel_tests 150 "$PY" -m pytest tests/kernels tests/cache/test_cuda_paths.py -q -p no:cacheprovider -rfEs \
+    stage kernel_tests 140 "$PY" -m pytest tests/kernels tests/cache/test_cuda_paths.py -q -p no:cacheprovider -rfEs \
         --junitxml="$OUT/kernel_tests.xml"
 else
     stage kernel_checks 130 "$PY" benchmarks/bench_kernels.py --check-only --out "$OUT/checks"
 fi
 
-stage kernel_bench 150 "$PY" benchmarks/bench_kernels.py --out "$OUT/kernels"
+stage kernel_bench 90 "$PY" benchmarks/bench_kernels.py --out "$OUT/kernels"
+
+stage decode_modes 90 "$PY" benchmarks/decode_modes.py --arch llama-3.1-8b --context 4096 \
+    --batches 1,8 --decode-steps 64 --out "$OUT/modes"
 
 if [ -f benchmarks/throughput.py ]; then
-    stage e2e_throughput 180 "$PY" benchmarks/throughput.py --arch llama-3.1-8b --contexts 16384 \
+    stage e2e_throughput 150 "$PY" benchmarks/throughput.py --arch llama-3.1-8b --contexts 16384 \
         --methods dense,shadowkv --batch 8 --decode-steps 32 --out "$OUT/e2e"
 else
     SUMMARY+=("| e2e_throughput | skipped: no benchmarks/throughput.py | 0s | - |")
@@ -56,6 +60,7 @@ fi
 
 echo
 [ -f "$OUT/kernels/kernels.md" ] && sed -n '/^| op/,$p' "$OUT/kernels/kernels.md"
+[ -f "$OUT/modes/decode_modes.md" ] && cat "$OUT/modes/decode_modes.md" && echo
 [ -f "$OUT/e2e/throughput.md" ] && cat "$OUT/e2e/throughput.md"
 echo
 echo "GPU: ${GPU_NAME:-unknown}   results: $OUT"

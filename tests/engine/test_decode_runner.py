@@ -159,3 +159,62 @@ def test_modes_that_cannot_run_say_why(path: Path) -> None:
         resolve_mode("graph", dense.engine.cache, cpu)
     with pytest.raises(ConfigError, match="decode_mode"):
         EngineConfig(decode_mode="graphs")
+
+
+@pytest.mark.parametrize("cache", [None, SHADOW], ids=["dense", "shadowkv"])
+def test_the_static_step_reads_nothing_back_from_the_device(path: Path, cache, monkeypatch) -> None:
+    """Outside the kernel ops, the fixed-shape step (what a graph captures) must not read a
+    tensor's value on the host: on CUDA that is a sync, which capture forbids, and a value read
+    at capture time would be frozen into every replay. The kernel ops are exempt here: their
+    CPU references read lengths, their Triton versions (the CUDA path) do not."""
+    import shadowkv.cache.dense as dense_mod
+    import shadowkv.cache.shadow as shadow_mod
+    from shadowkv.engine.decode_runner import DecodeRunner
+
+    state = {"in_step": False, "in_kernel": False, "reads": []}
+
+    def guard(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if state["in_step"] and not state["in_kernel"]:
+                state["reads"].append(name)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu"):
+        guard(name)
+
+    def exempt(fn):
+        def run(*args, **kwargs):
+            state["in_kernel"] = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                state["in_kernel"] = False
+
+        return run
+
+    for mod, names in ((dense_mod, ["decode_attention"]), (shadow_mod, [
+        "decode_attention", "gather_values", "reconstruct_keys", "score_landmarks", "select_chunks",
+    ])):
+        for name in names:
+            monkeypatch.setattr(mod, name, exempt(getattr(mod, name)))
+    forward = DecodeRunner._forward
+
+    def watched(self, *args):
+        state["in_step"] = True
+        try:
+            return forward(self, *args)
+        finally:
+            state["in_step"] = False
+
+    monkeypatch.setattr(DecodeRunner, "_forward", watched)
+    tokens = run(make_llm(path, "static", cache), PROMPTS[:3], [6, 6, 6])
+    assert all(len(t) == 6 for t in tokens)
+    assert state["reads"] == []
+    # The guard itself is live: a read inside the step is recorded.
+    state["in_step"] = True
+    torch.tensor([3]).item()
+    assert state["reads"] == ["item"]
