@@ -18,6 +18,7 @@ static step (dense, ShadowKV), else ``eager``.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -80,6 +81,7 @@ class DecodeRunner:
         mode: str = "auto",
     ) -> None:
         self.model, self.rope, self.cache, self.device = model, rope, cache, device
+        self.requested = mode
         self.mode = resolve_mode(mode, cache, device)
         self.sizes = batch_sizes(max_num_seqs)
         self._steps: OrderedDict[Hashable, _Step] = OrderedDict()
@@ -101,6 +103,8 @@ class DecodeRunner:
         B = len(seq_ids)
         size = next(s for s in self.sizes if s >= B)
         step = self._get_step(size, widths, cols)
+        if step is None:  # capture failed under "auto": this and later steps run eagerly
+            return self.step(seq_ids, token_ids, positions)
         self._load(cols, B, size)
         if step.graph is not None:
             step.graph.replay()
@@ -125,12 +129,13 @@ class DecodeRunner:
         if self._copied is not None:
             self._copied.synchronize()  # the previous copy has left the staging buffer
         self._staging[:, :size] = torch.tensor(rows, dtype=torch.int64)
-        self._inputs[:, :size].copy_(self._staging[:, :size], non_blocking=True)
+        # The whole buffer (a few KiB): a contiguous pinned source copies without blocking.
+        self._inputs.copy_(self._staging, non_blocking=True)
         if self.device.type == "cuda":
             self._copied = torch.cuda.Event()
             self._copied.record()
 
-    def _get_step(self, size: int, widths: object, cols: dict[str, list[int]]) -> _Step:
+    def _get_step(self, size: int, widths: object, cols: dict[str, list[int]]) -> _Step | None:
         if self._names is None:
             self._names = list(cols)
             shape = (len(self._names), self.sizes[-1])
@@ -146,7 +151,20 @@ class DecodeRunner:
         assert self._inputs is not None
         step = _Step(self._inputs[:, :size])
         if self.mode == "graph":
-            self._capture(step, size, widths)
+            try:
+                self._capture(step, size, widths)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+                if self.requested == "graph":
+                    raise
+                warnings.warn(
+                    f"capturing the decode step as a CUDA graph failed ({type(err).__name__}: "
+                    f"{err}); decoding eagerly from now on (decode_mode='eager' skips the try)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self.mode = "eager"
+                self._steps.clear()
+                return None
         self._steps[key] = step
         if len(self._steps) > MAX_GRAPHS:
             self._steps.popitem(last=False)

@@ -218,3 +218,24 @@ def test_the_static_step_reads_nothing_back_from_the_device(path: Path, cache, m
     state["in_step"] = True
     torch.tensor([3]).item()
     assert state["reads"] == ["item"]
+
+
+def test_a_failed_capture_falls_back_to_eager_under_auto(path: Path, monkeypatch) -> None:
+    """If capturing fails (an op that cannot be captured, no memory for the graph), ``auto``
+    warns and decodes eagerly, losing no request; an explicit ``graph`` raises."""
+    from shadowkv.engine.decode_runner import DecodeRunner
+
+    def broken(self, step, size, widths):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(DecodeRunner, "_capture", broken)
+    want = run(make_llm(path, "eager", SHADOW), PROMPTS[:2], [6, 6])
+    llm = make_llm(path, "auto", SHADOW)
+    llm.engine.runner.mode = "graph"  # as resolved on CUDA
+    with pytest.warns(RuntimeWarning, match="decoding eagerly"):
+        got = run(llm, PROMPTS[:2], [6, 6])
+    assert got == want and llm.engine.runner.mode == "eager"
+    strict = make_llm(path, "auto", SHADOW)
+    strict.engine.runner.mode, strict.engine.runner.requested = "graph", "graph"
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        run(strict, PROMPTS[:2], [6, 6])
