@@ -5,15 +5,17 @@ one contiguous row of ``C*D`` values, so fetching a selected chunk is one row co
 gather op reads either tier. A sequence's values live wholly in one tier, chosen at admission:
 the host tier (pinned on CUDA) when it has the pages, else the device tier, which is carved out
 of the device cache budget. The host arena is allocated at the first admission, not at
-construction, so a host that cannot pin it refuses that request with a ``CacheCapacityError``
-instead of failing engine start-up; the device arena is allocated up front like the other device
-pools.
+construction, so a host that cannot pin it does not fail engine start-up: the host tier is then
+turned off (with a warning naming the cause) and sequences go to the device tier, or are refused
+with a ``CacheCapacityError`` when it has no room. The device arena is allocated up front like
+the other device pools.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 
@@ -101,6 +103,10 @@ class ValueTier:
         dst = pages[chunk // Pc] * Pc + chunk % Pc
         store = self.layer(layer).view(-1, Hkv, C * D)
         store[dst.to(store.device)] = rows.to(store.device, self.dtype)
+
+    def disable(self) -> None:
+        """Give the tier no pages (its arena could not be allocated)."""
+        self.pool = PagePool(self.pool.name, 0, self.pool.unit, self.pool.fix)
 
     def allocate(self) -> None:
         if self._data is not None or self.pool.capacity == 0:
@@ -195,7 +201,20 @@ class ValueStore:
         tier = self.placement(num_chunks)
         if tier is None:
             raise CacheCapacityError(self.shortfall(num_chunks))
-        return tier, self.tiers[tier].reserve(seq_id, self.pages_for(num_chunks))
+        try:
+            return tier, self.tiers[tier].reserve(seq_id, self.pages_for(num_chunks))
+        except CacheCapacityError as err:
+            # The host arena could not be had (pinning refused): give up on that tier for good,
+            # rather than retrying a multi-GiB allocation at every admission, and go on with
+            # the device tier.
+            if tier != HOST:
+                raise
+            warnings.warn(f"{err}; continuing without the host value tier", RuntimeWarning,
+                          stacklevel=2)
+            self.tiers[HOST].disable()
+            if self.placement(num_chunks) is None:
+                raise
+            return self.reserve(seq_id, num_chunks)
 
     def release(self, seq_id: int) -> None:
         for t in self.tiers:

@@ -65,6 +65,43 @@ def test_batch_is_host_plus_device_sequences_and_the_next_is_refused() -> None:
     assert 3 not in cache.tables.rows and cache.can_add(60, 8), "dense fallback needs no tier"
 
 
+def refuse_pinning(cache: ShadowKVCache, monkeypatch) -> None:
+    """Make the host tier pinned (as on CUDA) and every pinned allocation fail."""
+    cache.store.tiers[HOST].pin = True
+    empty = torch.empty
+
+    def no_pin(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", no_pin)
+
+
+def test_a_host_tier_that_cannot_be_pinned_hands_over_to_the_device_tier(monkeypatch) -> None:
+    cfg = CacheConfig(**KNOBS, host_memory_gb=tier_gb(4), device_value_memory_gb=tier_gb(2))
+    cache = make_shadow(cfg)
+    refuse_pinning(cache, monkeypatch)
+    with pytest.warns(RuntimeWarning, match="could not allocate .* pinned host memory"):
+        cache.add_sequence(0, 200, 8)
+    assert cache.tables.value_tier[0] == DEVICE
+    assert cache.store.tiers[HOST].pool.capacity == 0 and cache.store.live_tiers() == (DEVICE,)
+    assert not cache.can_add(200, 8), "the device tier is full and the host tier is gone"
+    with pytest.raises(CacheCapacityError, match="host tier has 0 free of 0"):
+        cache.add_sequence(1, 200, 8)
+    cache.free_sequence(0)
+    cache.add_sequence(2, 200, 8)  # no second pinning attempt, no warning
+    assert cache.tables.value_tier[2] == DEVICE
+
+
+def test_a_host_tier_that_cannot_be_pinned_and_no_device_tier_refuse(monkeypatch) -> None:
+    cache = make_shadow(CacheConfig(**KNOBS, host_memory_gb=tier_gb(4)))
+    refuse_pinning(cache, monkeypatch)
+    with pytest.warns(RuntimeWarning), pytest.raises(CacheCapacityError, match="could not allocate"):
+        cache.add_sequence(0, 200, 8)
+    assert 0 not in cache.tables.rows and not cache.factor_pool.owned and not cache.block_pool.owned
+
+
 def test_device_tier_off_keeps_the_host_only_limit() -> None:
     cache = make_shadow(CacheConfig(**KNOBS, host_memory_gb=tier_gb(4)))  # CPU auto: no tier
     assert cache.store.tiers[DEVICE].pool.capacity == 0
