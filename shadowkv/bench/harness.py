@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from shadowkv.bench.synthetic import synthetic_prompt
 from shadowkv.cache import AttentionCache, CacheCapacityError
 from shadowkv.config import CacheConfig, EngineConfig, ModelConfig
 from shadowkv.engine.engine import Engine
@@ -119,26 +120,31 @@ class RunResult:
     hit_rate: float | None
     svd_s: float | None = None  # ShadowKV: time factorising prompt keys, all prompts together
     decode_mode: str = "eager"  # how decode steps ran (engine/decode_runner.py)
+    prefill: str = "model"  # "synthetic": generated K/V stored, no model prefill timed
 
     @property
     def decode_tokens_per_s(self) -> float:
         return self.batch * self.decode_steps / self.decode_s
 
     def as_dict(self) -> dict[str, Any]:
+        timed = self.prefill == "model"  # a synthetic prefill's times are not a prefill's
         return {
             "context": self.context,
             "batch": self.batch,
             "decode_steps": self.decode_steps,
-            "prefill_s": round(self.prefill_s, 4),
-            "prefill_tokens_per_s": round(self.context / self.prefill_s, 1),
-            "ttft_s": round(self.ttft_s, 4),
-            "ttft_mean_s": round(self.ttft_mean_s, 4),
+            "prefill": self.prefill,
+            "prefill_s": round(self.prefill_s, 4) if timed else None,
+            "prefill_tokens_per_s": round(self.context / self.prefill_s, 1) if timed else None,
+            "ttft_s": round(self.ttft_s, 4) if timed else None,
+            "ttft_mean_s": round(self.ttft_mean_s, 4) if timed else None,
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
             "decode_ms_per_step": round(1000 * self.decode_s / self.decode_steps, 3),
             "decode_mode": self.decode_mode,
             "hit_rate": None if self.hit_rate is None else round(self.hit_rate, 4),
             "svd_share_of_prefill": (
-                None if self.svd_s is None else round(self.svd_s / (self.prefill_s * self.batch), 4)
+                round(self.svd_s / (self.prefill_s * self.batch), 4)
+                if self.svd_s is not None and timed
+                else None
             ),
             "cache_device_bytes": self.cache_device_bytes,
             "cache_host_bytes": self.cache_host_bytes,
@@ -149,9 +155,14 @@ class RunResult:
 
 
 def timed_run(
-    engine: Engine, context: int, batch: int, decode_steps: int, seed: int = 0
+    engine: Engine, context: int, batch: int, decode_steps: int, seed: int = 0,
+    prefill: str = "model",
 ) -> RunResult:
-    """Prefill ``batch`` random prompts and decode until each made ``decode_steps`` full steps."""
+    """Prefill ``batch`` random prompts and decode until each made ``decode_steps`` full steps.
+
+    ``prefill="synthetic"`` stores generated K/V instead of running the model over the prompts
+    (``bench/synthetic.py``): decode is timed the same, prefill figures mean nothing then.
+    """
     slice_tokens = engine.cfg.prefill_slice_tokens
     if slice_tokens is not None and context > slice_tokens:
         raise ValueError(
@@ -171,13 +182,16 @@ def timed_run(
     baseline = _allocated(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    L = engine.model_cfg.num_layers
     reqs = [
         engine.add_request(
-            p, SamplingParams(max_tokens=new_tokens(decode_steps, batch, i), ignore_eos=True)
+            p,
+            SamplingParams(max_tokens=new_tokens(decode_steps, batch, i), ignore_eos=True),
+            prompt_kv=synthetic_prompt(p, L, vocab, seed + i) if prefill == "synthetic" else None,
         )
         for i, p in enumerate(prompts)
     ]
-    prefill: list[float] = []
+    prefill_times: list[float] = []
     decode_s, full_steps, mem, most_running, slices, warmup = 0.0, 0, None, 0, 0.0, 0
     while engine.has_unfinished():
         _sync(device)
@@ -190,7 +204,7 @@ def timed_run(
             # A long prompt prefills in slices of layers between decode steps: sum its slices.
             slices += elapsed
             if outs:
-                prefill.append(slices)
+                prefill_times.append(slices)
                 slices = 0.0
         elif len(outs) == batch:
             if mem is None:
@@ -199,7 +213,7 @@ def timed_run(
                 warmup += 1
                 continue
             decode_s, full_steps = decode_s + elapsed, full_steps + 1
-    if full_steps != decode_steps or mem is None or len(prefill) != batch:
+    if full_steps != decode_steps or mem is None or len(prefill_times) != batch:
         why = (
             f"at most {most_running} of them ran at once: the cache admitted fewer than it "
             "reserved in the batch search"
@@ -208,7 +222,7 @@ def timed_run(
         )
         raise RuntimeError(
             f"expected {batch} prefills and {decode_steps} full-batch decode steps, saw "
-            f"{len(prefill)} and {full_steps}; {why}"
+            f"{len(prefill_times)} and {full_steps}; {why}"
         )
     ttfts = [r.first_token - r.arrival for r in reqs]  # type: ignore[operator]
     peak = _peak(device)
@@ -216,7 +230,7 @@ def timed_run(
         context=context,
         batch=batch,
         decode_steps=decode_steps,
-        prefill_s=statistics.mean(prefill),
+        prefill_s=statistics.mean(prefill_times),
         ttft_s=ttfts[0],
         ttft_mean_s=statistics.mean(ttfts),
         decode_s=decode_s,
@@ -228,6 +242,7 @@ def timed_run(
         hit_rate=_hit_rate(cache),
         svd_s=cache.svd_seconds() if hasattr(cache, "time_svd") else None,
         decode_mode=engine.runner.mode,
+        prefill=prefill,
     )
 
 

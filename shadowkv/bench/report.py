@@ -10,6 +10,10 @@ def _gib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**30:.2f}"
 
 
+def _secs(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     """One row per run, with decode speed relative to dense at its own largest batch."""
     meta = report["meta"]
@@ -48,12 +52,18 @@ def markdown_table(report: dict[str, Any]) -> str:
         roof = "-" if roof is None else f"{roof:.0%}"
         lines.append(
             f"| {r['method']} | {r['context']} | {r['batch']} | {r['batch_kind']} "
-            f"| {r['prefill_s']:.3f} | {r['ttft_s']:.3f} | {r['decode_tokens_per_s']:.1f} "
+            f"| {_secs(r['prefill_s'])} | {_secs(r['ttft_s'])} | {r['decode_tokens_per_s']:.1f} "
             f"| {ratio} "
             f"| {r['decode_ms_per_step']:.1f} | {roof} | {hit} | {svd} "
             f"| {_gib(r['cache_device_bytes'])} "
             f"| {_gib(r['cache_host_bytes'])} | {_gib(r['peak_device_bytes'])} |"
         )
+    if any(r.get("prefill") == "synthetic" for r in report["runs"]):
+        lines += [
+            "",
+            "Prefill: synthetic (generated low-rank K/V stored through each cache's prefill "
+            "path; no prefill timed; hit rates are not a model's).",
+        ]
     if meta["weights"].startswith("random"):
         lines += ["", "Random weights: the timings are real, the generated tokens are meaningless."]
     if meta["device"] == "cpu":

@@ -51,6 +51,9 @@ class BenchConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)  # knobs shared by all methods
     seed: int = 0
     decode_mode: str = "auto"  # EngineConfig.decode_mode: auto = CUDA graphs on CUDA
+    # "model" prefills every prompt; "synthetic" stores generated K/V instead (bench/synthetic.py),
+    # so long-context decode can be measured without minutes of prefill per sequence.
+    prefill: str = "model"
 
     def __post_init__(self) -> None:
         if (self.arch is None) == (self.model_path is None):
@@ -72,6 +75,8 @@ class BenchConfig:
             raise ConfigError("decode_steps must be >= 1")
         if self.max_batch < 1:
             raise ConfigError("max_batch must be >= 1")
+        if self.prefill not in ("model", "synthetic"):
+            raise ConfigError(f"prefill must be 'model' or 'synthetic', got {self.prefill!r}")
         # validates dtype and decode_mode
         EngineConfig(
             dtype=self.dtype, cache_memory_gb=self.cache_memory_gb, decode_mode=self.decode_mode
@@ -170,7 +175,9 @@ def run_throughput(
                 say(f"{method} @ {context} tokens x {batch} ({kind}) ...")
                 row = {"method": method, "batch_kind": kind, "max_batch": own}
                 try:
-                    result = timed_run(engine, context, batch, cfg.decode_steps, seed=cfg.seed)
+                    result = timed_run(
+                        engine, context, batch, cfg.decode_steps, cfg.seed, cfg.prefill
+                    )
                     row.update(result.as_dict())
                     if method == "dense":
                         step_bytes = dense_step_bytes(

@@ -93,6 +93,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     add_decode_mode_arg(p)
+    p.add_argument(
+        "--prefill",
+        choices=["model", "synthetic"],
+        default=_BENCH_DEFAULTS["prefill"],
+        help="model: prefill every prompt (timed); synthetic: store generated low-rank K/V "
+        "instead, to time decode at long context without the prefills (hit rates then are "
+        "not a model's)",
+    )
     c = p.add_argument_group("shadowkv knobs (shared by all methods)")
     c.add_argument("--sparse-budget", type=budget_or_fraction, default=_CACHE_DEFAULTS["sparse_budget"])
     c.add_argument("--rank", type=budget_or_fraction, default=None)
@@ -122,6 +130,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         cache=cache,
         seed=args.seed,
         decode_mode=args.decode_mode,
+        prefill=args.prefill,
     )
 
 
