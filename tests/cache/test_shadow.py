@@ -196,9 +196,13 @@ def test_request_options_plan_the_sequence() -> None:
 def test_store_allocation_failure_refuses_admission_not_startup() -> None:
     cfg = CacheConfig(method="shadowkv", sparse_budget=32, outlier_chunks=2, host_memory_gb=1e6)
     cache = make_shadow(cfg)  # a petabyte store: allocated lazily, so construction succeeds
-    with pytest.raises(CacheCapacityError, match="host_memory_gb lower"):
+    # No device tier to hand over to (CPU): the tier is turned off, with a warning, and refused.
+    with pytest.warns(RuntimeWarning, match="without the host value tier"), pytest.raises(
+        CacheCapacityError, match="host_memory_gb lower"
+    ):
         cache.add_sequence(0, 200, 8)
     assert not cache.tables.rows and cache.block_pool.num_free == cache.block_pool.capacity
+    assert cache.store.tiers[0].pool.capacity == 0
     cache.add_sequence(1, 60, 8)  # dense fallback needs no store
 
 
