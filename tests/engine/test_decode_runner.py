@@ -239,3 +239,21 @@ def test_a_failed_capture_falls_back_to_eager_under_auto(path: Path, monkeypatch
     strict.engine.runner.mode, strict.engine.runner.requested = "graph", "graph"
     with pytest.raises(RuntimeError, match="stream is capturing"):
         run(strict, PROMPTS[:2], [6, 6])
+
+
+def test_cli_flags_reach_the_configs() -> None:
+    import argparse
+
+    from shadowkv.commands import bench as bench_cmd
+    from shadowkv.commands.common import add_model_args, engine_config_from_args
+
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    assert engine_config_from_args(p.parse_args([])).decode_mode == "auto"
+    assert engine_config_from_args(p.parse_args(["--decode-mode", "eager"])).decode_mode == "eager"
+    b = argparse.ArgumentParser()
+    bench_cmd.add_arguments(b)
+    cfg = bench_cmd.config_from_args(
+        b.parse_args(["--arch", "tiny", "--decode-mode", "static", "--prefill", "synthetic"])
+    )
+    assert (cfg.decode_mode, cfg.prefill) == ("static", "synthetic")
