@@ -162,7 +162,7 @@ class DecodeRunner:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                self.mode = "eager"
+                self.mode, self._pool = "eager", None
                 self._steps.clear()
                 return None
         self._steps[key] = step
@@ -172,10 +172,8 @@ class DecodeRunner:
 
     def _capture(self, step: _Step, size: int, widths: object) -> None:
         """Capture the step; warm-up runs on padding entries only, so no sequence is touched."""
-        pad = {"input_ids": 0, "positions": 0, **self.cache.pad_columns()}
         assert self._names is not None
         self._load({n: [] for n in self._names}, 0, size)  # all padding
-        assert all(n in pad for n in self._names)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # first runs compile kernels and set up library handles
