@@ -106,5 +106,5 @@ def test_graph_steps_equal_the_uncaptured_step(path: Path, cache: dict | None, d
 def test_auto_mode_captures_on_cuda(path: Path) -> None:
     llm = LLM(str(path), device="cuda", cache=CacheConfig(**SPARSE),
               engine=EngineConfig(cache_memory_gb=0.05, dtype="float32"))
-    llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4))
+    llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, ignore_eos=True))
     assert llm.engine.runner.mode == "graph" and llm.engine.runner.captures == 1
