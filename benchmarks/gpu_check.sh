@@ -58,7 +58,7 @@ fi
 # (bench/synthetic.py: no prefill, which would take minutes per sequence); prefill, TTFT and the
 # SVD share come from the 16K stage below, which prefills.
 stage e2e_122k 180 "$PY" benchmarks/throughput.py --arch llama-3.1-8b --contexts 122880 \
-    --methods dense,shadowkv --batch auto --decode-steps 32 --prefill synthetic --out "$OUT/e2e_122k"
+    --methods dense,shadowkv --batch auto --decode-steps 256 --prefill synthetic --out "$OUT/e2e_122k"
 
 stage decode_modes 70 "$PY" benchmarks/decode_modes.py --arch llama-3.1-8b --context 4096 \
     --batches 1,8 --decode-steps 64 --out "$OUT/modes"
