@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+import weakref
 
 import torch
 
@@ -56,6 +57,27 @@ def device_tier_seqs(
     on_host = min(host_seqs, max_seqs, spare_bytes // seq_device_bytes)
     left = spare_bytes - on_host * seq_device_bytes
     return max(0, min(max_seqs - on_host, left // (seq_device_bytes + seq_value_bytes)))
+
+
+def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A host tensor page-locked in place (``cudaHostRegister``): exactly its own size.
+
+    ``torch.empty(..., pin_memory=True)`` goes through PyTorch's caching host allocator, which
+    rounds every request up to a power of two: a 40 GiB arena would pin 64 GiB, and a 70 GiB one
+    ask for 128 GiB and fail. Registering plain memory pins what the arena needs. The memory is
+    mapped for the device too (unified addressing), which the zero-copy value gather reads.
+    """
+    t = torch.empty(shape, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0))
+    if err != 0:
+        raise RuntimeError(f"cudaHostRegister of {nbytes / 2**30:.2f} GiB failed (cudaError {err})")
+    return t
+
+
+def unpin(t: torch.Tensor) -> None:
+    """Undo ``pinned_empty`` (the tensor stays alive until this returns)."""
+    torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 
 
 class ValueTier:
@@ -113,9 +135,11 @@ class ValueTier:
             return
         shape = (self.num_layers, self.pool.num_pages, *self.page_shape)
         try:
-            self._data = torch.empty(
-                shape, dtype=self.dtype, device=self.device, pin_memory=self.pin
-            )
+            if self.pin:
+                self._data = pinned_empty(shape, self.dtype)
+                weakref.finalize(self, unpin, self._data)  # unpinned before it can be freed
+            else:
+                self._data = torch.empty(shape, dtype=self.dtype, device=self.device)
         except RuntimeError as err:  # pinned or device allocation refused (e.g. ShadowKV issue #20)
             gib = self.pool.num_pages * self.page_bytes / 2**30
             where = "pinned host" if self.pin else str(self.device)

@@ -65,24 +65,51 @@ def test_batch_is_host_plus_device_sequences_and_the_next_is_refused() -> None:
     assert 3 not in cache.tables.rows and cache.can_add(60, 8), "dense fallback needs no tier"
 
 
-def refuse_pinning(cache: ShadowKVCache, monkeypatch) -> None:
-    """Make the host tier pinned (as on CUDA) and every pinned allocation fail."""
+class FakeCudart:
+    """Stands in for ``torch.cuda.cudart()`` on a machine without CUDA: records (un)pinning."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.registered, self.unregistered = fail, [], []
+
+    def cudaHostRegister(self, ptr: int, nbytes: int, flags: int) -> int:  # noqa: N802
+        if self.fail:
+            return 2  # cudaErrorMemoryAllocation
+        self.registered.append((ptr, nbytes, flags))
+        return 0
+
+    def cudaHostUnregister(self, ptr: int) -> int:  # noqa: N802
+        self.unregistered.append(ptr)
+        return 0
+
+
+def fake_pinning(cache: ShadowKVCache, monkeypatch, fail: bool) -> FakeCudart:
+    """Make the host tier pinned (as on CUDA), through a fake ``cudaHostRegister``."""
     cache.store.tiers[HOST].pin = True
-    empty = torch.empty
+    cudart = FakeCudart(fail)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    return cudart
 
-    def no_pin(*args, pin_memory=False, **kwargs):
-        if pin_memory:
-            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
-        return empty(*args, **kwargs)
 
-    monkeypatch.setattr(torch, "empty", no_pin)
+def test_the_host_tier_pins_exactly_its_size_and_unpins_when_freed(monkeypatch) -> None:
+    """Pinned in place, not through PyTorch's host allocator, which rounds to a power of two."""
+    import gc
+
+    cfg = CacheConfig(**KNOBS, host_memory_gb=tier_gb(5))  # 6 pages: not a power of two
+    cache = make_shadow(cfg)
+    cudart = fake_pinning(cache, monkeypatch, fail=False)
+    cache.add_sequence(0, 200, 8)
+    data = cache.store.tiers[HOST]._data
+    assert cudart.registered == [(data.data_ptr(), 6 * page_bytes(1), 0)]
+    del cache, data
+    gc.collect()
+    assert cudart.unregistered == [cudart.registered[0][0]]
 
 
 def test_a_host_tier_that_cannot_be_pinned_hands_over_to_the_device_tier(monkeypatch) -> None:
     cfg = CacheConfig(**KNOBS, host_memory_gb=tier_gb(4), device_value_memory_gb=tier_gb(2))
     cache = make_shadow(cfg)
-    refuse_pinning(cache, monkeypatch)
-    with pytest.warns(RuntimeWarning, match="could not allocate .* pinned host memory"):
+    fake_pinning(cache, monkeypatch, fail=True)
+    with pytest.warns(RuntimeWarning, match="could not allocate .*cudaHostRegister .* failed"):
         cache.add_sequence(0, 200, 8)
     assert cache.tables.value_tier[0] == DEVICE
     assert cache.store.tiers[HOST].pool.capacity == 0 and cache.store.live_tiers() == (DEVICE,)
@@ -96,7 +123,7 @@ def test_a_host_tier_that_cannot_be_pinned_hands_over_to_the_device_tier(monkeyp
 
 def test_a_host_tier_that_cannot_be_pinned_and_no_device_tier_refuse(monkeypatch) -> None:
     cache = make_shadow(CacheConfig(**KNOBS, host_memory_gb=tier_gb(4)))
-    refuse_pinning(cache, monkeypatch)
+    fake_pinning(cache, monkeypatch, fail=True)
     with pytest.warns(RuntimeWarning), pytest.raises(CacheCapacityError, match="could not allocate"):
         cache.add_sequence(0, 200, 8)
     assert 0 not in cache.tables.rows and not cache.factor_pool.owned and not cache.block_pool.owned
