@@ -73,6 +73,15 @@ def test_static_steps_equal_eager_as_the_batch_changes(path: Path, cache) -> Non
         assert not any(map(torch.isnan, torch.tensor(hits[1])))
 
 
+@pytest.mark.parametrize("cache", [None, SHADOW], ids=["dense", "shadowkv"])
+def test_static_steps_equal_eager_with_the_triton_kernels(path: Path, cache, monkeypatch) -> None:
+    """The same, through the Triton kernels (interpreted on a CPU): what a CUDA graph replays
+    on a GPU, padded views and bucketed tables included, short of the capture itself."""
+    monkeypatch.setenv("SHADOWKV_KERNELS", "triton")
+    eager = run(make_llm(path, "eager", cache), PROMPTS[:3], [6, 4, 5], late=1)
+    assert run(make_llm(path, "static", cache), PROMPTS[:3], [6, 4, 5], late=1) == eager
+
+
 def test_widths_hold_while_the_batch_does(path: Path) -> None:
     """One padded size and one plan key for a whole run of a fixed batch: a graph would be
     captured once and replayed every step."""
