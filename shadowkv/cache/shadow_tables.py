@@ -21,7 +21,7 @@ class PrefillPlan:
     exact_rows: torch.Tensor  # [E] buffer rows of the exact tokens (all T when dense)
     factor_rows: torch.Tensor  # [T] rows of the factor pages (empty when dense)
     landmark_rows: torch.Tensor  # [N] rows of the landmark pages
-    store_pages: torch.Tensor  # value-store pages in chunk order
+    store_pages: tuple[int, ...]  # value-store pages in chunk order (host ints: copy plans)
     value_tier: int  # the store tier those pages belong to
 
 
@@ -102,6 +102,7 @@ class SequenceTables:
         self.rows: dict[int, int] = {}
         self.layouts: dict[int, SeqLayout] = {}
         self.value_tier: dict[int, int] = {}
+        self.store_pages: dict[int, tuple[int, ...]] = {}
         self.primed: set[int] = set()  # sequences whose slots hold a previous selection
         self._free = list(range(max_num_seqs - 1, -1, -1))
 
@@ -128,6 +129,7 @@ class SequenceTables:
             t[row, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
         self.rows[seq_id], self.layouts[seq_id] = row, layout
         self.value_tier[seq_id] = value_tier
+        self.store_pages[seq_id] = tuple(store_pages)
         return row
 
     def release(self, seq_id: int) -> None:
@@ -137,6 +139,7 @@ class SequenceTables:
         self._free.append(row)
         self.layouts.pop(seq_id)
         self.value_tier.pop(seq_id)
+        self.store_pages.pop(seq_id)
         self.primed.discard(seq_id)
 
     def buffer_rows(self, seq_id: int, start: int, end: int) -> torch.Tensor:
@@ -158,7 +161,7 @@ class SequenceTables:
             exact_rows=self.buffer_rows(seq_id, 0, exact_end),
             factor_rows=table[tok // P] * P + tok % P,
             landmark_rows=table[lm // PAGE_CHUNKS] * PAGE_CHUNKS + lm % PAGE_CHUNKS,
-            store_pages=self.store[row].long(),
+            store_pages=self.store_pages[seq_id],
             value_tier=self.value_tier[seq_id],
         )
 

@@ -17,6 +17,7 @@ import math
 import os
 import warnings
 import weakref
+from collections.abc import Sequence
 
 import torch
 
@@ -57,6 +58,18 @@ def device_tier_seqs(
     on_host = min(host_seqs, max_seqs, spare_bytes // seq_device_bytes)
     left = spare_bytes - on_host * seq_device_bytes
     return max(0, min(max_seqs - on_host, left // (seq_device_bytes + seq_value_bytes)))
+
+
+def page_runs(pages: Sequence[int], chunks_per_page: int) -> list[tuple[int, int, int]]:
+    """``(first page, pages, first chunk)`` of each run of consecutive pages."""
+    runs: list[tuple[int, int, int]] = []
+    for i, page in enumerate(pages):
+        if runs and runs[-1][0] + runs[-1][1] == page:
+            first, count, chunk = runs[-1]
+            runs[-1] = (first, count + 1, chunk)
+        else:
+            runs.append((page, 1, i * chunks_per_page))
+    return runs
 
 
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -113,18 +126,24 @@ class ValueTier:
             self.allocate()
         return self.pool.reserve(seq_id, num_pages)
 
-    def write(self, layer: int, pages: torch.Tensor, values: torch.Tensor) -> None:
-        """Store one sequence's prompt values ``[T, Hkv, D]`` in its ``pages`` (int64, in order)."""
+    def write(self, layer: int, pages: Sequence[int], values: torch.Tensor) -> None:
+        """Store one sequence's prompt values ``[T, Hkv, D]`` in its ``pages`` (in chunk order).
+
+        Pages handed out in a row are consecutive in the arena, so each run of them is one copy
+        into a slice of the store: a DMA straight into pinned memory when the values are on the
+        GPU, not a gather through pageable memory and a CPU scatter.
+        """
         T, Hkv, D = values.shape
         Pc, C = self.page_shape[0], self.page_shape[2] // D
         n = cdiv(T, C)
-        padded = values.new_zeros(n * C, Hkv, D)
+        padded = values.new_zeros(n * C, Hkv, D, dtype=self.dtype)
         padded[:T] = values
         rows = padded.view(n, C, Hkv, D).transpose(1, 2).reshape(n, Hkv, C * D)
-        chunk = torch.arange(n, device=pages.device)
-        dst = pages[chunk // Pc] * Pc + chunk % Pc
-        store = self.layer(layer).view(-1, Hkv, C * D)
-        store[dst.to(store.device)] = rows.to(store.device, self.dtype)
+        store = self.layer(layer)  # [num_pages, Pc, Hkv, C * D]
+        for first, count, chunk in page_runs(pages[: cdiv(n, Pc)], Pc):
+            end = min(n, chunk + count * Pc)
+            dst = store[first : first + count].view(-1, Hkv, C * D)[: end - chunk]
+            dst.copy_(rows[chunk:end], non_blocking=True)
 
     def disable(self) -> None:
         """Give the tier no pages (its arena could not be allocated)."""
@@ -251,7 +270,7 @@ class ValueStore:
     def layer(self, tier: int, layer: int) -> torch.Tensor:
         return self.tiers[tier].layer(layer)
 
-    def write(self, tier: int, layer: int, pages: torch.Tensor, values: torch.Tensor) -> None:
+    def write(self, tier: int, layer: int, pages: Sequence[int], values: torch.Tensor) -> None:
         self.tiers[tier].write(layer, pages, values)
 
     def memory(self, seq_id: int) -> CacheMemory:

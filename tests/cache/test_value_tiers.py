@@ -310,3 +310,23 @@ def test_gather_refuses_a_store_on_a_third_device() -> None:
     ids = torch.zeros(1, 2, 1, dtype=torch.int32)
     with pytest.raises(ValueError, match="host memory or on v_cache's device"):
         gather_values(v_cache, store, ids[0], ids, ids.bool(), torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_value_writes_copy_runs_of_pages_and_land_in_chunk_order() -> None:
+    from shadowkv.cache.store import ValueTier, page_runs
+
+    assert page_runs([5, 6, 2, 3, 4, 9], 16) == [(5, 2, 0), (2, 3, 32), (9, 1, 80)]
+    assert page_runs([], 16) == []
+    Hkv, D, C, Pc = 2, 16, 8, 4
+    tier = ValueTier("host", 1, (Pc, Hkv, C * D), torch.float32, 12 * Pc * Hkv * C * D * 4, CPU,
+                     pin=False, fix="-")
+    tier.allocate()
+    pages = [7, 8, 2, 10]  # 3 runs; 4 pages of 4 chunks hold 16 chunks
+    T = 15 * C + 3  # the last chunk is partial: zero-padded
+    values = torch.randn(T, Hkv, D)
+    tier.write(0, pages, values)
+    store = tier.layer(0)  # [pages, Pc, Hkv, C * D]
+    chunks = torch.cat([store[p] for p in pages])[: 16]  # [16, Hkv, C * D] in chunk order
+    got = chunks.view(16, Hkv, C, D).transpose(1, 2).reshape(16 * C, Hkv, D)
+    torch.testing.assert_close(got[:T], values, rtol=0, atol=0)
+    assert got[T:].abs().sum() == 0
