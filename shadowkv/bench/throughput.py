@@ -54,6 +54,10 @@ class BenchConfig:
     # "model" prefills every prompt; "synthetic" stores generated K/V instead (bench/synthetic.py),
     # so long-context decode can be measured without minutes of prefill per sequence.
     prefill: str = "model"
+    # ShadowKV is timed once per entry: None lets the query select chunks; a share in [0, 1]
+    # drives the selection to that hit rate (cache/shadow_drive.py), since random weights give
+    # hit rates near 0 where real models keep 60-80 % of their chunks from step to step.
+    hit_rates: tuple[float | None, ...] = (None,)
 
     def __post_init__(self) -> None:
         if (self.arch is None) == (self.model_path is None):
@@ -75,6 +79,11 @@ class BenchConfig:
             raise ConfigError("decode_steps must be >= 1")
         if self.max_batch < 1:
             raise ConfigError("max_batch must be >= 1")
+        if not self.hit_rates or any(h is not None and not 0 <= h <= 1 for h in self.hit_rates):
+            raise ConfigError(
+                f"hit_rates must list shares in [0, 1] or None (the query selects), got "
+                f"{self.hit_rates!r}"
+            )
         if self.prefill not in ("model", "synthetic"):
             raise ConfigError(f"prefill must be 'model' or 'synthetic', got {self.prefill!r}")
         # validates dtype and decode_mode
@@ -172,29 +181,34 @@ def run_throughput(
                 if batch > own:
                     say(f"{method} @ {context}: batch {batch} does not fit (max {own})")
                     continue
-                say(f"{method} @ {context} tokens x {batch} ({kind}) ...")
-                row = {"method": method, "batch_kind": kind, "max_batch": own}
-                try:
-                    result = timed_run(
-                        engine, context, batch, cfg.decode_steps, cfg.seed, cfg.prefill
-                    )
-                    row.update(result.as_dict())
-                    if method == "dense":
-                        step_bytes = dense_step_bytes(
-                            model, model_cfg, dtype, context, batch, cfg.decode_steps
+                # ShadowKV once per asked hit rate (None: the query selects).
+                for drive in cfg.hit_rates if method == "shadowkv" else (None,):
+                    driven = "" if drive is None else f", selection driven to {drive:.0%} hits"
+                    say(f"{method} @ {context} tokens x {batch} ({kind}{driven}) ...")
+                    row = {"method": method, "batch_kind": kind, "max_batch": own,
+                           "hit_rate_driven": drive}
+                    if method == "shadowkv":
+                        engine.cache.drive_hit_rate = drive  # type: ignore[attr-defined]
+                    try:
+                        result = timed_run(
+                            engine, context, batch, cfg.decode_steps, cfg.seed, cfg.prefill
                         )
-                        step_s = result.decode_s / result.decode_steps
-                        row["roofline_share"] = round(step_bytes / step_s / bandwidth, 4)
-                    tok_s, prefill_s = result.decode_tokens_per_s, result.prefill_s
-                    say(f"  decode {tok_s:.1f} tok/s, prefill {prefill_s:.3f} s")
-                except Exception as err:  # noqa: BLE001 - any failure: keep the other runs' results
-                    row.update(context=context, batch=batch, error=f"{type(err).__name__}: {err}")
-                    say(f"  FAILED: {row['error']}")
-                report["runs"].append(row)
-                if "error" in row:  # its requests are mid-flight: start clean (outside the
-                    _release(engine, device)  # except block, whose traceback pins the pools)
-                    engine = engine_for(method)
-                _write(report, out_dir, final=False)
+                        row.update(result.as_dict())
+                        if method == "dense":
+                            step_bytes = dense_step_bytes(
+                                model, model_cfg, dtype, context, batch, cfg.decode_steps
+                            )
+                            step_s = result.decode_s / result.decode_steps
+                            row["roofline_share"] = round(step_bytes / step_s / bandwidth, 4)
+                        say(f"  decode {result.decode_tokens_per_s:.1f} tok/s")
+                    except Exception as err:  # noqa: BLE001 - keep the other runs' results
+                        row.update(context=context, batch=batch, error=f"{type(err).__name__}: {err}")
+                        say(f"  FAILED: {row['error']}")
+                    report["runs"].append(row)
+                    if "error" in row:  # its requests are mid-flight: start clean (outside the
+                        _release(engine, device)  # except block, whose traceback pins the pools)
+                        engine = engine_for(method)
+                    _write(report, out_dir, final=False)
         _release(engine, device)
     _write(report, out_dir, final=True, log=say)
     return report

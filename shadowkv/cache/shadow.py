@@ -33,6 +33,7 @@ from shadowkv.cache.shadow_layout import (
     reference_layout,
     split_device_pages,
 )
+from shadowkv.cache.shadow_drive import driven_scores
 from shadowkv.cache.shadow_prefill import exact_token_index, lowrank_factors, summarize_chunks
 from shadowkv.cache.shadow_tables import (
     DecodePlan,
@@ -138,6 +139,9 @@ class ShadowKVCache(AttentionCache):
         overlap = device.type == "cuda" and os.environ.get("SHADOWKV_OVERLAP_FETCH", "1") != "0"
         self._fetch_stream = torch.cuda.Stream(device) if overlap else None
         self.time_svd = False  # benchmarks: time the factorisation inside each prefill
+        # Benchmarks with random weights: keep this share of chunks from step to step instead of
+        # what the query selects (shadow_drive.py; decode outputs are then meaningless).
+        self.drive_hit_rate: float | None = None
         self._svd_spans: list[tuple[object, object]] = []
 
     def _value_tier_bytes(self, ref: SeqLayout, spare: int) -> tuple[int, int]:
@@ -325,6 +329,9 @@ class ShadowKVCache(AttentionCache):
         )
         K = sp.dst_rows.shape[1] // self.cfg.chunk_size
         state = self.selection[layer]
+        if self.drive_hit_rate is not None:  # benchmarks only: see shadow_drive.py
+            prev = state[rows, :, :K]
+            scores = driven_scores(self.landmark_ids[layer], sp, prev, self.drive_hit_rate)
         slot_ids, miss = select_chunks(
             scores, self.landmark_ids[layer], sp.landmark_tables, sp.num_select, state[rows, :, :K]
         )

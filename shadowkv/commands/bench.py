@@ -34,6 +34,15 @@ def _int_list(text: str) -> tuple[int, ...]:
         ) from None
 
 
+def _hit_rates(text: str) -> tuple[float | None, ...]:
+    try:
+        return tuple(None if x.strip() == "query" else float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'query' or shares in [0, 1], comma-separated, got {text!r}"
+        ) from None
+
+
 def _batch(text: str) -> tuple[int, ...]:
     return () if text.strip() == "auto" else _int_list(text)
 
@@ -94,6 +103,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     add_decode_mode_arg(p)
     p.add_argument(
+        "--hit-rates",
+        type=_hit_rates,
+        default=_BENCH_DEFAULTS["hit_rates"],
+        help="time ShadowKV once per entry, comma-separated: 'query' (the query selects) or a "
+        "share in [0, 1] its selection is driven to keep from step to step (random weights "
+        "give hit rates near 0; real models 0.6-0.8); default: query",
+    )
+    p.add_argument(
         "--prefill",
         choices=["model", "synthetic"],
         default=_BENCH_DEFAULTS["prefill"],
@@ -131,6 +148,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         seed=args.seed,
         decode_mode=args.decode_mode,
         prefill=args.prefill,
+        hit_rates=args.hit_rates,
     )
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from shadowkv.bench import arch_config, random_model
 from shadowkv.bench.harness import build_engine, timed_run
 from shadowkv.bench.synthetic import SIGNAL_RANK, synthetic_prompt
-from shadowkv.config import CacheConfig, EngineConfig
+from shadowkv.config import CacheConfig, ConfigError, EngineConfig
 from shadowkv.engine.sampling import SamplingParams
 
 CPU = torch.device("cpu")
@@ -67,3 +68,28 @@ def test_synthetic_keys_have_low_effective_rank() -> None:
     rank = min(SIGNAL_RANK, s.numel())
     assert (s[:rank] ** 2).sum() / (s**2).sum() > 0.95
     assert not torch.equal(stored[0][2], stored[1][2]), "each layer gets its own keys"
+
+
+def test_bench_times_shadowkv_once_per_hit_rate(tmp_path) -> None:
+    import argparse
+
+    from shadowkv.bench import BenchConfig, run_throughput
+    from shadowkv.commands import bench as bench_cmd
+
+    cfg = BenchConfig(
+        arch="tiny", device="cpu", contexts=(T,), methods=("dense", "shadowkv"), batches=(2,),
+        decode_steps=3, cache_memory_gb=0.02, prefill="synthetic", hit_rates=(None, 0.5),
+        cache=CacheConfig(sparse_budget=64, outlier_chunks=2),
+    )
+    report = run_throughput(cfg, tmp_path)
+    rows = [(r["method"], r["hit_rate_driven"]) for r in report["runs"]]
+    assert rows == [("dense", None), ("shadowkv", None), ("shadowkv", 0.5)]
+    driven = report["runs"][2]
+    assert "error" not in driven and driven["hit_rate"] == 0.5  # 8 slots, 4 kept
+    assert report["table"].count("(driven)") == 2  # the row and the footnote
+    p = argparse.ArgumentParser()
+    bench_cmd.add_arguments(p)
+    args = p.parse_args(["--arch", "tiny", "--hit-rates", "query,0.7"])
+    assert bench_cmd.config_from_args(args).hit_rates == (None, 0.7)
+    with pytest.raises(ConfigError, match="hit_rates"):
+        BenchConfig(arch="tiny", hit_rates=(1.5,))
