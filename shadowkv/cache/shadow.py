@@ -270,7 +270,8 @@ class ShadowKVCache(AttentionCache):
 
     def decode_widths(self, seq_ids: list[int], static: bool) -> StepWidths:
         lengths = [self.lengths[s] for s in seq_ids]
-        return self.tables.decode_widths(seq_ids, lengths, static, self.store.live_tiers())
+        tiers = self.store.live_tiers()
+        return self.tables.decode_widths(seq_ids, lengths, static, tiers, self.drive_hit_rate)
 
     def plan_decode(self, cols: dict[str, torch.Tensor], widths: StepWidths) -> None:
         self._decode = self.tables.plan_decode(cols, widths)
@@ -329,9 +330,9 @@ class ShadowKVCache(AttentionCache):
         )
         K = sp.dst_rows.shape[1] // self.cfg.chunk_size
         state = self.selection[layer]
-        if self.drive_hit_rate is not None:  # benchmarks only: see shadow_drive.py
+        if sp.drive_hit_rate is not None:  # benchmarks only: see shadow_drive.py
             prev = state[rows, :, :K]
-            scores = driven_scores(self.landmark_ids[layer], sp, prev, self.drive_hit_rate)
+            scores = driven_scores(self.landmark_ids[layer], sp, prev, sp.drive_hit_rate)
         slot_ids, miss = select_chunks(
             scores, self.landmark_ids[layer], sp.landmark_tables, sp.num_select, state[rows, :, :K]
         )

@@ -37,6 +37,7 @@ class SparsePlan:
     # (tier, [B] bool: the sequences whose values it holds, or None for all of them) per tier
     # that holds a sparse sequence of the step: decode gathers once per entry.
     value_groups: tuple[tuple[int, torch.Tensor | None], ...]
+    drive_hit_rate: float | None = None  # benchmarks: selection driven to this hit rate
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class StepWidths:
     store: int = 0
     select: int = 0
     tiers: tuple[int, ...] = ()
+    # Benchmarks: the selection is driven to this hit rate (shadow_drive.py). Part of the key so
+    # a captured step never replays another setting.
+    drive_hit_rate: float | None = None
 
     @property
     def sparse(self) -> bool:
@@ -191,7 +195,12 @@ class SequenceTables:
         return {"rows": self.pad_row, **cols, "tier": 0}
 
     def decode_widths(
-        self, seq_ids: list[int], lengths: list[int], static: bool, tiers: tuple[int, ...]
+        self,
+        seq_ids: list[int],
+        lengths: list[int],
+        static: bool,
+        tiers: tuple[int, ...],
+        drive_hit_rate: float | None = None,
     ) -> StepWidths:
         """Exact sizes of this batch's plan, or (``static``) sizes fixed for the batch's life:
         each a power of two at least as large, capped by its table; ``tiers`` are the store's
@@ -224,6 +233,7 @@ class SequenceTables:
             width(max(cdiv(x.num_chunks, PAGE_CHUNKS) for x in sparse), self.store),
             select,
             tiers,
+            drive_hit_rate,
         )
 
     def plan_decode(self, cols: dict[str, torch.Tensor], widths: StepWidths) -> DecodePlan:
@@ -260,4 +270,5 @@ class SequenceTables:
             dst_rows=dst.masked_fill(~used, -1),
             primed=cols["primed"].bool(),
             value_groups=groups,
+            drive_hit_rate=widths.drive_hit_rate,
         )

@@ -66,3 +66,19 @@ def test_driven_scores_keep_exactly_the_share_and_only_landmarks() -> None:
         for h in range(Hkv):
             held = set(prev[b, h][prev[b, h] >= 0].tolist())
             assert len(held & set(chosen[h].tolist())) == round(0.7 * k)
+
+
+def test_a_new_drive_setting_is_a_new_step_key(path) -> None:
+    """A captured step bakes the setting in: changing it must not replay the old graph."""
+    cfg = CacheConfig(method="shadowkv", sparse_budget=160, rank=0.5, outlier_chunks=2)
+    llm = LLM(str(path), device="cpu", cache=cfg,
+              engine=EngineConfig(cache_memory_gb=0.05, decode_mode="static"))
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    llm.generate(PROMPTS, params)
+    before = set(llm.engine.runner._steps)
+    llm.engine.cache.drive_hit_rate = 0.5
+    llm.engine.cache.reset_hit_rate()
+    llm.generate(PROMPTS, params)
+    after = set(llm.engine.runner._steps) - before
+    assert after and all(key[1].drive_hit_rate == 0.5 for key in after)
+    assert sum(llm.engine.cache.hit_rate()) / 2 == pytest.approx(0.5, abs=0.02)
