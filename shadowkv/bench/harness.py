@@ -64,23 +64,25 @@ def new_tokens(decode_steps: int, batch: int, index: int) -> int:
 def fits(cache: AttentionCache, context: int, decode_steps: int, batch: int) -> bool:
     """Whether ``batch`` sequences of ``context`` prompt tokens fit the empty cache together.
 
-    Reserves them (the cache's own accounting of device and host pools), then frees them.
+    Reserves them (the cache's own accounting of device and host pools), then frees them,
+    without allocating pools the cache allocates lazily (``AttentionCache.planning``).
     """
     added: list[int] = []
-    try:
-        for i in range(batch):
-            new = new_tokens(decode_steps, batch, i)
-            if not cache.can_add(context, new):
-                return False
-            seq_id = -1 - i  # engine request ids are >= 0
-            cache.add_sequence(seq_id, context, new)
-            added.append(seq_id)
-        return True
-    except CacheCapacityError:
-        return False
-    finally:
-        for seq_id in added:
-            cache.free_sequence(seq_id)
+    with cache.planning():
+        try:
+            for i in range(batch):
+                new = new_tokens(decode_steps, batch, i)
+                if not cache.can_add(context, new):
+                    return False
+                seq_id = -1 - i  # engine request ids are >= 0
+                cache.add_sequence(seq_id, context, new)
+                added.append(seq_id)
+            return True
+        except CacheCapacityError:
+            return False
+        finally:
+            for seq_id in added:
+                cache.free_sequence(seq_id)
 
 
 def max_batch(cache: AttentionCache, context: int, decode_steps: int, limit: int) -> int:

@@ -10,6 +10,7 @@ Shapes: ``T`` prompt tokens, ``B`` decoding sequences, ``H`` query heads, ``Hkv`
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
@@ -107,6 +108,11 @@ class AttentionCache(ABC):
     # lifecycle -------------------------------------------------------------------------------
     def check_options(self, options: CacheOptions) -> None:
         """Raise ``CacheOptionsError`` when this method cannot honour ``options``."""
+
+    def planning(self) -> contextlib.AbstractContextManager[None]:
+        """Inside: reservations only count pages; memory a pool allocates lazily (ShadowKV's
+        host value tier) is not allocated. For batch-size searches that free what they add."""
+        return contextlib.nullcontext()
 
     def seq_config(self, options: CacheOptions | None) -> CacheConfig:
         """The cache settings one sequence runs with: the engine's, with its budget override."""

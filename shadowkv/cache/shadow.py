@@ -15,6 +15,7 @@ dim, ``R`` rank, ``C`` chunk size, ``N`` landmarks and ``K`` selected chunks per
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -217,6 +218,9 @@ class ShadowKVCache(AttentionCache):
         self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None
     ) -> bool:
         return self._admission_problem(prompt_len, max_new_tokens, options) is None
+
+    def planning(self) -> contextlib.AbstractContextManager[None]:
+        return self.store.planning()
 
     def add_sequence(
         self, seq_id: int, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None

@@ -13,11 +13,12 @@ the other device pools.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -115,6 +116,7 @@ class ValueTier:
         num_pages = capacity_bytes // self.page_bytes
         self.pool = PagePool(f"{name} value tier", num_pages, f"{page_shape[0]} chunks", fix)
         self._data: torch.Tensor | None = None  # [L, num_pages, Pc, Hkv, C*D]
+        self.planning = False  # reservations count pages without allocating (see planning())
 
     def layer(self, layer: int) -> torch.Tensor:
         """``[num_pages, Pc, Hkv, C*D]`` values of one layer."""
@@ -122,7 +124,7 @@ class ValueTier:
         return self._data[layer]
 
     def reserve(self, seq_id: int, num_pages: int) -> list[int]:
-        if num_pages:
+        if num_pages and not self.planning:
             self.allocate()
         return self.pool.reserve(seq_id, num_pages)
 
@@ -208,6 +210,17 @@ class ValueStore:
             ),
         )
         self.tiers[DEVICE].allocate()  # part of the device budget, like the other device pools
+
+    @contextlib.contextmanager
+    def planning(self) -> Iterator[None]:
+        """Reservations inside count pages but allocate no tier (a batch-size search)."""
+        for t in self.tiers:
+            t.planning = True
+        try:
+            yield
+        finally:
+            for t in self.tiers:
+                t.planning = False
 
     @property
     def page_bytes(self) -> int:

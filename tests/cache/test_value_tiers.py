@@ -330,3 +330,11 @@ def test_value_writes_copy_runs_of_pages_and_land_in_chunk_order() -> None:
     got = chunks.view(16, Hkv, C, D).transpose(1, 2).reshape(16 * C, Hkv, D)
     torch.testing.assert_close(got[:T], values, rtol=0, atol=0)
     assert got[T:].abs().sum() == 0
+
+
+def test_a_batch_search_allocates_no_host_tier() -> None:
+    cache = make_shadow(CacheConfig(**KNOBS, host_memory_gb=tier_gb(4)))
+    assert max_batch(cache, 200, 8, 6) == 2  # 2 pages each, 4 usable pages
+    assert cache.store.tiers[HOST]._data is None and cache.store.live_tiers() == ()
+    cache.add_sequence(0, 200, 8)  # a real admission allocates it
+    assert cache.store.live_tiers() == (HOST,)
