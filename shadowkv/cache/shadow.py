@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import time
 from dataclasses import replace
 
 import torch
@@ -44,6 +43,7 @@ from shadowkv.cache.shadow_tables import (
     StepWidths,
 )
 from shadowkv.cache.store import HOST, ValueStore, auto_host_bytes, device_tier_seqs
+from shadowkv.cache.timing import SpanTimer
 from shadowkv.config import CacheConfig, ConfigError, ModelConfig
 from shadowkv.kernels.decode_attention import decode_attention
 from shadowkv.kernels.gather_values import gather_values
@@ -143,7 +143,7 @@ class ShadowKVCache(AttentionCache):
         # Benchmarks with random weights: keep this share of chunks from step to step instead of
         # what the query selects (shadow_drive.py; decode outputs are then meaningless).
         self.drive_hit_rate: float | None = None
-        self._svd_spans: list[tuple[object, object]] = []
+        self._svd_timer = SpanTimer(device)
 
     def _value_tier_bytes(self, ref: SeqLayout, spare: int) -> tuple[int, int]:
         """(host, device) bytes of the value tiers; ``spare`` is the device budget the factor
@@ -293,10 +293,10 @@ class ShadowKVCache(AttentionCache):
             self._write_exact(layer, plan.exact_rows, k, v)
             return
         T, Hkv, D = k.shape
-        start = self._clock() if self.time_svd else None
+        start = self._svd_timer.mark() if self.time_svd else None
         f = lowrank_factors(k_pre.reshape(T, Hkv * D), self.rank)
         if start is not None:
-            self._svd_spans.append((start, self._clock()))
+            self._svd_timer.add(start)
         self.a_pages[layer].view(-1, self.rank)[plan.factor_rows] = f.a.to(self.dtype)
         self.w_t[layer][plan.row] = f.w_t.to(self.dtype)
         s = summarize_chunks(k, self.cfg.chunk_size, self.cfg.local_chunks, self.cfg.outlier_chunks)
@@ -387,22 +387,10 @@ class ShadowKVCache(AttentionCache):
             )
 
     # accounting ------------------------------------------------------------------------------
-    def _clock(self) -> object:
-        """A timestamp: a recorded CUDA event (no sync in the prefill), else perf_counter."""
-        if self.device.type != "cuda":
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
     def svd_seconds(self) -> float:
         """Time spent factorising prompt keys since ``time_svd`` was set (syncs on CUDA), and
         starts a new count."""
-        spans, self._svd_spans = self._svd_spans, []
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return sum(a.elapsed_time(b) for a, b in spans) / 1000  # type: ignore[attr-defined]
-        return sum(b - a for a, b in spans)  # type: ignore[operator]
+        return self._svd_timer.take()
 
     def hit_rate(self) -> list[float]:
         """Per layer: share of selected chunks already in the buffer from the previous step
