@@ -131,8 +131,9 @@ class ShadowKVCache(AttentionCache):
             L, Hkv, D, C, PAGE_CHUNKS, dtype, host_bytes, device_value_bytes, device
         )
 
-        self.tables = SequenceTables(max_num_seqs, max_model_len, C, P, S, device, num_blocks)
-        self.tables.max_select = self.max_slots
+        self.tables = SequenceTables(
+            max_num_seqs, max_model_len, C, P, S, device, num_blocks, self.max_slots
+        )
         self._hits = torch.zeros(L, dtype=torch.int64, device=device)
         self._used = torch.zeros(L, dtype=torch.int64, device=device)
         # On CUDA the value fetch (PCIe-bound) runs on its own stream, overlapping the key rebuild
@@ -262,7 +263,8 @@ class ShadowKVCache(AttentionCache):
                 f"{num_tokens}; ShadowKV prefills a whole prompt at once"
             )
         super().begin_prefill(seq_id, num_tokens)
-        self._prefill = self.tables.plan_prefill(seq_id)
+        pages = self.store.pages_of(seq_id, self.tables.value_tier[seq_id])
+        self._prefill = self.tables.plan_prefill(seq_id, pages)
 
     supports_static_decode = True
 

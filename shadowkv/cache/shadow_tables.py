@@ -90,6 +90,7 @@ class SequenceTables:
         block_rows: int,
         device: torch.device,
         scratch_block: int,
+        max_select: int,
     ) -> None:
         self.chunk_size, self.page_tokens, self.block_rows = chunk_size, page_tokens, block_rows
         self.device = device
@@ -100,13 +101,12 @@ class SequenceTables:
         self.factor = table(cdiv(max_model_len, page_tokens))
         self.store = table(cdiv(cdiv(max_model_len, chunk_size), PAGE_CHUNKS))
         self.buffer = table(cdiv(max_model_len, block_rows))
-        self.max_select = 0  # set by the cache: selection slots per KV head
+        self.max_select = max_select  # selection slots per KV head (the selection state's width)
         self.pad_row = max_num_seqs
         self.buffer[self.pad_row] = scratch_block
         self.rows: dict[int, int] = {}
         self.layouts: dict[int, SeqLayout] = {}
         self.value_tier: dict[int, int] = {}
-        self.store_pages: dict[int, tuple[int, ...]] = {}
         self.primed: set[int] = set()  # sequences whose slots hold a previous selection
         self._free = list(range(max_num_seqs - 1, -1, -1))
 
@@ -133,7 +133,6 @@ class SequenceTables:
             t[row, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
         self.rows[seq_id], self.layouts[seq_id] = row, layout
         self.value_tier[seq_id] = value_tier
-        self.store_pages[seq_id] = tuple(store_pages)
         return row
 
     def release(self, seq_id: int) -> None:
@@ -143,7 +142,6 @@ class SequenceTables:
         self._free.append(row)
         self.layouts.pop(seq_id)
         self.value_tier.pop(seq_id)
-        self.store_pages.pop(seq_id)
         self.primed.discard(seq_id)
 
     def buffer_rows(self, seq_id: int, start: int, end: int) -> torch.Tensor:
@@ -152,7 +150,8 @@ class SequenceTables:
         pos = torch.arange(start, end, device=self.device)
         return self.buffer[self.rows[seq_id]].long()[pos // S] * S + pos % S
 
-    def plan_prefill(self, seq_id: int) -> PrefillPlan:
+    def plan_prefill(self, seq_id: int, store_pages: tuple[int, ...]) -> PrefillPlan:
+        """Index tensors of one sequence's prefill; ``store_pages`` are its value pages."""
         lay, row = self.layouts[seq_id], self.rows[seq_id]
         P, dev = self.page_tokens, self.device
         exact_end = lay.prompt_len if lay.dense else lay.select_start
@@ -165,7 +164,7 @@ class SequenceTables:
             exact_rows=self.buffer_rows(seq_id, 0, exact_end),
             factor_rows=table[tok // P] * P + tok % P,
             landmark_rows=table[lm // PAGE_CHUNKS] * PAGE_CHUNKS + lm % PAGE_CHUNKS,
-            store_pages=self.store_pages[seq_id],
+            store_pages=store_pages,
             value_tier=self.value_tier[seq_id],
         )
 

@@ -276,6 +276,10 @@ class ValueStore:
         for t in self.tiers:
             t.pool.release(seq_id)
 
+    def pages_of(self, seq_id: int, tier: int) -> tuple[int, ...]:
+        """A sequence's value pages in chunk order (none for a dense-fallback sequence)."""
+        return tuple(self.tiers[tier].pool.owned.get(seq_id, ()))
+
     def live_tiers(self) -> tuple[int, ...]:
         """The tiers whose memory is allocated (a tier stays allocated once it is)."""
         return tuple(i for i, t in enumerate(self.tiers) if t._data is not None)
