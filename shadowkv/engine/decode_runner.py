@@ -132,7 +132,7 @@ class DecodeRunner:
         # The whole buffer (a few KiB): a contiguous pinned source copies without blocking.
         self._inputs.copy_(self._staging, non_blocking=True)
         if self.device.type == "cuda":
-            self._copied = torch.cuda.Event()
+            self._copied = self._copied or torch.cuda.Event()
             self._copied.record()
 
     def _get_step(self, size: int, widths: object, cols: dict[str, list[int]]) -> _Step | None:
