@@ -126,6 +126,7 @@ class LLM:
     def _result(self, req: Request) -> GenerationResult:
         metrics = req.metrics()
         metrics["peak_memory_bytes"] = peak_memory_bytes(self.device)
+        metrics["decode_mode"] = self.engine.runner.mode  # "graph": CUDA-graph decode steps
         return GenerationResult(
             req.request_id, req.prompt_ids, req.output_ids, req.text, req.finish_reason or "abort",
             metrics, req.memory,

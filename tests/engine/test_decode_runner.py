@@ -266,3 +266,10 @@ def test_cli_flags_reach_the_configs() -> None:
         b.parse_args(["--arch", "tiny", "--decode-mode", "static", "--prefill", "synthetic"])
     )
     assert (cfg.decode_mode, cfg.prefill) == ("static", "synthetic")
+
+
+def test_results_say_how_decode_ran(path: Path) -> None:
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    for mode in ("static", "eager"):
+        out = make_llm(path, mode).generate(PROMPTS[:1], params)[0]
+        assert out.metrics["decode_mode"] == mode
