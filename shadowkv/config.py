@@ -285,6 +285,9 @@ class CacheConfig:
         return r
 
 
+DECODE_MODES = ("auto", "eager", "static", "graph")  # EngineConfig.decode_mode
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine limits. ``max_model_len=None`` means the checkpoint's context length."""
@@ -304,9 +307,9 @@ class EngineConfig:
     decode_mode: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.decode_mode not in ("auto", "eager", "static", "graph"):
+        if self.decode_mode not in DECODE_MODES:
             raise ConfigError(
-                f"decode_mode must be auto, eager, static or graph, got {self.decode_mode!r}"
+                f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {self.decode_mode!r}"
             )
         if self.max_num_seqs < 1:
             raise ConfigError("max_num_seqs must be >= 1")

@@ -50,5 +50,8 @@ class SyntheticPromptKV:
             del basis, coeff, k_pre, k, v  # [T, Hkv * D] fp32 each: free before the next layer
 
 
-def synthetic_prompt(token_ids: list[int], num_layers: int, vocab_size: int, seed: int) -> SyntheticPromptKV:
+def synthetic_prompt(
+    token_ids: list[int], num_layers: int, vocab_size: int, seed: int
+) -> SyntheticPromptKV:
+    """Generated K/V for a prompt of these tokens; the first token is sampled from zero logits."""
     return SyntheticPromptKV(tuple(token_ids), num_layers, seed, torch.zeros(vocab_size))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from shadowkv.config import CACHE_METHODS, CacheConfig, EngineConfig
+from shadowkv.config import CACHE_METHODS, DECODE_MODES, CacheConfig, EngineConfig
 
 _CACHE_DEFAULTS = {f.name: f.default for f in fields(CacheConfig)}
 _ENGINE_DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
@@ -52,7 +52,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_decode_mode_arg(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--decode-mode", default=_ENGINE_DEFAULTS["decode_mode"],
-                   choices=["auto", "eager", "static", "graph"],
+                   choices=DECODE_MODES,
                    help="auto: decode steps as CUDA graphs on CUDA (dense, shadowkv), eager "
                    "otherwise; static: the graphs' padded step without capture (default: auto)")
 

@@ -30,7 +30,6 @@ from shadowkv.config import ConfigError
 from shadowkv.models.llama import LlamaModel
 from shadowkv.models.rope import RotaryEmbedding
 
-MODES = ("auto", "eager", "static", "graph")
 MAX_GRAPHS = 64  # captured steps kept; the least recently used is dropped past this
 
 
@@ -42,8 +41,7 @@ def batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 def resolve_mode(mode: str, cache: AttentionCache, device: torch.device) -> str:
-    if mode not in MODES:
-        raise ConfigError(f"decode_mode must be one of {', '.join(MODES)}, got {mode!r}")
+    """The mode a step runs in for ``EngineConfig.decode_mode`` (validated there)."""
     if mode == "auto":
         return "graph" if device.type == "cuda" and cache.supports_static_decode else "eager"
     if mode in ("static", "graph") and not cache.supports_static_decode:
