@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,33 +25,34 @@ from shadowkv.bench.harness import build_engine, max_batch, timed_run
 from shadowkv.bench.models import ARCHITECTURES
 from shadowkv.bench.roofline import copy_bandwidth, dense_step_bytes
 from shadowkv.bench.throughput import BenchConfig, load_model
-from shadowkv.commands.common import budget_or_fraction
-from shadowkv.config import CacheConfig, EngineConfig
+from shadowkv.cache.methods import method_config
+from shadowkv.config import EngineConfig, parse_budget
 from shadowkv.engine.engine import pick_dtype
 
 
 def measure(args: argparse.Namespace) -> dict:
+    knobs = dict(sparse_budget=args.sparse_budget, outlier_chunks=args.outlier_chunks)
     cfg = BenchConfig(
-        arch=args.arch, contexts=(args.context,), methods=tuple(args.methods),
+        arch=args.arch, contexts=(args.context,),
+        caches=tuple(method_config(m, **knobs) for m in args.methods),
         batches=tuple(args.batches), decode_steps=args.decode_steps, device=args.device,
-        cache_memory_gb=args.cache_memory_gb,
-        cache=CacheConfig(sparse_budget=args.sparse_budget, outlier_chunks=args.outlier_chunks),
+        engine=EngineConfig(cache_memory_gb=args.cache_memory_gb),
     )
     device = cfg.torch_device
-    dtype = pick_dtype(cfg.dtype, device)
+    dtype = pick_dtype(cfg.engine.dtype, device)
     modes = ("eager", "graph" if device.type == "cuda" else "static")
     model_cfg, model, weights = load_model(cfg, device, dtype)
     bandwidth = copy_bandwidth(device)
     rows = []
-    for method in cfg.methods:
+    for cache_cfg in cfg.caches:
+        method = cache_cfg.method
         for mode in modes:
             engine_cfg = EngineConfig(
                 max_num_seqs=max(cfg.batches), max_model_len=cfg.max_model_len,
-                cache_memory_gb=cfg.cache_memory_gb, prefill_slice_tokens=None, decode_mode=mode,
+                cache_memory_gb=cfg.engine.cache_memory_gb, prefill_slice_tokens=None,
+                decode_mode=mode,
             )
-            engine = build_engine(
-                model, model_cfg, replace(cfg.cache, method=method), engine_cfg, device, dtype
-            )
+            engine = build_engine(model, model_cfg, cache_cfg, engine_cfg, device, dtype)
             fits = max_batch(engine.cache, args.context, cfg.decode_steps, max(cfg.batches))
             for batch in cfg.batches:
                 row = {"method": method, "mode": mode, "batch": batch}
@@ -116,7 +116,7 @@ def main() -> None:
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--methods", type=lambda s: s.split(","), default=["dense", "shadowkv"])
     p.add_argument("--decode-steps", type=int, default=64)
-    p.add_argument("--sparse-budget", type=budget_or_fraction, default=2048)
+    p.add_argument("--sparse-budget", type=parse_budget, default=2048)
     p.add_argument("--outlier-chunks", type=int, default=48)
     p.add_argument("--device", default=None)
     p.add_argument("--cache-memory-gb", type=float, default=None)

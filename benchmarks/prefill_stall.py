@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from shadowkv import LLM, CacheConfig, EngineConfig, SamplingParams
+from shadowkv import LLM, DenseConfig, EngineConfig, SamplingParams, method_config
 from shadowkv.eval.haystack import Haystack
 
 JOIN_AFTER = 4  # the long prompt arrives after the short request's 4th token
 
 
 def measure(llm: LLM, method: str, slice_tokens: int | None, short: list[int], long: list[int], new: int) -> dict:
-    cache = CacheConfig(method=method, sparse_budget=256, outlier_chunks=8) if method != "dense" else CacheConfig()
+    cache = method_config(method, sparse_budget=256, outlier_chunks=8) if method != "dense" else DenseConfig()
     cfg = EngineConfig(max_model_len=llm.max_model_len, prefill_slice_tokens=slice_tokens, max_num_seqs=2)
     llm.set_cache(cache, cfg)
     engine = llm.engine

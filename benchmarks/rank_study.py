@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 from shadowkv.cache import make_cache
-from shadowkv.config import CacheConfig, EngineConfig
+from shadowkv.cache.methods import CacheConfig, ShadowKVConfig
+from shadowkv.config import EngineConfig
 from shadowkv.engine.prompt_kv import PromptKV
 from shadowkv.engine.sampling import SamplingParams
 from shadowkv.eval.haystack import Haystack
@@ -114,7 +115,8 @@ def run_shadow(
     """Free-running tokens, teacher-forced matches and per-layer hit rates of one configuration."""
     engine = llm.engine
     cache = make_cache(
-        engine.model_cfg, cfg, engine.rope, engine.device, engine.dtype, 2, engine.max_model_len, 2**30,
+        engine.model.attention_specs(), cfg, engine.rope, engine.device, engine.dtype, 2,
+        engine.max_model_len, 2**30,
     )
     for sid in (0, 1):  # 0 free-running, 1 teacher-forced
         cache.add_sequence(sid, n, NEW_TOKENS)
@@ -125,8 +127,8 @@ def run_shadow(
     for t in range(1, NEW_TOKENS):
         cache.begin_decode([0, 1])
         ids = torch.tensor([free[-1], dense[t - 1]], device=engine.device)
-        pos = torch.tensor([cache.lengths[0], cache.lengths[1]], device=engine.device)
-        logits = engine.model(ids, pos, engine.rope, cache, "decode")
+        pos = torch.tensor([cache.length(0), cache.length(1)], device=engine.device)
+        logits = engine.model(ids, engine.model.context("decode", pos, engine.rope, cache))
         cache.end_decode()
         top = logits.argmax(-1).tolist()
         free.append(top[0])
@@ -189,7 +191,7 @@ def study(args: argparse.Namespace) -> None:
                 if rank > kv_dim:
                     continue
                 t0 = time.perf_counter()
-                cfg = CacheConfig(method="shadowkv", sparse_budget=budget, rank=rank,
+                cfg = ShadowKVConfig(sparse_budget=budget, rank=rank,
                                   outlier_chunks=outliers, local_chunks=args.local_chunks)
                 free, matches, rates = run_shadow(llm, cfg, rec, len(p.ids), dense)
                 out_text = llm.tokenizer.decode(free)

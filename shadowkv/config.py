@@ -7,8 +7,11 @@ exists; messages name the problem and the fix.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from shadowkv.kernels.rope.reference import ROPE_STYLES
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -16,19 +19,39 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
 }
 
-CACHE_METHODS = ("dense", "shadowkv", "quest", "loki", "streaming", "oracle")
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message says which and how to fix it."""
 
 
+def knob(default: Any, help: str, *, parse: Callable[[str], Any] | None = None,
+         choices: tuple[str, ...] | None = None) -> Any:
+    """A config field that is also a command-line flag: ``--field-name``, this help, parsed by
+    ``parse`` (default: from the field's type) and limited to ``choices``
+    (``commands/flags.py`` generates the flags)."""
+    return field(default=default, metadata={"help": help, "parse": parse, "choices": choices})
+
+
+def parse_budget(text: str) -> float:
+    """A token count (``2048``), a fraction (``0.0156``) or a percentage (``1.5%``)."""
+    text = text.strip()
+    value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    return int(value) if value >= 1 and value == int(value) else value
+
+
+def parse_optional_int(text: str) -> int | None:
+    """An integer, or ``none`` for None."""
+    return None if text.strip().lower() == "none" else int(text)
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding parameters as the checkpoint asks for them.
 
-    ``kind`` is one of default, linear, dynamic, llama3, yarn. ``factor`` and the llama3/yarn
-    fields are ignored by ``default``.
+    ``kind`` names a frequency scaling registered in ``models/rope.py`` (default, linear,
+    dynamic, llama3, yarn). ``factor`` and the llama3/yarn fields are ignored by ``default``.
+    ``partial_rotary_factor`` < 1 rotates only the first dims of each head.
     """
 
     theta: float = 10000.0
@@ -46,15 +69,23 @@ class RopeConfig:
     partial_rotary_factor: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("default", "linear", "dynamic", "llama3", "yarn"):
+        from shadowkv.models.rope import ROPE_KINDS  # the registry; imported late (it imports us)
+
+        if self.kind not in ROPE_KINDS:
             raise ConfigError(
-                f"unsupported rope scaling type {self.kind!r}; supported: default, linear, "
-                "dynamic, llama3, yarn"
+                f"unsupported rope scaling type {self.kind!r}; supported: {', '.join(ROPE_KINDS)}"
             )
         if self.theta <= 0 or self.factor <= 0:
             raise ConfigError("rope theta and scaling factor must be positive")
-        if self.partial_rotary_factor != 1.0:
-            raise ConfigError("partial rotary embeddings are not supported by our decoder")
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise ConfigError(
+                f"partial_rotary_factor={self.partial_rotary_factor} must be in (0, 1]"
+            )
+
+    def rotary_dims(self, head_dim: int) -> int:
+        """Dims of each head that are rotated (the first ones; the rest pass through), as
+        transformers computes them: ``int(head_dim * partial_rotary_factor)``, made even."""
+        return int(head_dim * self.partial_rotary_factor) // 2 * 2
 
     @staticmethod
     def from_hf(cfg: dict[str, Any]) -> RopeConfig:
@@ -115,6 +146,8 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     output_bias: bool = False  # o_proj carries a bias (Llama with attention_bias)
     mlp_bias: bool = False  # gate/up/down projections carry a bias (Llama with mlp_bias)
+    rope_style: str = "neox"  # how RoPE pairs dims (ROPE_STYLES); the Llama family: neox
+    sliding_window: int | None = None  # what the checkpoint declares (the caches decide)
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES.values():
@@ -126,6 +159,10 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.rope_style not in ROPE_STYLES:
+            raise ConfigError(f"rope_style must be one of {ROPE_STYLES}, got {self.rope_style!r}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError("sliding_window must be >= 1 tokens (or None: global attention)")
 
     @property
     def group_size(self) -> int:
@@ -160,15 +197,8 @@ class ModelConfig:
         if act not in ("silu", "swish"):
             raise ConfigError(f"hidden_act={act!r} is not supported; shadowkv's decoder uses SiLU")
         window = cfg.get("sliding_window")
-        if cfg.get("use_sliding_window", arch == "mistral") and window:
-            # Full attention is what long-context serving wants; say so rather than silently differ.
-            import warnings
-
-            warnings.warn(
-                f"checkpoint declares a sliding window of {window} tokens; shadowkv attends to the "
-                "full context, so outputs past the window differ from windowed attention",
-                stacklevel=2,
-            )
+        if not cfg.get("use_sliding_window", arch == "mistral"):
+            window = None
         return ModelConfig(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
@@ -189,122 +219,43 @@ class ModelConfig:
             mlp_bias=arch == "llama" and bool(cfg.get("mlp_bias")),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            sliding_window=int(window) if window else None,
         )
 
 
-@dataclass(frozen=True)
-class CacheConfig:
-    """Which attention-cache method to use and its knobs.
-
-    Budgets are tokens when >= 1 and a fraction of the prompt when in (0, 1). ``rank`` is a
-    column count when >= 1 and a fraction of h_kv * d when in (0, 1]; ``None`` picks the default
-    (160 for 1024-column keys as in the paper, otherwise the small-model default measured in
-    ``benchmarks/RESULTS.md``).
-
-    ShadowKV keeps each sequence's values wholly in one of two tiers of the same paged layout:
-    the host tier (pinned on CUDA) when it has room, else the device tier, which is carved out of
-    the device cache budget (``EngineConfig.cache_memory_gb``). ``host_memory_gb=None`` sizes the
-    host tier for ``max_num_seqs`` full-context sequences, capped by a share of free RAM.
-    ``device_value_memory_gb=None`` is 0 on CPU. On CUDA, and on any device when
-    ``offload_values=False`` turns the host tier off, it is the size that admits the most
-    sequences of the reference length the device pools are split for (``max_model_len - 512``
-    prompt tokens): host-tier sequences cost the device their factors and buffers, device-tier
-    ones their values too, so the tier grows only when the host tier, not the device budget,
-    limits the batch.
-    """
-
-    method: str = "dense"
-    sparse_budget: float = 2048
-    chunk_size: int = 8
-    rank: float | None = None
-    outlier_chunks: int = 48
-    local_chunks: int = 4
-    page_size: int = 16  # quest page / dense paging granularity
-    sink_tokens: int = 4  # streaming baseline
-    loki_rank: float = 0.25  # loki: fraction of d kept in the PCA scoring keys
-    offload_values: bool = True  # shadowkv: False keeps every value in the device tier
-    host_memory_gb: float | None = None  # shadowkv: host value tier size; None = auto
-    device_value_memory_gb: float | None = None  # shadowkv: device value tier size; None = auto
-
-    def __post_init__(self) -> None:
-        if self.method not in CACHE_METHODS:
-            raise ConfigError(f"unknown cache method {self.method!r}; choose one of {CACHE_METHODS}")
-        if self.chunk_size < 1:
-            raise ConfigError("chunk_size must be >= 1")
-        if self.sparse_budget <= 0:
-            raise ConfigError("sparse_budget must be positive (tokens, or a fraction in (0, 1))")
-        if self.sparse_budget >= 1 and int(self.sparse_budget) % self.chunk_size:
-            raise ConfigError(
-                f"sparse_budget={int(self.sparse_budget)} tokens is not a multiple of "
-                f"chunk_size={self.chunk_size}; round it to a multiple"
-            )
-        if self.rank is not None and (self.rank <= 0 or (1 < self.rank != int(self.rank))):
-            raise ConfigError("rank must be a positive integer or a fraction in (0, 1]")
-        if self.outlier_chunks < 0 or self.local_chunks < 0:
-            raise ConfigError("outlier_chunks and local_chunks must be >= 0")
-        if self.page_size < 1 or self.sink_tokens < 0:
-            raise ConfigError("page_size must be >= 1 and sink_tokens >= 0")
-        if not 0 < self.loki_rank <= 1:
-            raise ConfigError("loki_rank must be a fraction in (0, 1]")
-        self._check_value_tiers()
-
-    def _check_value_tiers(self) -> None:
-        for name in ("host_memory_gb", "device_value_memory_gb"):
-            gb = getattr(self, name)
-            if gb is not None and not gb >= 0:  # also refuses NaN
-                raise ConfigError(
-                    f"{name}={gb} must be >= 0 GiB (0 turns that value tier off; None sizes it "
-                    "automatically)"
-                )
-        if not self.offload_values and self.host_memory_gb is not None:
-            raise ConfigError(
-                "host_memory_gb sizes the host value tier, which offload_values=False turns off; "
-                "drop one of the two (device_value_memory_gb sizes the device tier)"
-            )
-        if not self.offload_values and self.device_value_memory_gb == 0:
-            raise ConfigError(
-                "offload_values=False keeps every value in the device tier, but "
-                "device_value_memory_gb=0 gives it no memory; leave it None (auto) or set it > 0"
-            )
-
-    def budget_tokens(self, prompt_len: int) -> int:
-        """The sparse budget in tokens for a prompt, rounded down to whole chunks (>= 1 chunk)."""
-        raw = self.sparse_budget * prompt_len if self.sparse_budget < 1 else self.sparse_budget
-        return max(self.chunk_size, int(raw) // self.chunk_size * self.chunk_size)
-
-    def rank_for(self, kv_dim: int) -> int:
-        """The low-rank key rank for keys of ``kv_dim`` columns."""
-        if self.rank is None:
-            # Paper: rank 160 for every model it ran (512- and 1024-column keys). Small models
-            # (128-192 columns): at least 64, measured in benchmarks/RESULTS.md (rank study:
-            # rank 16 lost every passkey, 32 fell behind full rank on Qwen2.5-0.5B, 64 matched).
-            return min(kv_dim, 160 if kv_dim >= 512 else max(64, math.ceil(kv_dim / 4)))
-        r = math.ceil(self.rank * kv_dim) if self.rank <= 1 else int(self.rank)
-        if r > kv_dim:
-            raise ConfigError(f"rank={r} exceeds the key width h_kv*d={kv_dim}")
-        return r
-
-
 DECODE_MODES = ("auto", "eager", "static", "graph")  # EngineConfig.decode_mode
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # EngineConfig.dtype
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine limits. ``max_model_len=None`` means the checkpoint's context length."""
 
-    max_num_seqs: int = 64
-    max_model_len: int | None = None
-    prefill_mlp_chunk: int = 4096  # tokens per MLP slice during prefill (bounds peak memory)
+    max_num_seqs: int = knob(64, "sequences decoded together at most (the largest batch)")
+    max_model_len: int | None = knob(None, "context limit in tokens (default: the model's)")
+    prefill_mlp_chunk: int = knob(4096, "tokens per MLP slice during prefill (bounds peak memory)")
     # While sequences decode, a prompt longer than this prefills a slice of layers per step
     # (about this many tokens' worth of work), alternating with decode steps, so running
     # sequences are not stalled for a whole long prefill. None: whole prompts at once.
-    prefill_slice_tokens: int | None = 8192
-    cache_memory_gb: float | None = None  # device memory for the cache pool; None = auto
-    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    prefill_slice_tokens: int | None = knob(
+        8192, "while others decode, prefill longer prompts a slice of layers per step, about "
+        "this many tokens' worth ('none': whole prompts)", parse=parse_optional_int,
+    )
+    cache_memory_gb: float | None = knob(
+        None, "device memory for the KV cache (default: 85% of free GPU memory, 4 GiB on CPU)"
+    )
+    dtype: str = knob(
+        "auto", "weights and activations (auto: bfloat16 on CUDA, float32 on CPU)",
+        choices=DTYPES,
+    )
     # How decode steps run (engine/decode_runner.py): "auto" = CUDA graphs on CUDA for dense and
     # ShadowKV, eager otherwise; "eager"; "static" = the graphs' padded fixed-shape step run
     # without capture (any device); "graph" = capture (CUDA only).
-    decode_mode: str = "auto"
+    decode_mode: str = knob(
+        "auto", "auto: decode steps as CUDA graphs on CUDA (dense, shadowkv), eager otherwise; "
+        "static: the graphs' padded step without capture; graph: capture (CUDA only)",
+        choices=DECODE_MODES,
+    )
 
     def __post_init__(self) -> None:
         if self.decode_mode not in DECODE_MODES:
@@ -317,5 +268,5 @@ class EngineConfig:
             raise ConfigError("prefill_mlp_chunk must be >= 1")
         if self.prefill_slice_tokens is not None and self.prefill_slice_tokens < 1:
             raise ConfigError("prefill_slice_tokens must be >= 1 (or None to prefill whole prompts)")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        if self.dtype not in DTYPES:
             raise ConfigError("dtype must be auto, float32, bfloat16 or float16")

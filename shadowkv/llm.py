@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from shadowkv.cache.base import CacheOptions
-from shadowkv.config import CacheConfig, ConfigError, EngineConfig
+from shadowkv.cache.methods import CacheConfig, DenseConfig
+from shadowkv.config import ConfigError, EngineConfig
 from shadowkv.engine.engine import Engine, ProgressFn, pick_dtype
 from shadowkv.engine.request import GenerationResult, Request
 from shadowkv.engine.sampling import SamplingParams
@@ -44,7 +45,7 @@ class LLM:
         except ConfigError as err:
             raise ModelLoadError(f"{self.path}: {err}") from err
         self.tokenizer = Tokenizer(self.path)
-        self.cache_config = cache or CacheConfig()
+        self.cache_config = cache or DenseConfig()
         self.engine = Engine(
             model_obj, self.model_config, self.tokenizer, self.cache_config, engine, self.device, self.dtype
         )

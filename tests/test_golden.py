@@ -50,7 +50,7 @@ def run_golden(smollm2_dir: Path, essays: Path) -> dict[str, list[list[int]]]:
     """``{"method/mode": [tokens of prompt 0, tokens of prompt 1]}`` for every run."""
     import torch
 
-    from shadowkv import LLM, CacheConfig, EngineConfig, SamplingParams
+    from shadowkv import LLM, EngineConfig, SamplingParams, method_config
 
     llm = LLM(str(smollm2_dir), device="cpu", engine=EngineConfig(max_model_len=4096))
     prompts = golden_prompts(llm, essays)
@@ -58,7 +58,7 @@ def run_golden(smollm2_dir: Path, essays: Path) -> dict[str, list[list[int]]]:
     recorded = None
     out: dict[str, list[list[int]]] = {}
     for method, mode in RUNS:
-        cache = CacheConfig(method=method, **({} if method == "dense" else SPARSE))
+        cache = method_config(method, **SPARSE)  # dense takes none of the sparse knobs
         llm.set_cache(cache, EngineConfig(max_model_len=4096, decode_mode=mode))
         eng = llm.engine
         if recorded is None:

@@ -101,3 +101,29 @@ def passkey_prompt(
     cut = min(ends, key=lambda i: abs(i - target))
     haystack = f"{haystack[:cut]} {needle} {haystack[cut:].lstrip()}"
     return PASSKEY_HEADER + haystack + PASSKEY_QUESTION
+
+
+def cache_for(
+    mcfg,
+    cfg,
+    max_len: int,
+    seqs: int = 4,
+    memory: int = 2**24,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):
+    """``(cache, rope)``: the cache ``cfg`` names for a model of ``mcfg`` (the engine's way:
+    the model's attention specs and RoPE tables), holding ``seqs`` sequences of ``max_len``."""
+    from shadowkv.cache import make_cache
+    from shadowkv.models.llama import attention_spec
+    from shadowkv.models.rope import rope_tables
+
+    device = torch.device(device)
+    rope = rope_tables(mcfg.rope, mcfg.head_dim, max_len, mcfg.rope_style, device)
+    specs = (attention_spec(mcfg),) * mcfg.num_layers
+    return make_cache(specs, cfg, rope, device, dtype, seqs, max_len, memory), rope
+
+
+def run_model(model, ids, positions, rope, cache, phase: str, logits_index=None) -> torch.Tensor:
+    """``model`` over ``ids`` at ``positions`` with a fresh per-step context."""
+    return model(ids, model.context(phase, positions, rope, cache), logits_index)

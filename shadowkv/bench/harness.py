@@ -17,7 +17,9 @@ import torch
 
 from shadowkv.bench.synthetic import synthetic_prompt
 from shadowkv.cache import AttentionCache, CacheCapacityError
-from shadowkv.config import CacheConfig, EngineConfig, ModelConfig
+from shadowkv.cache.methods import CacheConfig
+from shadowkv.cache.timing import SpanTimer
+from shadowkv.config import EngineConfig, ModelConfig
 from shadowkv.engine.engine import Engine
 from shadowkv.engine.sampling import SamplingParams
 from shadowkv.models.llama import LlamaModel
@@ -178,18 +180,17 @@ def timed_run(
     cache = engine.cache
     if hasattr(cache, "reset_hit_rate"):
         cache.reset_hit_rate()
-    if hasattr(cache, "time_svd"):
-        cache.time_svd = True
-        cache.svd_seconds()  # drop spans of earlier runs
+    svd_timer = None
+    if hasattr(cache, "svd_timer"):  # ShadowKV: time the factorisations inside the prefills
+        svd_timer = cache.svd_timer = SpanTimer(device)
     baseline = _allocated(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    L = engine.model_cfg.num_layers
     reqs = [
         engine.add_request(
             p,
             SamplingParams(max_tokens=new_tokens(decode_steps, batch, i), ignore_eos=True),
-            prompt_kv=synthetic_prompt(p, L, vocab, seed + i) if prefill == "synthetic" else None,
+            prompt_kv=synthetic_prompt(p, engine, seed + i) if prefill == "synthetic" else None,
         )
         for i, p in enumerate(prompts)
     ]
@@ -227,6 +228,9 @@ def timed_run(
             f"{len(prefill_times)} and {full_steps}; {why}"
         )
     ttfts = [r.first_token - r.arrival for r in reqs]  # type: ignore[operator]
+    svd_s = None
+    if svd_timer is not None:
+        svd_s, cache.svd_timer = svd_timer.take(), None
     peak = _peak(device)
     return RunResult(
         context=context,
@@ -242,7 +246,7 @@ def timed_run(
         peak_device_bytes=peak,
         activation_bytes=max(0, peak - baseline) if device.type == "cuda" else 0,
         hit_rate=_hit_rate(cache),
-        svd_s=cache.svd_seconds() if hasattr(cache, "time_svd") else None,
+        svd_s=svd_s,
         decode_mode=engine.runner.mode,
         prefill=prefill,
     )

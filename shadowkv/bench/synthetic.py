@@ -16,10 +16,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from shadowkv.cache.base import AttentionCache
+from shadowkv.kernels.rope import apply_rope
+from shadowkv.kernels.rope.tables import RopeTables
+
+if TYPE_CHECKING:
+    from shadowkv.engine.engine import Engine
 
 SIGNAL_RANK = 64
 NOISE = 0.05
@@ -31,27 +37,35 @@ class SyntheticPromptKV:
 
     token_ids: tuple[int, ...]
     num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    rope: RopeTables  # the engine's: keys are rotated as a prefill's would be
     seed: int
     logits: torch.Tensor  # [vocab] fp32: the first generated token is sampled from these
 
     def replay(self, cache: AttentionCache) -> None:
         T, dev = len(self.token_ids), cache.device
-        Hkv, D = cache.model.num_kv_heads, cache.model.head_dim
+        Hkv, D = self.num_kv_heads, self.head_dim
         gen = torch.Generator(device=dev).manual_seed(self.seed)
-        positions = torch.arange(T, device=dev)
+        cos, sin = self.rope.rows(torch.arange(T, device=dev))
         for layer in range(self.num_layers):
             basis = torch.randn(SIGNAL_RANK, Hkv * D, generator=gen, device=dev)
             coeff = torch.randn(T, SIGNAL_RANK, generator=gen, device=dev) / math.sqrt(SIGNAL_RANK)
             k_pre = coeff @ basis + NOISE * torch.randn(T, Hkv * D, generator=gen, device=dev)
             k_pre = k_pre.view(T, Hkv, D)
-            k = cache.rope.apply(k_pre, positions)
+            k = apply_rope(k_pre[:, :1], k_pre, cos, sin, self.rope.style)[1]
             v = torch.randn(T, Hkv, D, generator=gen, device=dev)
             cache.store_prompt(layer, k.to(cache.dtype), v.to(cache.dtype), k_pre.to(cache.dtype))
             del basis, coeff, k_pre, k, v  # [T, Hkv * D] fp32 each: free before the next layer
 
 
 def synthetic_prompt(
-    token_ids: list[int], num_layers: int, vocab_size: int, seed: int
+    token_ids: list[int], engine: Engine, seed: int
 ) -> SyntheticPromptKV:
-    """Generated K/V for a prompt of these tokens; the first token is sampled from zero logits."""
-    return SyntheticPromptKV(tuple(token_ids), num_layers, seed, torch.zeros(vocab_size))
+    """Generated K/V for a prompt of these tokens, shaped for ``engine``'s model; the first token
+    is sampled from zero logits."""
+    cfg = engine.model_cfg
+    return SyntheticPromptKV(
+        tuple(token_ids), cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, engine.rope, seed,
+        torch.zeros(cfg.vocab_size),
+    )

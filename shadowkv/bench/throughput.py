@@ -27,7 +27,9 @@ from shadowkv.bench.harness import build_engine, max_batch, timed_run
 from shadowkv.bench.models import RANDOM_WEIGHTS, arch_config, random_model, weight_bytes
 from shadowkv.bench.report import markdown_table, write_plot
 from shadowkv.bench.roofline import copy_bandwidth, dense_step_bytes
-from shadowkv.config import CACHE_METHODS, CacheConfig, ConfigError, EngineConfig, ModelConfig
+from shadowkv.cache.methods import CacheConfig, DenseConfig, ShadowKVConfig
+from shadowkv.cache.shadow_drive import DrivenSelection, LandmarkSelection
+from shadowkv.config import ConfigError, EngineConfig, ModelConfig
 from shadowkv.engine.engine import Engine, pick_dtype
 from shadowkv.models.llama import LlamaModel
 
@@ -36,21 +38,21 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """What to measure. ``batches=()`` means each method's largest batch (plus the others')."""
+    """What to measure. ``caches``: one config per method timed (the methods' own knobs);
+    ``engine``: the engine settings every run shares (its ``max_num_seqs``, ``max_model_len`` and
+    prefill slicing are set per run: ``max_batch``, the contexts, whole prompts).
+    ``batches=()`` means each method's largest batch (plus the others')."""
 
     arch: str | None = "tiny"
     model_path: str | None = None
     contexts: tuple[int, ...] = (32768,)
-    methods: tuple[str, ...] = ("dense", "shadowkv")
+    caches: tuple[CacheConfig, ...] = (DenseConfig(), ShadowKVConfig())
     batches: tuple[int, ...] = ()
     decode_steps: int = 256
     max_batch: int = 256  # upper bound of the batch search (and the engine's max_num_seqs)
     device: str | None = None  # None: cuda when available
-    dtype: str = "auto"
-    cache_memory_gb: float | None = None  # None: the engine's default (85% of free GPU memory)
-    cache: CacheConfig = field(default_factory=CacheConfig)  # knobs shared by all methods
+    engine: EngineConfig = field(default_factory=EngineConfig)
     seed: int = 0
-    decode_mode: str = "auto"  # EngineConfig.decode_mode: auto = CUDA graphs on CUDA
     # "model" prefills every prompt; "synthetic" stores generated K/V instead (bench/synthetic.py),
     # so long-context decode can be measured without minutes of prefill per sequence.
     prefill: str = "model"
@@ -68,11 +70,10 @@ class BenchConfig:
             arch_config(self.arch)
         if not self.contexts or min(self.contexts) < 1:
             raise ConfigError("contexts must be positive token counts, e.g. --contexts 32768,65536")
-        if not self.methods:
+        if not self.caches:
             raise ConfigError("name at least one method, e.g. --methods dense,shadowkv")
-        for m in self.methods:
-            if m not in CACHE_METHODS:
-                raise ConfigError(f"unknown method {m!r}; choose from {', '.join(CACHE_METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"each method once, got {', '.join(self.methods)}")
         if self.batches and min(self.batches) < 1:
             raise ConfigError("batch sizes must be >= 1 (or 'auto')")
         if self.decode_steps < 1:
@@ -86,10 +87,10 @@ class BenchConfig:
             )
         if self.prefill not in ("model", "synthetic"):
             raise ConfigError(f"prefill must be 'model' or 'synthetic', got {self.prefill!r}")
-        # validates dtype and decode_mode
-        EngineConfig(
-            dtype=self.dtype, cache_memory_gb=self.cache_memory_gb, decode_mode=self.decode_mode
-        )
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(c.method for c in self.caches)
 
     @property
     def torch_device(self) -> torch.device:
@@ -126,27 +127,25 @@ def run_throughput(
         raise ConfigError(
             "device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu"
         )
-    dtype = pick_dtype(cfg.dtype, device)
+    dtype = pick_dtype(cfg.engine.dtype, device)
     model_cfg, model, weights = load_model(cfg, device, dtype)
     if cfg.max_model_len > model_cfg.max_position_embeddings:
         say(
             f"note: contexts reach {cfg.max_model_len} tokens, past the model's "
             f"{model_cfg.max_position_embeddings}-token window (fine for speed, not for quality)"
         )
-    engine_cfg = EngineConfig(
+    engine_cfg = replace(
+        cfg.engine,
         max_num_seqs=cfg.max_batch,
         max_model_len=cfg.max_model_len,
-        cache_memory_gb=cfg.cache_memory_gb,
-        dtype=cfg.dtype,
         # Whole-prompt prefills, the paper's protocol; slicing trades throughput for the decode
         # latency of running requests (benchmarks/prefill_stall.py measures that).
         prefill_slice_tokens=None,
-        decode_mode=cfg.decode_mode,
     )
+    caches = dict(zip(cfg.methods, cfg.caches))
 
     def engine_for(method: str) -> Engine:
-        cache_cfg = replace(cfg.cache, method=method)
-        return build_engine(model, model_cfg, cache_cfg, engine_cfg, device, dtype)
+        return build_engine(model, model_cfg, caches[method], engine_cfg, device, dtype)
 
     bandwidth = copy_bandwidth(device)
     say(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
@@ -188,7 +187,9 @@ def run_throughput(
                     row = {"method": method, "batch_kind": kind, "max_batch": own,
                            "hit_rate_driven": drive}
                     if method == "shadowkv":
-                        engine.cache.drive_hit_rate = drive  # type: ignore[attr-defined]
+                        engine.cache.set_selection(  # type: ignore[attr-defined]
+                            LandmarkSelection() if drive is None else DrivenSelection(drive)
+                        )
                     try:
                         result = timed_run(
                             engine, context, batch, cfg.decode_steps, cfg.seed, cfg.prefill
@@ -278,6 +279,7 @@ def _meta(
         else platform.processor() or "cpu"
     )
     config = asdict(cfg)
+    config["caches"] = [{"method": c.method, **asdict(c)} for c in cfg.caches]
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join(sys.argv),

@@ -1,8 +1,13 @@
 """The per-layer attention-cache interface every method implements.
 
 The model calls ``prefill`` / ``decode`` once per layer; the engine calls the lifecycle methods
-(``add_sequence``, ``begin_*``, ``free_sequence``) once per step. A cache never knows which model
-it serves, and the model never knows which method is in use.
+(``add_sequence``, ``begin_*``, ``free_sequence``) once per step. A cache is told what it serves
+by a ``KVLayout`` (``cache/layout.py``) and never sees a model config; the model never knows which
+method is in use.
+
+Admission and free happen here, once for every method: a method says what a sequence needs
+(``plan_admission``: pages from which of its ``PageAllocator``s), the base checks, takes them all
+or none, and keeps them in the sequence's one ``SeqRecord``; freeing returns them.
 
 Shapes: ``T`` prompt tokens, ``B`` decoding sequences, ``H`` query heads, ``Hkv`` KV heads,
 ``D`` head dim.
@@ -11,23 +16,27 @@ Shapes: ``T`` prompt tokens, ``B`` decoding sequences, ``H`` query heads, ``Hkv`
 from __future__ import annotations
 
 import contextlib
-import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from shadowkv.config import CacheConfig, ConfigError, ModelConfig
-from shadowkv.models.rope import RotaryEmbedding
+from shadowkv.cache.errors import CacheCapacityError, CacheOptionsError
+from shadowkv.cache.layout import KVLayout
+from shadowkv.cache.methods import CacheConfig
+from shadowkv.cache.pages import PageAllocator
 
-
-class CacheCapacityError(RuntimeError):
-    """A sequence cannot be admitted: the cache pools are too small for it."""
-
-
-class CacheOptionsError(ConfigError):
-    """A request's cache options do not apply to the engine's cache method."""
+__all__ = [
+    "Admission",
+    "AttentionCache",
+    "CacheCapacityError",
+    "CacheMemory",
+    "CacheOptions",
+    "CacheOptionsError",
+    "SeqRecord",
+]
 
 
 @dataclass(frozen=True)
@@ -81,31 +90,61 @@ class CacheMemory:
         }
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What admitting one sequence takes: ``needs`` pages from each named allocator (taken in
+    this order), ``problem`` a reason it cannot fit that is not a page count, and ``detail`` the
+    method's own plan for the sequence (ShadowKV: its row layout and value tier)."""
+
+    needs: tuple[tuple[str, int], ...]
+    detail: Any = None
+    problem: str | None = None
+
+
+@dataclass
+class SeqRecord:
+    """Everything a cache holds for one sequence: its slot row (index into per-sequence tables),
+    its sizes and options, tokens cached so far, and the pages it holds per allocator."""
+
+    seq_id: int
+    row: int
+    prompt_len: int
+    max_new_tokens: int
+    options: CacheOptions
+    pages: dict[str, list[int]] = field(default_factory=dict)
+    length: int = 0  # tokens cached (prompt + generated)
+
+
 class AttentionCache(ABC):
-    """Base class: holds shapes and the lifecycle bookkeeping shared by all methods."""
+    """Base class: shapes, the sequence records, and admission / free for every method."""
 
     def __init__(
         self,
-        model: ModelConfig,
         cfg: CacheConfig,
-        rope: RotaryEmbedding,
+        layout: KVLayout,
         device: torch.device,
-        dtype: torch.dtype,
         max_num_seqs: int,
         max_model_len: int,
     ) -> None:
-        self.model = model
         self.cfg = cfg
-        self.rope = rope
+        self.layout = layout
         self.device = device
-        self.dtype = dtype
+        self.dtype = layout.dtype
+        self.num_layers = layout.num_layers
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
-        self.scale = 1.0 / math.sqrt(model.head_dim)
-        self.lengths: dict[int, int] = {}  # seq id -> tokens cached so far (prompt + generated)
-        self.options: dict[int, CacheOptions] = {}  # seq id -> its request's cache options
+        self.scale = layout.spec.scale
+        self.seqs: dict[int, SeqRecord] = {}
+        self.allocators: dict[str, PageAllocator] = {}  # every pool a sequence draws pages from
+        # Slot rows of per-sequence tables; row ``pad_row`` belongs to padding entries of
+        # fixed-shape steps.
+        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
+        self.pad_row = max_num_seqs
+        # Bumped when something a captured decode step bakes in changes (ShadowKV's selection
+        # policy): the decode runner then drops its CUDA graphs.
+        self.step_epoch = 0
 
-    # lifecycle -------------------------------------------------------------------------------
+    # admission ---------------------------------------------------------------------------------
     def check_options(self, options: CacheOptions) -> None:
         """Raise ``CacheOptionsError`` when this method cannot honour ``options``."""
 
@@ -118,13 +157,39 @@ class AttentionCache(ABC):
         """The cache settings one sequence runs with: the engine's, with its budget override."""
         if options is None or options.sparse_budget is None:
             return self.cfg
-        return replace(self.cfg, sparse_budget=options.sparse_budget)
+        return replace(self.cfg, sparse_budget=options.sparse_budget)  # type: ignore[call-arg]
+
+    def new_tokens(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Generated tokens a sequence gets room for: what it asks, within the context."""
+        return max(0, min(max_new_tokens, self.max_model_len - prompt_len))
 
     @abstractmethod
+    def plan_admission(
+        self, prompt_len: int, max_new_tokens: int, options: CacheOptions
+    ) -> Admission:
+        """What a sequence of this size needs (``max_new_tokens`` already within the context).
+        Reads the pools' current state only to choose among them (ShadowKV's value tiers)."""
+
+    def _problem(self, prompt_len: int, adm: Admission) -> str | None:
+        if prompt_len > self.max_model_len:
+            return f"the prompt has {prompt_len} tokens, more than max_model_len={self.max_model_len}"
+        if not self._free_rows:
+            return f"all {self.max_num_seqs} sequence slots are in use"
+        for name, num in adm.needs:
+            why = self.allocators[name].shortfall(num)
+            if why is not None:
+                return why
+        return adm.problem
+
+    def _plan(self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None) -> Admission:
+        new = self.new_tokens(prompt_len, max_new_tokens)
+        return self.plan_admission(prompt_len, new, options or CacheOptions())
+
     def can_add(
         self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None
     ) -> bool:
         """Whether a sequence of this worst-case size fits now."""
+        return self._problem(prompt_len, self._plan(prompt_len, max_new_tokens, options)) is None
 
     def fits_empty(
         self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None
@@ -136,23 +201,69 @@ class AttentionCache(ABC):
         """
         return True
 
-    @abstractmethod
     def add_sequence(
         self, seq_id: int, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None
     ) -> None:
-        """Reserve room for a sequence; raises ``CacheCapacityError`` when it cannot fit."""
+        """Reserve room for a sequence's worst case; raises ``CacheCapacityError`` when it cannot
+        fit (then nothing is held)."""
+        options = options or CacheOptions()
+        adm = self._plan(prompt_len, max_new_tokens, options)
+        why = self._problem(prompt_len, adm)
+        if why is not None:
+            raise CacheCapacityError(why)
+        self.prepare(adm)
+        held: dict[str, list[int]] = {}
+        try:
+            for name, num in adm.needs:
+                held[name] = self.allocators[name].alloc(num)
+        except CacheCapacityError:
+            for name, pages in held.items():
+                self.allocators[name].release(pages)
+            raise
+        new = self.new_tokens(prompt_len, max_new_tokens)
+        rec = self.new_record(seq_id, self._free_rows.pop(), prompt_len, new, options, adm)
+        rec.pages = held
+        self.seqs[seq_id] = rec
+        self.on_admit(rec)
 
-    @abstractmethod
+    def prepare(self, adm: Admission) -> None:
+        """Before pages are taken: allocate memory a pool holds lazily (may raise)."""
+
+    def new_record(
+        self, seq_id: int, row: int, prompt_len: int, max_new_tokens: int,
+        options: CacheOptions, adm: Admission,
+    ) -> SeqRecord:
+        """The record of an admitted sequence (methods with more per-sequence state extend it)."""
+        return SeqRecord(seq_id, row, prompt_len, max_new_tokens, options)
+
+    def on_admit(self, rec: SeqRecord) -> None:
+        """Fill the per-sequence tables of a newly admitted sequence."""
+
     def free_sequence(self, seq_id: int) -> None:
-        """Return a sequence's memory to the pools."""
+        """Return a sequence's memory to the pools (nothing when it is not admitted)."""
+        rec = self.seqs.pop(seq_id, None)
+        if rec is None:
+            return
+        self.on_free(rec)
+        for name, pages in rec.pages.items():
+            self.allocators[name].release(pages)
+        self._free_rows.append(rec.row)
 
+    def on_free(self, rec: SeqRecord) -> None:
+        """Clear the per-sequence tables of a sequence being freed."""
+
+    def length(self, seq_id: int) -> int:
+        """Tokens cached for a sequence (prompt + generated)."""
+        return self.seqs[seq_id].length
+
+    # steps -------------------------------------------------------------------------------------
     def begin_prefill(self, seq_id: int, num_tokens: int) -> None:
         """Plan a prefill of ``num_tokens`` prompt tokens for one sequence."""
         self._prefill_seq = seq_id
         self._prefill_len = num_tokens
 
     def end_prefill(self) -> None:
-        self.lengths[self._prefill_seq] = self._prefill_len
+        self.seqs[self._prefill_seq].length = self._prefill_len
 
     # A decode step is planned in two halves. On the host, ``decode_columns`` turns the step's
     # sequences into per-sequence integers and ``decode_widths`` into the plan's sizes; on the
@@ -194,7 +305,7 @@ class AttentionCache(ABC):
 
     def end_decode(self) -> None:
         for s in self._decode_seqs:
-            self.lengths[s] += 1
+            self.seqs[s].length += 1
 
     # per layer -------------------------------------------------------------------------------
     def prefill(
@@ -225,14 +336,29 @@ class AttentionCache(ABC):
         """Append one token per sequence and return attention ``[B, H, D]`` for it."""
 
     # accounting ------------------------------------------------------------------------------
-    @abstractmethod
     def memory(self, seq_id: int | None = None) -> CacheMemory:
-        """Bytes held for one sequence, or for all live sequences when ``seq_id`` is None."""
+        """Bytes held for one sequence, or for all live sequences when ``seq_id`` is None: the
+        pages it holds (device or host, by allocator), its fixed per-sequence state, and what a
+        dense cache of its tokens would take."""
+        ids = [seq_id] if seq_id is not None else list(self.seqs)
+        total = CacheMemory()
+        for s in ids:
+            rec = self.seqs.get(s)
+            if rec is None:
+                continue
+            device, host = self.fixed_bytes(rec), 0
+            for name, pages in rec.pages.items():
+                alloc = self.allocators[name]
+                if alloc.on_host:
+                    host += len(pages) * alloc.page_bytes
+                else:
+                    device += len(pages) * alloc.page_bytes
+            total = total + CacheMemory(device, host, self.layout.dense_bytes(rec.length))
+        return total
 
-    def dense_bytes(self, num_tokens: int) -> int:
-        """What a full KV cache of ``num_tokens`` takes in this dtype over all layers."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.model.num_layers * num_tokens * self.model.kv_dim * elem
+    def fixed_bytes(self, rec: SeqRecord) -> int:
+        """Device bytes a sequence holds outside page pools (per-slot state)."""
+        return 0
 
 
 def bucket(n: int, cap: int) -> int:

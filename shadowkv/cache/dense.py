@@ -5,90 +5,76 @@ from __future__ import annotations
 import torch
 
 from shadowkv.cache.base import (
+    Admission,
     AttentionCache,
-    CacheCapacityError,
-    CacheMemory,
     CacheOptions,
     CacheOptionsError,
+    SeqRecord,
     bucket,
 )
-from shadowkv.config import CacheConfig, ModelConfig
+from shadowkv.cache.layout import KVLayout
+from shadowkv.cache.methods import CacheConfig
+from shadowkv.cache.pages import PageAllocator
 from shadowkv.kernels.decode_attention import decode_attention
-from shadowkv.models.rope import RotaryEmbedding
 
-
-class BlockPool:
-    """A free list of fixed-size blocks; sequences reserve their worst case at admission."""
-
-    def __init__(self, num_blocks: int, block_size: int) -> None:
-        self.block_size = block_size
-        self.num_blocks = num_blocks
-        self.free: list[int] = list(range(num_blocks - 1, -1, -1))
-        self.owned: dict[int, list[int]] = {}
-
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
-    def can_reserve(self, num_tokens: int) -> bool:
-        return self.blocks_for(num_tokens) <= len(self.free)
-
-    def reserve(self, seq_id: int, num_tokens: int) -> list[int]:
-        need = self.blocks_for(num_tokens)
-        if need > len(self.free):
-            raise CacheCapacityError(
-                f"needs {need} cache blocks of {self.block_size} tokens, {len(self.free)} free of "
-                f"{self.num_blocks}; lower max_new_tokens, wait for running requests, or give "
-                "the cache more memory (EngineConfig.cache_memory_gb)"
-            )
-        self.owned[seq_id] = [self.free.pop() for _ in range(need)]
-        return self.owned[seq_id]
-
-    def release(self, seq_id: int) -> None:
-        self.free.extend(reversed(self.owned.pop(seq_id, [])))
+BLOCKS = "blocks"  # the allocator of K/V blocks
 
 
 class DenseCache(AttentionCache):
-    """Exact K/V for every token, paged: pool ``[num_blocks, S, Hkv, D]`` per layer."""
+    """Exact K/V for every token, paged: pool ``[num_blocks, S, Hkv, D]`` per layer.
+
+    A sequence reserves its worst case (prompt + max new tokens) at admission, so it can never
+    run out mid-decode.
+    """
 
     def __init__(
         self,
-        model: ModelConfig,
         cfg: CacheConfig,
-        rope: RotaryEmbedding,
+        layout: KVLayout,
         device: torch.device,
-        dtype: torch.dtype,
         max_num_seqs: int,
         max_model_len: int,
-        num_blocks: int,
+        memory_bytes: int,
     ) -> None:
-        super().__init__(model, cfg, rope, device, dtype, max_num_seqs, max_model_len)
+        super().__init__(cfg, layout, device, max_num_seqs, max_model_len)
         S = cfg.page_size
-        self.pool = BlockPool(num_blocks, S)
+        per_block = self.block_bytes()
+        num_blocks = max(1, memory_bytes // per_block - 1)  # one block is the padding scratch
+        fix = (
+            "lower max_new_tokens, wait for running requests, or give the cache more memory "
+            "(EngineConfig.cache_memory_gb)"
+        )
+        self.blocks = PageAllocator(
+            "cache blocks", num_blocks, f"{S} tokens", fix, per_block, null_page=False
+        )
+        self.allocators[BLOCKS] = self.blocks
+        self.block_size = S
         # One block past the pool is scratch: padding entries of fixed-shape steps write there.
-        self.k_cache = [self._pool(num_blocks + 1, device, dtype) for _ in range(model.num_layers)]
-        self.v_cache = [self._pool(num_blocks + 1, device, dtype) for _ in range(model.num_layers)]
-        self.max_blocks = self.pool.blocks_for(max_model_len)
+        L = layout.num_layers
+        self.k_cache = [self._pool(num_blocks + 1) for _ in range(L)]
+        self.v_cache = [self._pool(num_blocks + 1) for _ in range(L)]
+        self.max_blocks = self.blocks_for(max_model_len)
         # Per-sequence block tables live on the device so a decode step only indexes them; the
         # last row is the padding entries', pointing at the scratch block.
         self.block_tables = torch.zeros(
             max_num_seqs + 1, self.max_blocks, dtype=torch.int32, device=device
         )
-        self.pad_row = max_num_seqs
         self.block_tables[self.pad_row] = num_blocks
-        self.rows: dict[int, int] = {}  # seq id -> row in block_tables
-        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
 
-    def _pool(self, num_blocks: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def _pool(self, num_blocks: int) -> torch.Tensor:
         """One layer's pool, seen as ``[num_blocks, S, Hkv, D]`` but stored head-major
         ``[Hkv, num_blocks, S, D]``: a head's rows of consecutive blocks are contiguous, so
         attention reads each head's K/V in place instead of striding over the other heads."""
-        Hkv, D, S = self.model.num_kv_heads, self.model.head_dim, self.cfg.page_size
-        return torch.empty(Hkv, num_blocks, S, D, device=device, dtype=dtype).permute(1, 2, 0, 3)
+        Hkv, D, S = self.layout.num_kv_heads, self.layout.head_dim, self.cfg.page_size
+        t = torch.empty(Hkv, num_blocks, S, D, device=self.device, dtype=self.dtype)
+        return t.permute(1, 2, 0, 3)
 
-    @staticmethod
-    def bytes_per_block(model: ModelConfig, cfg: CacheConfig, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * model.num_layers * cfg.page_size * model.kv_dim * elem
+    def block_bytes(self) -> int:
+        """Device bytes of one block over all layers (K and V, plus any per-block metadata)."""
+        return 2 * self.num_layers * self.cfg.page_size * self.layout.kv_dim * self.layout.elem_size
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
 
     def check_options(self, options: CacheOptions) -> None:
         if options.sparse_budget is not None:
@@ -97,39 +83,26 @@ class DenseCache(AttentionCache):
                 "which attends every token (start it with a sparse method, e.g. --cache shadowkv)"
             )
 
-    def can_add(self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None) -> bool:
-        return bool(self._free_rows) and self.pool.can_reserve(prompt_len + max_new_tokens)
+    def plan_admission(
+        self, prompt_len: int, max_new_tokens: int, options: CacheOptions
+    ) -> Admission:
+        return Admission(((BLOCKS, self.blocks_for(prompt_len + max_new_tokens)),))
 
-    def fits_empty(self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None) -> bool:
+    def fits_empty(
+        self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None
+    ) -> bool:
         total = min(prompt_len + max_new_tokens, self.max_model_len)
-        return self.pool.blocks_for(total) <= self.pool.num_blocks
+        return self.blocks_for(total) <= self.blocks.capacity
 
-    def add_sequence(
-        self, seq_id: int, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None
-    ) -> None:
-        if not self._free_rows:
-            raise CacheCapacityError(f"all {self.max_num_seqs} sequence slots are in use")
-        total = min(prompt_len + max_new_tokens, self.max_model_len)
-        blocks = self.pool.reserve(seq_id, total)
-        row = self._free_rows.pop()
-        self.rows[seq_id] = row
-        self.block_tables[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        self.lengths[seq_id] = 0
-        self.options[seq_id] = options or CacheOptions()
-
-    def free_sequence(self, seq_id: int) -> None:
-        if seq_id not in self.rows:
-            return
-        self.pool.release(seq_id)
-        self._free_rows.append(self.rows.pop(seq_id))
-        self.lengths.pop(seq_id, None)
-        self.options.pop(seq_id, None)
+    def on_admit(self, rec: SeqRecord) -> None:
+        blocks = rec.pages[BLOCKS]
+        self.block_tables[rec.row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
 
     def _slots(self, seq_id: int, start: int, end: int) -> torch.Tensor:
         """Flat pool rows (block * S + offset) of token positions [start, end)."""
-        S = self.pool.block_size
+        S = self.block_size
         pos = torch.arange(start, end, device=self.device)
-        table = self.block_tables[self.rows[seq_id]].long()
+        table = self.block_tables[self.seqs[seq_id].row].long()
         return table[pos // S] * S + pos % S
 
     def begin_prefill(self, seq_id: int, num_tokens: int) -> None:
@@ -139,7 +112,8 @@ class DenseCache(AttentionCache):
     supports_static_decode = True
 
     def decode_columns(self, seq_ids: list[int]) -> dict[str, list[int]]:
-        return {"rows": [self.rows[s] for s in seq_ids], "pos": [self.lengths[s] for s in seq_ids]}
+        recs = [self.seqs[s] for s in seq_ids]
+        return {"rows": [r.row for r in recs], "pos": [r.length for r in recs]}
 
     def pad_columns(self) -> dict[str, int]:
         return {"rows": self.pad_row, "pos": 0}
@@ -147,12 +121,13 @@ class DenseCache(AttentionCache):
     def decode_widths(self, seq_ids: list[int], static: bool) -> int:
         """Block-table columns: the longest sequence's blocks (static: its reserved blocks, as a
         power of two, so the width holds while the batch does)."""
+        recs = [self.seqs[s] for s in seq_ids]
         if not static:
-            return max(self.pool.blocks_for(self.lengths[s] + 1) for s in seq_ids)
-        return bucket(max(len(self.pool.owned[s]) for s in seq_ids), self.max_blocks)
+            return max(self.blocks_for(r.length + 1) for r in recs)
+        return bucket(max(len(r.pages[BLOCKS]) for r in recs), self.max_blocks)
 
     def plan_decode(self, cols: dict[str, torch.Tensor], widths: int) -> None:
-        S = self.pool.block_size
+        S = self.block_size
         rows, pos = cols["rows"], cols["pos"]
         self._tables = self.block_tables[rows, :widths]  # [B, widths]
         self._seq_lens = (pos + 1).to(torch.int32)
@@ -162,22 +137,19 @@ class DenseCache(AttentionCache):
         )
 
     def _write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        Hkv, D = self.model.num_kv_heads, self.model.head_dim
+        Hkv, D = self.layout.num_kv_heads, self.layout.head_dim
         self.k_cache[layer].view(-1, Hkv, D)[slots] = k.to(self.dtype)
         self.v_cache[layer].view(-1, Hkv, D)[slots] = v.to(self.dtype)
 
-    def store_prompt(self, layer, k, v, k_pre):
+    def store_prompt(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
+    ) -> None:
         self._write(layer, self._prefill_slots, k, v)
 
-    def decode(self, layer, q, k, v, k_pre):
+    def decode(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
+    ) -> torch.Tensor:
         self._write(layer, self._decode_slots, k, v)
         return decode_attention(
             q, self.k_cache[layer], self.v_cache[layer], self._tables, self._seq_lens, self.scale
         )
-
-    def memory(self, seq_id: int | None = None) -> CacheMemory:
-        ids = [seq_id] if seq_id is not None else list(self.rows)
-        block_bytes = self.bytes_per_block(self.model, self.cfg, self.dtype)
-        used = sum(len(self.pool.owned.get(s, [])) for s in ids) * block_bytes
-        dense = sum(self.dense_bytes(self.lengths.get(s, 0)) for s in ids)
-        return CacheMemory(device_bytes=used, host_bytes=0, dense_bytes=dense)

@@ -16,12 +16,12 @@ import math
 import torch
 
 from shadowkv.cache.sparse_base import SparseCache
-from shadowkv.config import CacheConfig, ModelConfig
+from shadowkv.cache.methods import LokiConfig
 
 
-def loki_rank(model: ModelConfig, cfg: CacheConfig) -> int:
+def loki_rank(head_dim: int, cfg: LokiConfig) -> int:
     """Dimensions kept per head for scoring."""
-    return max(1, math.ceil(cfg.loki_rank * model.head_dim))
+    return max(1, math.ceil(cfg.loki_rank * head_dim))
 
 
 def principal_basis(k: torch.Tensor, rank: int) -> torch.Tensor:
@@ -37,31 +37,29 @@ class LokiCache(SparseCache):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.rank = loki_rank(self.model, self.cfg)
-        Hkv, D = self.model.num_kv_heads, self.model.head_dim
-        shape = (self.pool.num_blocks, self.pool.block_size, Hkv, self.rank)
-        layers = range(self.model.num_layers)
+        self.rank = loki_rank(self.layout.head_dim, self.cfg)
+        Hkv, D = self.layout.num_kv_heads, self.layout.head_dim
+        shape = (self.blocks.num_pages, self.block_size, Hkv, self.rank)
+        layers = range(self.num_layers)
         self.k_low = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in layers]
         basis = (self.max_num_seqs, Hkv, D, self.rank)
         self.basis = [torch.zeros(basis, device=self.device) for _ in layers]
 
-    @staticmethod
-    def metadata_bytes_per_block(model: ModelConfig, cfg: CacheConfig, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        per_token = model.num_kv_heads * loki_rank(model, cfg) * elem
-        return model.num_layers * cfg.page_size * per_token
+    def metadata_bytes_per_block(self) -> int:
+        per_token = self.layout.num_kv_heads * loki_rank(self.layout.head_dim, self.cfg)
+        return self.num_layers * self.cfg.page_size * per_token * self.layout.elem_size
 
     def summarise(self, layer: int, k: torch.Tensor) -> None:
-        row = self.rows[self._prefill_seq]
+        row = self.seqs[self._prefill_seq].row
         basis = principal_basis(k, self.rank)  # [Hkv, D, r]
         self.basis[layer][row] = basis
         low = torch.einsum("thd,hdr->thr", k.float(), basis)
-        Hkv = self.model.num_kv_heads
+        Hkv = self.layout.num_kv_heads
         self.k_low[layer].view(-1, Hkv, self.rank)[self._prefill_slots] = low.to(self.dtype)
 
     def select(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, H, D = q.shape
-        Hkv, G = self.model.num_kv_heads, H // self.model.num_kv_heads
+        Hkv, G = self.layout.num_kv_heads, H // self.layout.num_kv_heads
         basis = self.basis[layer][self._seq_rows]  # [B, Hkv, D, r]
         q_low = torch.einsum("bhgd,bhdr->bhgr", q.float().view(B, Hkv, G, D), basis)
         k_low = self.gather_prefix(self.k_low[layer], self._max_selectable).float()  # [B,N,Hkv,r]

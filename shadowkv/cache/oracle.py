@@ -19,7 +19,7 @@ class OracleCache(SparseCache):
 
     def select(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, H, D = q.shape
-        Hkv, G = self.model.num_kv_heads, H // self.model.num_kv_heads
+        Hkv, G = self.layout.num_kv_heads, H // self.layout.num_kv_heads
         k = self.gather_prefix(self.k_cache[layer], self._max_selectable).float()  # [B, N, Hkv, D]
         scores = torch.einsum("bhgd,bnhd->bhgn", q.float().view(B, Hkv, G, D), k) * self.scale
         mask = self.selectable_mask(self._max_selectable)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from shadowkv.cache.sparse_base import SparseCache
-from shadowkv.config import CacheConfig, ModelConfig
 
 
 class QuestCache(SparseCache):
@@ -25,15 +24,13 @@ class QuestCache(SparseCache):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.unit = self.cfg.page_size
-        shape = (self.pool.num_blocks, self.model.num_kv_heads, self.model.head_dim)
-        layers = range(self.model.num_layers)
+        shape = (self.blocks.num_pages, self.layout.num_kv_heads, self.layout.head_dim)
+        layers = range(self.num_layers)
         self.page_min = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in layers]
         self.page_max = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in layers]
 
-    @staticmethod
-    def metadata_bytes_per_block(model: ModelConfig, cfg: CacheConfig, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * model.num_layers * model.kv_dim * elem
+    def metadata_bytes_per_block(self) -> int:
+        return 2 * self.num_layers * self.layout.kv_dim * self.layout.elem_size
 
     def summarise(self, layer: int, k: torch.Tensor) -> None:
         T, Hkv, D = k.shape
@@ -43,7 +40,7 @@ class QuestCache(SparseCache):
         # Padding rows must not widen the bounds: +inf for the min, -inf for the max.
         lo = torch.cat([k, k.new_full((pad, Hkv, D), float("inf"))]).view(num_pages, S, Hkv, D)
         hi = torch.cat([k, k.new_full((pad, Hkv, D), float("-inf"))]).view(num_pages, S, Hkv, D)
-        blocks = self.block_tables[self.rows[self._prefill_seq], :num_pages].long()
+        blocks = self.block_tables[self.seqs[self._prefill_seq].row, :num_pages].long()
         self.page_min[layer][blocks] = lo.amin(dim=1)
         self.page_max[layer][blocks] = hi.amax(dim=1)
 
@@ -54,7 +51,7 @@ class QuestCache(SparseCache):
         lo = self.page_min[layer][blocks].float()  # [B, N, Hkv, D]
         hi = self.page_max[layer][blocks].float()
         B, H, D = q.shape
-        Hkv = self.model.num_kv_heads
+        Hkv = self.layout.num_kv_heads
         qf = q.float().view(B, Hkv, H // Hkv, 1, D)
         lo = lo.permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, N, D]
         hi = hi.permute(0, 2, 1, 3)[:, :, None]
@@ -64,7 +61,7 @@ class QuestCache(SparseCache):
     def select(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bound = self.page_scores(layer, q)
         B, H, N = bound.shape
-        Hkv = self.model.num_kv_heads
+        Hkv = self.layout.num_kv_heads
         grouped = bound.view(B, Hkv, H // Hkv, N).amax(dim=2)
         mask = self.selectable_mask(N, self.unit)
         return self.top_units(grouped.masked_fill(~mask[:, None, :], float("-inf")))

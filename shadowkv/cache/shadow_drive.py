@@ -1,21 +1,62 @@
-"""Benchmark control: drive ShadowKV's chunk selection to a chosen hit rate.
+"""How ShadowKV scores chunks at a decode step: by landmarks (the method), or driven to a chosen
+hit rate (a benchmark control).
 
 A decode step's cost hangs on its hit rate (the share of selected chunks already in the buffer
 from the previous step): every miss rebuilds a chunk's keys and fetches its values over PCIe.
 Real models keep 60-80 % of their chunks from one step to the next (measured here on SmolLM2 and
 Qwen2.5: 0.58-0.77; the paper: over 60 %), but a model with random weights, the only kind the
-GPU benchmarks can run, asks for nearly unrelated chunks at every step. ``driven_scores``
+GPU benchmarks can run, asks for nearly unrelated chunks at every step. ``DrivenSelection``
 replaces the landmark scores with ones that keep a ``hit_rate`` share of each sequence's previous
 chunks and pick the rest at random, so the selection, rebuild, fetch and attention kernels do
 the work of that hit rate. Attention then runs over chunks the query did not choose: decode
 outputs are meaningless (as they are with random weights); speed is what it measures.
+
+The policy is an object the cache holds (``ShadowKVCache.set_selection``), not a branch of the
+step: swapping it bumps the cache's ``step_epoch``, so captured CUDA graphs of the old policy are
+dropped (``engine/decode_runner.py``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 
 from shadowkv.cache.shadow_tables import SparsePlan
+from shadowkv.kernels.score_landmarks import score_landmarks
+
+if TYPE_CHECKING:
+    from shadowkv.cache.shadow import ShadowKVCache
+
+
+class LandmarkSelection:
+    """The method: ``softmax(q . landmarks * scale)`` per query head, max over the GQA group."""
+
+    hit_rate: float | None = None
+
+    def scores(
+        self, cache: ShadowKVCache, layer: int, q: torch.Tensor, sp: SparsePlan, prev: torch.Tensor
+    ) -> torch.Tensor:
+        return score_landmarks(
+            q, cache.landmarks[layer], sp.landmark_tables, sp.num_landmarks, cache.scale
+        )
+
+
+@dataclass(frozen=True)
+class DrivenSelection:
+    """Benchmarks only: keep ``hit_rate`` of each sequence's previous chunks, the rest random."""
+
+    hit_rate: float
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.hit_rate <= 1:
+            raise ValueError(f"hit_rate={self.hit_rate} must be in [0, 1]")
+
+    def scores(
+        self, cache: ShadowKVCache, layer: int, q: torch.Tensor, sp: SparsePlan, prev: torch.Tensor
+    ) -> torch.Tensor:
+        return driven_scores(cache.landmark_ids[layer], sp, prev, self.hit_rate)
 
 KEPT, DROPPED = 2.0, -1.0  # fresh candidates score in [0, 1): kept chunks above, dropped below
 

@@ -10,13 +10,37 @@ from dataclasses import dataclass
 
 import torch
 
-from shadowkv.cache.base import CacheCapacityError, bucket
+from shadowkv.cache.base import CacheCapacityError, SeqRecord, bucket
 from shadowkv.cache.shadow_layout import PAGE_CHUNKS, SeqLayout, cdiv
+
+FACTOR, BLOCKS, BASIS = "factor", "blocks", "basis"  # allocator names (values: VALUE_POOLS)
+VALUE_POOLS = ("host values", "device values")  # by tier index
+
+
+@dataclass
+class ShadowSeq(SeqRecord):
+    """A ShadowKV sequence: its rows (``layout``), the value tier its values live in, the slot
+    of its key basis ``W^T`` (its prompt's segment; ``pad_row`` when it runs dense), and whether
+    its selection slots hold a previous step's chunks (``primed``)."""
+
+    layout: SeqLayout | None = None
+    value_tier: int = 0
+    basis: int = 0
+    primed: bool = False
+
+    @property
+    def lay(self) -> SeqLayout:
+        assert self.layout is not None
+        return self.layout
+
+    @property
+    def value_pages(self) -> list[int]:
+        return self.pages.get(VALUE_POOLS[self.value_tier], [])
 
 
 @dataclass(frozen=True)
 class PrefillPlan:
-    row: int
+    basis: int  # the w_t row its factorisation goes to
     layout: SeqLayout
     exact_rows: torch.Tensor  # [E] buffer rows of the exact tokens (all T when dense)
     factor_rows: torch.Tensor  # [T] rows of the factor pages (empty when dense)
@@ -37,12 +61,12 @@ class SparsePlan:
     # (tier, [B] bool: the sequences whose values it holds, or None for all of them) per tier
     # that holds a sparse sequence of the step: decode gathers once per entry.
     value_groups: tuple[tuple[int, torch.Tensor | None], ...]
-    drive_hit_rate: float | None = None  # benchmarks: selection driven to this hit rate
 
 
 @dataclass(frozen=True)
 class DecodePlan:
     rows: torch.Tensor  # [B] sequence slots
+    basis: torch.Tensor  # [B] w_t rows of their key bases
     buf_tables: torch.Tensor  # [B, max blocks] int32
     seq_lens: torch.Tensor  # [B] int32 buffer rows to attend, the new token included
     gen_rows: torch.Tensor  # [B] int64 buffer row of the new token
@@ -64,9 +88,6 @@ class StepWidths:
     store: int = 0
     select: int = 0
     tiers: tuple[int, ...] = ()
-    # Benchmarks: the selection is driven to this hit rate (shadow_drive.py). Part of the key so
-    # a captured step never replays another setting.
-    drive_hit_rate: float | None = None
 
     @property
     def sparse(self) -> bool:
@@ -74,7 +95,8 @@ class StepWidths:
 
 
 class SequenceTables:
-    """Sequence slots, their layouts, and device page tables (factor, value-store, buffer).
+    """Device page tables of the sequence slots (factor, value-store, buffer) and the step plans
+    built from them and the sequences' records.
 
     Value-store page numbers index the arena of the sequence's tier (``value_tier``). Row
     ``pad_row`` (past the ``max_num_seqs`` slots) belongs to the padding entries of fixed-shape
@@ -104,112 +126,84 @@ class SequenceTables:
         self.max_select = max_select  # selection slots per KV head (the selection state's width)
         self.pad_row = max_num_seqs
         self.buffer[self.pad_row] = scratch_block
-        self.rows: dict[int, int] = {}
-        self.layouts: dict[int, SeqLayout] = {}
-        self.value_tier: dict[int, int] = {}
-        self.primed: set[int] = set()  # sequences whose slots hold a previous selection
-        self._free = list(range(max_num_seqs - 1, -1, -1))
 
-    @property
-    def has_free_row(self) -> bool:
-        return bool(self._free)
-
-    def admit(
-        self,
-        seq_id: int,
-        layout: SeqLayout,
-        factor_pages: list[int],
-        store_pages: list[int],
-        blocks: list[int],
-        value_tier: int,
-    ) -> int:
-        """Give a sequence a slot and fill its tables; returns the slot row."""
-        row = self._free.pop()
+    def admit(self, rec: ShadowSeq) -> None:
+        """Fill a newly admitted sequence's tables."""
         for t, pages in (
-            (self.factor, factor_pages),
-            (self.store, store_pages),
-            (self.buffer, blocks),
+            (self.factor, rec.pages.get(FACTOR, [])),
+            (self.store, rec.value_pages),
+            (self.buffer, rec.pages[BLOCKS]),
         ):
-            t[row, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        self.rows[seq_id], self.layouts[seq_id] = row, layout
-        self.value_tier[seq_id] = value_tier
-        return row
+            t[rec.row, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
 
-    def release(self, seq_id: int) -> None:
-        row = self.rows.pop(seq_id)
+    def release(self, row: int) -> None:
         for t in (self.factor, self.store, self.buffer):
             t[row] = 0
-        self._free.append(row)
-        self.layouts.pop(seq_id)
-        self.value_tier.pop(seq_id)
-        self.primed.discard(seq_id)
 
-    def buffer_rows(self, seq_id: int, start: int, end: int) -> torch.Tensor:
-        """Flat rows (``block * S + offset``) of a sequence's buffer rows ``[start, end)``."""
+    def buffer_rows(self, row: int, start: int, end: int) -> torch.Tensor:
+        """Flat rows (``block * S + offset``) of slot ``row``'s buffer rows ``[start, end)``."""
         S = self.block_rows
         pos = torch.arange(start, end, device=self.device)
-        return self.buffer[self.rows[seq_id]].long()[pos // S] * S + pos % S
+        return self.buffer[row].long()[pos // S] * S + pos % S
 
-    def plan_prefill(self, seq_id: int, store_pages: tuple[int, ...]) -> PrefillPlan:
-        """Index tensors of one sequence's prefill; ``store_pages`` are its value pages."""
-        lay, row = self.layouts[seq_id], self.rows[seq_id]
+    def plan_prefill(self, rec: ShadowSeq) -> PrefillPlan:
+        """Index tensors of one sequence's prefill."""
+        lay, row = rec.lay, rec.row
         P, dev = self.page_tokens, self.device
         exact_end = lay.prompt_len if lay.dense else lay.select_start
         table = self.factor[row].long()
         tok = torch.arange(0 if lay.dense else lay.prompt_len, device=dev)
         lm = torch.arange(lay.num_landmarks, device=dev)
         return PrefillPlan(
-            row,
+            rec.basis,
             lay,
-            exact_rows=self.buffer_rows(seq_id, 0, exact_end),
+            exact_rows=self.buffer_rows(row, 0, exact_end),
             factor_rows=table[tok // P] * P + tok % P,
             landmark_rows=table[lm // PAGE_CHUNKS] * PAGE_CHUNKS + lm % PAGE_CHUNKS,
-            store_pages=store_pages,
-            value_tier=self.value_tier[seq_id],
+            store_pages=tuple(rec.value_pages),
+            value_tier=rec.value_tier,
         )
 
-    def decode_columns(self, seq_ids: list[int], lengths: list[int]) -> dict[str, list[int]]:
-        """Per-sequence integers of one decode step; ``lengths`` are tokens cached before it."""
-        lays = [self.layouts[s] for s in seq_ids]
-        gen = [lay.gen_start + n - lay.prompt_len for lay, n in zip(lays, lengths)]
-        for s, lay, g in zip(seq_ids, lays, gen):
+    def decode_columns(self, recs: list[ShadowSeq]) -> dict[str, list[int]]:
+        """Per-sequence integers of one decode step (``rec.length``: tokens cached before it)."""
+        lays = [r.lay for r in recs]
+        gen = [lay.gen_start + r.length - lay.prompt_len for lay, r in zip(lays, recs)]
+        for r, lay, g in zip(recs, lays, gen):
             if g >= lay.buffer_rows:
                 raise CacheCapacityError(
-                    f"sequence {s} generates past the {lay.max_new_tokens} new tokens reserved "
-                    "at admission"
+                    f"sequence {r.seq_id} generates past the {lay.max_new_tokens} new tokens "
+                    "reserved at admission"
                 )
         return {
-            "rows": [self.rows[s] for s in seq_ids],
+            "rows": [r.row for r in recs],
+            "basis": [r.basis for r in recs],
             "gen": gen,
             "num_select": [lay.num_select for lay in lays],
             "select_start": [lay.select_start for lay in lays],
             "num_landmarks": [lay.num_landmarks for lay in lays],
-            "primed": [s in self.primed for s in seq_ids],
-            "tier": [self.value_tier[s] for s in seq_ids],
+            "primed": [r.primed for r in recs],
+            "tier": [r.value_tier for r in recs],
         }
 
     def pad_columns(self) -> dict[str, int]:
         """A padding entry: no prompt rows, nothing selected, its token in the scratch block."""
         cols = dict.fromkeys(("gen", "num_select", "select_start", "num_landmarks", "primed"), 0)
-        return {"rows": self.pad_row, **cols, "tier": 0}
+        return {"rows": self.pad_row, "basis": self.pad_row, **cols, "tier": 0}
 
     def decode_widths(
-        self,
-        seq_ids: list[int],
-        lengths: list[int],
-        static: bool,
-        tiers: tuple[int, ...],
-        drive_hit_rate: float | None = None,
+        self, recs: list[ShadowSeq], static: bool, tiers: tuple[int, ...]
     ) -> StepWidths:
         """Exact sizes of this batch's plan, or (``static``) sizes fixed for the batch's life:
         each a power of two at least as large, capped by its table; ``tiers`` are the store's
         tiers (a static step gathers from every tier, masked)."""
-        lays = [self.layouts[s] for s in seq_ids]
+        lays = [r.lay for r in recs]
         S, P = self.block_rows, self.page_tokens
         if static:
             buffer = bucket(max(cdiv(x.buffer_rows, S) for x in lays), self.buffer.shape[1])
         else:  # up to the new token's row
-            buffer = max(cdiv(x.gen_start + n - x.prompt_len + 1, S) for x, n in zip(lays, lengths))
+            buffer = max(
+                cdiv(x.gen_start + r.length - x.prompt_len + 1, S) for x, r in zip(lays, recs)
+            )
         sparse = [x for x in lays if not x.dense]
         if not sparse:
             return StepWidths(buffer)
@@ -224,7 +218,7 @@ class SequenceTables:
         if static:
             select = min(bucket(select, self.max_select), landmark * PAGE_CHUNKS)
         else:
-            tiers = tuple(sorted({self.value_tier[s] for s, x in zip(seq_ids, lays) if not x.dense}))
+            tiers = tuple(sorted({r.value_tier for r in recs if not r.lay.dense}))
         return StepWidths(
             buffer,
             factor,
@@ -232,7 +226,6 @@ class SequenceTables:
             width(max(cdiv(x.num_chunks, PAGE_CHUNKS) for x in sparse), self.store),
             select,
             tiers,
-            drive_hit_rate,
         )
 
     def plan_decode(self, cols: dict[str, torch.Tensor], widths: StepWidths) -> DecodePlan:
@@ -243,7 +236,7 @@ class SequenceTables:
         gen_rows = tables.gather(1, (gen_t // S)[:, None]).squeeze(1).long() * S + gen_t % S
         sparse = self._plan_sparse(cols, tables, widths) if widths.sparse else None
         seq_lens = (gen_t + 1).to(torch.int32)
-        return DecodePlan(rows, tables, seq_lens, gen_rows, sparse)
+        return DecodePlan(rows, cols["basis"], tables, seq_lens, gen_rows, sparse)
 
     def _plan_sparse(
         self, cols: dict[str, torch.Tensor], tables: torch.Tensor, widths: StepWidths
@@ -269,5 +262,4 @@ class SequenceTables:
             dst_rows=dst.masked_fill(~used, -1),
             primed=cols["primed"].bool(),
             value_groups=groups,
-            drive_hit_rate=widths.drive_hit_rate,
         )

@@ -26,10 +26,9 @@ from abc import abstractmethod
 
 import torch
 
-from shadowkv.cache.base import CacheMemory, CacheOptions, device_columns
+from shadowkv.cache.base import CacheOptions, device_columns
 from shadowkv.cache.dense import DenseCache
-from shadowkv.config import CacheConfig, ModelConfig
-from shadowkv.models.rope import RotaryEmbedding
+from shadowkv.cache.methods import SparseConfig
 
 
 class SparseCache(DenseCache):
@@ -39,32 +38,15 @@ class SparseCache(DenseCache):
     ``page_size`` for Quest).
     """
 
+    cfg: SparseConfig
     unit: int = 1
     # Selection sizes come from the host each step (``top_units``): no fixed-shape step.
     supports_static_decode = False
 
-    def __init__(
-        self,
-        model: ModelConfig,
-        cfg: CacheConfig,
-        rope: RotaryEmbedding,
-        device: torch.device,
-        dtype: torch.dtype,
-        max_num_seqs: int,
-        max_model_len: int,
-        memory_bytes: int,
-    ) -> None:
-        per_block = self.bytes_per_block(model, cfg, dtype) + self.metadata_bytes_per_block(
-            model, cfg, dtype
-        )
-        num_blocks = max(1, memory_bytes // per_block - 1)  # one block is DenseCache's scratch
-        super().__init__(
-            model, cfg, rope, device, dtype, max_num_seqs, max_model_len, num_blocks=num_blocks
-        )
-        self.prompt_lens: dict[int, int] = {}
+    def block_bytes(self) -> int:
+        return super().block_bytes() + self.metadata_bytes_per_block()
 
-    @staticmethod
-    def metadata_bytes_per_block(model: ModelConfig, cfg: CacheConfig, dtype: torch.dtype) -> int:
+    def metadata_bytes_per_block(self) -> int:
         """Device bytes of per-block selection metadata over all layers (0 when none)."""
         return 0
 
@@ -76,15 +58,9 @@ class SparseCache(DenseCache):
         c = self.cfg.chunk_size
         return min(prompt_len, self.cfg.local_chunks * c + prompt_len % c)
 
-    def free_sequence(self, seq_id: int) -> None:
-        super().free_sequence(seq_id)
-        self.prompt_lens.pop(seq_id, None)
-
-    def end_prefill(self) -> None:
-        super().end_prefill()
-        self.prompt_lens[self._prefill_seq] = self._prefill_len
-
-    def store_prompt(self, layer, k, v, k_pre):
+    def store_prompt(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
+    ) -> None:
         super().store_prompt(layer, k, v, k_pre)
         self.summarise(layer, k.to(self.dtype))
 
@@ -93,23 +69,23 @@ class SparseCache(DenseCache):
 
     def begin_decode(self, seq_ids: list[int]) -> None:
         super().begin_decode(seq_ids)
-        prompt = [self.prompt_lens[s] for s in seq_ids]
-        lengths = [self.lengths[s] for s in seq_ids]
-        selectable = [p - self.local_tokens(p) for p in prompt]
+        recs = [self.seqs[s] for s in seq_ids]
+        selectable = [r.prompt_len - self.local_tokens(r.prompt_len) for r in recs]
         units = []
-        for s, p, n in zip(seq_ids, prompt, selectable):
-            opts = self.options[s]
-            budget = n if opts.exact else self.seq_config(opts).budget_tokens(p)
+        for r, n in zip(recs, selectable):
+            budget = n if r.options.exact else self.seq_config(r.options).budget_tokens(r.prompt_len)
             units.append(-(-n // self.unit) if budget >= n else budget // self.unit)
         dev = self.device
+        lengths = [r.length for r in recs]
         cols = device_columns(
-            {"rows": [self.rows[s] for s in seq_ids], "selectable": selectable, "units": units,
+            {"rows": [r.row for r in recs], "selectable": selectable, "units": units,
              "lengths": lengths},
             dev,
         )
         self._seq_rows = cols["rows"]  # [B]
         self._selectable = cols["selectable"]  # [B]
         self._units = cols["units"]  # [B] selection units granted
+        self._max_units = max(units, default=0)  # known on the host: no sync to size the top-k
         self._max_selectable = max(selectable, default=0)
         # Always-attended rows: local window, earlier generated tokens and the new one.
         span = max((n + 1 - s for n, s in zip(lengths, selectable)), default=0)
@@ -128,7 +104,7 @@ class SparseCache(DenseCache):
     def decode(self, layer, q, k, v, k_pre):
         self._write(layer, self._decode_slots, k, v)
         sel_pos, sel_valid = self.select(layer, q)
-        B, Hkv = q.shape[0], self.model.num_kv_heads
+        B, Hkv = q.shape[0], self.layout.num_kv_heads
         always = self._always_pos[:, None, :].expand(B, Hkv, -1)
         always_valid = self._always_valid[:, None, :].expand(B, Hkv, -1)
         pos = torch.cat([sel_pos, always], dim=-1)
@@ -143,7 +119,7 @@ class SparseCache(DenseCache):
         Each query head attends only to its KV head's valid rows; returns ``[B, H, D]``.
         """
         B, H, D = q.shape
-        Hkv = self.model.num_kv_heads
+        Hkv = self.layout.num_kv_heads
         slots = self.slots_of(torch.where(valid, pos, torch.zeros_like(pos)))  # [B, Hkv, M]
         heads = torch.arange(Hkv, device=q.device)[None, :, None]
         k = self.k_cache[layer].view(-1, Hkv, D)[slots, heads].float()  # [B, Hkv, M, D]
@@ -156,14 +132,14 @@ class SparseCache(DenseCache):
 
     def slots_of(self, pos: torch.Tensor) -> torch.Tensor:
         """Pool rows (block * S + offset) of the step's token positions ``pos [B, ...]``."""
-        S = self.pool.block_size
+        S = self.block_size
         flat = pos.reshape(pos.shape[0], -1)
         blocks = self._tables.long().gather(1, flat // S)
         return (blocks * S + flat % S).view_as(pos)
 
     def gather_prefix(self, pool: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """First ``num_tokens`` rows of each sequence from a paged pool ``[blocks, S, ...]``."""
-        S = self.pool.block_size
+        S = self.block_size
         nb = -(-num_tokens // S)
         rows = pool[self._tables[:, :nb].long()]  # [B, nb, S, ...]
         return rows.flatten(1, 2)[:, :num_tokens]
@@ -175,7 +151,7 @@ class SparseCache(DenseCache):
         ``_units[b]`` best units and only positions inside its selectable prefix.
         """
         B, Hkv, N = scores.shape
-        k = min(int(self._units.max()) if B else 0, N)
+        k = min(self._max_units, N)
         top = scores.topk(k, dim=-1)  # [B, Hkv, k]
         rank_ok = torch.arange(k, device=scores.device) < self._units[:, None, None]
         keep = rank_ok & torch.isfinite(top.values)
@@ -195,15 +171,8 @@ class SparseCache(DenseCache):
         Masked (``mask [B, N]`` False) entries come back as ``-inf``.
         """
         B, H, N = scores.shape
-        Hkv = self.model.num_kv_heads
+        Hkv = self.layout.num_kv_heads
         scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with nothing selectable
         grouped = probs.view(B, Hkv, H // Hkv, N).amax(dim=2)
         return grouped.masked_fill(~mask[:, None, :], float("-inf"))
-
-    def memory(self, seq_id: int | None = None) -> CacheMemory:
-        base = super().memory(seq_id)
-        ids = [seq_id] if seq_id is not None else list(self.rows)
-        blocks = sum(len(self.pool.owned.get(s, [])) for s in ids)
-        extra = blocks * self.metadata_bytes_per_block(self.model, self.cfg, self.dtype)
-        return base + CacheMemory(device_bytes=extra)

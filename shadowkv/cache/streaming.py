@@ -20,13 +20,13 @@ class StreamingCache(SparseCache):
         super().begin_decode(seq_ids)
         budget = self._units  # [B] tokens (unit = 1)
         sinks = budget.clamp(max=self.cfg.sink_tokens)
-        k = int(budget.max()) if len(seq_ids) else 0
+        k = self._max_units  # the host knows it: no sync
         idx = torch.arange(k, device=self.device)[None, :]  # [1, K]
         # The first `sinks` slots hold positions 0.., the rest the recent tail ending at the window.
         recent_start = self._selectable[:, None] - (budget - sinks)[:, None]
         pos = torch.where(idx < sinks[:, None], idx, recent_start + idx - sinks[:, None])
         valid = idx < budget[:, None]
-        Hkv = self.model.num_kv_heads
+        Hkv = self.layout.num_kv_heads
         self._stream_pos = pos[:, None, :].expand(-1, Hkv, -1)
         self._stream_valid = valid[:, None, :].expand(-1, Hkv, -1)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -33,3 +35,14 @@ class SpanTimer:
             torch.cuda.synchronize(self.device)
             return sum(a.elapsed_time(b) for a, b in spans) / 1000  # type: ignore[attr-defined]
         return sum(b - a for a, b in spans)  # type: ignore[operator]
+
+
+@contextlib.contextmanager
+def timed(timer: SpanTimer | None) -> Iterator[None]:
+    """Add the span of the ``with`` body to ``timer`` (nothing when it is None)."""
+    if timer is None:
+        yield
+        return
+    start = timer.mark()
+    yield
+    timer.add(start)

@@ -13,16 +13,16 @@ from pathlib import Path
 
 from shadowkv.bench.models import ARCHITECTURES
 from shadowkv.bench.throughput import BenchConfig, run_throughput
-from shadowkv.commands.common import (
-    add_decode_mode_arg,
-    add_value_memory_args,
-    budget_or_fraction,
+from shadowkv.commands.flags import (
+    add_cache_flags,
+    add_engine_flags,
     cache_config_from_args,
+    engine_config_from_args,
 )
-from shadowkv.config import CACHE_METHODS, CacheConfig, ConfigError
 
-_CACHE_DEFAULTS = {f.name: f.default for f in fields(CacheConfig)}
 _BENCH_DEFAULTS = {f.name: f.default for f in fields(BenchConfig)}
+# Set per run by run_throughput: --max-batch, the contexts, whole-prompt prefills.
+_ENGINE_PER_RUN = ("max_num_seqs", "max_model_len", "prefill_slice_tokens")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -62,12 +62,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="prompt lengths in tokens, comma-separated (default: 32768)",
     )
     p.add_argument(
-        "--methods",
-        type=lambda s: tuple(x for x in s.split(",") if x),
-        default=_BENCH_DEFAULTS["methods"],
-        help=f"cache methods, comma-separated, from {', '.join(CACHE_METHODS)}",
-    )
-    p.add_argument(
         "--batch",
         type=_batch,
         default=(),
@@ -93,15 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="directory for throughput.json, throughput.md and throughput.png",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument(
-        "--cache-memory-gb",
-        type=float,
-        default=None,
-        help="device memory for the cache (default: 85%% of free GPU memory, 4 GiB on CPU)",
-    )
     p.add_argument("--seed", type=int, default=0)
-    add_decode_mode_arg(p)
     p.add_argument(
         "--hit-rates",
         type=_hit_rates,
@@ -118,35 +104,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "instead, to time decode at long context without the prefills (hit rates then are "
         "not a model's)",
     )
-    c = p.add_argument_group("shadowkv knobs (shared by all methods)")
-    c.add_argument("--sparse-budget", type=budget_or_fraction, default=_CACHE_DEFAULTS["sparse_budget"])
-    c.add_argument("--rank", type=budget_or_fraction, default=None)
-    c.add_argument("--chunk-size", type=int, default=_CACHE_DEFAULTS["chunk_size"])
-    c.add_argument("--outlier-chunks", type=int, default=_CACHE_DEFAULTS["outlier_chunks"])
-    c.add_argument("--local-chunks", type=int, default=_CACHE_DEFAULTS["local_chunks"])
-    add_value_memory_args(c)
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    add_engine_flags(p.add_argument_group("engine"), skip=_ENGINE_PER_RUN)
+    default_methods = tuple(c.method for c in _BENCH_DEFAULTS["caches"])
+    c = p.add_argument_group("cache methods and their knobs")
+    add_cache_flags(c, multiple=True, default=default_methods)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    for m in args.methods:
-        if m not in CACHE_METHODS:
-            raise ConfigError(f"unknown method {m!r}; choose from {', '.join(CACHE_METHODS)}")
-    cache = cache_config_from_args(args, method="dense")  # BenchConfig sets each method
+    caches = tuple(cache_config_from_args(args, m) for m in args.methods)
     return BenchConfig(
         arch=args.arch,
         model_path=args.model,
         contexts=args.contexts,
-        methods=args.methods,
+        caches=caches,
         batches=args.batches,
         decode_steps=args.decode_steps,
         max_batch=args.max_batch,
         device=args.device,
-        dtype=args.dtype,
-        cache_memory_gb=args.cache_memory_gb,
-        cache=cache,
+        engine=engine_config_from_args(args),  # _ENGINE_PER_RUN: set by run_throughput
         seed=args.seed,
-        decode_mode=args.decode_mode,
         prefill=args.prefill,
         hit_rates=args.hit_rates,
     )

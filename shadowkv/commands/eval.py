@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
 from pathlib import Path
 
-from shadowkv.commands.common import add_value_memory_args, budget_or_fraction
-from shadowkv.config import CacheConfig, ConfigError, EngineConfig
+from shadowkv.commands.flags import (
+    add_cache_flags,
+    add_engine_flags,
+    cache_config_from_args,
+    engine_config_from_args,
+)
+from shadowkv.config import ConfigError, parse_budget
 from shadowkv.eval.niah import plot_heatmap
 from shadowkv.eval.runner import (
     NIAH_TASK,
@@ -25,9 +29,6 @@ from shadowkv.eval.runner import (
     run_label,
     summary_tables,
 )
-
-_CACHE = {f.name: f.default for f in fields(CacheConfig)}
-_ENGINE = {f.name: f.default for f in fields(EngineConfig)}
 
 
 def _csv(kind):
@@ -49,8 +50,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated RULER task names, or 'niah' for the depth grid")
     w.add_argument("--lengths", type=_csv(int), default=(4096,),
                    help="comma-separated context lengths in tokens (prompt + generation)")
-    w.add_argument("--methods", type=_csv(str), default=("dense", "shadowkv"),
-                   help="comma-separated cache methods: dense,shadowkv,quest,loki,streaming,oracle")
     w.add_argument("--samples", type=int, default=4, help="samples per task and length")
     w.add_argument("--seed", type=int, default=42)
     w.add_argument("--haystack", type=Path, default=None,
@@ -65,29 +64,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--model", default=None,
                    help="HF checkpoint dir, .gguf or hub id (default: SmolLM2)")
     m.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    m.add_argument("--dtype", default=_ENGINE["dtype"],
-                   choices=["auto", "float32", "bfloat16", "float16"])
-    m.add_argument("--max-model-len", type=int, default=None,
-                   help="context limit (default: the model's)")
     m.add_argument("--batch-size", type=int, default=4,
-                   help="samples generated together (and saved together)")
-    m.add_argument("--cache-memory-gb", type=float, default=None)
+                   help="samples generated together (and saved together; the engine's "
+                   "max_num_seqs)")
     m.add_argument("--no-share-prefill", action="store_true",
                    help="prefill every sample once per method instead of replaying one prefill")
-    c = p.add_argument_group("methods' knobs")
-    c.add_argument("--sparse-budget", type=budget_or_fraction, default=_CACHE["sparse_budget"],
-                   help="tokens per decode step (or a fraction / percentage of the prompt)")
-    c.add_argument("--budgets", type=_csv(budget_or_fraction), default=None,
+    add_engine_flags(m, skip=("max_num_seqs",))
+    c = p.add_argument_group("cache methods and their knobs")
+    c.add_argument("--budgets", type=_csv(parse_budget), default=None,
                    help="comma-separated budgets for a sweep (overrides --sparse-budget; plots)")
-    c.add_argument("--rank", type=budget_or_fraction, default=None, help="shadowkv low-rank key rank")
-    c.add_argument("--chunk-size", type=int, default=_CACHE["chunk_size"])
-    c.add_argument("--outlier-chunks", type=int, default=_CACHE["outlier_chunks"])
-    c.add_argument("--local-chunks", type=int, default=_CACHE["local_chunks"])
-    c.add_argument("--page-size", type=int, default=_CACHE["page_size"], help="quest page size")
-    c.add_argument("--sink-tokens", type=int, default=_CACHE["sink_tokens"], help="streaming sinks")
-    c.add_argument("--loki-rank", type=float, default=_CACHE["loki_rank"],
-                   help="loki: fraction of the head dim kept for scoring")
-    add_value_memory_args(c)
+    add_cache_flags(c, multiple=True)
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=Path("results.jsonl"),
                    help="results JSONL; samples already in it are skipped (resume)")
@@ -103,22 +89,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    cache = CacheConfig(
-        sparse_budget=args.sparse_budget, rank=args.rank, chunk_size=args.chunk_size,
-        outlier_chunks=args.outlier_chunks, local_chunks=args.local_chunks,
-        page_size=args.page_size, sink_tokens=args.sink_tokens, loki_rank=args.loki_rank,
-        host_memory_gb=args.host_memory_gb, device_value_memory_gb=args.device_value_memory_gb,
+    budgets = args.budgets or (args.sparse_budget,)
+    # A sparse method's budget is set per run (EvalConfig.cache_for); its config is built at the
+    # first budget, so --budgets alone must fit the other knobs (e.g. --chunk-size).
+    caches = tuple(
+        cache_config_from_args(args, m, sparse_budget=budgets[0]) for m in args.methods
     )
-    engine = EngineConfig(
-        max_num_seqs=max(args.batch_size, 1), max_model_len=args.max_model_len,
-        cache_memory_gb=args.cache_memory_gb, dtype=args.dtype,
-    )
+    engine = engine_config_from_args(args, max_num_seqs=max(args.batch_size, 1))
     return EvalConfig(
-        tasks=args.tasks, lengths=args.lengths, methods=args.methods, out=args.out,
-        model=args.model, num_samples=args.samples, budgets=args.budgets or (args.sparse_budget,),
+        tasks=args.tasks, lengths=args.lengths, caches=caches, out=args.out,
+        model=args.model, num_samples=args.samples, budgets=budgets,
         haystack=args.haystack, qa_file=args.qa_file, chat_template=args.chat_template,
         seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        cache=cache, engine=engine, device=args.device, share_prefill=not args.no_share_prefill,
+        engine=engine, device=args.device, share_prefill=not args.no_share_prefill,
     )
 
 

@@ -27,8 +27,8 @@ import torch
 
 from shadowkv.cache.base import AttentionCache
 from shadowkv.config import ConfigError
+from shadowkv.kernels.rope.tables import RopeTables
 from shadowkv.models.llama import LlamaModel
-from shadowkv.models.rope import RotaryEmbedding
 
 MAX_GRAPHS = 64  # captured steps kept; the least recently used is dropped past this
 
@@ -72,7 +72,7 @@ class DecodeRunner:
     def __init__(
         self,
         model: LlamaModel,
-        rope: RotaryEmbedding,
+        rope: RopeTables,
         cache: AttentionCache,
         device: torch.device,
         max_num_seqs: int,
@@ -89,13 +89,17 @@ class DecodeRunner:
         self._copied: torch.cuda.Event | None = None  # the last staging -> device copy is done
         self._pool = None  # one memory pool shared by all graphs (they never run at once)
         self.captures = 0  # graphs captured so far (benchmarks report it)
+        self._epoch = cache.step_epoch
 
     def step(self, seq_ids: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
         if self.mode == "eager":
             self.cache.begin_decode(seq_ids)
             ids = torch.tensor(token_ids, device=self.device)
             pos = torch.tensor(positions, device=self.device)
-            return self.model(ids, pos, self.rope, self.cache, "decode")
+            return self.model(ids, self.model.context("decode", pos, self.rope, self.cache))
+        if self.cache.step_epoch != self._epoch:  # what the captured steps baked in changed
+            self._steps.clear()
+            self._epoch = self.cache.step_epoch
         cols, widths = self.cache.begin_static_decode(seq_ids)
         cols = {"input_ids": token_ids, "positions": positions, **cols}
         B = len(seq_ids)
@@ -117,7 +121,8 @@ class DecodeRunner:
         assert self._names is not None
         named = dict(zip(self._names, cols.unbind(0)))
         self.cache.plan_decode(named, widths)
-        return self.model(named["input_ids"], named["positions"], self.rope, self.cache, "decode")
+        ctx = self.model.context("decode", named["positions"], self.rope, self.cache)
+        return self.model(named["input_ids"], ctx)
 
     def _load(self, cols: dict[str, list[int]], B: int, size: int) -> None:
         """Copy a step's columns, padded to ``size``, into the device inputs (one transfer)."""

@@ -14,15 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-from shadowkv.cache import AttentionCache, CacheCapacityError, make_cache
+from shadowkv.cache import CacheCapacityError, make_cache
 from shadowkv.cache.base import CacheOptions
-from shadowkv.config import CacheConfig, EngineConfig, ModelConfig
+from shadowkv.cache.methods import CacheConfig
+from shadowkv.config import EngineConfig, ModelConfig
 from shadowkv.engine.decode_runner import DecodeRunner
 from shadowkv.engine.prompt_kv import PromptKV, RecordingCache
 from shadowkv.engine.request import Request, Status
 from shadowkv.engine.sampling import SamplingParams, make_generator, sample, sample_batch
+from shadowkv.models.context import ForwardContext
 from shadowkv.models.llama import LlamaModel
-from shadowkv.models.rope import RotaryEmbedding
 from shadowkv.models.tokenizer import Tokenizer
 
 ProgressFn = Callable[[Request, int, int], None]
@@ -41,9 +42,9 @@ class _Prefill:
     """A prefill in progress: hidden states ``x [T, hidden]`` entering layer ``next_layer``."""
 
     request: Request
-    cache: AttentionCache | RecordingCache
+    cache: RecordingCache | None  # keeps the prompt's K/V when the request asks for them
     x: torch.Tensor | None
-    positions: torch.Tensor
+    ctx: ForwardContext | None
     next_layer: int = 0
 
 
@@ -86,9 +87,9 @@ class Engine:
         self.model, self.model_cfg, self.tokenizer = model, model_cfg, tokenizer
         self.cfg, self.device, self.dtype = engine_cfg, device, dtype
         self.max_model_len = engine_cfg.max_model_len or model_cfg.max_position_embeddings
-        self.rope = RotaryEmbedding(model_cfg.rope, model_cfg.head_dim, self.max_model_len, device)
-        self.cache: AttentionCache = make_cache(
-            model_cfg, cache_cfg, self.rope, device, dtype, engine_cfg.max_num_seqs,
+        self.rope = model.rope_tables(self.max_model_len, device)
+        self.cache = make_cache(
+            model.attention_specs(), cache_cfg, self.rope, device, dtype, engine_cfg.max_num_seqs,
             self.max_model_len, cache_memory_budget(engine_cfg, device),
         )
         self.runner = DecodeRunner(
@@ -209,13 +210,25 @@ class Engine:
         req.prefill_start = time.perf_counter()
         self.waiting.popleft()
         self.cache.begin_prefill(req.request_id, n)
-        cache: AttentionCache | RecordingCache = self.cache
-        if req.record_prompt_kv:
-            cache = RecordingCache(self.cache)
-        x = None  # a replayed prefill runs no layers
+        recording = RecordingCache(self.cache) if req.record_prompt_kv else None
+        x, ctx = None, None  # a replayed prefill runs no layers
         if req.prompt_kv is None:
             x = self.model.embed(torch.tensor(req.prompt_ids, device=self.device))
-        self._prefilling = _Prefill(req, cache, x, torch.arange(n, device=self.device))
+            ctx = self.model.context(
+                "prefill", torch.arange(n, device=self.device), self.rope,
+                recording or self.cache,  # type: ignore[arg-type]
+                self.cfg.prefill_mlp_chunk, self._layer_done(req),
+            )
+        self._prefilling = _Prefill(req, recording, x, ctx)
+
+    def _layer_done(self, req: Request) -> Callable[[int, int], None]:
+        """Per-layer prefill progress for ``self.progress`` (looked up when each layer ends)."""
+
+        def done(layer: int, num_layers: int) -> None:
+            if self.progress is not None:
+                self.progress(req, layer, num_layers)
+
+        return done
 
     def _advance_prefill(self) -> list[StepOutput]:
         """Run the next slice of layers (all of them when nothing else is running)."""
@@ -225,22 +238,18 @@ class Engine:
         if req.prompt_kv is not None:
             req.prompt_kv.replay(self.cache)
             return [self._end_prefill(req.prompt_kv.logits)]
-        assert p.x is not None
+        assert p.x is not None and p.ctx is not None
         slice_tokens = self.cfg.prefill_slice_tokens
         if not self.running or slice_tokens is None:
             stop = L
         else:
             stop = min(L, p.next_layer + max(1, L * slice_tokens // n))
-        progress = (lambda i, t: self.progress(req, i, t)) if self.progress else None
-        p.x = self.model.run_layers(
-            p.x, p.positions, self.rope, p.cache, "prefill", p.next_layer, stop,
-            self.cfg.prefill_mlp_chunk, progress,
-        )
+        p.x = self.model.run_layers(p.x, p.ctx, p.next_layer, stop)
         p.next_layer = stop
         if stop < L:
             return []
         logits = self.model.logits(p.x, torch.tensor([n - 1], device=self.device))[0]
-        if isinstance(p.cache, RecordingCache):
+        if p.cache is not None:
             req.prompt_kv = p.cache.result(req.prompt_ids, logits)
         return [self._end_prefill(logits)]
 
@@ -259,7 +268,7 @@ class Engine:
         reqs = list(self.running)
         seq_ids = [r.request_id for r in reqs]
         logits = self.runner.step(
-            seq_ids, [r.output_ids[-1] for r in reqs], [self.cache.lengths[s] for s in seq_ids]
+            seq_ids, [r.output_ids[-1] for r in reqs], [self.cache.length(s) for s in seq_ids]
         )
         self.cache.end_decode()
         tokens = sample_batch(logits, [r.params for r in reqs], [r.generator for r in reqs])

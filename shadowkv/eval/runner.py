@@ -25,7 +25,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from shadowkv.config import CACHE_METHODS, CacheConfig, ConfigError, EngineConfig
+from shadowkv.cache.methods import CacheConfig, DenseConfig, SparseConfig
+from shadowkv.config import ConfigError, EngineConfig
 from shadowkv.eval.haystack import Haystack
 from shadowkv.eval.metrics import aggregate, mean_row
 from shadowkv.eval.niah import generate_niah_samples, niah_depths
@@ -40,8 +41,8 @@ class EvalConfig:
     """What to evaluate. ``budgets`` holds sparse budgets (tokens, or fractions of the prompt);
     several values make a budget sweep. ``chat_template`` is ``"model"`` (the checkpoint's own
     template, or none if it has none), ``"base"`` or a name in ``ruler.CHAT_TEMPLATES``.
-    ``cache`` carries the methods' other knobs (rank, chunk size, ...); its method and budget are
-    overridden per run. ``batch_size`` samples go to the engine together (and are saved together).
+    ``caches`` holds one config per method compared (their own knobs: rank, chunk size, ...); a
+    sparse method's budget is overridden per run by ``budgets``. ``batch_size`` samples go to the engine together (and are saved together).
     NIAH ignores ``"model"`` (the reference feeds its prompt without a template).
     ``max_new_tokens`` caps generation below the task's length (RULER: 128 for NIAH), a shortcut
     for slow CPU runs; prompts are still fitted with the task's own generation length.
@@ -49,7 +50,7 @@ class EvalConfig:
 
     tasks: tuple[str, ...]
     lengths: tuple[int, ...]
-    methods: tuple[str, ...]
+    caches: tuple[CacheConfig, ...]
     out: Path
     model: str | None = None
     num_samples: int = 4
@@ -60,7 +61,6 @@ class EvalConfig:
     seed: int = 42
     batch_size: int = 4
     max_new_tokens: int | None = None
-    cache: CacheConfig = field(default_factory=CacheConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     device: str | None = None
     share_prefill: bool = True
@@ -69,17 +69,19 @@ class EvalConfig:
         unknown = [t for t in self.tasks if t not in TASKS and t != NIAH_TASK]
         if unknown or not self.tasks:
             raise ConfigError(f"unknown task(s) {unknown}; choose from {sorted(TASKS)} or 'niah'")
-        bad = [m for m in self.methods if m not in CACHE_METHODS]
-        if bad or not self.methods:
-            raise ConfigError(f"unknown method(s) {bad}; choose from {CACHE_METHODS}")
+        if not self.caches:
+            raise ConfigError("name at least one method, e.g. --methods dense,shadowkv")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"each method once, got {', '.join(self.methods)}")
         if not self.lengths or min(self.lengths) < 64:
             raise ConfigError("lengths must be given, each at least 64 tokens")
         if self.num_samples < 1 or self.batch_size < 1:
             raise ConfigError("num_samples and batch_size must be >= 1")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError("max_new_tokens must be >= 1 (or None for each task's own)")
-        for b in self.budgets:
-            replace(self.cache, sparse_budget=b)  # CacheConfig validates each budget
+        for m in self.methods:
+            for b in self.budgets if m != "dense" else ():
+                self.cache_for(m, b)  # each method's config validates each budget
         essay = [t for t in self.tasks if t == NIAH_TASK or _needs_essay(t)]
         if essay and self.haystack is None:
             raise ConfigError(
@@ -96,6 +98,17 @@ class EvalConfig:
                 f"chat template {self.chat_template!r}: use 'model', 'base' or one of "
                 f"{sorted(CHAT_TEMPLATES)}"
             )
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(c.method for c in self.caches)
+
+    def cache_for(self, method: str, budget: float | None) -> CacheConfig:
+        """The config of one run: ``method``'s, with ``budget`` when it is sparse."""
+        cfg = self.caches[self.methods.index(method)]
+        if budget is not None and isinstance(cfg, SparseConfig):
+            cfg = replace(cfg, sparse_budget=budget)
+        return cfg
 
     def runs(self) -> list[tuple[str, float | None]]:
         """(method, budget) pairs in run order; dense once, with budget None."""
@@ -206,7 +219,7 @@ def run_eval(
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         if llm is None and every:
-            llm = LLM(cfg.model, cache=replace(cfg.cache, method="dense"), engine=cfg.engine, device=cfg.device)
+            llm = LLM(cfg.model, cache=DenseConfig(), engine=cfg.engine, device=cfg.device)
         made: dict[tuple[str, int], list[Sample]] = {}
         for task, length, batch in _batches(every, cfg.batch_size):
             if (task, length) not in made:
@@ -217,9 +230,7 @@ def run_eval(
                 chosen = [samples[i] for i in batch if (task, length, i) in items]
                 if not chosen:
                     continue
-                cache_cfg = replace(
-                    cfg.cache, method=method, sparse_budget=budget or cfg.cache.sparse_budget
-                )
+                cache_cfg = cfg.cache_for(method, budget)
                 llm.set_cache(cache_cfg)
                 records = _generate(
                     llm, chosen, model_name, method, budget, cache_cfg, cfg.max_new_tokens,
@@ -330,7 +341,9 @@ def _generate(
             "prediction": req.text, "outputs": s.outputs,
             "score": score(s.task, req.text, s.outputs),
             "prompt_tokens": len(ids), "generated_tokens": len(req.output_ids),
-            "budget_tokens": None if budget is None else cache_cfg.budget_tokens(len(ids)),
+            "budget_tokens": (
+                cache_cfg.budget_tokens(len(ids)) if isinstance(cache_cfg, SparseConfig) else None
+            ),
             "depth": s.metadata.get("depth", s.metadata.get("depths")),
             "batch_seconds": round(elapsed, 3), "prefill_replayed": rep,
         }

@@ -1,23 +1,26 @@
 """One decoder for the Llama family (Llama 2/3/3.1/3.2, Qwen2/2.5 with QKV bias, Mistral).
 
 Tokens are packed along one dimension (``T`` = prompt tokens in prefill, ``B`` = one token per
-sequence in decode); attention goes through the cache, which owns all per-sequence state.
+sequence in decode); attention goes through the cache, which owns all per-sequence state. The
+model tells the caches what its attention is (``attention_specs``) and builds one
+``ForwardContext`` per step (``context``), which every layer reads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from shadowkv.cache.base import AttentionCache
+from shadowkv.cache.layout import AttentionSpec
 from shadowkv.config import ModelConfig
-from shadowkv.models.rope import RotaryEmbedding
-
-Phase = Literal["prefill", "decode"]
+from shadowkv.kernels.rope import apply_rope
+from shadowkv.kernels.rope.tables import RopeTables
+from shadowkv.models.context import ForwardContext, Phase
+from shadowkv.models.rope import rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -36,23 +39,22 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
+        self.spec = attention_spec(cfg)
         self.H, self.Hkv, self.D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         # q, k, v fused into one GEMM; the split sizes are the three output widths.
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.H + 2 * self.Hkv) * self.D, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.H * self.D, cfg.hidden_size, bias=cfg.output_bias)
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-        cache: AttentionCache, phase: Phase,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.H * self.D, self.Hkv * self.D, self.Hkv * self.D], -1)
         q = q.view(T, self.H, self.D)
         k_pre = k.view(T, self.Hkv, self.D)  # pre-RoPE, bias included: what ShadowKV factorises
         v = v.view(T, self.Hkv, self.D)
-        q = rope.apply(q, positions)
-        k = rope.apply(k_pre, positions)
-        attend = cache.prefill if phase == "prefill" else cache.decode
+        k = k_pre
+        if self.spec.rotary_dims:
+            q, k = apply_rope(q, k_pre, ctx.cos, ctx.sin, self.spec.rope_style)
+        attend = ctx.cache.prefill if ctx.phase == "prefill" else ctx.cache.decode
         out = attend(self.layer, q, k, v, k_pre)  # [T, H, D]
         return self.o_proj(out.reshape(T, self.H * self.D))
 
@@ -76,11 +78,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-        cache: AttentionCache, phase: Phase, mlp_chunk: int,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, phase)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        mlp_chunk = ctx.mlp_chunk
         if x.shape[0] <= mlp_chunk:
             return x + self.mlp(self.post_attention_layernorm(x))
         # Long prompts: the MLP's [T, 2 * intermediate] activation dominates peak memory, so run
@@ -104,21 +104,35 @@ class LlamaModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    @torch.inference_mode()
-    def forward(
+    def attention_specs(self) -> tuple[AttentionSpec, ...]:
+        """Each layer's attention as the caches must serve it (all alike in this family)."""
+        return tuple(layer.self_attn.spec for layer in self.layers)
+
+    def rope_tables(self, max_position: int, device: torch.device | str) -> RopeTables:
+        """cos/sin for positions ``[0, max_position)``: the model's q/k and ShadowKV's key rebuild
+        both read them."""
+        return rope_tables(self.cfg.rope, self.cfg.head_dim, max_position, self.cfg.rope_style, device)
+
+    def context(
         self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
-        cache: AttentionCache,
         phase: Phase,
-        logits_index: torch.Tensor | None = None,
+        positions: torch.Tensor,
+        rope: RopeTables,
+        cache: AttentionCache,
         mlp_chunk: int = 4096,
         progress: Callable[[int, int], None] | None = None,
+    ) -> ForwardContext:
+        """The step's context: RoPE rows gathered once for every layer."""
+        cos, sin = rope.rows(positions)
+        return ForwardContext(phase, positions, cos, sin, cache, mlp_chunk, progress)
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, ctx: ForwardContext, logits_index: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Logits ``[N, vocab]`` (fp32) for the tokens at ``logits_index`` (default: all)."""
         x = self.embed(input_ids)
-        x = self.run_layers(x, positions, rope, cache, phase, 0, len(self.layers), mlp_chunk, progress)
+        x = self.run_layers(x, ctx, 0, len(self.layers))
         return self.logits(x, logits_index)
 
     # The engine drives a long prefill through these three in slices of layers, so decode steps
@@ -128,23 +142,12 @@ class LlamaModel(nn.Module):
         return self.embed_tokens(input_ids)
 
     @torch.inference_mode()
-    def run_layers(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
-        cache: AttentionCache,
-        phase: Phase,
-        start: int,
-        stop: int,
-        mlp_chunk: int = 4096,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> torch.Tensor:
+    def run_layers(self, x: torch.Tensor, ctx: ForwardContext, start: int, stop: int) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` after layers ``[start, stop)``."""
         for i in range(start, stop):
-            x = self.layers[i](x, positions, rope, cache, phase, mlp_chunk)
-            if progress is not None:
-                progress(i + 1, len(self.layers))
+            x = self.layers[i](x, ctx)
+            if ctx.progress is not None:
+                ctx.progress(i + 1, len(self.layers))
         return x
 
     @torch.inference_mode()
@@ -152,3 +155,20 @@ class LlamaModel(nn.Module):
         if index is not None:
             x = x[index]
         return self.lm_head(self.norm(x)).float()
+
+
+def attention_spec(cfg: ModelConfig) -> AttentionSpec:
+    """The attention of every layer of a Llama-family decoder.
+
+    A declared sliding window is passed on; the caches decide what they do with it
+    (``cache.make_cache``: none is windowed yet, so they attend the full context and warn).
+    """
+    return AttentionSpec(
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        scale=AttentionSpec.default_scale(cfg.head_dim),
+        rotary_dims=cfg.rope.rotary_dims(cfg.head_dim),
+        rope_style=cfg.rope_style,
+        sliding_window=cfg.sliding_window,
+    )

@@ -8,7 +8,8 @@ import torch
 from shadowkv.bench import arch_config, random_model
 from shadowkv.bench.harness import build_engine, timed_run
 from shadowkv.bench.synthetic import SIGNAL_RANK, synthetic_prompt
-from shadowkv.config import CacheConfig, ConfigError, EngineConfig
+from shadowkv.cache.methods import DenseConfig, ShadowKVConfig, method_config
+from shadowkv.config import ConfigError, EngineConfig
 from shadowkv.engine.sampling import SamplingParams
 
 CPU = torch.device("cpu")
@@ -20,7 +21,7 @@ def engine_for(method: str, **knobs):
     model = random_model(cfg, CPU, torch.float32, seed=0)
     engine_cfg = EngineConfig(max_num_seqs=4, max_model_len=1024, cache_memory_gb=0.02,
                               prefill_slice_tokens=None)
-    return build_engine(model, cfg, CacheConfig(method=method, **knobs), engine_cfg, CPU,
+    return build_engine(model, cfg, method_config(method, **knobs), engine_cfg, CPU,
                         torch.float32)
 
 
@@ -41,7 +42,7 @@ def test_full_budget_full_rank_shadowkv_equals_dense_on_synthetic_kv() -> None:
     for method, knobs in (("dense", {}), ("shadowkv", full)):
         engine = engine_for(method, **knobs)
         prompt = list(range(3, 3 + T))
-        kv = synthetic_prompt(prompt, engine.model_cfg.num_layers, engine.model_cfg.vocab_size, 7)
+        kv = synthetic_prompt(prompt, engine, 7)
         req = engine.add_request(prompt, SamplingParams(max_tokens=8, ignore_eos=True), prompt_kv=kv)
         while engine.has_unfinished():
             engine.step()
@@ -54,12 +55,12 @@ def test_synthetic_keys_have_low_effective_rank() -> None:
     stored = []
 
     class Probe:
-        model, rope, device, dtype = engine.cache.model, engine.cache.rope, CPU, torch.float32
+        device, dtype = CPU, torch.float32
 
         def store_prompt(self, layer, k, v, k_pre):
             stored.append((k, v, k_pre))
 
-    kv = synthetic_prompt(list(range(T)), 2, 10, seed=1)
+    kv = synthetic_prompt(list(range(T)), engine, seed=1)
     kv.replay(Probe())  # type: ignore[arg-type]
     assert len(stored) == 2
     k, v, k_pre = stored[0]
@@ -74,12 +75,14 @@ def test_bench_times_shadowkv_once_per_hit_rate(tmp_path) -> None:
     import argparse
 
     from shadowkv.bench import BenchConfig, run_throughput
+    from shadowkv.cache.methods import DenseConfig, ShadowKVConfig
     from shadowkv.commands import bench as bench_cmd
+    from shadowkv.config import EngineConfig
 
     cfg = BenchConfig(
-        arch="tiny", device="cpu", contexts=(T,), methods=("dense", "shadowkv"), batches=(2,),
-        decode_steps=3, cache_memory_gb=0.02, prefill="synthetic", hit_rates=(None, 0.5),
-        cache=CacheConfig(sparse_budget=64, outlier_chunks=2),
+        arch="tiny", device="cpu", contexts=(T,), batches=(2,), decode_steps=3,
+        caches=(DenseConfig(), ShadowKVConfig(sparse_budget=64, outlier_chunks=2)),
+        engine=EngineConfig(cache_memory_gb=0.02), prefill="synthetic", hit_rates=(None, 0.5),
     )
     report = run_throughput(cfg, tmp_path)
     rows = [(r["method"], r["hit_rate_driven"]) for r in report["runs"]]

@@ -14,30 +14,28 @@ from shadowkv.bench import ARCHITECTURES, BenchConfig, arch_config, random_model
 from shadowkv.bench.harness import build_engine, fits, max_batch, new_tokens, timed_run
 from shadowkv.bench.models import weight_bytes
 from shadowkv.bench.report import write_plot
-from shadowkv.cache.dense import DenseCache
+from shadowkv.cache.methods import DenseConfig, ShadowKVConfig
 from shadowkv.cli import main as cli_main
-from shadowkv.config import CacheConfig, ConfigError, EngineConfig
+from shadowkv.config import ConfigError, EngineConfig
 from shadowkv.models.llama import LlamaModel
 
 CONTEXT = 256
 STEPS = 3
-SHADOW_KNOBS = CacheConfig(
-    sparse_budget=32, outlier_chunks=2, local_chunks=2
-)  # sparse at 256 tokens
+SHADOW_KNOBS = ShadowKVConfig(sparse_budget=32, outlier_chunks=2, local_chunks=2)  # sparse at 256
 DEVICE_GB = 0.001  # ~1 MiB of cache: the batch search, not max_batch, sets the batch
 HOST_GB = 0.001
 
 
-def tiny_config(**kw) -> BenchConfig:
+def tiny_config(methods: tuple[str, ...] = ("dense", "shadowkv"), **kw) -> BenchConfig:
+    caches = {"dense": DenseConfig(), "shadowkv": replace(SHADOW_KNOBS, host_memory_gb=HOST_GB)}
     base = {
         "arch": "tiny",
         "device": "cpu",
         "contexts": (CONTEXT,),
-        "methods": ("dense", "shadowkv"),
+        "caches": tuple(caches[m] for m in methods),
         "decode_steps": STEPS,
         "max_batch": 16,
-        "cache_memory_gb": DEVICE_GB,
-        "cache": replace(SHADOW_KNOBS, host_memory_gb=HOST_GB),
+        "engine": EngineConfig(cache_memory_gb=DEVICE_GB),
     }
     return BenchConfig(**{**base, **kw})
 
@@ -50,8 +48,8 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
 
 def expected_dense_batch(budget_gb: float, context: int, steps: int, limit: int) -> int:
     """Largest B whose requests fit the pool (request i asks new_tokens(steps, B, i) tokens)."""
-    cfg, model = CacheConfig(), arch_config("tiny")
-    per_block = DenseCache.bytes_per_block(model, cfg, torch.float32)
+    cfg, model = DenseConfig(), arch_config("tiny")
+    per_block = 2 * model.num_layers * cfg.page_size * model.kv_dim * 4  # K and V, fp32
     num_blocks = int(budget_gb * 2**30) // per_block - 1  # less the padding scratch block
     S, best = cfg.page_size, 0
     for B in range(1, limit + 1):
@@ -131,7 +129,7 @@ def test_batch_search_respects_host_memory() -> None:
     model = random_model(cfg, torch.device("cpu"), torch.float32)
     batches = []
     for host_gb in (0.0005, 0.002):
-        cache_cfg = replace(SHADOW_KNOBS, method="shadowkv", host_memory_gb=host_gb)
+        cache_cfg = replace(SHADOW_KNOBS, host_memory_gb=host_gb)
         engine = build_engine(
             model,
             cfg,
@@ -159,7 +157,7 @@ def test_max_batch_respects_the_limit() -> None:
     engine = build_engine(
         model,
         cfg,
-        CacheConfig(),
+        DenseConfig(),
         EngineConfig(max_num_seqs=5, max_model_len=512, cache_memory_gb=0.05),
         torch.device("cpu"),
         torch.float32,
@@ -227,7 +225,7 @@ def test_cli_writes_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 def test_cli_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["bench", "--arch", "tiny", "--methods", "dense,magic", "--device", "cpu"]) == 2
-    assert "unknown method 'magic'" in capsys.readouterr().err
+    assert "unknown cache method 'magic'; choose one of dense, shadowkv" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["bench", "--arch", "tiny", "--model", "x"])  # mutually exclusive
 
@@ -239,7 +237,8 @@ def test_cli_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
         pytest.param({"model_path": "x"}, "exactly one of", id="arch-and-model"),
         pytest.param({"arch": "gpt-5"}, "unknown architecture", id="unknown-arch"),
         pytest.param({"contexts": ()}, "contexts", id="no-contexts"),
-        pytest.param({"methods": ("dense", "nope")}, "unknown method", id="unknown-method"),
+        pytest.param({"methods": ("dense", "dense")}, "each method once", id="twice-a-method"),
+        pytest.param({"caches": ()}, "at least one method", id="no-method"),
         pytest.param({"decode_steps": 0}, "decode_steps", id="zero-steps"),
         pytest.param({"batches": (0,)}, "batch sizes", id="zero-batch"),
     ],
@@ -303,7 +302,7 @@ def test_timed_run_says_when_the_cache_admits_fewer_than_the_batch() -> None:
     engine = build_engine(
         model,
         cfg,
-        CacheConfig(),
+        DenseConfig(),
         EngineConfig(max_num_seqs=8, max_model_len=512, cache_memory_gb=0.0002),
         torch.device("cpu"),
         torch.float32,
@@ -321,10 +320,10 @@ def test_a_checkpoint_runs_with_its_own_weights(tiny_checkpoint, tmp_path: Path)
         model_path=str(path),
         device="cpu",
         contexts=(64,),
-        methods=("dense",),
+        caches=(DenseConfig(),),
         batches=(2,),
         decode_steps=2,
-        cache_memory_gb=0.01,
+        engine=EngineConfig(cache_memory_gb=0.01),
     )
     data = run_throughput(cfg, tmp_path)
     assert data["meta"]["weights"] == f"checkpoint {path}"
@@ -336,7 +335,7 @@ def test_timed_run_refuses_an_engine_that_slices_its_prompts() -> None:
     cfg = arch_config("tiny")
     model = random_model(cfg, torch.device("cpu"), torch.float32)
     sliced = EngineConfig(max_num_seqs=2, max_model_len=512, cache_memory_gb=0.01, prefill_slice_tokens=64)
-    engine = build_engine(model, cfg, CacheConfig(), sliced, torch.device("cpu"), torch.float32)
+    engine = build_engine(model, cfg, DenseConfig(), sliced, torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="prefill_slice_tokens=None"):
         timed_run(engine, 96, 2, 2)
     assert timed_run(engine, 64, 2, 2).decode_steps == 2  # prompts within one slice are fine

@@ -7,14 +7,13 @@ import functools
 import pytest
 import torch
 
-from shadowkv.cache import make_cache
 from shadowkv.cache.loki import principal_basis
 from shadowkv.cache.quest import QuestCache
 from shadowkv.cache.sparse_base import SparseCache
-from shadowkv.config import CacheConfig, EngineConfig
+from shadowkv.cache.methods import method_config
+from shadowkv.config import EngineConfig
 from shadowkv.models.loader import load_model
-from shadowkv.models.rope import RotaryEmbedding
-from utils import assert_close_verbose
+from utils import assert_close_verbose, cache_for, run_model
 
 METHODS = ["quest", "loki", "streaming", "oracle"]
 CPU = torch.device("cpu")
@@ -39,9 +38,8 @@ class Driver:
     ) -> None:
         self.cfg, self.model = _load(checkpoint, device, dtype)
         self.device = device
-        self.rope = RotaryEmbedding(self.cfg.rope, self.cfg.head_dim, MAX_LEN, device)
-        cache_cfg = CacheConfig(method=method, **cache_kw)
-        self.cache = make_cache(self.cfg, cache_cfg, self.rope, device, dtype, 4, MAX_LEN, 2**24)
+        cache_cfg = method_config(method, **cache_kw)
+        self.cache, self.rope = cache_for(self.cfg, cache_cfg, MAX_LEN, 4, 2**24, dtype, device)
 
     def run(self, prompt_lens: tuple[int, ...], steps: int, seed: int = 0) -> torch.Tensor:
         """Logits ``[steps + 1, B, vocab]``: the prefill's last token, then each decode step."""
@@ -52,9 +50,9 @@ class Driver:
         for sid, ids in enumerate(prompts):
             self.cache.add_sequence(sid, len(ids), steps)
             self.cache.begin_prefill(sid, len(ids))
-            logits = self.model(
-                ids.to(dev), torch.arange(len(ids), device=dev), self.rope, self.cache, "prefill",
-                logits_index=torch.tensor([len(ids) - 1], device=dev),
+            logits = run_model(
+                self.model, ids.to(dev), torch.arange(len(ids), device=dev), self.rope,
+                self.cache, "prefill", logits_index=torch.tensor([len(ids) - 1], device=dev),
             )
             self.cache.end_prefill()
             first.append(logits[0])
@@ -64,8 +62,8 @@ class Driver:
         fed = torch.randint(3, self.cfg.vocab_size, (steps, len(prompts)), generator=gen).to(dev)
         for tokens in fed:
             self.cache.begin_decode(seqs)
-            positions = torch.tensor([self.cache.lengths[s] for s in seqs], device=dev)
-            logits = self.model(tokens, positions, self.rope, self.cache, "decode")
+            positions = torch.tensor([self.cache.length(s) for s in seqs], device=dev)
+            logits = run_model(self.model, tokens, positions, self.rope, self.cache, "decode")
             self.cache.end_decode()
             out.append(logits)
         return torch.stack(out)
@@ -172,7 +170,7 @@ def test_attention_equals_masked_dense(tiny_checkpoint, method):
     Hkv, D = drv.cfg.num_kv_heads, drv.cfg.head_dim
     for layer, q, pos, valid, out in calls[-drv.cfg.num_layers :]:
         for b, sid in enumerate(range(len(lens))):
-            length = cache.lengths[sid]  # includes the token of this (last) step
+            length = cache.length(sid)  # includes the token of this (last) step
             slots = cache._slots(sid, 0, length)
             k = cache.k_cache[layer].view(-1, Hkv, D)[slots].double()  # [L, Hkv, D]
             v = cache.v_cache[layer].view(-1, Hkv, D)[slots].double()
@@ -198,7 +196,7 @@ def test_quest_bounds_are_true_bounds(tiny_checkpoint):
     assert isinstance(cache, QuestCache)
     Hkv, D, S = drv.cfg.num_kv_heads, drv.cfg.head_dim, cache.cfg.page_size
     slots = cache._slots(0, 0, 77)
-    blocks = cache.block_tables[cache.rows[0]].long()
+    blocks = cache.block_tables[cache.seqs[0].row].long()
     for layer in range(drv.cfg.num_layers):
         k = cache.k_cache[layer].view(-1, Hkv, D)[slots]  # [77, Hkv, D]
         for page in range(-(-77 // S)):
@@ -296,7 +294,7 @@ def test_llm_generates_like_dense_at_full_budget(tiny_checkpoint):
     engine = EngineConfig(max_model_len=MAX_LEN, cache_memory_gb=0.01)
     ref = [r.token_ids for r in LLM(ckpt, engine=engine, device="cpu").generate(prompts, params)]
     for method in ("quest", "loki"):  # the two with prefill metadata; selection is shared
-        cache = CacheConfig(method=method, sparse_budget=1024)
+        cache = method_config(method, sparse_budget=1024)
         llm = LLM(ckpt, cache=cache, engine=engine, device="cpu")
         got = [r.token_ids for r in llm.generate(prompts, params)]
         assert got == ref, method

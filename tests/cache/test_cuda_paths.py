@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shadowkv import LLM, CacheConfig, CacheOptions, EngineConfig, SamplingParams
+from shadowkv import LLM, CacheOptions, DenseConfig, EngineConfig, SamplingParams, ShadowKVConfig
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA path: needs an NVIDIA GPU (run benchmarks/gpu_check.sh)"
@@ -24,8 +24,8 @@ STEPS = 10
 # Budget that selects every landmark chunk: (T // 8 - 4 local - 2 outlier chunks) * 8 tokens,
 # per prompt through CacheOptions; the engine's own budget is the largest of them.
 FULL_BUDGETS = [(len(p) // 8 - 6) * 8 for p in PROMPTS]
-FULL = dict(method="shadowkv", sparse_budget=max(FULL_BUDGETS), rank=1.0, outlier_chunks=2)
-SPARSE = dict(method="shadowkv", sparse_budget=32, rank=0.5, outlier_chunks=2)
+FULL = dict(sparse_budget=max(FULL_BUDGETS), rank=1.0, outlier_chunks=2)
+SPARSE = dict(sparse_budget=32, rank=0.5, outlier_chunks=2)
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,12 @@ def path(tiny_checkpoint) -> Path:
     return tiny_checkpoint("llama", num_heads=8, num_kv_heads=2, head_dim=64, vocab_size=96)
 
 
-def tokens(path: Path, device: str, cache: dict | None, one_by_one: bool = False) -> list[list[int]]:
+def tokens(
+    path: Path, device: str, cache: dict | None, one_by_one: bool = False, overlap: bool = True
+) -> list[list[int]]:
     llm = LLM(
-        str(path), device=device, cache=CacheConfig(**cache) if cache else CacheConfig(),
+        str(path), device=device,
+        cache=ShadowKVConfig(**cache, overlap_fetch=overlap) if cache else DenseConfig(),
         engine=EngineConfig(cache_memory_gb=0.05, dtype="float32"),
     )
     params = SamplingParams(max_tokens=STEPS)
@@ -45,20 +48,18 @@ def tokens(path: Path, device: str, cache: dict | None, one_by_one: bool = False
     return [r.token_ids for r in llm.generate(PROMPTS, params, cache_options=opts)]
 
 
-@pytest.mark.parametrize("overlap", ["1", "0"], ids=["fetch-stream", "one-stream"])
-def test_full_budget_full_rank_equals_dense_on_cuda(path: Path, overlap: str, monkeypatch) -> None:
-    monkeypatch.setenv("SHADOWKV_OVERLAP_FETCH", overlap)
+@pytest.mark.parametrize("overlap", [True, False], ids=["fetch-stream", "one-stream"])
+def test_full_budget_full_rank_equals_dense_on_cuda(path: Path, overlap: bool) -> None:
     dense = tokens(path, "cuda", None)
-    assert tokens(path, "cuda", FULL) == dense
+    assert tokens(path, "cuda", FULL, overlap=overlap) == dense
     assert tokens(path, "cpu", None) == dense
 
 
-@pytest.mark.parametrize("overlap", ["1", "0"], ids=["fetch-stream", "one-stream"])
-def test_sparse_cuda_equals_cpu_and_batch_equals_alone(path: Path, overlap: str, monkeypatch) -> None:
-    monkeypatch.setenv("SHADOWKV_OVERLAP_FETCH", overlap)
-    gpu = tokens(path, "cuda", SPARSE)
+@pytest.mark.parametrize("overlap", [True, False], ids=["fetch-stream", "one-stream"])
+def test_sparse_cuda_equals_cpu_and_batch_equals_alone(path: Path, overlap: bool) -> None:
+    gpu = tokens(path, "cuda", SPARSE, overlap=overlap)
     assert gpu == tokens(path, "cpu", SPARSE)
-    assert gpu == tokens(path, "cuda", SPARSE, one_by_one=True)
+    assert gpu == tokens(path, "cuda", SPARSE, one_by_one=True, overlap=overlap)
 
 
 def test_host_and_device_value_tiers_decode_alike(path: Path) -> None:
@@ -68,14 +69,14 @@ def test_host_and_device_value_tiers_decode_alike(path: Path) -> None:
     # pages (+ the null page), so the 300-token prompt (3 pages) goes to the host and the others
     # (2 pages each) to the device tier.
     mixed = dict(SPARSE, host_memory_gb=5 * 2**17 / 2**30, device_value_memory_gb=0.01)
-    llm = LLM(str(path), device="cuda", cache=CacheConfig(**mixed),
+    llm = LLM(str(path), device="cuda", cache=ShadowKVConfig(**mixed),
               engine=EngineConfig(cache_memory_gb=0.05, dtype="float32"))
     engine = llm.engine
     reqs = [engine.add_request(p, SamplingParams(max_tokens=STEPS)) for p in PROMPTS]
     tiers = set()
     while engine.has_unfinished():
         engine.step()
-        tiers |= {engine.cache.tables.value_tier[r.request_id] for r in engine.running}
+        tiers |= {engine.cache.record(r.request_id).value_tier for r in engine.running}
     assert tiers == {HOST, DEVICE}
     assert [r.output_ids for r in reqs] == tokens(path, "cuda", SPARSE, one_by_one=True)
 
@@ -90,7 +91,7 @@ def test_graph_steps_equal_the_uncaptured_step(path: Path, cache: dict | None, d
 
     def run(mode: str):
         llm = LLM(
-            str(path), device="cuda", cache=CacheConfig(**cache) if cache else CacheConfig(),
+            str(path), device="cuda", cache=ShadowKVConfig(**cache) if cache else DenseConfig(),
             engine=EngineConfig(cache_memory_gb=0.05, dtype=dtype, decode_mode=mode),
         )
         return [r.token_ids for r in llm.generate(PROMPTS, params)], llm.engine.runner
@@ -104,7 +105,7 @@ def test_graph_steps_equal_the_uncaptured_step(path: Path, cache: dict | None, d
 
 
 def test_auto_mode_captures_on_cuda(path: Path) -> None:
-    llm = LLM(str(path), device="cuda", cache=CacheConfig(**SPARSE),
+    llm = LLM(str(path), device="cuda", cache=ShadowKVConfig(**SPARSE),
               engine=EngineConfig(cache_memory_gb=0.05, dtype="float32"))
     llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, ignore_eos=True))
     assert llm.engine.runner.mode == "graph" and llm.engine.runner.captures == 1

@@ -9,17 +9,25 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from utils import PASSKEY_ANSWER, assert_close_verbose, passkey_prompt, read_essays
+from utils import (
+    PASSKEY_ANSWER,
+    assert_close_verbose,
+    cache_for,
+    passkey_prompt,
+    read_essays,
+    run_model,
+)
 
-from shadowkv import LLM, CacheConfig, EngineConfig, SamplingParams
-from shadowkv.cache import CacheCapacityError, make_cache
+from shadowkv import LLM, DenseConfig, EngineConfig, SamplingParams, ShadowKVConfig
+from shadowkv.cache import CacheCapacityError
 from shadowkv.cache.base import CacheOptions
 from shadowkv.cache.shadow import ShadowKVCache
 from shadowkv.cache.shadow_prefill import lowrank_factors, summarize_chunks
+from shadowkv.cache.shadow_tables import BLOCKS, FACTOR, VALUE_POOLS
 from shadowkv.cache.store import HOST
 from shadowkv.config import ConfigError, ModelConfig
+from shadowkv.kernels.rope import apply_rope
 from shadowkv.models.loader import load_model
-from shadowkv.models.rope import RotaryEmbedding
 
 CPU = torch.device("cpu")
 MAX_LEN = 512
@@ -32,12 +40,12 @@ def greedy_with_logits(model, rope, cache, prompt: list[int], steps: int, seq_id
     cache.begin_prefill(seq_id, n)
     ids, pos = torch.tensor(prompt, device=dev), torch.arange(n, device=dev)
     last = torch.tensor([n - 1], device=dev)
-    logits = [model(ids, pos, rope, cache, "prefill", logits_index=last)[0]]
+    logits = [run_model(model, ids, pos, rope, cache, "prefill", logits_index=last)[0]]
     cache.end_prefill()
     for _ in range(steps):
         cache.begin_decode([seq_id])
-        pos = torch.tensor([cache.lengths[seq_id]], device=dev)
-        logits.append(model(logits[-1].argmax()[None], pos, rope, cache, "decode")[0])
+        pos = torch.tensor([cache.length(seq_id)], device=dev)
+        logits.append(run_model(model, logits[-1].argmax()[None], pos, rope, cache, "decode")[0])
         cache.end_decode()
     out = torch.stack(logits)
     cache.free_sequence(seq_id)
@@ -126,52 +134,50 @@ def tiny_model_config(num_heads=6, num_kv_heads=2, head_dim=16, num_layers=1) ->
 
 
 def make_shadow(
-    cfg: CacheConfig,
+    cfg: ShadowKVConfig,
     mcfg: ModelConfig | None = None,
     max_len: int = MAX_LEN,
     memory: int = 2**24,
     seqs: int = 4,
 ) -> ShadowKVCache:
-    mcfg = mcfg or tiny_model_config()
-    rope = RotaryEmbedding(mcfg.rope, mcfg.head_dim, max_len)
-    cache = make_cache(mcfg, cfg, rope, CPU, torch.float32, seqs, max_len, memory)
+    cache, _ = cache_for(mcfg or tiny_model_config(), cfg, max_len, seqs, memory)
     assert isinstance(cache, ShadowKVCache)
     return cache
 
 
 def test_refuses_settings_where_every_prompt_runs_dense() -> None:
     with pytest.raises(ConfigError, match="every prompt would run dense"):
-        make_shadow(CacheConfig(method="shadowkv"), max_len=1024)  # defaults need 2464 tokens
+        make_shadow(ShadowKVConfig(), max_len=1024)  # defaults need 2464 tokens
 
 
 def test_refuses_rank_wider_than_keys() -> None:
     with pytest.raises(ConfigError, match="exceeds the key width"):
-        make_shadow(CacheConfig(method="shadowkv", sparse_budget=32, outlier_chunks=2, rank=40))
+        make_shadow(ShadowKVConfig(sparse_budget=32, outlier_chunks=2, rank=40))
 
 
 def test_refuses_device_budget_below_per_sequence_state() -> None:
     with pytest.raises(ConfigError, match="cache_memory_gb"):
-        make_shadow(CacheConfig(method="shadowkv", sparse_budget=32, outlier_chunks=2), memory=1024)
+        make_shadow(ShadowKVConfig(sparse_budget=32, outlier_chunks=2), memory=1024)
 
 
 def test_admission_checks_host_store_and_frees_pages() -> None:
-    cfg = CacheConfig(method="shadowkv", sparse_budget=32, outlier_chunks=2, host_memory_gb=5e-5)
+    cfg = ShadowKVConfig(sparse_budget=32, outlier_chunks=2, host_memory_gb=5e-5)
     cache = make_shadow(cfg)  # 53 KB of host store: three 16 KiB pages, one the null page
-    assert cache.can_add(200, 8) and cache.tables.layouts == {}
+    assert cache.can_add(200, 8) and cache.seqs == {}
     cache.add_sequence(0, 200, 8)
     assert not cache.can_add(200, 8)
     with pytest.raises(CacheCapacityError, match="host_memory_gb"):
         cache.add_sequence(1, 200, 8)
     assert cache.can_add(60, 8), "a prompt short enough to run dense needs no host store"
-    host = cache.store.tiers[HOST].pool
-    free = (cache.factor_pool.num_free, cache.block_pool.num_free, host.num_free)
+    host, factor = cache.allocators[VALUE_POOLS[HOST]], cache.allocators[FACTOR]
+    free = (factor.num_free, host.num_free)
     cache.free_sequence(0)
     assert cache.can_add(200, 8)
-    assert host.num_free == free[2] + 2 and cache.factor_pool.num_free == free[0] + 2
+    assert host.num_free == free[1] + 2 and factor.num_free == free[0] + 2
 
 
 def test_fits_empty_judges_the_empty_pools_not_the_busy_ones() -> None:
-    cfg = CacheConfig(method="shadowkv", sparse_budget=32, outlier_chunks=2, host_memory_gb=5e-5)
+    cfg = ShadowKVConfig(sparse_budget=32, outlier_chunks=2, host_memory_gb=5e-5)
     cache = make_shadow(cfg)  # two usable store pages of 16 chunks (256 tokens)
     cache.add_sequence(0, 200, 8)
     assert not cache.can_add(200, 8) and cache.fits_empty(200, 8), "busy now, fits once empty"
@@ -181,40 +187,41 @@ def test_fits_empty_judges_the_empty_pools_not_the_busy_ones() -> None:
 
 
 def test_request_options_plan_the_sequence() -> None:
-    cache = make_shadow(CacheConfig(method="shadowkv", sparse_budget=32, outlier_chunks=2))
+    cache = make_shadow(ShadowKVConfig(sparse_budget=32, outlier_chunks=2))
     cache.add_sequence(0, 200, 8, CacheOptions(exact=True))
     cache.add_sequence(1, 200, 8, CacheOptions(sparse_budget=16))
     cache.add_sequence(2, 200, 8, CacheOptions(sparse_budget=400))  # capped at the engine's
-    lays = [cache.tables.layouts[s] for s in range(3)]
+    lays = [cache.record(s).lay for s in range(3)]
     assert lays[0].dense and lays[0].buffer_rows == 208 and cache.memory(0).host_bytes == 0
     assert (lays[1].num_select, lays[2].num_select) == (2, 4)
-    assert cache.options[0].exact and cache.options[1].sparse_budget == 16
+    assert cache.seqs[0].options.exact and cache.seqs[1].options.sparse_budget == 16
     cache.free_sequence(0)
-    assert 0 not in cache.options
+    assert 0 not in cache.seqs
 
 
 def test_store_allocation_failure_refuses_admission_not_startup() -> None:
-    cfg = CacheConfig(method="shadowkv", sparse_budget=32, outlier_chunks=2, host_memory_gb=1e6)
+    cfg = ShadowKVConfig(sparse_budget=32, outlier_chunks=2, host_memory_gb=1e6)
     cache = make_shadow(cfg)  # a petabyte store: allocated lazily, so construction succeeds
     # No device tier to hand over to (CPU): the tier is turned off, with a warning, and refused.
     with pytest.warns(RuntimeWarning, match="without the host value tier"), pytest.raises(
         CacheCapacityError, match="host_memory_gb lower"
     ):
         cache.add_sequence(0, 200, 8)
-    assert not cache.tables.rows and cache.block_pool.num_free == cache.block_pool.capacity
-    assert cache.store.tiers[0].pool.capacity == 0
+    blocks = cache.allocators[BLOCKS]
+    assert not cache.seqs and blocks.num_free == blocks.capacity
+    assert cache.store.tiers[0].pages.capacity == 0
     cache.add_sequence(1, 60, 8)  # dense fallback needs no store
 
 
 def test_memory_accounting_is_honest() -> None:
     mcfg = tiny_model_config(num_layers=2)
-    cfg = CacheConfig(method="shadowkv", sparse_budget=32, outlier_chunks=2, rank=8)
+    cfg = ShadowKVConfig(sparse_budget=32, outlier_chunks=2, rank=8)
     cache = make_shadow(cfg, mcfg)
     T, new = 300, 20
     cache.add_sequence(7, T, new)
-    cache.lengths[7] = T
+    cache.seqs[7].length = T
     L, Hkv, D, C, R = 2, 2, 16, 8, 8
-    lay = cache.tables.layouts[7]
+    lay = cache.record(7).lay
     assert (lay.local_len, lay.num_select, lay.num_landmarks) == (32 + 4, 4, 37 - 4 - 2)
     rows = lay.local_len + 2 * C + 4 * C + new
     device = L * (
@@ -244,19 +251,17 @@ FAMILIES = [
 @pytest.mark.parametrize("family,shape", FAMILIES)
 def test_full_budget_full_rank_equals_dense(tiny_checkpoint, family, shape) -> None:
     mcfg, model = load_model(tiny_checkpoint(family, **shape), CPU, torch.float32)
-    rope = RotaryEmbedding(mcfg.rope, mcfg.head_dim, MAX_LEN)
-    dense = make_cache(mcfg, CacheConfig(), rope, CPU, torch.float32, 2, MAX_LEN, 2**24)
+    dense, rope = cache_for(mcfg, DenseConfig(), MAX_LEN, 2)
     for n in (141, 50):  # 50 tokens fall back to dense for this budget
-        cfg = CacheConfig(
-            method="shadowkv", sparse_budget=full_budget(141), outlier_chunks=2, rank=1.0
+        cfg = ShadowKVConfig(sparse_budget=full_budget(141), outlier_chunks=2, rank=1.0
         )
-        shadow = make_cache(mcfg, cfg, rope, CPU, torch.float32, 2, MAX_LEN, 2**24)
+        shadow, _ = cache_for(mcfg, cfg, MAX_LEN, 2)
         prompt = torch.randint(
             3, mcfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n)
         ).tolist()
         want_tokens, want = greedy_with_logits(model, rope, dense, prompt, 10)
         shadow.add_sequence(99, n, 1)
-        assert shadow.tables.layouts[99].dense == (n == 50)
+        assert shadow.record(99).lay.dense == (n == 50)
         shadow.free_sequence(99)
         got_tokens, got = greedy_with_logits(model, rope, shadow, prompt, 10)
         assert got_tokens == want_tokens
@@ -271,10 +276,9 @@ def test_generation_has_no_fixed_cap_and_overruns_raise(tiny_checkpoint) -> None
     mcfg, model = load_model(
         tiny_checkpoint("llama", num_heads=6, num_kv_heads=2, head_dim=16), CPU, torch.float32
     )
-    rope = RotaryEmbedding(mcfg.rope, mcfg.head_dim, MAX_LEN)
-    dense = make_cache(mcfg, CacheConfig(), rope, CPU, torch.float32, 1, MAX_LEN, 2**24)
-    cfg = CacheConfig(method="shadowkv", sparse_budget=full_budget(97), outlier_chunks=2, rank=1.0)
-    shadow = make_cache(mcfg, cfg, rope, CPU, torch.float32, 1, MAX_LEN, 2**24)
+    dense, rope = cache_for(mcfg, DenseConfig(), MAX_LEN, 1)
+    cfg = ShadowKVConfig(sparse_budget=full_budget(97), outlier_chunks=2, rank=1.0)
+    shadow, _ = cache_for(mcfg, cfg, MAX_LEN, 1)
     prompt = torch.randint(
         3, mcfg.vocab_size, (97,), generator=torch.Generator().manual_seed(9)
     ).tolist()
@@ -285,11 +289,11 @@ def test_generation_has_no_fixed_cap_and_overruns_raise(tiny_checkpoint) -> None
     assert_close_verbose(got, want, atol=1e-4, rtol=1e-4, what="logits over 150 generated tokens")
     shadow.add_sequence(0, 97, 2)
     shadow.begin_prefill(0, 97)
-    model(torch.tensor(prompt), torch.arange(97), rope, shadow, "prefill")
+    run_model(model, torch.tensor(prompt), torch.arange(97), rope, shadow, "prefill")
     shadow.end_prefill()
     for _ in range(2):
         shadow.begin_decode([0])
-        model(torch.tensor([5]), torch.tensor([shadow.lengths[0]]), rope, shadow, "decode")
+        run_model(model, torch.tensor([5]), torch.tensor([shadow.length(0)]), rope, shadow, "decode")
         shadow.end_decode()
     with pytest.raises(CacheCapacityError, match="reserved at admission"):
         shadow.begin_decode([0])
@@ -297,7 +301,7 @@ def test_generation_has_no_fixed_cap_and_overruns_raise(tiny_checkpoint) -> None
 
 def test_ragged_batch_matches_each_sequence_alone(tiny_checkpoint) -> None:
     path = tiny_checkpoint("llama", num_heads=6, num_kv_heads=2, head_dim=16)
-    cfg = CacheConfig(method="shadowkv", sparse_budget=32, outlier_chunks=2, rank=0.5)
+    cfg = ShadowKVConfig(sparse_budget=32, outlier_chunks=2, rank=0.5)
     llm = LLM(
         str(path),
         cache=cfg,
@@ -309,7 +313,7 @@ def test_ragged_batch_matches_each_sequence_alone(tiny_checkpoint) -> None:
     params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (14, 9, 12)]
     batched = llm.generate(prompts, params)
     cache = llm.engine.cache
-    assert isinstance(cache, ShadowKVCache) and not cache.tables.rows, (
+    assert isinstance(cache, ShadowKVCache) and not cache.seqs, (
         "finished sequences free their slots"
     )
     alone = [llm.generate(p, q)[0] for p, q in zip(prompts, params)]
@@ -331,16 +335,19 @@ def test_ragged_batch_matches_each_sequence_alone(tiny_checkpoint) -> None:
 def test_slot_buffer_holds_exactly_the_selected_chunks(lengths, seeds, budget) -> None:
     C, Hkv, D, G = 8, 2, 16, 3
     mcfg = tiny_model_config(num_heads=Hkv * G, num_kv_heads=Hkv, head_dim=D)
-    cfg = CacheConfig(
-        method="shadowkv", sparse_budget=budget, outlier_chunks=2, local_chunks=2, rank=1.0
-    )
+    cfg = ShadowKVConfig(sparse_budget=budget, outlier_chunks=2, local_chunks=2, rank=1.0)
     cache = make_shadow(cfg, mcfg)
     rope = cache.rope
+
+    def rotate(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = rope.rows(positions)
+        return apply_rope(x[:, :1], x, cos, sin)[1]
+
     gen = torch.Generator().manual_seed(seeds[0])
     truth = {}
     for sid, n in enumerate(lengths):
         k_pre = torch.randn(n, Hkv, D, generator=gen)
-        k, v = rope.apply(k_pre, torch.arange(n)), torch.randn(n, Hkv, D, generator=gen)
+        k, v = rotate(k_pre, torch.arange(n)), torch.randn(n, Hkv, D, generator=gen)
         cache.add_sequence(sid, n, len(seeds))
         cache.begin_prefill(sid, n)
         cache.prefill(0, torch.randn(n, Hkv * G, D, generator=gen), k, v, k_pre)
@@ -352,15 +359,15 @@ def test_slot_buffer_holds_exactly_the_selected_chunks(lengths, seeds, budget) -
         q = 3 * torch.randn(len(seqs), Hkv * G, D, generator=g)
         kv = torch.randn(len(seqs), Hkv, D, generator=g)
         cache.begin_decode(seqs)
-        positions = torch.tensor([cache.lengths[s] for s in seqs])
-        cache.decode(0, q, rope.apply(kv, positions), kv, kv)
+        positions = torch.tensor([cache.length(s) for s in seqs])
+        cache.decode(0, q, rotate(kv, positions), kv, kv)
         cache.end_decode()
         for b, sid in enumerate(seqs):
-            lay = cache.tables.layouts[sid]
+            lay = cache.record(sid).lay
             if lay.dense:
                 continue
             k, v = truth[sid]
-            row = cache.tables.rows[sid]
+            row = cache.record(sid).row
             slots = cache.selection[0][row, :, : lay.num_select].long()  # [Hkv, K]
             table = cache.tables.factor[row].long()
             n = torch.arange(lay.num_landmarks)
@@ -373,7 +380,7 @@ def test_slot_buffer_holds_exactly_the_selected_chunks(lengths, seeds, budget) -
             for h in range(Hkv):
                 assert set(slots[h].tolist()) == set(ids[top[h], h].tolist())
             end = lay.select_start + lay.num_select * C
-            rows = cache.tables.buffer_rows(sid, lay.select_start, end).view(-1, C)  # [K, C]
+            rows = cache.tables.buffer_rows(row, lay.select_start, end).view(-1, C)  # [K, C]
             got_k = cache.k_buf[0].view(-1, Hkv, D)[rows].permute(2, 0, 1, 3)  # [Hkv, K, C, D]
             got_v = cache.v_buf[0].view(-1, Hkv, D)[rows].permute(2, 0, 1, 3)
             tok = slots[..., None] * C + torch.arange(C)  # [Hkv, K, C]
@@ -386,9 +393,7 @@ def test_slot_buffer_holds_exactly_the_selected_chunks(lengths, seeds, budget) -
 def test_smollm2_full_budget_matches_dense(smollm2, smollm2_dir, pg_essays) -> None:
     prompt = smollm2.encode(passkey_prompt(read_essays(pg_essays), smollm2.tokenizer, 1000))
     n = len(prompt)
-    cfg = CacheConfig(
-        method="shadowkv", sparse_budget=full_budget(n, outliers=8), outlier_chunks=8, rank=1.0
-    )
+    cfg = ShadowKVConfig(sparse_budget=full_budget(n, outliers=8), outlier_chunks=8, rank=1.0)
     shadow = LLM(str(smollm2_dir), cache=cfg, device="cpu")
     dense_engine, shadow_engine = smollm2.engine, shadow.engine
     want_tokens, want = greedy_with_logits(
@@ -408,7 +413,7 @@ def test_smollm2_passkey_at_budget_512(smollm2, smollm2_dir, pg_essays) -> None:
     text = passkey_prompt(read_essays(pg_essays), smollm2.tokenizer, 2048)
     params = SamplingParams(max_tokens=6)
     want = smollm2.generate(text, params)[0]
-    cfg = CacheConfig(method="shadowkv", sparse_budget=512, outlier_chunks=8, rank=48)
+    cfg = ShadowKVConfig(sparse_budget=512, outlier_chunks=8, rank=48)
     shadow = LLM(str(smollm2_dir), cache=cfg, device="cpu")
     got = shadow.generate(text, params)[0]
     assert PASSKEY_ANSWER in want.text, f"dense SmolLM2 should find the passkey: {want.text!r}"

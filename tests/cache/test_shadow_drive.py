@@ -1,11 +1,12 @@
-"""``drive_hit_rate`` (benchmark control): the selection keeps the asked share of chunks."""
+"""``DrivenSelection`` (benchmark control): the selection keeps the asked share of chunks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from shadowkv import LLM, CacheConfig, EngineConfig, SamplingParams
+from shadowkv import LLM, EngineConfig, SamplingParams, ShadowKVConfig
+from shadowkv.cache.shadow_drive import DrivenSelection, LandmarkSelection
 
 PROMPTS = [[(k * i) % 90 + 3 for i in range(n)] for k, n in ((7, 900), (11, 700))]
 
@@ -16,10 +17,10 @@ def path(tiny_checkpoint):
 
 
 def hit_rate(path, drive: float | None, mode: str = "eager") -> float:
-    cfg = CacheConfig(method="shadowkv", sparse_budget=160, rank=0.5, outlier_chunks=2)
+    cfg = ShadowKVConfig(sparse_budget=160, rank=0.5, outlier_chunks=2)
     llm = LLM(str(path), device="cpu", cache=cfg,
               engine=EngineConfig(cache_memory_gb=0.05, decode_mode=mode))
-    llm.engine.cache.drive_hit_rate = drive
+    llm.engine.cache.set_selection(LandmarkSelection() if drive is None else DrivenSelection(drive))
     llm.generate(PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))
     rates = llm.engine.cache.hit_rate()
     return sum(rates) / len(rates)
@@ -52,8 +53,10 @@ def test_driven_scores_keep_exactly_the_share_and_only_landmarks() -> None:
     tables = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]], dtype=torch.int32)
     num_landmarks = torch.tensor([N, 40], dtype=torch.int32)
     num_select = torch.tensor([10, 8], dtype=torch.int32)
-    sp = SparsePlan(tables, tables, tables, num_landmarks, num_select,
-                    torch.zeros(B, 10 * 8, dtype=torch.int64), torch.ones(B, dtype=torch.bool), ((0, None),))
+    sp = SparsePlan(
+        tables, tables, tables, num_landmarks, num_select,
+        torch.zeros(B, 10 * 8, dtype=torch.int64), torch.ones(B, dtype=torch.bool), ((0, None),),
+    )
     prev = torch.full((B, Hkv, 10), -1, dtype=torch.int32)
     prev[0] = ids[torch.arange(10) * 3].to(torch.int32)  # 10 held chunks
     prev[1, :, :8] = ids[torch.arange(8) * 4 + 1].to(torch.int32)  # 8 held, 2 empty slots
@@ -68,17 +71,18 @@ def test_driven_scores_keep_exactly_the_share_and_only_landmarks() -> None:
             assert len(held & set(chosen[h].tolist())) == round(0.7 * k)
 
 
-def test_a_new_drive_setting_is_a_new_step_key(path) -> None:
-    """A captured step bakes the setting in: changing it must not replay the old graph."""
-    cfg = CacheConfig(method="shadowkv", sparse_budget=160, rank=0.5, outlier_chunks=2)
+def test_a_new_selection_policy_drops_the_captured_steps(path) -> None:
+    """A captured step bakes the policy in: changing it must not replay the old graph."""
+    cfg = ShadowKVConfig(sparse_budget=160, rank=0.5, outlier_chunks=2)
     llm = LLM(str(path), device="cpu", cache=cfg,
               engine=EngineConfig(cache_memory_gb=0.05, decode_mode="static"))
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     llm.generate(PROMPTS, params)
-    before = set(llm.engine.runner._steps)
-    llm.engine.cache.drive_hit_rate = 0.5
+    before = dict(llm.engine.runner._steps)
+    assert before
+    llm.engine.cache.set_selection(DrivenSelection(0.5))
     llm.engine.cache.reset_hit_rate()
     llm.generate(PROMPTS, params)
-    after = set(llm.engine.runner._steps) - before
-    assert after and all(key[1].drive_hit_rate == 0.5 for key in after)
+    after = llm.engine.runner._steps
+    assert after and all(step is not before.get(key) for key, step in after.items())
     assert sum(llm.engine.cache.hit_rate()) / 2 == pytest.approx(0.5, abs=0.02)

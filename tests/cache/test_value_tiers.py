@@ -12,21 +12,22 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
 
-from shadowkv import LLM, CacheConfig, EngineConfig, SamplingParams  # noqa: E402
+from shadowkv import LLM, DenseConfig, EngineConfig, SamplingParams, ShadowKVConfig  # noqa: E402
 from shadowkv.bench.harness import max_batch  # noqa: E402
-from shadowkv.cache import CacheCapacityError, make_cache  # noqa: E402
+from shadowkv.cache import CacheCapacityError  # noqa: E402
 from shadowkv.cache.shadow import ShadowKVCache  # noqa: E402
-from shadowkv.cache.store import DEVICE, HOST, device_tier_seqs  # noqa: E402
+from shadowkv.cache.shadow_sizing import device_tier_seqs  # noqa: E402
+from shadowkv.cache.store import DEVICE, HOST  # noqa: E402
 from shadowkv.commands import bench as bench_cmd  # noqa: E402
 from shadowkv.commands.common import add_model_args, cache_config_from_args  # noqa: E402
 from shadowkv.config import ConfigError, ModelConfig  # noqa: E402
 from shadowkv.kernels.gather_values.reference import gather_values as gather_ref  # noqa: E402
 from shadowkv.kernels.gather_values.triton import gather_values as gather_triton  # noqa: E402
-from shadowkv.models.rope import RotaryEmbedding  # noqa: E402
+from utils import cache_for  # noqa: E402
 
 CPU = torch.device("cpu")
 MAX_LEN = 512
-KNOBS = {"method": "shadowkv", "sparse_budget": 32, "outlier_chunks": 2}
+KNOBS = {"sparse_budget": 32, "outlier_chunks": 2}
 
 
 def page_bytes(num_layers: int, kv_dim: int = 32, chunk: int = 8) -> int:
@@ -39,10 +40,9 @@ def tier_gb(num_pages: int, num_layers: int = 1) -> float:
     return (num_pages + 1) * page_bytes(num_layers) / 2**30
 
 
-def make_shadow(cfg: CacheConfig, seqs: int = 6, memory: int = 2**24) -> ShadowKVCache:
+def make_shadow(cfg: ShadowKVConfig, seqs: int = 6, memory: int = 2**24) -> ShadowKVCache:
     mcfg = ModelConfig("llama", 64, 96, 64, 1, 6, 2, 16)  # Hkv=2, D=16: kv_dim 32
-    rope = RotaryEmbedding(mcfg.rope, mcfg.head_dim, MAX_LEN)
-    cache = make_cache(mcfg, cfg, rope, CPU, torch.float32, seqs, MAX_LEN, memory)
+    cache, _ = cache_for(mcfg, cfg, MAX_LEN, seqs, memory)
     assert isinstance(cache, ShadowKVCache)
     return cache
 
@@ -50,19 +50,19 @@ def make_shadow(cfg: CacheConfig, seqs: int = 6, memory: int = 2**24) -> ShadowK
 # admission, freeing and accounting -------------------------------------------------------------
 def test_batch_is_host_plus_device_sequences_and_the_next_is_refused() -> None:
     # 200 tokens = 25 chunks = 2 pages: room for N=2 on the host tier and M=1 on the device tier.
-    cfg = CacheConfig(**KNOBS, host_memory_gb=tier_gb(4), device_value_memory_gb=tier_gb(2))
+    cfg = ShadowKVConfig(**KNOBS, host_memory_gb=tier_gb(4), device_value_memory_gb=tier_gb(2))
     cache = make_shadow(cfg)
     for seq in range(3):
         assert cache.can_add(200, 8)
         cache.add_sequence(seq, 200, 8)
-    assert [cache.tables.value_tier[s] for s in range(3)] == [HOST, HOST, DEVICE]
+    assert [cache.record(s).value_tier for s in range(3)] == [HOST, HOST, DEVICE]
     assert not cache.can_add(200, 8) and cache.fits_empty(200, 8)
     with pytest.raises(CacheCapacityError) as err:
         cache.add_sequence(3, 200, 8)
     for words in ("host tier has 0 free of 4", "device tier 0 free of 2", "--host-memory-gb",
                   "--device-value-memory-gb"):
         assert words in str(err.value), words
-    assert 3 not in cache.tables.rows and cache.can_add(60, 8), "dense fallback needs no tier"
+    assert 3 not in cache.seqs and cache.can_add(60, 8), "dense fallback needs no tier"
 
 
 class FakeCudart:
@@ -94,7 +94,7 @@ def test_the_host_tier_pins_exactly_its_size_and_unpins_when_freed(monkeypatch) 
     """Pinned in place, not through PyTorch's host allocator, which rounds to a power of two."""
     import gc
 
-    cfg = CacheConfig(**KNOBS, host_memory_gb=tier_gb(5))  # 6 pages: not a power of two
+    cfg = ShadowKVConfig(**KNOBS, host_memory_gb=tier_gb(5))  # 6 pages: not a power of two
     cache = make_shadow(cfg)
     cudart = fake_pinning(cache, monkeypatch, fail=False)
     cache.add_sequence(0, 200, 8)
@@ -106,50 +106,50 @@ def test_the_host_tier_pins_exactly_its_size_and_unpins_when_freed(monkeypatch) 
 
 
 def test_a_host_tier_that_cannot_be_pinned_hands_over_to_the_device_tier(monkeypatch) -> None:
-    cfg = CacheConfig(**KNOBS, host_memory_gb=tier_gb(4), device_value_memory_gb=tier_gb(2))
+    cfg = ShadowKVConfig(**KNOBS, host_memory_gb=tier_gb(4), device_value_memory_gb=tier_gb(2))
     cache = make_shadow(cfg)
     fake_pinning(cache, monkeypatch, fail=True)
     with pytest.warns(RuntimeWarning, match="could not allocate .*cudaHostRegister .* failed"):
         cache.add_sequence(0, 200, 8)
-    assert cache.tables.value_tier[0] == DEVICE
-    assert cache.store.tiers[HOST].pool.capacity == 0 and cache.store.live_tiers() == (DEVICE,)
+    assert cache.record(0).value_tier == DEVICE
+    assert cache.store.tiers[HOST].pages.capacity == 0 and cache.store.live_tiers() == (DEVICE,)
     assert not cache.can_add(200, 8), "the device tier is full and the host tier is gone"
     with pytest.raises(CacheCapacityError, match="host tier has 0 free of 0"):
         cache.add_sequence(1, 200, 8)
     cache.free_sequence(0)
     cache.add_sequence(2, 200, 8)  # no second pinning attempt, no warning
-    assert cache.tables.value_tier[2] == DEVICE
+    assert cache.record(2).value_tier == DEVICE
 
 
 def test_a_host_tier_that_cannot_be_pinned_and_no_device_tier_refuse(monkeypatch) -> None:
-    cache = make_shadow(CacheConfig(**KNOBS, host_memory_gb=tier_gb(4)))
+    cache = make_shadow(ShadowKVConfig(**KNOBS, host_memory_gb=tier_gb(4)))
     fake_pinning(cache, monkeypatch, fail=True)
     with pytest.warns(RuntimeWarning), pytest.raises(CacheCapacityError, match="could not allocate"):
         cache.add_sequence(0, 200, 8)
-    assert 0 not in cache.tables.rows and not cache.factor_pool.owned and not cache.block_pool.owned
+    assert 0 not in cache.seqs and all(a.num_used == 0 for a in cache.allocators.values())
 
 
 def test_device_tier_off_keeps_the_host_only_limit() -> None:
-    cache = make_shadow(CacheConfig(**KNOBS, host_memory_gb=tier_gb(4)))  # CPU auto: no tier
-    assert cache.store.tiers[DEVICE].pool.capacity == 0
+    cache = make_shadow(ShadowKVConfig(**KNOBS, host_memory_gb=tier_gb(4)))  # CPU auto: no tier
+    assert cache.store.tiers[DEVICE].pages.capacity == 0
     cache.add_sequence(0, 200, 8)
     cache.add_sequence(1, 200, 8)
     assert not cache.can_add(200, 8)
 
 
 def test_fits_empty_takes_the_larger_tier() -> None:
-    cfg = CacheConfig(**KNOBS, host_memory_gb=tier_gb(2), device_value_memory_gb=tier_gb(3))
+    cfg = ShadowKVConfig(**KNOBS, host_memory_gb=tier_gb(2), device_value_memory_gb=tier_gb(3))
     cache = make_shadow(cfg)
     assert cache.fits_empty(380, 8)  # 48 chunks = 3 pages: only the device tier can hold it
     assert not cache.fits_empty(390, 8)  # 49 chunks = 4 pages: neither can
     cache.add_sequence(0, 380, 8)
-    assert cache.tables.value_tier[0] == DEVICE
+    assert cache.record(0).value_tier == DEVICE
 
 
 def test_free_returns_pages_to_their_tier_over_admit_free_cycles() -> None:
-    cfg = CacheConfig(**KNOBS, host_memory_gb=tier_gb(4), device_value_memory_gb=tier_gb(4))
+    cfg = ShadowKVConfig(**KNOBS, host_memory_gb=tier_gb(4), device_value_memory_gb=tier_gb(4))
     cache = make_shadow(cfg)
-    host, dev = (t.pool for t in cache.store.tiers)
+    host, dev = (t.pages for t in cache.store.tiers)
     for seq in range(4):
         cache.add_sequence(seq, 200, 8)
     assert (host.num_free, dev.num_free) == (0, 0)
@@ -158,18 +158,18 @@ def test_free_returns_pages_to_their_tier_over_admit_free_cycles() -> None:
     cache.free_sequence(0)  # a host-tier one
     assert (host.num_free, dev.num_free) == (2, 2)
     cache.add_sequence(4, 200, 8)
-    assert cache.tables.value_tier[4] == HOST and (host.num_free, dev.num_free) == (0, 2)
+    assert cache.record(4).value_tier == HOST and (host.num_free, dev.num_free) == (0, 2)
     cache.add_sequence(5, 200, 8)
-    assert cache.tables.value_tier[5] == DEVICE and (host.num_free, dev.num_free) == (0, 0)
+    assert cache.record(5).value_tier == DEVICE and (host.num_free, dev.num_free) == (0, 0)
     for seq in (1, 3, 4, 5):
         cache.free_sequence(seq)
-    assert (host.num_free, dev.num_free) == (4, 4) and not cache.store.tiers[HOST].pool.owned
+    assert (host.num_free, dev.num_free) == (4, 4) and cache.store.tiers[HOST].pages.num_used == 0
     cache.add_sequence(6, 200, 8)
-    assert cache.tables.value_tier[6] == HOST, "host first again once it has room"
+    assert cache.record(6).value_tier == HOST, "host first again once it has room"
 
 
 def test_memory_reports_device_tier_values_as_device_bytes() -> None:
-    cfg = CacheConfig(**KNOBS, host_memory_gb=tier_gb(2), device_value_memory_gb=tier_gb(2))
+    cfg = ShadowKVConfig(**KNOBS, host_memory_gb=tier_gb(2), device_value_memory_gb=tier_gb(2))
     cache = make_shadow(cfg)
     cache.add_sequence(0, 200, 8)
     cache.add_sequence(1, 200, 8)
@@ -192,26 +192,26 @@ def test_auto_device_tier_balances_the_budget() -> None:
 
 
 def test_offload_off_puts_every_value_in_an_auto_sized_device_tier() -> None:
-    cache = make_shadow(CacheConfig(**KNOBS, offload_values=False), seqs=3)
-    host, dev = (t.pool for t in cache.store.tiers)
+    cache = make_shadow(ShadowKVConfig(**KNOBS, offload_values=False), seqs=3)
+    host, dev = (t.pages for t in cache.store.tiers)
     assert host.capacity == 0 and dev.capacity > 0
     for seq in range(3):
         cache.add_sequence(seq, 200, 8)
-        assert cache.tables.value_tier[seq] == DEVICE and cache.memory(seq).host_bytes == 0
+        assert cache.record(seq).value_tier == DEVICE and cache.memory(seq).host_bytes == 0
 
 
 def test_config_validation_names_the_fix() -> None:
     for bad in (-0.5, float("nan")):
         with pytest.raises(ConfigError, match="device_value_memory_gb=.* must be >= 0"):
-            CacheConfig(device_value_memory_gb=bad)
+            ShadowKVConfig(device_value_memory_gb=bad)
     with pytest.raises(ConfigError, match="host_memory_gb=-1 must be >= 0"):
-        CacheConfig(host_memory_gb=-1)
+        ShadowKVConfig(host_memory_gb=-1)
     with pytest.raises(ConfigError, match="drop one"):
-        CacheConfig(offload_values=False, host_memory_gb=1)
+        ShadowKVConfig(offload_values=False, host_memory_gb=1)
     with pytest.raises(ConfigError, match="gives it no memory"):
-        CacheConfig(offload_values=False, device_value_memory_gb=0)
+        ShadowKVConfig(offload_values=False, device_value_memory_gb=0)
     with pytest.raises(ConfigError, match="device_value_memory_gb=.*lower it or raise"):
-        make_shadow(CacheConfig(**KNOBS, device_value_memory_gb=2**24 / 2**30))  # the whole budget
+        make_shadow(ShadowKVConfig(**KNOBS, device_value_memory_gb=2**24 / 2**30))  # the whole budget
 
 
 def test_cli_flags_reach_the_config() -> None:
@@ -222,13 +222,14 @@ def test_cli_flags_reach_the_config() -> None:
     b = argparse.ArgumentParser()
     bench_cmd.add_arguments(b)
     args = b.parse_args(["--arch", "tiny", "--device-value-memory-gb", "0.25"])
-    assert bench_cmd.config_from_args(args).cache.device_value_memory_gb == 0.25
+    cfg = bench_cmd.config_from_args(args)
+    assert cfg.caches[cfg.methods.index("shadowkv")].device_value_memory_gb == 0.25
 
 
 def test_bench_batch_search_counts_both_tiers() -> None:
-    host_only = make_shadow(CacheConfig(**KNOBS, host_memory_gb=tier_gb(4)), seqs=8)
+    host_only = make_shadow(ShadowKVConfig(**KNOBS, host_memory_gb=tier_gb(4)), seqs=8)
     both = make_shadow(
-        CacheConfig(**KNOBS, host_memory_gb=tier_gb(4), device_value_memory_gb=tier_gb(6)), seqs=8
+        ShadowKVConfig(**KNOBS, host_memory_gb=tier_gb(4), device_value_memory_gb=tier_gb(6)), seqs=8
     )
     assert (max_batch(host_only, 200, 3, 8), max_batch(both, 200, 3, 8)) == (2, 5)
 
@@ -264,7 +265,7 @@ def test_per_tier_gathers_equal_one_gather_from_a_joint_store(op) -> None:
 
 
 # decoding with sequences on both tiers ----------------------------------------------------------
-def tier_llm(path, cfg: CacheConfig) -> LLM:
+def tier_llm(path, cfg) -> LLM:
     engine = EngineConfig(max_num_seqs=4, max_model_len=MAX_LEN)
     return LLM(str(path), cache=cfg, engine=engine, device="cpu")
 
@@ -283,8 +284,8 @@ def test_mixed_tier_batch_decodes_like_each_sequence_alone(
     host pages while 2 and 3 still decode, so both tiers serve first (all-miss) steps."""
     path = tiny_checkpoint("llama", num_heads=6, num_kv_heads=2, head_dim=16)  # 2 layers
     two_seqs = (2 * 2 + 1) * page_bytes(2) / 2**30  # every prompt here takes 2 pages
-    cfg = CacheConfig(
-        method="shadowkv", sparse_budget=budget, outlier_chunks=2, rank=rank,
+    cfg = ShadowKVConfig(
+        sparse_budget=budget, outlier_chunks=2, rank=rank,
         host_memory_gb=two_seqs, device_value_memory_gb=two_seqs,
     )
     llm = tier_llm(path, cfg)
@@ -298,7 +299,7 @@ def test_mixed_tier_batch_decodes_like_each_sequence_alone(
     assert all(r.cache_memory["host_bytes"] > 0 for r in alone), "alone, each fits the host tier"
     assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
     if rank == 1.0:
-        want = tier_llm(path, CacheConfig()).generate(prompts, params)
+        want = tier_llm(path, DenseConfig()).generate(prompts, params)
         assert [r.token_ids for r in batched] == [r.token_ids for r in want]
 
 
@@ -313,13 +314,13 @@ def test_gather_refuses_a_store_on_a_third_device() -> None:
 
 
 def test_value_writes_copy_runs_of_pages_and_land_in_chunk_order() -> None:
-    from shadowkv.cache.store import ValueTier, page_runs
+    from shadowkv.cache.store import ValueLayout, ValueTier, page_runs
 
     assert page_runs([5, 6, 2, 3, 4, 9], 16) == [(5, 2, 0), (2, 3, 32), (9, 1, 80)]
     assert page_runs([], 16) == []
     Hkv, D, C, Pc = 2, 16, 8, 4
-    tier = ValueTier("host", 1, (Pc, Hkv, C * D), torch.float32, 12 * Pc * Hkv * C * D * 4, CPU,
-                     pin=False, fix="-")
+    layout = ValueLayout(1, Hkv, D, C, Pc, torch.float32)
+    tier = ValueTier(HOST, layout, 12 * layout.page_bytes, CPU, pin=False, fix="-")
     tier.allocate()
     pages = [7, 8, 2, 10]  # 3 runs; 4 pages of 4 chunks hold 16 chunks
     T = 15 * C + 3  # the last chunk is partial: zero-padded
@@ -333,7 +334,7 @@ def test_value_writes_copy_runs_of_pages_and_land_in_chunk_order() -> None:
 
 
 def test_a_batch_search_allocates_no_host_tier() -> None:
-    cache = make_shadow(CacheConfig(**KNOBS, host_memory_gb=tier_gb(4)))
+    cache = make_shadow(ShadowKVConfig(**KNOBS, host_memory_gb=tier_gb(4)))
     assert max_batch(cache, 200, 8, 6) == 2  # 2 pages each, 4 usable pages
     assert cache.store.tiers[HOST]._data is None and cache.store.live_tiers() == ()
     cache.add_sequence(0, 200, 8)  # a real admission allocates it

@@ -232,15 +232,15 @@ def test_smollm2_stream_holds_back_split_characters(smollm2: LLM) -> None:
 
 
 def test_set_cache_switches_method_and_keeps_weights(tiny_path: Path, tiny_alone) -> None:
-    from shadowkv import CacheConfig
+    from shadowkv import DenseConfig, OracleConfig
 
     llm = tiny_llm(tiny_path)
     weights = llm.engine.model
-    llm.set_cache(CacheConfig(method="oracle", sparse_budget=1024))  # covers every prompt: exact
+    llm.set_cache(OracleConfig(sparse_budget=1024))  # covers every prompt: exact
     assert llm.engine.model is weights and llm.engine.cache.cfg.method == "oracle"
     assert llm.cache_config.method == "oracle"
     out = llm.generate(TINY_PROMPTS, SamplingParams(max_tokens=12))
     assert [r.token_ids for r in out] == [r.token_ids for r in tiny_alone]
     llm.engine.add_request([5, 6], SamplingParams(max_tokens=2))
     with pytest.raises(RuntimeError, match="while requests are running"):
-        llm.set_cache(CacheConfig())
+        llm.set_cache(DenseConfig())

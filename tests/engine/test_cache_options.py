@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shadowkv import LLM, CacheConfig, CacheOptions, EngineConfig, SamplingParams
+from shadowkv import LLM, CacheOptions, EngineConfig, SamplingParams, method_config
 from shadowkv.cache.base import CacheOptionsError
 
 PROMPTS = [[(k * i) % 90 + 3 for i in range(200)] for k in (7, 11)]
@@ -20,7 +20,7 @@ STEPS = 8
 
 def make_llm(path: Path, method: str = "dense", budget: float = 16) -> LLM:
     extra = {"outlier_chunks": 2, "rank": 16} if method == "shadowkv" else {}
-    cache = CacheConfig(method=method, sparse_budget=budget, **extra)
+    cache = method_config(method, sparse_budget=budget, **extra)
     return LLM(str(path), cache=cache, engine=EngineConfig(cache_memory_gb=0.02), device="cpu")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shadowkv import LLM, CacheConfig, CacheOptions, EngineConfig, SamplingParams
+from shadowkv import LLM, CacheOptions, DenseConfig, EngineConfig, SamplingParams, method_config
 from shadowkv.config import ConfigError
 from shadowkv.engine.decode_runner import batch_sizes, resolve_mode
 
@@ -31,7 +31,7 @@ def path(tiny_checkpoint) -> Path:
 
 
 def make_llm(path: Path, mode: str, cache: dict | None = None, **engine) -> LLM:
-    cfg = CacheConfig(**cache) if cache else CacheConfig()
+    cfg = method_config(**cache) if cache else DenseConfig()
     eng = EngineConfig(cache_memory_gb=0.05, decode_mode=mode, **engine)
     return LLM(str(path), device="cpu", cache=cfg, engine=eng)
 
@@ -128,13 +128,14 @@ def test_padding_touches_no_sequence(path: Path, cache) -> None:
         assert len(llm.engine.running) == 3
     a, b = eager.engine.cache, static.engine.cache
     if cache is None:
-        pools, owned = ((a.k_cache, b.k_cache), (a.v_cache, b.v_cache)), (a.pool.owned, b.pool.owned)
+        pools = ((a.k_cache, b.k_cache), (a.v_cache, b.v_cache))
     else:
-        pools, owned = ((a.k_buf, b.k_buf), (a.v_buf, b.v_buf)), (a.block_pool.owned, b.block_pool.owned)
+        pools = ((a.k_buf, b.k_buf), (a.v_buf, b.v_buf))
+    owned = [{s: r.pages["blocks"] for s, r in c.seqs.items()} for c in (a, b)]
     assert owned[0] == owned[1]
     S = pools[0][0][0].shape[1]
     if cache is None:  # rows written so far (the dense pool is not zeroed at admission)
-        held = [blocks[i // S] * S + i % S for s, blocks in owned[0].items() for i in range(a.lengths[s])]
+        held = [blocks[i // S] * S + i % S for s, blocks in owned[0].items() for i in range(a.length(s))]
     else:  # the ShadowKV buffer is zeroed at admission: all of it compares
         held = [b * S + i for blocks in owned[0].values() for b in blocks for i in range(S)]
     for pa, pb in pools:
@@ -143,7 +144,7 @@ def test_padding_touches_no_sequence(path: Path, cache) -> None:
             # Float noise from other batch shapes is ~1e-6; a padding write would be O(1).
             torch.testing.assert_close(flat_b[held], flat_a[held], rtol=0, atol=1e-4)
     if cache is not None:
-        rows = list(a.tables.rows.values())
+        rows = [r.row for r in a.seqs.values()]
         for layer in range(len(a.selection)):
             assert torch.equal(a.selection[layer][rows], b.selection[layer][rows])
 
@@ -178,6 +179,7 @@ def test_the_static_step_reads_nothing_back_from_the_device(path: Path, cache, m
     CPU references read lengths, their Triton versions (the CUDA path) do not."""
     import shadowkv.cache.dense as dense_mod
     import shadowkv.cache.shadow as shadow_mod
+    import shadowkv.cache.shadow_drive as selection_mod
     from shadowkv.engine.decode_runner import DecodeRunner
 
     state = {"in_step": False, "in_kernel": False, "reads": []}
@@ -205,9 +207,11 @@ def test_the_static_step_reads_nothing_back_from_the_device(path: Path, cache, m
 
         return run
 
-    for mod, names in ((dense_mod, ["decode_attention"]), (shadow_mod, [
-        "decode_attention", "gather_values", "reconstruct_keys", "score_landmarks", "select_chunks",
-    ])):
+    for mod, names in (
+        (dense_mod, ["decode_attention"]),
+        (shadow_mod, ["decode_attention", "gather_values", "reconstruct_keys", "select_chunks"]),
+        (selection_mod, ["score_landmarks"]),
+    ):
         for name in names:
             monkeypatch.setattr(mod, name, exempt(getattr(mod, name)))
     forward = DecodeRunner._forward
@@ -265,7 +269,7 @@ def test_cli_flags_reach_the_configs() -> None:
     cfg = bench_cmd.config_from_args(
         b.parse_args(["--arch", "tiny", "--decode-mode", "static", "--prefill", "synthetic"])
     )
-    assert (cfg.decode_mode, cfg.prefill) == ("static", "synthetic")
+    assert (cfg.engine.decode_mode, cfg.prefill) == ("static", "synthetic")
 
 
 def test_results_say_how_decode_ran(path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shadowkv import LLM, CacheConfig, EngineConfig, SamplingParams
+from shadowkv import LLM, CacheConfig, DenseConfig, EngineConfig, SamplingParams, method_config
 from shadowkv.config import ConfigError
 from shadowkv.engine.engine import Engine, PromptError
 from shadowkv.engine.prompt_kv import PromptKV
@@ -24,9 +24,9 @@ METHODS = ["dense", "shadowkv", "quest", "loki", "streaming", "oracle"]
 
 def cache_cfg(method: str) -> CacheConfig:
     if method == "dense":
-        return CacheConfig()
+        return DenseConfig()
     extra = {"outlier_chunks": 2, "rank": 16} if method == "shadowkv" else {}
-    return CacheConfig(method=method, sparse_budget=32, **extra)
+    return method_config(method, sparse_budget=32, **extra)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from shadowkv.config import CacheConfig, ConfigError, EngineConfig
+from shadowkv.cache.methods import method_config
+from shadowkv.config import ConfigError, EngineConfig
 from shadowkv.eval.runner import (
     EvalConfig,
     load_records,
@@ -28,11 +29,15 @@ def tiny_llm(tiny_checkpoint):
     return LLM(ckpt, engine=ENGINE, device="cpu")
 
 
-def config(out: Path, **kw) -> EvalConfig:
+def config(
+    out: Path, methods=("dense", "streaming"), knobs: dict | None = None, **kw
+) -> EvalConfig:
+    knobs = knobs or {"local_chunks": 1}
     base = dict(
-        tasks=("niah_single_1",), lengths=(256,), methods=("dense", "streaming"), out=out,
+        tasks=("niah_single_1",), lengths=(256,), out=out,
+        caches=tuple(method_config(m, **knobs) for m in methods),
         num_samples=3, budgets=(32,), batch_size=2, chat_template="base", max_new_tokens=3,
-        cache=CacheConfig(local_chunks=1), engine=ENGINE,
+        engine=ENGINE,
     )
     base.update(kw)
     return EvalConfig(**base)
@@ -91,12 +96,12 @@ def test_resume_after_interruption(tiny_llm, tmp_path, monkeypatch):
 def test_shared_prefill_changes_no_prediction(tiny_llm, tmp_path):
     """Replaying the recorded prefill gives every method exactly what its own prefill gives."""
     methods = ("dense", "shadowkv", "quest", "loki")
-    cache = CacheConfig(local_chunks=1, outlier_chunks=1, rank=8)
+    knobs = dict(local_chunks=1, outlier_chunks=1, rank=8)
     got = {}
     for share in (True, False):
         cfg = config(
             tmp_path / f"share{share}.jsonl", methods=methods, num_samples=2, max_new_tokens=6,
-            share_prefill=share, cache=cache,
+            share_prefill=share, knobs=knobs,
         )
         records = run_eval(cfg, progress=False, llm=tiny_llm)
         assert sum(r["prefill_replayed"] for r in records) == (6 if share else 0)
@@ -149,7 +154,7 @@ def test_summary_table_scores_each_method_and_task():
     "change,match",
     [
         (dict(tasks=("niah_single_9",)), "unknown task"),
-        (dict(methods=("dense", "h2o")), "unknown method"),
+        (dict(methods=("dense", "h2o")), "unknown cache method 'h2o'"),
         (dict(tasks=("niah_single_2",)), "--haystack"),
         (dict(tasks=("qa_1",)), "--qa-file"),
         (dict(budgets=(12,)), "multiple of chunk_size"),
@@ -195,7 +200,8 @@ def test_cli_value_memory_flags_reach_the_config():
     add_arguments(p)
     cfg = config_from_args(p.parse_args(["--host-memory-gb", "2", "--device-value-memory-gb", "0.5",
                                          "--out", "x.jsonl"]))
-    assert (cfg.cache.host_memory_gb, cfg.cache.device_value_memory_gb) == (2, 0.5)
+    shadow = cfg.caches[cfg.methods.index("shadowkv")]
+    assert (shadow.host_memory_gb, shadow.device_value_memory_gb) == (2, 0.5)
 
 
 def test_cli_writes_a_niah_heat_map_per_method(tiny_checkpoint, tmp_path, pg_essays):
@@ -219,7 +225,7 @@ def test_niah_prompts_skip_the_model_chat_template(smollm2, pg_essays, tmp_path)
     """SmolLM2 wrapped in its template restates the question and runs out of NIAH's 10 tokens."""
     from shadowkv.eval.runner import _make_samples
 
-    base = dict(tasks=("niah", "niah_single_1"), lengths=(512,), methods=("dense",),
+    base = dict(tasks=("niah", "niah_single_1"), lengths=(512,), caches=(method_config("dense"),),
                 out=tmp_path / "x.jsonl", num_samples=2, haystack=pg_essays)
     niah = _make_samples(EvalConfig(**base), smollm2.tokenizer, "niah", 512)
     ruler = _make_samples(EvalConfig(**base), smollm2.tokenizer, "niah_single_1", 512)

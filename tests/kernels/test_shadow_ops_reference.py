@@ -132,10 +132,16 @@ def test_select_chunks_matches_oracle_over_steps(B, Hkv, counts, budgets, Pc) ->
 
 
 # reconstruct_keys / gather_values --------------------------------------------------------------
-def rope_tables(max_pos: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
-    inv = 1.0 / 10000 ** (torch.arange(0, D, 2, dtype=F64) / D)
+def rope_tables(max_pos: int, Dr: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[max_pos, Dr/2]`` tables: one column per frequency."""
+    inv = 1.0 / 10000 ** (torch.arange(0, Dr, 2, dtype=F64) / Dr)
     ang = torch.outer(torch.arange(max_pos, dtype=F64), inv)
-    return torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    return ang.cos(), ang.sin()
+
+
+def rope_pair(i: int, half: int, style: str) -> tuple[int, int]:
+    """Dims of RoPE pair ``i``: neox ``(i, i + Dr/2)``, interleaved ``(2i, 2i + 1)``."""
+    return (2 * i, 2 * i + 1) if style == "interleaved" else (i, i + half)
 
 
 def random_slots(B, Hkv, K, C, budgets, num_chunks, S, gen):
@@ -151,16 +157,24 @@ def random_slots(B, Hkv, K, C, budgets, num_chunks, S, gen):
 
 
 RECON_SHAPES = [
-    pytest.param(1, 1, 64, 5, 8, [40], [4], 24, id="B1-Hkv1-D64-R5-T40-K4"),
-    pytest.param(2, 2, 64, 37, 8, [101, 57], [6, 3], 20, id="B2-Hkv2-D64-R37-T101,57-P20-straddle"),
-    pytest.param(3, 4, 128, 48, 4, [83, 30, 11], [9, 7, 0], 32, id="B3-Hkv4-D128-R48-C4"),
-    pytest.param(2, 3, 96, 16, 8, [64, 72], [8, 9], 16, id="B2-Hkv3-D96-R16-budget-all-chunks"),
+    pytest.param(1, 1, 64, 5, 8, [40], [4], 24, 64, "neox", id="B1-Hkv1-D64-R5-T40-K4"),
+    pytest.param(
+        2, 2, 64, 37, 8, [101, 57], [6, 3], 20, 64, "interleaved", id="B2-Hkv2-D64-P20-straddle-il"
+    ),
+    pytest.param(
+        3, 4, 128, 48, 4, [83, 30, 11], [9, 7, 0], 32, 64, "neox", id="B3-Hkv4-D128-R48-C4-Dr64"
+    ),
+    pytest.param(
+        2, 3, 96, 16, 8, [64, 72], [8, 9], 16, 48, "interleaved", id="B2-Hkv3-D96-all-Dr48-il"
+    ),
 ]
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("B,Hkv,D,R,C,lengths,budgets,P", RECON_SHAPES)
-def test_reconstruct_keys_matches_oracle(B, Hkv, D, R, C, lengths, budgets, P, dtype) -> None:
+@pytest.mark.parametrize("B,Hkv,D,R,C,lengths,budgets,P,Dr,style", RECON_SHAPES)
+def test_reconstruct_keys_matches_oracle(
+    B, Hkv, D, R, C, lengths, budgets, P, Dr, style, dtype
+) -> None:
     gen = torch.Generator().manual_seed(3)
     S, K = 16, max(max(budgets), 1)
     chunks = [n // C for n in lengths]
@@ -168,8 +182,8 @@ def test_reconstruct_keys_matches_oracle(B, Hkv, D, R, C, lengths, budgets, P, d
     a_pages = torch.randn(24, P, R, dtype=F64, generator=gen)
     table = page_tables(lengths, P, 24, gen)
     w_t = torch.randn(5, R, Hkv * D, dtype=F64, generator=gen)
-    seq_rows = torch.randperm(5, generator=gen)[:B]
-    cos, sin = rope_tables(max(lengths), D)
+    basis_rows = torch.randperm(5, generator=gen)[:B]
+    cos, sin = rope_tables(max(lengths), Dr)
     slot_ids, miss, dst = random_slots(B, Hkv, K, C, budgets, chunks, S, gen)
     k_cache = torch.full((40, S, Hkv, D), math.nan, dtype=dtype)
     reconstruct_keys(
@@ -177,16 +191,17 @@ def test_reconstruct_keys_matches_oracle(B, Hkv, D, R, C, lengths, budgets, P, d
         a_pages.to(dtype),
         table,
         w_t.to(dtype),
-        seq_rows,
+        basis_rows,
         slot_ids,
         miss,
         cos.to(dtype),
         sin.to(dtype),
         dst,
         C,
+        style=style,
     )
     want = torch.full((40 * S, Hkv, D), math.nan, dtype=F64)
-    half = D // 2
+    half = Dr // 2
     for b in range(B):
         for h in range(Hkv):
             for s in range(K):
@@ -194,9 +209,13 @@ def test_reconstruct_keys_matches_oracle(B, Hkv, D, R, C, lengths, budgets, P, d
                     continue
                 for j in range(C):
                     t = int(slot_ids[b, h, s]) * C + j
-                    pre = a_pages[paged(table, P, b, t)] @ w_t[seq_rows[b], :, h * D : (h + 1) * D]
-                    rot = torch.cat([-pre[half:], pre[:half]])
-                    want[int(dst[b, s * C + j]), h] = pre * cos[t] + rot * sin[t]
+                    w = w_t[basis_rows[b], :, h * D : (h + 1) * D]
+                    key = (a_pages[paged(table, P, b, t)] @ w).tolist()  # dims >= Dr stay
+                    for i in range(half):
+                        d1, d2 = rope_pair(i, half, style)
+                        c, sn, x1, x2 = float(cos[t, i]), float(sin[t, i]), key[d1], key[d2]
+                        key[d1], key[d2] = x1 * c - x2 * sn, x2 * c + x1 * sn
+                    want[int(dst[b, s * C + j]), h] = torch.tensor(key, dtype=F64)
     got = k_cache.view(-1, Hkv, D).double()
     assert torch.equal(got.isnan(), want.isnan()), "exactly the missed slots' rows must be written"
     tol = {"atol": 1e-10, "rtol": 1e-8} if dtype == F64 else {"atol": 1e-4, "rtol": 1e-4}

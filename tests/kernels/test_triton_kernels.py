@@ -141,9 +141,9 @@ def launch_reconstruct_keys() -> None:
         a_pages=torch.zeros(B * 16, 256, R, **BF16),
         page_table=torch.arange(B * 16, **I32).view(B, 16),
         w_t=torch.zeros(B, R, HKV * D, **BF16),
-        seq_rows=torch.arange(B),
-        cos=torch.zeros(4096, D),
-        sin=torch.zeros(4096, D),
+        basis_rows=torch.arange(B),
+        cos=torch.zeros(4096, D // 2),
+        sin=torch.zeros(4096, D // 2),
         chunk_size=C,
         **slot_args(),
     )

@@ -13,11 +13,14 @@ import pytest
 import torch
 
 from shadowkv.cache.dense import DenseCache
-from shadowkv.config import CacheConfig, ModelConfig, RopeConfig
-from shadowkv.models.llama import LlamaModel
+from shadowkv.cache.layout import KVLayout
+from shadowkv.cache.methods import DenseConfig
+from shadowkv.config import ModelConfig, RopeConfig
+from shadowkv.kernels.rope.tables import RopeTables
+from shadowkv.models.llama import LlamaModel, attention_spec
 from shadowkv.models.loader import load_model
-from shadowkv.models.rope import RotaryEmbedding
-from utils import assert_close_verbose
+from shadowkv.models.rope import rope_tables
+from utils import assert_close_verbose, run_model
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[2]
@@ -37,29 +40,32 @@ def hf_logits(path: Path, ids: torch.Tensor, keep: int = 0) -> torch.Tensor:
 
 
 def our_logits(
-    model: LlamaModel, cfg: ModelConfig, rope: RotaryEmbedding, seqs: list[torch.Tensor],
+    model: LlamaModel, cfg: ModelConfig, rope: RopeTables, seqs: list[torch.Tensor],
     prompt_lens: list[int], prefill_rows: int | None = None,
 ) -> list[torch.Tensor]:
     """Logits ``[T_i, V]`` per sequence: prefill of ``prompt_lens[i]`` tokens each, then batched
     decode steps (all sequences that still have tokens) over the rest. ``prefill_rows`` keeps
     only the last that many prefill rows (the LM head over a long prompt is costly)."""
-    cache_cfg = CacheConfig(page_size=16)
+    layout = KVLayout(attention_spec(cfg), cfg.num_layers, torch.float32)
     blocks = sum(-(-len(s) // 16) for s in seqs)
+    block_bytes = 2 * cfg.num_layers * 16 * cfg.kv_dim * 4
     cache = DenseCache(
-        cfg, cache_cfg, rope, CPU, torch.float32, len(seqs), rope.max_position, blocks
+        DenseConfig(page_size=16), layout, CPU, len(seqs), rope.max_position,
+        (blocks + 1) * block_bytes,
     )
     out: list[list[torch.Tensor]] = []
     for i, (ids, n) in enumerate(zip(seqs, prompt_lens)):
         cache.add_sequence(i, n, len(ids) - n)
         cache.begin_prefill(i, n)
         rows = torch.arange(n - (prefill_rows or n), n)
-        out.append([model(ids[:n], torch.arange(n), rope, cache, "prefill", logits_index=rows)])
+        logits = run_model(model, ids[:n], torch.arange(n), rope, cache, "prefill", rows)
+        out.append([logits])
         cache.end_prefill()
-    while live := [i for i, s in enumerate(seqs) if cache.lengths[i] < len(s)]:
-        pos = torch.tensor([cache.lengths[i] for i in live])
-        tokens = torch.stack([seqs[i][cache.lengths[i]] for i in live])
+    while live := [i for i, s in enumerate(seqs) if cache.length(i) < len(s)]:
+        pos = torch.tensor([cache.length(i) for i in live])
+        tokens = torch.stack([seqs[i][cache.length(i)] for i in live])
         cache.begin_decode(live)
-        logits = model(tokens, pos, rope, cache, "decode")
+        logits = run_model(model, tokens, pos, rope, cache, "decode")
         cache.end_decode()
         for row, i in enumerate(live):
             out[i].append(logits[row : row + 1])
@@ -88,7 +94,7 @@ def test_family_prefill_and_decode_match_hf(tiny_checkpoint, family: str, kw: di
     expected = hf_logits(path, ids)
     cfg, model = load_model(path, CPU, torch.float32)
     # A table longer than the sequence, as the engine builds it: must not change anything.
-    rope = RotaryEmbedding(cfg.rope, cfg.head_dim, 100)
+    rope = rope_tables(cfg.rope, cfg.head_dim, 100)
     (got,) = our_logits(model, cfg, rope, [ids], [31])
     assert_close_verbose(got[:31], expected[:31], ATOL, RTOL, what=f"{family} prefill logits")
     assert_close_verbose(got[31:], expected[31:], ATOL, RTOL, what=f"{family} decode logits")
@@ -133,7 +139,7 @@ def test_rope_scaling_matches_hf(
     cfg, model = load_model(path, CPU, torch.float32)
     assert cfg.rope.kind == rope_parameters["rope_type"]
     table_len = length if rope_parameters["rope_type"] == "dynamic" else 3 * max_position
-    rope = RotaryEmbedding(cfg.rope, cfg.head_dim, table_len)
+    rope = rope_tables(cfg.rope, cfg.head_dim, table_len)
     (got,) = our_logits(model, cfg, rope, [ids], [length - 5])
     assert_close_verbose(got, expected, ATOL, RTOL, what=f"{rope_parameters['rope_type']} logits")
 
@@ -146,8 +152,8 @@ def test_dynamic_rope_actually_scales_past_the_context(tiny_checkpoint) -> None:
     cfg, model = load_model(scaled, CPU, torch.float32)
     ids = random_ids(37, seed=2)
     plain = ModelConfig(**{**cfg.__dict__, "rope": RopeConfig(theta=cfg.rope.theta)})
-    a = our_logits(model, cfg, RotaryEmbedding(cfg.rope, cfg.head_dim, 37), [ids], [32])[0]
-    b = our_logits(model, plain, RotaryEmbedding(plain.rope, cfg.head_dim, 37), [ids], [32])[0]
+    a = our_logits(model, cfg, rope_tables(cfg.rope, cfg.head_dim, 37), [ids], [32])[0]
+    b = our_logits(model, plain, rope_tables(plain.rope, cfg.head_dim, 37), [ids], [32])[0]
     assert (a - b).abs().max() > 1e-3
 
 
@@ -158,7 +164,7 @@ def test_batched_decode_of_unequal_sequences_matches_hf(tiny_checkpoint) -> None
     seqs = [random_ids(n, seed=10 + n) for n in (21, 40, 29)]
     prompt_lens = [17, 33, 20]
     cfg, model = load_model(path, CPU, torch.float32)
-    rope = RotaryEmbedding(cfg.rope, cfg.head_dim, 64)
+    rope = rope_tables(cfg.rope, cfg.head_dim, 64)
     got = our_logits(model, cfg, rope, seqs, prompt_lens)
     for i, ids in enumerate(seqs):
         assert_close_verbose(got[i], hf_logits(path, ids), ATOL, RTOL, what=f"sequence {i}")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from shadowkv.config import ConfigError, ModelConfig, RopeConfig
-from shadowkv.models.rope import RotaryEmbedding, apply_rope, inv_frequencies
+from shadowkv.kernels.rope import apply_rope
+from shadowkv.models.rope import ROPE_KINDS, inv_frequencies, rope_tables
 from utils import assert_close_verbose
 
 HEAD_DIMS = [64, 96, 128]
@@ -143,39 +144,68 @@ def test_cos_sin_tables_match_transformers(rope_parameters: dict) -> None:
     positions = torch.tensor([0, 1, 7, 100, 511, 2047])
     hf_rope = LlamaRotaryEmbedding(config)
     hf_cos, hf_sin = hf_rope(torch.zeros(1, dtype=torch.float32), positions[None])
-    table = RotaryEmbedding(ours(config), 64, CONTEXT)
+    table = rope_tables(ours(config), 64, CONTEXT)
+    cos, sin = table.rows(positions)  # [T, D/2]: one column per frequency
+    assert torch.equal(hf_cos[0, :, :32], hf_cos[0, :, 32:]), "HF's halves repeat the frequencies"
     # HF multiplies position * inv_freq in fp32: the angle error grows like position * 6e-8.
-    assert_close_verbose(table.cos[positions], hf_cos[0], atol=2e-4, rtol=0, what="cos")
-    assert_close_verbose(table.sin[positions], hf_sin[0], atol=2e-4, rtol=0, what="sin")
+    assert_close_verbose(cos, hf_cos[0, :, :32], atol=2e-4, rtol=0, what="cos")
+    assert_close_verbose(sin, hf_sin[0, :, :32], atol=2e-4, rtol=0, what="sin")
 
 
 def test_apply_matches_transformers_rotate_half_convention() -> None:
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    table = RotaryEmbedding(RopeConfig(), 32, 64, dtype=torch.float64)
+    table = rope_tables(RopeConfig(), 32, 64, dtype=torch.float64)
     positions = torch.tensor([3, 0, 63, 17, 17])
     q = torch.randn(5, 4, 32, dtype=torch.float64)  # [T, H, D]
     k = torch.randn(5, 2, 32, dtype=torch.float64)
-    cos, sin = table.cos[positions], table.sin[positions]
-    # HF layout: [B, H, T, D] with cos/sin [B, T, D] unsqueezed at dim 1.
+    cos, sin = table.rows(positions)  # [T, D/2]
+    # HF layout: [B, H, T, D] with cos/sin [B, T, D] (both halves alike) unsqueezed at dim 1.
+    hf_cos, hf_sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
     hf_q, hf_k = apply_rotary_pos_emb(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None]
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], hf_cos[None], hf_sin[None]
     )
-    assert_close_verbose(table.apply(q, positions), hf_q[0].transpose(0, 1), what="q")
-    assert_close_verbose(table.apply(k, positions), hf_k[0].transpose(0, 1), what="k")
+    got_q, got_k = apply_rope(q, k, cos, sin)
+    assert_close_verbose(got_q, hf_q[0].transpose(0, 1), what="q")
+    assert_close_verbose(got_k, hf_k[0].transpose(0, 1), what="k")
     # The rotation preserves norms and is relative: <R_m q, R_n k> depends on m - n only.
-    assert_close_verbose(apply_rope(q, cos[:, None], sin[:, None]).norm(dim=-1), q.norm(dim=-1))
+    assert_close_verbose(got_q.norm(dim=-1), q.norm(dim=-1))
+
+    def rot(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        c, s = table.rows(p)
+        return apply_rope(x, x, c, s)[0]
+
     m, n = torch.tensor([9]), torch.tensor([2])
-    dot = (table.apply(q[:1], m) * table.apply(k[:1, :1], n)).sum(-1)
-    shifted = (table.apply(q[:1], m + 40) * table.apply(k[:1, :1], n + 40)).sum(-1)
+    dot = (rot(q[:1], m) * rot(k[:1, :1], n)).sum(-1)
+    shifted = (rot(q[:1], m + 40) * rot(k[:1, :1], n + 40)).sum(-1)
     assert_close_verbose(shifted, dot, atol=1e-12, rtol=1e-10, what="relative position")
+
+
+@pytest.mark.parametrize("head_dim,factor", [(64, 0.5), (128, 0.25), (96, 0.5)])
+def test_partial_rotary_frequencies_match_transformers(head_dim: int, factor: float) -> None:
+    """Partial rotary: frequencies over the first ``int(D * factor)`` dims, as transformers
+    computes them for the families that rotate part of each head (GLM's rotary embedding)."""
+    from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
+
+    config = hf_config(head_dim, {"rope_type": "default", "partial_rotary_factor": factor})
+    expected, _ = GlmRotaryEmbedding.compute_default_rope_parameters(config)
+    rope = ours(config)
+    dims = rope.rotary_dims(head_dim)
+    assert dims == int(head_dim * factor) and expected.shape == (dims // 2,)
+    got, _ = inv_frequencies(rope, dims, CONTEXT)
+    assert_close_verbose(got.float(), expected.float(), atol=0, rtol=FREQ_RTOL, what="inv_freq")
+    assert rope_tables(rope, head_dim, 16).cos.shape == (16, dims // 2)
+
+
+def test_rope_kinds_are_a_registry() -> None:
+    assert set(ROPE_KINDS) == {"default", "linear", "dynamic", "llama3", "yarn"}
 
 
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
         pytest.param({"kind": "longrope"}, "longrope", id="unsupported-kind"),
-        pytest.param({"partial_rotary_factor": 0.5}, "partial rotary", id="partial-rotary"),
+        pytest.param({"partial_rotary_factor": 1.5}, "partial_rotary_factor", id="partial-over-1"),
         pytest.param({"theta": 0.0}, "positive", id="zero-theta"),
     ],
 )

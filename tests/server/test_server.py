@@ -28,7 +28,7 @@ httpx = pytest.importorskip(
 
 import torch  # noqa: E402
 
-from shadowkv import LLM, CacheConfig, EngineConfig, SamplingParams  # noqa: E402
+from shadowkv import LLM, CacheConfig, DenseConfig, EngineConfig, QuestConfig, SamplingParams  # noqa: E402
 from shadowkv.cache.dense import DenseCache  # noqa: E402
 from shadowkv.models.loader import read_config  # noqa: E402
 from shadowkv.server import create_app  # noqa: E402
@@ -102,8 +102,9 @@ TINY_CASES = [
 def tiny(tiny_checkpoint) -> Iterator[tuple[Live, dict[tuple[str, int], str]]]:
     """A tiny random llama served with an API key, and greedy texts from ``LLM.generate``."""
     path = tiny_checkpoint("llama")
-    cache = CacheConfig()
-    per_block = DenseCache.bytes_per_block(read_config(path), cache, torch.float32)
+    cache = DenseConfig()
+    model = read_config(path)
+    per_block = 2 * model.num_layers * cache.page_size * model.kv_dim * 4  # K and V in fp32
     # The pool's blocks plus DenseCache's scratch block (padding entries of fixed-shape steps).
     gb = (TINY_POOL_TOKENS // cache.page_size + 1) * per_block / 2**30
     llm = LLM(
@@ -721,8 +722,8 @@ def test_per_request_cache_options_on_a_sparse_server(tiny_checkpoint) -> None:
         llm = LLM(path, device="cpu", cache=cache, engine=engine)
         return llm.generate(prompt, SamplingParams(max_tokens=12))[0].text
 
-    dense, quest16 = text(CacheConfig()), text(CacheConfig(method="quest", sparse_budget=16))
-    llm = LLM(path, device="cpu", cache=CacheConfig(method="quest", sparse_budget=64), engine=engine)
+    dense, quest16 = text(DenseConfig()), text(QuestConfig(sparse_budget=16))
+    llm = LLM(path, device="cpu", cache=QuestConfig(sparse_budget=64), engine=engine)
     with serve(llm, "tiny-quest") as live:
         def complete(cache: dict | None) -> str:
             body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, **({"cache": cache} if cache else {})}

@@ -6,6 +6,7 @@ import torch
 
 from shadowkv.kernels._dispatch import use_triton
 from shadowkv.kernels.reconstruct_keys.reference import reconstruct_keys as reconstruct_keys_ref
+from shadowkv.kernels.rope.reference import check_style
 
 __all__ = ["reconstruct_keys", "reconstruct_keys_ref"]
 
@@ -15,13 +16,14 @@ def reconstruct_keys(
     a_pages: torch.Tensor,
     page_table: torch.Tensor,
     w_t: torch.Tensor,
-    seq_rows: torch.Tensor,
+    basis_rows: torch.Tensor,
     slot_ids: torch.Tensor,
     miss: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     dst_rows: torch.Tensor,
     chunk_size: int,
+    style: str = "neox",
 ) -> None:
     """Rebuild missed slots' keys in place; see ``reference.reconstruct_keys``."""
     if k_cache.dim() != 4 or a_pages.dim() != 3 or w_t.dim() != 3 or slot_ids.dim() != 3:
@@ -41,20 +43,27 @@ def reconstruct_keys(
             f"miss must match slot_ids {tuple(slot_ids.shape)} and dst_rows must be "
             f"[B, K*C] = [{B}, {K * chunk_size}], got {tuple(dst_rows.shape)}"
         )
-    if cos.shape != sin.shape or cos.shape[-1] != D:
-        raise ValueError(f"RoPE tables must be [max_position, {D}], got {tuple(cos.shape)}")
+    if basis_rows.shape != (B,):
+        raise ValueError(f"basis_rows must be [B={B}], got {tuple(basis_rows.shape)}")
+    if cos.dim() != 2 or cos.shape != sin.shape or not 0 < 2 * cos.shape[1] <= D:
+        raise ValueError(
+            f"RoPE tables must both be [max_position, Dr/2] with 0 < Dr <= D={D}, got cos "
+            f"{tuple(cos.shape)} and sin {tuple(sin.shape)}"
+        )
+    check_style(style)
     args = (
         k_cache,
         a_pages,
         page_table,
         w_t,
-        seq_rows,
+        basis_rows,
         slot_ids,
         miss,
         cos,
         sin,
         dst_rows,
         chunk_size,
+        style,
     )
     if use_triton(k_cache, "reconstruct_keys"):
         from shadowkv.kernels.reconstruct_keys.triton import reconstruct_keys as impl

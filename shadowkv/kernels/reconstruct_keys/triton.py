@@ -3,10 +3,13 @@
 Same contract as ``reference.py``. One program per (sequence, KV head, ``BLOCK_SLOTS`` slots)
 handles ``BLOCK_T = BLOCK_SLOTS * C_PAD`` token rows (row ``r`` is token ``r % C_PAD`` of slot
 ``r // C_PAD``; rows with ``j >= C``, unused or hit slots are masked). It gathers those rows of
-``A`` and multiplies them by the head's ``[R, D]`` slice of ``W^T`` in ``BLOCK_R`` steps. The two
-halves of ``D`` are accumulated separately so the neox rotation
-``(lo, hi) -> (lo * cos - hi * sin, hi * cos + lo * sin)`` needs no register shuffle. A program
-whose slots are all hits returns before loading anything.
+``A`` and multiplies them by the head's ``[R, D]`` slice of ``W^T`` in ``BLOCK_R`` steps. The
+first and second members of the RoPE pairs are accumulated separately (``acc1 = A @ W[:, first]``,
+``acc2 = A @ W[:, second]``, the columns given by the style's pair map in ``kernels/rope``), so the
+rotation ``(acc1, acc2) -> (acc1 * cos - acc2 * sin, acc2 * cos + acc1 * sin)`` needs no register
+shuffle; with partial rotary a third accumulator holds the pass-through columns ``[Dr, D)``,
+stored unrotated (compiled out when ``Dr == D``). A program whose slots are all hits returns
+before loading anything.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import triton
 import triton.language as tl
 
 from shadowkv.kernels._launch import check, dot_dtype, dot_precision
+from shadowkv.kernels.rope.triton import rope_pair_cols, rope_rotate
 
 BLOCK_T = 64  # token rows per program
 
@@ -26,7 +30,7 @@ def _reconstruct_keys_kernel(
     a_ptr,
     page_table_ptr,
     w_ptr,
-    seq_rows_ptr,
+    basis_rows_ptr,
     slot_ids_ptr,
     miss_ptr,
     cos_ptr,
@@ -51,8 +55,11 @@ def _reconstruct_keys_kernel(
     P: tl.constexpr,
     D: tl.constexpr,
     HALF: tl.constexpr,
+    PASS: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -74,43 +81,47 @@ def _reconstruct_keys_kernel(
     tok = chunk * C + j  # [BLOCK_T] absolute position
     page = tl.load(page_table_ptr + pid_b * stride_tb + tok // P, mask=rows, other=0).to(tl.int64)
     a_row = a_ptr + page * stride_ap + (tok % P) * stride_at  # [BLOCK_T] row pointers
-    seq_row = tl.load(seq_rows_ptr + pid_b).to(tl.int64)
-    w_head = w_ptr + seq_row * stride_wn + pid_h * D  # this head's D columns of W^T
+    basis_row = tl.load(basis_rows_ptr + pid_b).to(tl.int64)
+    w_head = w_ptr + basis_row * stride_wn + pid_h * D  # this head's D columns of W^T
     offs_r = tl.arange(0, BLOCK_R)
-    offs_x = tl.arange(0, BLOCK_HALF)
+    offs_x = tl.arange(0, BLOCK_HALF)  # pair index
     mask_x = offs_x < HALF
+    first, second = rope_pair_cols(offs_x, HALF, INTERLEAVED)
+    if PASS > 0:
+        cols_p = 2 * HALF + tl.arange(0, BLOCK_PASS)  # pass-through columns [Dr, D)
+        mask_p = cols_p < D
+        acc3 = tl.zeros([BLOCK_T, BLOCK_PASS], tl.float32)
 
-    acc_lo = tl.zeros([BLOCK_T, BLOCK_HALF], tl.float32)
-    acc_hi = tl.zeros([BLOCK_T, BLOCK_HALF], tl.float32)
+    acc1 = tl.zeros([BLOCK_T, BLOCK_HALF], tl.float32)
+    acc2 = tl.zeros([BLOCK_T, BLOCK_HALF], tl.float32)
     for r0 in range(0, R, BLOCK_R):
         r = r0 + offs_r
         mask_r = r < R
         a = tl.load(a_row[:, None] + r[None, :], mask=rows[:, None] & mask_r[None, :], other=0.0)
-        w_mask = mask_r[:, None] & mask_x[None, :]
-        w_rows = w_head + r[:, None] * stride_wr + offs_x[None, :]  # [BLOCK_R, BLOCK_HALF]
-        w_lo = tl.load(w_rows, mask=w_mask, other=0.0).to(DOT_DTYPE)
-        w_hi = tl.load(w_rows + HALF, mask=w_mask, other=0.0).to(DOT_DTYPE)
         a = a.to(DOT_DTYPE)
-        acc_lo = tl.dot(a, w_lo, acc_lo, input_precision=PRECISION)
-        acc_hi = tl.dot(a, w_hi, acc_hi, input_precision=PRECISION)
+        w_mask = mask_r[:, None] & mask_x[None, :]
+        w_rows = w_head + r[:, None] * stride_wr  # [BLOCK_R, 1]
+        w1 = tl.load(w_rows + first[None, :], mask=w_mask, other=0.0).to(DOT_DTYPE)
+        w2 = tl.load(w_rows + second[None, :], mask=w_mask, other=0.0).to(DOT_DTYPE)
+        acc1 = tl.dot(a, w1, acc1, input_precision=PRECISION)
+        acc2 = tl.dot(a, w2, acc2, input_precision=PRECISION)
+        if PASS > 0:
+            w_mask3 = mask_r[:, None] & mask_p[None, :]
+            w3 = tl.load(w_rows + cols_p[None, :], mask=w_mask3, other=0.0).to(DOT_DTYPE)
+            acc3 = tl.dot(a, w3, acc3, input_precision=PRECISION)
 
     out_mask = rows[:, None] & mask_x[None, :]
-    cs = tok[:, None] * stride_cos + offs_x[None, :]
-    sn = tok[:, None] * stride_sin + offs_x[None, :]
-    cos_lo = tl.load(cos_ptr + cs, mask=out_mask, other=0.0).to(tl.float32)
-    cos_hi = tl.load(cos_ptr + cs + HALF, mask=out_mask, other=0.0).to(tl.float32)
-    sin_lo = tl.load(sin_ptr + sn, mask=out_mask, other=0.0).to(tl.float32)
-    sin_hi = tl.load(sin_ptr + sn + HALF, mask=out_mask, other=0.0).to(tl.float32)
-    out_lo = acc_lo * cos_lo - acc_hi * sin_lo
-    out_hi = acc_hi * cos_hi + acc_lo * sin_hi
+    cos = tl.load(cos_ptr + tok[:, None] * stride_cos + offs_x[None, :], mask=out_mask, other=0.0)
+    sin = tl.load(sin_ptr + tok[:, None] * stride_sin + offs_x[None, :], mask=out_mask, other=0.0)
+    out1, out2 = rope_rotate(acc1, acc2, cos.to(tl.float32), sin.to(tl.float32))
 
     dst = tl.load(dst_rows_ptr + pid_b * stride_db + slot * C + j, mask=rows, other=0)
-    dst_ptr = (
-        k_cache_ptr + dst.to(tl.int64)[:, None] * stride_kr + pid_h * stride_kh + offs_x[None, :]
-    )
+    dst_row = k_cache_ptr + dst.to(tl.int64)[:, None] * stride_kr + pid_h * stride_kh  # [T, 1]
     out_ty = k_cache_ptr.dtype.element_ty
-    tl.store(dst_ptr, out_lo.to(out_ty), mask=out_mask)
-    tl.store(dst_ptr + HALF, out_hi.to(out_ty), mask=out_mask)
+    tl.store(dst_row + first[None, :], out1.to(out_ty), mask=out_mask)
+    tl.store(dst_row + second[None, :], out2.to(out_ty), mask=out_mask)
+    if PASS > 0:
+        tl.store(dst_row + cols_p[None, :], acc3.to(out_ty), mask=rows[:, None] & mask_p[None, :])
 
 
 def reconstruct_keys(
@@ -118,20 +129,22 @@ def reconstruct_keys(
     a_pages: torch.Tensor,
     page_table: torch.Tensor,
     w_t: torch.Tensor,
-    seq_rows: torch.Tensor,
+    basis_rows: torch.Tensor,
     slot_ids: torch.Tensor,
     miss: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     dst_rows: torch.Tensor,
     chunk_size: int,
+    style: str = "neox",
 ) -> None:
     """Rebuild missed slots' keys in place; see ``reference.reconstruct_keys``."""
     B, Hkv, K = slot_ids.shape
     _, S, _, D = k_cache.shape
     P, R = a_pages.shape[1], a_pages.shape[2]
     C = chunk_size
-    check(D % 2 == 0, f"RoPE needs an even head dim, got D={D}")
+    half = cos.shape[1]
+    check(0 < 2 * half <= D, f"RoPE tables [rows, Dr/2] need 0 < Dr <= D={D}, got Dr={2 * half}")
     check(
         k_cache.stride(3) == 1 and k_cache.stride(0) == S * k_cache.stride(1),
         "k_cache blocks must be contiguous rows ([num_blocks * S] flat rows, contiguous D)",
@@ -162,7 +175,7 @@ def reconstruct_keys(
         a_pages,
         page_table,
         w_t,
-        seq_rows,
+        basis_rows,
         slot_ids,
         miss,
         cos,
@@ -186,9 +199,12 @@ def reconstruct_keys(
         C_PAD=C_PAD,
         P=P,
         D=D,
-        HALF=D // 2,
+        HALF=half,
+        PASS=D - 2 * half,
+        INTERLEAVED=style == "interleaved",
         BLOCK_T=block_t,
-        BLOCK_HALF=max(16, triton.next_power_of_2(D // 2)),
+        BLOCK_HALF=max(16, triton.next_power_of_2(half)),
+        BLOCK_PASS=max(16, triton.next_power_of_2(max(1, D - 2 * half))),
         BLOCK_R=max(16, min(64, triton.next_power_of_2(R))),
         PRECISION=dot_precision(compute),
         DOT_DTYPE=dot_dtype(compute),

@@ -1,0 +1,133 @@
+"""Several caches behind one interface, each serving some of the model's layers.
+
+A model whose layers attend differently (sliding-window and global layers, or layers with other
+head shapes) gets one cache per group of alike layers (``cache.make_cache``). The engine talks to
+one ``LayeredCache``: lifecycle calls go to every part (admission is all or nothing), per-layer
+calls to the part serving that layer, with the layer index translated to the part's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+from shadowkv.cache.base import AttentionCache, CacheCapacityError, CacheMemory, CacheOptions
+
+
+class LayeredCache:
+    """``parts``: ``(cache, layers)`` pairs; each model layer is served by exactly one part."""
+
+    def __init__(self, parts: Sequence[tuple[AttentionCache, Sequence[int]]]) -> None:
+        self.parts = [cache for cache, _ in parts]
+        self._route: dict[int, tuple[AttentionCache, int]] = {}
+        for cache, layers in parts:
+            if len(layers) != cache.num_layers:
+                raise ValueError(f"a cache of {cache.num_layers} layers cannot serve {list(layers)}")
+            for local, layer in enumerate(layers):
+                if layer in self._route:
+                    raise ValueError(f"layer {layer} is served by two caches")
+                self._route[layer] = (cache, local)
+        if sorted(self._route) != list(range(len(self._route))):
+            raise ValueError(f"layers {sorted(self._route)} are not 0..{len(self._route) - 1}")
+        first = self.parts[0]
+        self.device, self.dtype = first.device, first.dtype
+        self.max_num_seqs, self.max_model_len = first.max_num_seqs, first.max_model_len
+        self.num_layers = len(self._route)
+        self.supports_static_decode = all(c.supports_static_decode for c in self.parts)
+
+    @property
+    def step_epoch(self) -> int:
+        return sum(c.step_epoch for c in self.parts)
+
+    # lifecycle: every part ---------------------------------------------------------------------
+    def check_options(self, options: CacheOptions) -> None:
+        for c in self.parts:
+            c.check_options(options)
+
+    def planning(self) -> contextlib.AbstractContextManager[None]:
+        stack = contextlib.ExitStack()
+        for c in self.parts:
+            stack.enter_context(c.planning())
+        return stack
+
+    def can_add(self, prompt_len: int, max_new: int, options: CacheOptions | None = None) -> bool:
+        return all(c.can_add(prompt_len, max_new, options) for c in self.parts)
+
+    def fits_empty(self, prompt_len: int, max_new: int, options: CacheOptions | None = None) -> bool:
+        return all(c.fits_empty(prompt_len, max_new, options) for c in self.parts)
+
+    def add_sequence(
+        self, seq_id: int, prompt_len: int, max_new: int, options: CacheOptions | None = None
+    ) -> None:
+        added = []
+        try:
+            for c in self.parts:
+                c.add_sequence(seq_id, prompt_len, max_new, options)
+                added.append(c)
+        except CacheCapacityError:
+            for c in added:
+                c.free_sequence(seq_id)
+            raise
+
+    def free_sequence(self, seq_id: int) -> None:
+        for c in self.parts:
+            c.free_sequence(seq_id)
+
+    def length(self, seq_id: int) -> int:
+        return self.parts[0].length(seq_id)
+
+    def begin_prefill(self, seq_id: int, num_tokens: int) -> None:
+        for c in self.parts:
+            c.begin_prefill(seq_id, num_tokens)
+
+    def end_prefill(self) -> None:
+        for c in self.parts:
+            c.end_prefill()
+
+    def begin_decode(self, seq_ids: list[int]) -> None:
+        for c in self.parts:
+            c.begin_decode(seq_ids)
+
+    def end_decode(self) -> None:
+        for c in self.parts:
+            c.end_decode()
+
+    # fixed-shape steps: each part's columns under its own prefix -------------------------------
+    def begin_static_decode(self, seq_ids: list[int]) -> tuple[dict[str, list[int]], object]:
+        cols: dict[str, list[int]] = {}
+        widths = []
+        for i, c in enumerate(self.parts):
+            part_cols, part_widths = c.begin_static_decode(seq_ids)
+            cols.update({f"{i}.{k}": v for k, v in part_cols.items()})
+            widths.append(part_widths)
+        return cols, tuple(widths)
+
+    def pad_columns(self) -> dict[str, int]:
+        return {f"{i}.{k}": v for i, c in enumerate(self.parts) for k, v in c.pad_columns().items()}
+
+    def plan_decode(self, cols: dict[str, torch.Tensor], widths: object) -> None:
+        assert isinstance(widths, tuple)
+        for i, (c, w) in enumerate(zip(self.parts, widths)):
+            prefix = f"{i}."
+            c.plan_decode({k[len(prefix):]: v for k, v in cols.items() if k.startswith(prefix)}, w)
+
+    # per layer: the part serving it ------------------------------------------------------------
+    def prefill(self, layer: int, q, k, v, k_pre) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        cache, local = self._route[layer]
+        return cache.prefill(local, q, k, v, k_pre)
+
+    def store_prompt(self, layer: int, k, v, k_pre) -> None:  # type: ignore[no-untyped-def]
+        cache, local = self._route[layer]
+        cache.store_prompt(local, k, v, k_pre)
+
+    def decode(self, layer: int, q, k, v, k_pre) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        cache, local = self._route[layer]
+        return cache.decode(local, q, k, v, k_pre)
+
+    def memory(self, seq_id: int | None = None) -> CacheMemory:
+        total = CacheMemory()
+        for c in self.parts:
+            total = total + c.memory(seq_id)
+        return total

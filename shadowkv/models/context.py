@@ -1,0 +1,31 @@
+"""The per-step forward context: what every layer of one forward pass reads besides its input."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from shadowkv.cache.base import AttentionCache
+
+Phase = Literal["prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """Built once per step by ``LlamaModel.context`` (and kept across the slices of a sliced
+    prefill). ``cos, sin [T, Dr/2]``: RoPE rows at ``positions [T]``, gathered once for all
+    layers. ``cache`` serves every layer (``cache.prefill`` / ``cache.decode`` by layer index).
+    ``mlp_chunk``: tokens per MLP slice in long prefills; ``progress(layer, num_layers)`` is
+    called after each layer."""
+
+    phase: Phase
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cache: AttentionCache
+    mlp_chunk: int = 4096
+    progress: Callable[[int, int], None] | None = None
