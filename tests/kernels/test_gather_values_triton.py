@@ -120,6 +120,35 @@ def test_device_resident_store_matches_reference_and_oracle(
     assert torch.equal(run(reference, case).nan_to_num(), want.nan_to_num())
 
 
+@pytest.mark.parametrize(
+    "store_dtype,cache_dtype",
+    [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)],
+    ids=["fp32-store-bf16-buffer", "bf16-store-fp32-buffer"],
+)
+def test_the_store_keeps_its_own_dtype(store_dtype, cache_dtype) -> None:
+    """Values land converted to the buffer's dtype; the store is read in its own. (Narrowing to
+    bf16 may differ by one bf16 ulp under the Triton interpreter, which truncates.)"""
+    from shadowkv.kernels.gather_values import gather_values
+
+    case = make_case([37, 90], 2, 20, 8, 64, 16, store_dtype)
+    case["v_cache"] = case["v_cache"].to(cache_dtype)
+    want = oracle(case)
+    for fn in (triton_op, reference, gather_values):
+        out = run(fn, case)
+        assert out.dtype == cache_dtype and torch.equal(out.isnan(), want.isnan())
+        rtol = 2**-7 if cache_dtype == torch.bfloat16 else 0
+        torch.testing.assert_close(out.nan_to_num(), want.nan_to_num(), rtol=rtol, atol=0)
+
+
+def test_an_integer_store_is_refused() -> None:
+    from shadowkv.kernels.gather_values import gather_values
+
+    case = make_case([40], 2, 16, 8, 64, 16, torch.float32)
+    case["store"] = case["store"].to(torch.int8)
+    with pytest.raises(ValueError, match="floating-point"):
+        run(gather_values, case)
+
+
 def test_no_miss_writes_nothing() -> None:
     case = make_case([40], 2, 16, 8, 64, 16, torch.float32)
     case["miss"] = torch.zeros_like(case["miss"])

@@ -158,7 +158,16 @@ def launch_gather_values() -> None:
     )
 
 
+def launch_rope() -> None:
+    T = 64  # a prefill slice's worth of tokens
+    kernel_module("rope").apply_rope(
+        torch.zeros(T, H, D, **BF16), torch.zeros(T, HKV, D, **BF16),
+        torch.zeros(T, D // 2), torch.zeros(T, D // 2),
+    )
+
+
 KERNELS = {
+    "_rope_kernel": ("rope", launch_rope),
     "_decode_attention_split_kernel": ("decode_attention", launch_decode_attention),
     "_decode_attention_reduce_kernel": ("decode_attention", launch_decode_attention),
     "_score_landmarks_logits_kernel": ("score_landmarks", launch_score_landmarks),
@@ -217,7 +226,10 @@ def test_compiles_for_hopper_without_spills(name: str, compiled: dict[str, dict]
     assert "STACK:0 " in result["usage"] and "LOCAL:0 " in result["usage"], result["usage"]
 
 
-OPS = ["decode_attention", "score_landmarks", "select_chunks", "reconstruct_keys", "gather_values"]
+OPS = [
+    "rope", "decode_attention", "score_landmarks", "select_chunks", "reconstruct_keys",
+    "gather_values",
+]
 
 
 @pytest.mark.parametrize("op", OPS)

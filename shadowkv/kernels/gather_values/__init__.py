@@ -1,7 +1,10 @@
 """``gather_values``: values of missed chunks from one value-store tier into the buffer.
 
 The store is one layer of either tier: host memory (pinned on CUDA, read zero-copy by the
-kernel) or the compute device's own memory (read like any device tensor).
+kernel) or the compute device's own memory (read like any device tensor). It keeps its own dtype
+(the value store's ``ValueLayout``); values are converted to the buffer's dtype as they land, so
+what crosses PCIe is the store's bytes. Arguments are checked for their layout (rows of whole
+chunks of ``D``, one KV-head axis), not for equal dtypes.
 """
 
 from __future__ import annotations
@@ -47,8 +50,11 @@ def gather_values(
             f"the store must be in host memory or on v_cache's device {v_cache.device}, "
             f"not {store.device}"
         )
-    if store.dtype != v_cache.dtype:
-        raise ValueError(f"store dtype {store.dtype} differs from v_cache dtype {v_cache.dtype}")
+    if not store.is_floating_point():
+        raise ValueError(
+            f"the store holds {store.dtype}; gather_values reads floating-point values (a "
+            "quantised store needs its scales, which this op does not take yet)"
+        )
     args = (v_cache, store, store_table, slot_ids, miss, dst_rows)
     if use_triton(v_cache, "gather_values"):
         from shadowkv.kernels.gather_values.triton import gather_values as impl

@@ -28,7 +28,8 @@ def gather_values(
         v_cache: ``[num_blocks, S, Hkv, D]`` paged value buffer on the compute device, written in
             place.
         store: ``[num_pages, Pc, Hkv, C * D]`` one layer of one value-store tier (host memory,
-            pinned on CUDA; or the compute device's memory), same dtype as ``v_cache``.
+            pinned on CUDA; or the compute device's memory), in its own float dtype (converted
+            to ``v_cache``'s as the rows land).
         store_table: ``[B, max_pages]`` int32 store pages of each sequence, in chunk order.
         slot_ids: ``[B, Hkv, K]`` int32 chunk id per slot (``-1`` = unused).
         miss: ``[B, Hkv, K]`` bool, the slots to fill.

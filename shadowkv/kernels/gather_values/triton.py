@@ -68,7 +68,7 @@ def _gather_values_kernel(
     dst = tl.load(dst_rows_ptr + pid_b * stride_db + slot * C + j, mask=rows, other=0).to(tl.int64)
     tl.store(
         v_cache_ptr + dst[:, None] * stride_vr + pid_h * stride_vh + offs_d[None, :],
-        vals,
+        vals.to(v_cache_ptr.dtype.element_ty),  # the store keeps its own dtype
         mask=mask,
     )
 
@@ -86,10 +86,6 @@ def gather_values(
     _, S, _, D = v_cache.shape
     PC, CD = store.shape[1], store.shape[3]
     C = CD // D
-    check(
-        store.dtype == v_cache.dtype,
-        f"store dtype {store.dtype} differs from v_cache {v_cache.dtype}",
-    )
     check(
         v_cache.stride(3) == 1 and v_cache.stride(0) == S * v_cache.stride(1),
         "v_cache blocks must be contiguous rows ([num_blocks * S] flat rows, contiguous D)",
