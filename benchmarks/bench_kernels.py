@@ -223,9 +223,10 @@ def bench_reconstruct_keys(b: Bench, cases: list[tuple[int, int, int]], miss_rat
             a_pages=torch.randn(B * pages, P, R, device=b.dev, dtype=b.dtype),
             page_table=torch.randperm(B * pages, device=b.dev).view(B, pages).int(),
             w_t=(torch.randn(B, R, HKV * D, device=b.dev) / R**0.5).to(b.dtype),
-            seq_rows=torch.arange(B, device=b.dev),
-            cos=torch.randn(L, D, device=b.dev),
-            sin=torch.randn(L, D, device=b.dev),
+            seg_basis=torch.arange(B, device=b.dev)[:, None],
+            seg_starts=torch.zeros(B, 1, device=b.dev, dtype=torch.int32),
+            cos=torch.randn(L, D // 2, device=b.dev),
+            sin=torch.randn(L, D // 2, device=b.dev),
             chunk_size=C,
             **slot_inputs(b, B, L // C, K, miss_rate),
         )

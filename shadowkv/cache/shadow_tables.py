@@ -15,6 +15,10 @@ from shadowkv.cache.shadow_layout import PAGE_CHUNKS, SeqLayout, cdiv
 
 FACTOR, BLOCKS, BASIS = "factor", "blocks", "basis"  # allocator names (values: VALUE_POOLS)
 VALUE_POOLS = ("host values", "device values")  # by tier index
+# Prompt segments per sequence, each factorised with its own key basis (prefix sharing will make
+# two: a shared prefix and the request's own continuation); unused ones start past every token.
+MAX_SEGMENTS = 1
+NO_SEGMENT = torch.iinfo(torch.int32).max
 
 
 @dataclass
@@ -40,7 +44,7 @@ class ShadowSeq(SeqRecord):
 
 @dataclass(frozen=True)
 class PrefillPlan:
-    basis: int  # the w_t row its factorisation goes to
+    basis: int  # the w_t row (basis slot) its factorisation goes to
     layout: SeqLayout
     exact_rows: torch.Tensor  # [E] buffer rows of the exact tokens (all T when dense)
     factor_rows: torch.Tensor  # [T] rows of the factor pages (empty when dense)
@@ -66,7 +70,8 @@ class SparsePlan:
 @dataclass(frozen=True)
 class DecodePlan:
     rows: torch.Tensor  # [B] sequence slots
-    basis: torch.Tensor  # [B] w_t rows of their key bases
+    seg_basis: torch.Tensor  # [B, MAX_SEGMENTS] w_t row of each prompt segment's key basis
+    seg_starts: torch.Tensor  # [B, MAX_SEGMENTS] int32 first token of each segment
     buf_tables: torch.Tensor  # [B, max blocks] int32
     seq_lens: torch.Tensor  # [B] int32 buffer rows to attend, the new token included
     gen_rows: torch.Tensor  # [B] int64 buffer row of the new token
@@ -123,6 +128,10 @@ class SequenceTables:
         self.factor = table(cdiv(max_model_len, page_tokens))
         self.store = table(cdiv(cdiv(max_model_len, chunk_size), PAGE_CHUNKS))
         self.buffer = table(cdiv(max_model_len, block_rows))
+        self.seg_basis = table(MAX_SEGMENTS)
+        self.seg_starts = table(MAX_SEGMENTS).fill_(NO_SEGMENT)
+        self.seg_starts[:, 0] = 0
+        self.seg_basis[max_num_seqs] = max_num_seqs  # the padding row's (never read: no misses)
         self.max_select = max_select  # selection slots per KV head (the selection state's width)
         self.pad_row = max_num_seqs
         self.buffer[self.pad_row] = scratch_block
@@ -135,9 +144,10 @@ class SequenceTables:
             (self.buffer, rec.pages[BLOCKS]),
         ):
             t[rec.row, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        self.seg_basis[rec.row, 0] = rec.basis  # one segment: the whole prompt
 
     def release(self, row: int) -> None:
-        for t in (self.factor, self.store, self.buffer):
+        for t in (self.factor, self.store, self.buffer, self.seg_basis):
             t[row] = 0
 
     def buffer_rows(self, row: int, start: int, end: int) -> torch.Tensor:
@@ -176,7 +186,6 @@ class SequenceTables:
                 )
         return {
             "rows": [r.row for r in recs],
-            "basis": [r.basis for r in recs],
             "gen": gen,
             "num_select": [lay.num_select for lay in lays],
             "select_start": [lay.select_start for lay in lays],
@@ -188,7 +197,7 @@ class SequenceTables:
     def pad_columns(self) -> dict[str, int]:
         """A padding entry: no prompt rows, nothing selected, its token in the scratch block."""
         cols = dict.fromkeys(("gen", "num_select", "select_start", "num_landmarks", "primed"), 0)
-        return {"rows": self.pad_row, "basis": self.pad_row, **cols, "tier": 0}
+        return {"rows": self.pad_row, **cols, "tier": 0}
 
     def decode_widths(
         self, recs: list[ShadowSeq], static: bool, tiers: tuple[int, ...]
@@ -236,7 +245,9 @@ class SequenceTables:
         gen_rows = tables.gather(1, (gen_t // S)[:, None]).squeeze(1).long() * S + gen_t % S
         sparse = self._plan_sparse(cols, tables, widths) if widths.sparse else None
         seq_lens = (gen_t + 1).to(torch.int32)
-        return DecodePlan(rows, cols["basis"], tables, seq_lens, gen_rows, sparse)
+        return DecodePlan(
+            rows, self.seg_basis[rows], self.seg_starts[rows], tables, seq_lens, gen_rows, sparse
+        )
 
     def _plan_sparse(
         self, cols: dict[str, torch.Tensor], tables: torch.Tensor, widths: StepWidths

@@ -157,23 +157,33 @@ def random_slots(B, Hkv, K, C, budgets, num_chunks, S, gen):
 
 
 RECON_SHAPES = [
-    pytest.param(1, 1, 64, 5, 8, [40], [4], 24, 64, "neox", id="B1-Hkv1-D64-R5-T40-K4"),
+    pytest.param(1, 1, 64, 5, 8, [40], [4], 24, 64, "neox", None, id="B1-Hkv1-D64-R5-T40-K4"),
     pytest.param(
-        2, 2, 64, 37, 8, [101, 57], [6, 3], 20, 64, "interleaved", id="B2-Hkv2-D64-P20-straddle-il"
+        2, 2, 64, 37, 8, [101, 57], [6, 3], 20, 64, "interleaved", None,
+        id="B2-Hkv2-D64-P20-straddle-il",
     ),
     pytest.param(
-        3, 4, 128, 48, 4, [83, 30, 11], [9, 7, 0], 32, 64, "neox", id="B3-Hkv4-D128-R48-C4-Dr64"
+        3, 4, 128, 48, 4, [83, 30, 11], [9, 7, 0], 32, 64, "neox", None,
+        id="B3-Hkv4-D128-R48-C4-Dr64",
     ),
     pytest.param(
-        2, 3, 96, 16, 8, [64, 72], [8, 9], 16, 48, "interleaved", id="B2-Hkv3-D96-all-Dr48-il"
+        2, 3, 96, 16, 8, [64, 72], [8, 9], 16, 48, "interleaved", None,
+        id="B2-Hkv3-D96-all-Dr48-il",
+    ),
+    # Per-segment bases: 3 segments (page-aligned start 40, mid-page and mid-chunk 61) and 2
+    # (start 13, padded with a segment owning no token).
+    pytest.param(
+        2, 2, 64, 12, 8, [101, 57], [12, 7], 20, 48, "neox", [[0, 40, 61], [0, 13]],
+        id="B2-Hkv2-D64-P20-segs3,2-Dr48",
     ),
 ]
+NO_TOKEN = torch.iinfo(torch.int32).max  # start of a padding segment
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("B,Hkv,D,R,C,lengths,budgets,P,Dr,style", RECON_SHAPES)
+@pytest.mark.parametrize("B,Hkv,D,R,C,lengths,budgets,P,Dr,style,segs", RECON_SHAPES)
 def test_reconstruct_keys_matches_oracle(
-    B, Hkv, D, R, C, lengths, budgets, P, Dr, style, dtype
+    B, Hkv, D, R, C, lengths, budgets, P, Dr, style, segs, dtype
 ) -> None:
     gen = torch.Generator().manual_seed(3)
     S, K = 16, max(max(budgets), 1)
@@ -182,7 +192,17 @@ def test_reconstruct_keys_matches_oracle(
     a_pages = torch.randn(24, P, R, dtype=F64, generator=gen)
     table = page_tables(lengths, P, 24, gen)
     w_t = torch.randn(5, R, Hkv * D, dtype=F64, generator=gen)
-    basis_rows = torch.randperm(5, generator=gen)[:B]
+    if segs is None:  # one segment: one basis per sequence
+        seg_basis = torch.randperm(5, generator=gen)[:B, None]
+        seg_starts = torch.zeros(B, 1, dtype=torch.int32)
+    else:
+        G = max(map(len, segs))
+        rows = torch.randperm(5, generator=gen).tolist()
+        seg_basis = torch.full((B, G), -1, dtype=torch.int64)  # padding: never read
+        seg_starts = torch.full((B, G), NO_TOKEN, dtype=torch.int32)
+        for b, starts in enumerate(segs):
+            seg_starts[b, : len(starts)] = torch.tensor(starts, dtype=torch.int32)
+            seg_basis[b, : len(starts)] = torch.tensor([rows.pop() for _ in starts])  # distinct
     cos, sin = rope_tables(max(lengths), Dr)
     slot_ids, miss, dst = random_slots(B, Hkv, K, C, budgets, chunks, S, gen)
     k_cache = torch.full((40, S, Hkv, D), math.nan, dtype=dtype)
@@ -191,7 +211,8 @@ def test_reconstruct_keys_matches_oracle(
         a_pages.to(dtype),
         table,
         w_t.to(dtype),
-        basis_rows,
+        seg_basis,
+        seg_starts,
         slot_ids,
         miss,
         cos.to(dtype),
@@ -209,7 +230,8 @@ def test_reconstruct_keys_matches_oracle(
                     continue
                 for j in range(C):
                     t = int(slot_ids[b, h, s]) * C + j
-                    w = w_t[basis_rows[b], :, h * D : (h + 1) * D]
+                    g = max(i for i, start in enumerate(seg_starts[b].tolist()) if start <= t)
+                    w = w_t[seg_basis[b, g], :, h * D : (h + 1) * D]
                     key = (a_pages[paged(table, P, b, t)] @ w).tolist()  # dims >= Dr stay
                     for i in range(half):
                         d1, d2 = rope_pair(i, half, style)
@@ -270,10 +292,10 @@ def test_ops_reject_mismatched_shapes() -> None:
             torch.ones(1, dtype=torch.int32),
             torch.full((1, 1, 9), -1, dtype=torch.int32),
         )
-    with pytest.raises(ValueError, match="dtype"):
-        gather_values(
+    with pytest.raises(ValueError, match="floating-point"):  # the store's dtype may differ,
+        gather_values(  # but it must be one the op can convert
             torch.zeros(2, 4, 1, 8),
-            torch.zeros(2, 2, 1, 32, dtype=F64),
+            torch.zeros(2, 2, 1, 32, dtype=torch.int16),
             torch.zeros(1, 1, dtype=torch.int32),
             torch.zeros(1, 1, 1, dtype=torch.int32),
             torch.zeros(1, 1, 1, dtype=torch.bool),

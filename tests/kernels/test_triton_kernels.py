@@ -140,8 +140,9 @@ def launch_reconstruct_keys() -> None:
         k_cache=torch.zeros(B * K * C // 16, 16, HKV, D, **BF16),
         a_pages=torch.zeros(B * 16, 256, R, **BF16),
         page_table=torch.arange(B * 16, **I32).view(B, 16),
-        w_t=torch.zeros(B, R, HKV * D, **BF16),
-        basis_rows=torch.arange(B),
+        w_t=torch.zeros(2 * B, R, HKV * D, **BF16),
+        seg_basis=torch.arange(2 * B).view(B, 2),  # two segments: a shared prefix + the rest
+        seg_starts=torch.tensor([0, 1024], **I32).repeat(B, 1),
         cos=torch.zeros(4096, D // 2),
         sin=torch.zeros(4096, D // 2),
         chunk_size=C,

@@ -16,7 +16,8 @@ def reconstruct_keys(
     a_pages: torch.Tensor,
     page_table: torch.Tensor,
     w_t: torch.Tensor,
-    basis_rows: torch.Tensor,
+    seg_basis: torch.Tensor,
+    seg_starts: torch.Tensor,
     slot_ids: torch.Tensor,
     miss: torch.Tensor,
     cos: torch.Tensor,
@@ -43,8 +44,21 @@ def reconstruct_keys(
             f"miss must match slot_ids {tuple(slot_ids.shape)} and dst_rows must be "
             f"[B, K*C] = [{B}, {K * chunk_size}], got {tuple(dst_rows.shape)}"
         )
-    if basis_rows.shape != (B,):
-        raise ValueError(f"basis_rows must be [B={B}], got {tuple(basis_rows.shape)}")
+    if seg_basis.dim() != 2 or seg_basis.shape[0] != B or seg_basis.shape[1] < 1:
+        raise ValueError(
+            f"seg_basis must be [B={B}, segments >= 1] (the w_t row of each prompt segment), "
+            f"got {tuple(seg_basis.shape)}"
+        )
+    if seg_starts.shape != seg_basis.shape:
+        raise ValueError(
+            f"seg_starts {tuple(seg_starts.shape)} must match seg_basis {tuple(seg_basis.shape)} "
+            "(one first token per segment)"
+        )
+    if seg_basis.dtype not in (torch.int32, torch.int64) or seg_starts.dtype != torch.int32:
+        raise ValueError(
+            f"seg_basis must be int32 or int64 and seg_starts int32, got {seg_basis.dtype} and "
+            f"{seg_starts.dtype}"
+        )
     if cos.dim() != 2 or cos.shape != sin.shape or not 0 < 2 * cos.shape[1] <= D:
         raise ValueError(
             f"RoPE tables must both be [max_position, Dr/2] with 0 < Dr <= D={D}, got cos "
@@ -56,7 +70,8 @@ def reconstruct_keys(
         a_pages,
         page_table,
         w_t,
-        basis_rows,
+        seg_basis,
+        seg_starts,
         slot_ids,
         miss,
         cos,

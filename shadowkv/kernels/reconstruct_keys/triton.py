@@ -10,6 +10,12 @@ rotation ``(acc1, acc2) -> (acc1 * cos - acc2 * sin, acc2 * cos + acc1 * sin)`` 
 shuffle; with partial rotary a third accumulator holds the pass-through columns ``[Dr, D)``,
 stored unrotated (compiled out when ``Dr == D``). A program whose slots are all hits returns
 before loading anything.
+
+Each prompt segment has its own basis: the product runs once per segment (``NUM_SEGS``, unrolled)
+over the program's rows in that segment (the ``A`` loads mask the others to zero) with that
+segment's ``W^T``, into the same accumulators. A segment holding none of the program's rows is
+skipped before it loads anything, so one segment (or a program inside one segment) costs one
+product, as it did with a single basis per sequence.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ def _reconstruct_keys_kernel(
     a_ptr,
     page_table_ptr,
     w_ptr,
-    basis_rows_ptr,
+    seg_basis_ptr,
+    seg_starts_ptr,
     slot_ids_ptr,
     miss_ptr,
     cos_ptr,
@@ -43,6 +50,8 @@ def _reconstruct_keys_kernel(
     stride_tb,
     stride_wn,
     stride_wr,
+    stride_gb,
+    stride_gs,
     stride_sb,
     stride_sh,
     stride_cos,
@@ -54,6 +63,7 @@ def _reconstruct_keys_kernel(
     C_PAD: tl.constexpr,
     P: tl.constexpr,
     D: tl.constexpr,
+    NUM_SEGS: tl.constexpr,
     HALF: tl.constexpr,
     PASS: tl.constexpr,
     INTERLEAVED: tl.constexpr,
@@ -81,8 +91,6 @@ def _reconstruct_keys_kernel(
     tok = chunk * C + j  # [BLOCK_T] absolute position
     page = tl.load(page_table_ptr + pid_b * stride_tb + tok // P, mask=rows, other=0).to(tl.int64)
     a_row = a_ptr + page * stride_ap + (tok % P) * stride_at  # [BLOCK_T] row pointers
-    basis_row = tl.load(basis_rows_ptr + pid_b).to(tl.int64)
-    w_head = w_ptr + basis_row * stride_wn + pid_h * D  # this head's D columns of W^T
     offs_r = tl.arange(0, BLOCK_R)
     offs_x = tl.arange(0, BLOCK_HALF)  # pair index
     mask_x = offs_x < HALF
@@ -94,21 +102,37 @@ def _reconstruct_keys_kernel(
 
     acc1 = tl.zeros([BLOCK_T, BLOCK_HALF], tl.float32)
     acc2 = tl.zeros([BLOCK_T, BLOCK_HALF], tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        r = r0 + offs_r
-        mask_r = r < R
-        a = tl.load(a_row[:, None] + r[None, :], mask=rows[:, None] & mask_r[None, :], other=0.0)
-        a = a.to(DOT_DTYPE)
-        w_mask = mask_r[:, None] & mask_x[None, :]
-        w_rows = w_head + r[:, None] * stride_wr  # [BLOCK_R, 1]
-        w1 = tl.load(w_rows + first[None, :], mask=w_mask, other=0.0).to(DOT_DTYPE)
-        w2 = tl.load(w_rows + second[None, :], mask=w_mask, other=0.0).to(DOT_DTYPE)
-        acc1 = tl.dot(a, w1, acc1, input_precision=PRECISION)
-        acc2 = tl.dot(a, w2, acc2, input_precision=PRECISION)
-        if PASS > 0:
-            w_mask3 = mask_r[:, None] & mask_p[None, :]
-            w3 = tl.load(w_rows + cols_p[None, :], mask=w_mask3, other=0.0).to(DOT_DTYPE)
-            acc3 = tl.dot(a, w3, acc3, input_precision=PRECISION)
+    for g in tl.static_range(NUM_SEGS):
+        # Segment g owns tokens [start_g, start_{g+1}); segment 0 everything below start_1.
+        in_seg = rows
+        if g > 0:
+            start = tl.load(seg_starts_ptr + pid_b * stride_gs + g).to(tl.int64)
+            in_seg = in_seg & (tok >= start)
+        if g + 1 < NUM_SEGS:
+            end = tl.load(seg_starts_ptr + pid_b * stride_gs + (g + 1)).to(tl.int64)
+            in_seg = in_seg & (tok < end)
+        if NUM_SEGS > 1:
+            live = tl.max(in_seg.to(tl.int32), axis=0) > 0
+        else:
+            live = True  # the one segment holds every row (all-hit programs returned above)
+        if live:
+            basis_row = tl.load(seg_basis_ptr + pid_b * stride_gb + g).to(tl.int64)
+            w_head = w_ptr + basis_row * stride_wn + pid_h * D  # this head's D columns of W^T
+            for r0 in range(0, R, BLOCK_R):
+                r = r0 + offs_r
+                mask_r = r < R
+                a_mask = in_seg[:, None] & mask_r[None, :]  # other segments' rows read as 0
+                a = tl.load(a_row[:, None] + r[None, :], mask=a_mask, other=0.0).to(DOT_DTYPE)
+                w_mask = mask_r[:, None] & mask_x[None, :]
+                w_rows = w_head + r[:, None] * stride_wr  # [BLOCK_R, 1]
+                w1 = tl.load(w_rows + first[None, :], mask=w_mask, other=0.0).to(DOT_DTYPE)
+                w2 = tl.load(w_rows + second[None, :], mask=w_mask, other=0.0).to(DOT_DTYPE)
+                acc1 = tl.dot(a, w1, acc1, input_precision=PRECISION)
+                acc2 = tl.dot(a, w2, acc2, input_precision=PRECISION)
+                if PASS > 0:
+                    w_mask3 = mask_r[:, None] & mask_p[None, :]
+                    w3 = tl.load(w_rows + cols_p[None, :], mask=w_mask3, other=0.0)
+                    acc3 = tl.dot(a, w3.to(DOT_DTYPE), acc3, input_precision=PRECISION)
 
     out_mask = rows[:, None] & mask_x[None, :]
     cos = tl.load(cos_ptr + tok[:, None] * stride_cos + offs_x[None, :], mask=out_mask, other=0.0)
@@ -129,7 +153,8 @@ def reconstruct_keys(
     a_pages: torch.Tensor,
     page_table: torch.Tensor,
     w_t: torch.Tensor,
-    basis_rows: torch.Tensor,
+    seg_basis: torch.Tensor,
+    seg_starts: torch.Tensor,
     slot_ids: torch.Tensor,
     miss: torch.Tensor,
     cos: torch.Tensor,
@@ -161,9 +186,23 @@ def reconstruct_keys(
         dst_rows.dtype == torch.int64 and dst_rows.stride(1) == 1,
         "dst_rows must be contiguous int64",
     )
+    check(
+        seg_basis.dim() == 2 and seg_basis.shape[0] == B and seg_basis.shape[1] >= 1,
+        f"seg_basis must be [B={B}, segments >= 1], got {tuple(seg_basis.shape)}",
+    )
+    check(
+        seg_starts.shape == seg_basis.shape,
+        f"seg_starts {tuple(seg_starts.shape)} must match seg_basis {tuple(seg_basis.shape)}",
+    )
+    check(
+        seg_basis.dtype in (torch.int32, torch.int64) and seg_starts.dtype == torch.int32,
+        f"seg_basis must be int32/int64 and seg_starts int32, got {seg_basis.dtype} and "
+        f"{seg_starts.dtype}",
+    )
     if B * Hkv * K == 0:
         return
     slot_ids = slot_ids.contiguous()
+    seg_basis, seg_starts = seg_basis.contiguous(), seg_starts.contiguous()
     miss = miss.contiguous().view(torch.int8)
     same = a_pages.dtype == w_t.dtype
     compute = a_pages.dtype if same else torch.float32
@@ -175,7 +214,8 @@ def reconstruct_keys(
         a_pages,
         page_table,
         w_t,
-        basis_rows,
+        seg_basis,
+        seg_starts,
         slot_ids,
         miss,
         cos,
@@ -188,6 +228,8 @@ def reconstruct_keys(
         page_table.stride(0),
         w_t.stride(0),
         w_t.stride(1),
+        seg_basis.stride(0),
+        seg_starts.stride(0),
         slot_ids.stride(0),
         slot_ids.stride(1),
         cos.stride(0),
@@ -199,6 +241,7 @@ def reconstruct_keys(
         C_PAD=C_PAD,
         P=P,
         D=D,
+        NUM_SEGS=seg_basis.shape[1],
         HALF=half,
         PASS=D - 2 * half,
         INTERLEAVED=style == "interleaved",
