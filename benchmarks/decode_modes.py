@@ -99,9 +99,9 @@ def table(report: dict) -> str:
         if "error" in a or "error" in b:
             lines.append(f"| {method} | {batch} | {a.get('error', '')} {b.get('error', '')} |")
             continue
-        share = (
-            f"{a['roofline_share']:.2f} / {b['roofline_share']:.2f}" if "roofline_share" in a else "-"
-        )
+        share = "-"
+        if "roofline_share" in a:
+            share = f"{a['roofline_share']:.2f} / {b['roofline_share']:.2f}"
         lines.append(
             f"| {method} | {batch} | {a['ms_per_step']:.2f} | {b['ms_per_step']:.2f} | "
             f"{a['ms_per_step'] / b['ms_per_step']:.2f}x | {b['tokens_per_s']:.1f} | {share} |"

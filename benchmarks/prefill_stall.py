@@ -7,7 +7,8 @@ cache method, all in one process on the same weights (so the settings are compar
 same machine load).
 
     python benchmarks/prefill_stall.py --haystack ../shared/data/pg_essays.jsonl \\
-        --long-tokens 6000 --slices none,2048,512 --methods dense,shadowkv --out bench_out/stall.json
+        --long-tokens 6000 --slices none,2048,512 --methods dense,shadowkv \\
+        --out bench_out/stall.json
 """
 
 from __future__ import annotations
@@ -28,9 +29,16 @@ from shadowkv.eval.haystack import Haystack
 JOIN_AFTER = 4  # the long prompt arrives after the short request's 4th token
 
 
-def measure(llm: LLM, method: str, slice_tokens: int | None, short: list[int], long: list[int], new: int) -> dict:
-    cache = method_config(method, sparse_budget=256, outlier_chunks=8) if method != "dense" else DenseConfig()
-    cfg = EngineConfig(max_model_len=llm.max_model_len, prefill_slice_tokens=slice_tokens, max_num_seqs=2)
+def measure(
+    llm: LLM, method: str, slice_tokens: int | None, short: list[int], long: list[int], new: int
+) -> dict:
+    if method == "dense":
+        cache = DenseConfig()
+    else:
+        cache = method_config(method, sparse_budget=256, outlier_chunks=8)
+    cfg = EngineConfig(
+        max_model_len=llm.max_model_len, prefill_slice_tokens=slice_tokens, max_num_seqs=2
+    )
     llm.set_cache(cache, cfg)
     engine = llm.engine
     a = engine.add_request(short, SamplingParams(max_tokens=new, ignore_eos=True))
@@ -55,13 +63,17 @@ def measure(llm: LLM, method: str, slice_tokens: int | None, short: list[int], l
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default=None, help="checkpoint (default: SmolLM2-135M)")
     p.add_argument("--haystack", type=Path, required=True, help="essay corpus for the long prompt")
     p.add_argument("--long-tokens", type=int, default=6000)
     p.add_argument("--short-tokens", type=int, default=64)
     p.add_argument("--decode-tokens", type=int, default=40, help="tokens the short request makes")
-    p.add_argument("--slices", default="none,2048,512", help="prefill_slice_tokens values; none = off")
+    p.add_argument(
+        "--slices", default="none,2048,512", help="prefill_slice_tokens values; none = off"
+    )
     p.add_argument("--methods", default="dense,shadowkv")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
@@ -76,14 +88,22 @@ def main() -> None:
         for s in slices:
             rows.append(measure(llm, method, s, short, long, args.decode_tokens))
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| method | prefill_slice_tokens | short request: max gap s | median gap s | long prompt TTFT s |")
+    print(
+        "\n| method | prefill_slice_tokens | short request: max gap s | median gap s "
+        "| long prompt TTFT s |"
+    )
     print("|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['method']} | {r['prefill_slice_tokens'] or 'off'} | {r['short_max_gap_s']} | "
               f"{r['short_median_gap_s']} | {r['long_ttft_s']} |")
     if args.out is not None:
-        meta = {"date": dt.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-                "threads": args.threads, "long_tokens": len(long), "model": str(llm.path)}
+        meta = {
+            "date": dt.date.today().isoformat(),
+            "machine": platform.processor() or platform.machine(),
+            "threads": args.threads,
+            "long_tokens": len(long),
+            "model": str(llm.path),
+        }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 

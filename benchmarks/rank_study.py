@@ -62,7 +62,9 @@ class PasskeyPrompt:
     ids: list[int]
 
 
-def passkey_prompt(llm: LLM, hay: Haystack, length: int, depth: int, sample: int, seed: str) -> PasskeyPrompt:
+def passkey_prompt(
+    llm: LLM, hay: Haystack, length: int, depth: int, sample: int, seed: str
+) -> PasskeyPrompt:
     """A prompt of at most ``length`` tokens with the needle after ``depth``% of the haystack."""
     rng = random.Random(f"{seed}:{length}:{depth}:{sample}")
     passkey = str(rng.randint(10000, 99999))
@@ -90,7 +92,9 @@ def passkey_prompt(llm: LLM, hay: Haystack, length: int, depth: int, sample: int
     return PasskeyPrompt(depth, sample, passkey, ids)
 
 
-def prompts(llm: LLM, hay: Haystack, length: int, depths: list[int], samples: int, seed: str) -> Iterator[PasskeyPrompt]:
+def prompts(
+    llm: LLM, hay: Haystack, length: int, depths: list[int], samples: int, seed: str
+) -> Iterator[PasskeyPrompt]:
     # Sample-major: every depth gets its first sample before any gets a second.
     for s in range(samples):
         for d in depths:
@@ -158,21 +162,36 @@ def append_row(path: Path, row: dict) -> None:
 
 
 def config_key(row: dict) -> tuple:
-    return (row["model"], row["length"], row["depth"], row["sample"], row.get("rank"), row.get("budget"), row.get("outliers"))
+    return (
+        row["model"],
+        row["length"],
+        row["depth"],
+        row["sample"],
+        row.get("rank"),
+        row.get("budget"),
+        row.get("outliers"),
+    )
 
 
 def study(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     rows = load_rows(args.out)
     done = {config_key(r) for r in rows}
-    llm = LLM(args.model_path or args.model, engine=EngineConfig(max_num_seqs=1, max_model_len=args.max_model_len))
+    llm = LLM(
+        args.model_path or args.model,
+        engine=EngineConfig(max_num_seqs=1, max_model_len=args.max_model_len),
+    )
     kv_dim = llm.model_config.kv_dim
     hay = Haystack.from_path(args.haystack)
     for length, outliers in zip(args.lengths, args.outliers):
         grid = [(r, b) for r in args.ranks for b in args.budgets]
         for p in prompts(llm, hay, length, args.depths, args.samples, args.seed):
             base = {"model": args.model, "length": length, "depth": p.depth, "sample": p.sample}
-            todo = [(r, b) for r, b in grid if config_key({**base, "rank": r, "budget": b, "outliers": outliers}) not in done]
+            todo = [
+                (r, b)
+                for r, b in grid
+                if config_key({**base, "rank": r, "budget": b, "outliers": outliers}) not in done
+            ]
             dense_key = config_key({**base})
             if not todo and dense_key in done:
                 continue
@@ -197,7 +216,8 @@ def study(args: argparse.Namespace) -> None:
                 out_text = llm.tokenizer.decode(free)
                 valid = [r for r in rates if not math.isnan(r)]
                 row = {
-                    **common, "method": "shadowkv", "rank": rank, "budget": budget, "outliers": outliers,
+                    **common, "method": "shadowkv", "rank": rank, "budget": budget,
+                    "outliers": outliers,
                     "local_chunks": args.local_chunks, "tokens": free, "text": out_text,
                     "correct": p.passkey in out_text,
                     "prefix_agree": prefix_agreement(free, dense) / NEW_TOKENS,
@@ -209,8 +229,12 @@ def study(args: argparse.Namespace) -> None:
                 }
                 append_row(args.out, row)
                 done.add(config_key(row))
-                print(f"  r={rank:<3} b={budget:<4} tf={row['tf_agree']:.2f} prefix={row['prefix_agree']:.2f} "
-                      f"hit={row['hit_rate'] or 0:.2f} ok={row['correct']} {row['seconds']}s", flush=True)
+                print(
+                    f"  r={rank:<3} b={budget:<4} tf={row['tf_agree']:.2f} "
+                    f"prefix={row['prefix_agree']:.2f} hit={row['hit_rate'] or 0:.2f} "
+                    f"ok={row['correct']} {row['seconds']}s",
+                    flush=True,
+                )
             del rec
 
 
@@ -225,10 +249,11 @@ def report(rows: list[dict]) -> str:
     for r in latest.values():
         groups[(r["model"], r["length"], r.get("rank") or 0, r.get("budget") or 0)].append(r)
     lines = [
-        "| model | ctx | rank | budget | outliers | n | TF top-1 agree | prefix agree | position agree | passkey acc | hit rate |",
+        "| model | ctx | rank | budget | outliers | n | TF top-1 agree | prefix agree "
+        "| position agree | passkey acc | hit rate |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (model, length, rank, budget), rs in sorted(groups.items()):
+    for (model, _length, rank, budget), rs in sorted(groups.items()):
         n = len(rs)
         acc = f"{sum(r['correct'] for r in rs)}/{n}"
         toks = mean([r["prompt_tokens"] for r in rs])
@@ -239,7 +264,8 @@ def report(rows: list[dict]) -> str:
         hits = [r["hit_rate"] for r in rs if r["hit_rate"] is not None]
         lines.append(
             f"| {model} | {ctx} | {rank} | {budget} | {rs[0]['outliers']} | {n} | "
-            f"{mean([r['tf_agree'] for r in rs]):.3f} | {mean([r['prefix_agree'] for r in rs]):.3f} | "
+            f"{mean([r['tf_agree'] for r in rs]):.3f} | "
+            f"{mean([r['prefix_agree'] for r in rs]):.3f} | "
             f"{mean([r['position_agree'] for r in rs]):.3f} | {acc} | {mean(hits):.3f} |"
         )
     return "\n".join(lines)
@@ -247,10 +273,20 @@ def report(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2", help="name recorded in the results (and loaded unless --model-path)")
-    ap.add_argument("--model-path", default=None, help="checkpoint dir or .gguf; 'qwen-coder' assembles the packaged GGUF")
+    ap.add_argument(
+        "--model",
+        default="smollm2",
+        help="name recorded in the results (and loaded unless --model-path)",
+    )
+    ap.add_argument(
+        "--model-path",
+        default=None,
+        help="checkpoint dir or .gguf; 'qwen-coder' assembles the packaged GGUF",
+    )
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
-    ap.add_argument("--outliers", type=int, nargs="+", default=[8, 16], help="outlier chunks, one per length")
+    ap.add_argument(
+        "--outliers", type=int, nargs="+", default=[8, 16], help="outlier chunks, one per length"
+    )
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 48, 96, 192])
     ap.add_argument("--budgets", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--local-chunks", type=int, default=4)
@@ -264,7 +300,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report", action="store_true", help="print the table from --out and exit")
     args = ap.parse_args(argv)
     if len(args.outliers) != len(args.lengths):
-        ap.error(f"--outliers needs one value per length ({len(args.lengths)}), got {len(args.outliers)}")
+        ap.error(
+            f"--outliers needs one value per length ({len(args.lengths)}), "
+            f"got {len(args.outliers)}"
+        )
     if args.model_path == "qwen-coder":
         from shadowkv.models.offline import qwen_coder_gguf
 

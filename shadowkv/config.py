@@ -6,7 +6,6 @@ exists; messages name the problem and the fix.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -183,7 +182,8 @@ class ModelConfig:
     def from_hf(cfg: dict[str, Any]) -> ModelConfig:
         """Build from a Hugging Face ``config.json`` dict."""
         archs = cfg.get("architectures") or []
-        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        known = [SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES]
+        arch = known[0] if known else None
         if arch is None and not archs and cfg.get("model_type") in SUPPORTED_ARCHITECTURES.values():
             arch = cfg["model_type"]  # configs written from GGUF metadata carry only model_type
         if arch is None:
@@ -267,6 +267,8 @@ class EngineConfig:
         if self.prefill_mlp_chunk < 1:
             raise ConfigError("prefill_mlp_chunk must be >= 1")
         if self.prefill_slice_tokens is not None and self.prefill_slice_tokens < 1:
-            raise ConfigError("prefill_slice_tokens must be >= 1 (or None to prefill whole prompts)")
+            raise ConfigError(
+                "prefill_slice_tokens must be >= 1 (or None to prefill whole prompts)"
+            )
         if self.dtype not in DTYPES:
             raise ConfigError("dtype must be auto, float32, bfloat16 or float16")

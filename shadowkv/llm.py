@@ -36,7 +36,9 @@ class LLM:
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu")
+            raise ConfigError(
+                "device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu"
+            )
         engine = engine or EngineConfig()
         self.path = resolve_model(model)
         self.dtype = pick_dtype(engine.dtype, self.device)
@@ -47,7 +49,13 @@ class LLM:
         self.tokenizer = Tokenizer(self.path)
         self.cache_config = cache or DenseConfig()
         self.engine = Engine(
-            model_obj, self.model_config, self.tokenizer, self.cache_config, engine, self.device, self.dtype
+            model_obj,
+            self.model_config,
+            self.tokenizer,
+            self.cache_config,
+            engine,
+            self.device,
+            self.dtype,
         )
 
     def set_cache(self, cache: CacheConfig, engine: EngineConfig | None = None) -> None:
@@ -56,7 +64,9 @@ class LLM:
         Builds a fresh engine (empty cache); must not be called while requests are running.
         """
         if self.engine.has_unfinished():
-            raise RuntimeError("set_cache while requests are running; let them finish or abort them")
+            raise RuntimeError(
+                "set_cache while requests are running; let them finish or abort them"
+            )
         model, engine_cfg = self.engine.model, engine or self.engine.cfg
         self.engine = None  # type: ignore[assignment]  # free the old pools before the new ones
         self.engine = Engine(
@@ -88,12 +98,19 @@ class LLM:
         ``cache_options`` (one for all prompts, or one per prompt) tunes the cache method per
         request, e.g. ``CacheOptions(exact=True)`` or ``CacheOptions(sparse_budget=512)``.
         """
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        one_token_list = isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        if isinstance(prompts, str) or one_token_list:
             prompts = [prompts]  # type: ignore[list-item]
-        plist = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
+        if isinstance(params, (list, tuple)):
+            plist = list(params)
+        else:
+            plist = [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling parameter sets")
-        opts = list(cache_options) if isinstance(cache_options, (list, tuple)) else [cache_options] * len(prompts)
+        if isinstance(cache_options, (list, tuple)):
+            opts = list(cache_options)
+        else:
+            opts = [cache_options] * len(prompts)
         if len(opts) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(opts)} cache option sets")
         ids = [self.encode(p, chat) for p in prompts]  # encode all first: errors before any work
@@ -111,7 +128,9 @@ class LLM:
             self.engine.progress = None
         return [self._result(r) for r in reqs]
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False) -> Iterator[str]:
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False
+    ) -> Iterator[str]:
         """Yield text deltas as they are generated (one request; others may be running)."""
         req = self.engine.add_request(self.encode(prompt, chat), params or SamplingParams())
         try:

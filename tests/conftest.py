@@ -95,7 +95,9 @@ def _write_word_tokenizer(out: Path, vocab: int) -> None:
         words[f"w{i}"] = i
     tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
     fast.save_pretrained(out)
 
 
@@ -112,7 +114,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     def make(family: str = "llama", **kw) -> Path:
         key = (family, tuple(sorted((k, repr(v)) for k, v in kw.items())))
         if key not in made:
-            made[key] = make_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-{family}"), family, **kw)
+            out = tmp_path_factory.mktemp(f"tiny-{family}")
+            made[key] = make_tiny_checkpoint(out, family, **kw)
         return made[key]
 
     return make

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shadowkv import LLM, SamplingParams
 from utils import (
     PASSKEY_ANSWER,
     PASSKEY_HEADER,
@@ -13,6 +12,8 @@ from utils import (
     passkey_prompt,
     read_essays,
 )
+
+from shadowkv import LLM, SamplingParams
 
 TARGET_TOKENS = 2048
 

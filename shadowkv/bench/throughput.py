@@ -203,7 +203,8 @@ def run_throughput(
                             row["roofline_share"] = round(step_bytes / step_s / bandwidth, 4)
                         say(f"  decode {result.decode_tokens_per_s:.1f} tok/s")
                     except Exception as err:  # noqa: BLE001 - keep the other runs' results
-                        row.update(context=context, batch=batch, error=f"{type(err).__name__}: {err}")
+                        error = f"{type(err).__name__}: {err}"
+                        row.update(context=context, batch=batch, error=error)
                         say(f"  FAILED: {row['error']}")
                     report["runs"].append(row)
                     if "error" in row:  # its requests are mid-flight: start clean (outside the

@@ -172,7 +172,10 @@ class AttentionCache(ABC):
 
     def _problem(self, prompt_len: int, adm: Admission) -> str | None:
         if prompt_len > self.max_model_len:
-            return f"the prompt has {prompt_len} tokens, more than max_model_len={self.max_model_len}"
+            return (
+                f"the prompt has {prompt_len} tokens, more than "
+                f"max_model_len={self.max_model_len}"
+            )
         if not self._free_rows:
             return f"all {self.max_num_seqs} sequence slots are in use"
         for name, num in adm.needs:
@@ -181,7 +184,9 @@ class AttentionCache(ABC):
                 return why
         return adm.problem
 
-    def _plan(self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None) -> Admission:
+    def _plan(
+        self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None
+    ) -> Admission:
         new = self.new_tokens(prompt_len, max_new_tokens)
         return self.plan_admission(prompt_len, new, options or CacheOptions())
 
@@ -384,7 +389,8 @@ def device_columns(columns: dict[str, list[int]], device: torch.device) -> dict[
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Exact causal attention over one prompt: ``q [T, H, D]``, ``k, v [T, Hkv, D]`` -> ``[T, H, D]``.
+    """Exact causal attention over one prompt: ``q [T, H, D]``, ``k, v [T, Hkv, D]`` ->
+    ``[T, H, D]``.
 
     Uses SDPA's causal path without an explicit mask so the CPU and CUDA flash kernels tile the
     score matrix instead of materialising ``[H, T, T]``.

@@ -24,7 +24,9 @@ class LayeredCache:
         self._route: dict[int, tuple[AttentionCache, int]] = {}
         for cache, layers in parts:
             if len(layers) != cache.num_layers:
-                raise ValueError(f"a cache of {cache.num_layers} layers cannot serve {list(layers)}")
+                raise ValueError(
+                    f"a cache of {cache.num_layers} layers cannot serve {list(layers)}"
+                )
             for local, layer in enumerate(layers):
                 if layer in self._route:
                     raise ValueError(f"layer {layer} is served by two caches")
@@ -55,7 +57,9 @@ class LayeredCache:
     def can_add(self, prompt_len: int, max_new: int, options: CacheOptions | None = None) -> bool:
         return all(c.can_add(prompt_len, max_new, options) for c in self.parts)
 
-    def fits_empty(self, prompt_len: int, max_new: int, options: CacheOptions | None = None) -> bool:
+    def fits_empty(
+        self, prompt_len: int, max_new: int, options: CacheOptions | None = None
+    ) -> bool:
         return all(c.fits_empty(prompt_len, max_new, options) for c in self.parts)
 
     def add_sequence(

@@ -15,8 +15,8 @@ import math
 
 import torch
 
-from shadowkv.cache.sparse_base import SparseCache
 from shadowkv.cache.methods import LokiConfig
+from shadowkv.cache.sparse_base import SparseCache
 
 
 def loki_rank(head_dim: int, cfg: LokiConfig) -> int:

@@ -39,7 +39,7 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class DenseConfig(CacheConfig):
-    """Full attention over a paged KV cache: the baseline every sparse method is measured against."""
+    """Full attention over a paged KV cache: the baseline every sparse method is measured by."""
 
     method: ClassVar[str] = "dense"
 

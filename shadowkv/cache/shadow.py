@@ -22,7 +22,13 @@ from dataclasses import replace
 
 import torch
 
-from shadowkv.cache.base import Admission, AttentionCache, CacheCapacityError, CacheOptions, SeqRecord
+from shadowkv.cache.base import (
+    Admission,
+    AttentionCache,
+    CacheCapacityError,
+    CacheOptions,
+    SeqRecord,
+)
 from shadowkv.cache.layout import KVLayout
 from shadowkv.cache.methods import ShadowKVConfig
 from shadowkv.cache.pages import PageAllocator
@@ -74,7 +80,8 @@ class ShadowKVCache(AttentionCache):
                 f"{layout.spec.rotary_dims} rotary dims"
             )
         self.rope = rope
-        sz = self.sizing = size_shadowkv(cfg, layout, device, max_num_seqs, max_model_len, memory_bytes)
+        sz = size_shadowkv(cfg, layout, device, max_num_seqs, max_model_len, memory_bytes)
+        self.sizing = sz
         L, Hkv, D, dtype = layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype
         self.rank = R = sz.rank
         self.page_tokens = P = sz.page_tokens
@@ -112,7 +119,8 @@ class ShadowKVCache(AttentionCache):
         # Per layer [max_num_seqs + 1, Hkv, max_slots]: the chunk each buffer slot holds, -1 =
         # empty (the last row is the padding row's).
         self.selection = [
-            torch.full((max_num_seqs + 1, Hkv, self.max_slots), -1, dtype=torch.int32, device=device)
+            torch.full((max_num_seqs + 1, Hkv, self.max_slots), -1, dtype=torch.int32,
+                       device=device)
             for _ in range(L)
         ]
         self.tables = SequenceTables(
@@ -169,7 +177,10 @@ class ShadowKVCache(AttentionCache):
         lay = self._layout(prompt_len, new, options or CacheOptions())
         return (
             cdiv(lay.buffer_rows, self.block_rows) <= self.allocators[BLOCKS].capacity
-            and (lay.dense or cdiv(prompt_len, self.page_tokens) <= self.allocators[FACTOR].capacity)
+            and (
+                lay.dense
+                or cdiv(prompt_len, self.page_tokens) <= self.allocators[FACTOR].capacity
+            )
             and self.store.fits_empty(lay.num_chunks)
         )
 

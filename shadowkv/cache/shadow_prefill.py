@@ -95,11 +95,12 @@ def exact_token_index(
     ``E = (prompt_len - num_candidates*C) + O*C``; row ``i`` of head ``h`` is the token stored in
     exact-buffer row ``i`` of that head.
     """
-    O, Hkv = outlier_ids.shape
+    num_outliers, Hkv = outlier_ids.shape
     dev = outlier_ids.device
     local = torch.arange(num_candidates * chunk_size, prompt_len, device=dev)[:, None].expand(
         -1, Hkv
     )
     within = torch.arange(chunk_size, device=dev)[None, :, None]
-    outlier = (outlier_ids[:, None, :] * chunk_size + within).reshape(O * chunk_size, Hkv)
+    outlier = outlier_ids[:, None, :] * chunk_size + within  # [O, C, Hkv]
+    outlier = outlier.reshape(num_outliers * chunk_size, Hkv)
     return torch.cat([local, outlier], dim=0)

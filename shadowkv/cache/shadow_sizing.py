@@ -76,7 +76,9 @@ def size_shadowkv(
         )
     ref = reference_layout(cfg, max_model_len)
     values = ValueLayout(L, Hkv, D, C, PAGE_CHUNKS, layout.dtype)
-    seq_device = cdiv(ref.prompt_len, P) * factor_page_bytes + cdiv(ref.buffer_rows, S) * block_bytes
+    seq_device = (
+        cdiv(ref.prompt_len, P) * factor_page_bytes + cdiv(ref.buffer_rows, S) * block_bytes
+    )
     host, device_value = _value_tier_bytes(
         cfg, values, ref, seq_device, device, max_num_seqs, max_model_len,
         memory_bytes - fixed - least,

@@ -73,7 +73,8 @@ class SparseCache(DenseCache):
         selectable = [r.prompt_len - self.local_tokens(r.prompt_len) for r in recs]
         units = []
         for r, n in zip(recs, selectable):
-            budget = n if r.options.exact else self.seq_config(r.options).budget_tokens(r.prompt_len)
+            cfg = self.seq_config(r.options)
+            budget = n if r.options.exact else cfg.budget_tokens(r.prompt_len)  # type: ignore[attr-defined]
             units.append(-(-n // self.unit) if budget >= n else budget // self.unit)
         dev = self.device
         lengths = [r.length for r in recs]

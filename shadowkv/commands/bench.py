@@ -36,7 +36,9 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def _hit_rates(text: str) -> tuple[float | None, ...]:
     try:
-        return tuple(None if x.strip() == "query" else float(x) for x in text.split(",") if x.strip())
+        return tuple(
+            None if x.strip() == "query" else float(x) for x in text.split(",") if x.strip()
+        )
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected 'query' or shares in [0, 1], comma-separated, got {text!r}"

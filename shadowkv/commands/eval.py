@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     if args.table is not None:
         args.table.write_text(table + "\n", encoding="utf-8")
     if NIAH_TASK in cfg.tasks:
-        for path in write_heatmaps(records, args.heatmaps or cfg.out.parent, cfg.out.stem, args.metric):
+        heatmap_dir = args.heatmaps or cfg.out.parent
+        for path in write_heatmaps(records, heatmap_dir, cfg.out.stem, args.metric):
             print(f"NIAH heat map: {path}", file=sys.stderr)
     sweep = args.budgets is not None and len(args.budgets) > 1
     plot = args.plot or (cfg.out.with_suffix(".png") if sweep else None)

@@ -29,7 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--top-p", type=float, default=defaults.top_p)
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
+    )
     p.add_argument("--json", action="store_true", help="print text, timing and memory as JSON")
     p.add_argument("--no-stream", action="store_true", help="print the text only when done")
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")

@@ -131,12 +131,16 @@ class Engine:
                 f"shorten it to at most {self.max_model_len - 1} tokens"
             )
         max_new = min(params.max_tokens, self.max_model_len - n)
-        if not self.running and not self.waiting and not self.cache.can_add(n, max_new, cache_options):
+        idle = not self.running and not self.waiting
+        if idle and not self.cache.can_add(n, max_new, cache_options):
             raise CacheCapacityError(
                 f"a request of {n} prompt + {max_new} new tokens cannot fit in the cache even when "
                 "it is empty; lower max_tokens or give the cache more memory"
             )
-        req = Request(self._next_id, list(prompt_ids), params, self.eos_ids, make_generator(params, self.device))
+        req = Request(
+            self._next_id, list(prompt_ids), params, self.eos_ids,
+            make_generator(params, self.device),
+        )
         req.prompt_kv, req.record_prompt_kv = prompt_kv, record_prompt_kv
         req.cache_options = cache_options
         self._next_id += 1
@@ -186,7 +190,9 @@ class Engine:
         if self.running:
             return self._decode()
         if self.waiting:
-            raise CacheCapacityError("no running request frees memory and the next one cannot be admitted")
+            raise CacheCapacityError(
+                "no running request frees memory and the next one cannot be admitted"
+            )
         return []
 
     def _max_new(self, req: Request) -> int:
@@ -280,7 +286,8 @@ class Engine:
             req.first_token = time.perf_counter()
         reason = None
         ids = req.output_ids
-        if (token in self.eos_ids and not req.params.ignore_eos) or token in req.params.stop_token_ids:
+        eos = token in self.eos_ids and not req.params.ignore_eos
+        if eos or token in req.params.stop_token_ids:
             reason, ids = "stop", ids[:-1]  # the stop token's own text is not part of the output
         text = self.tokenizer.decode(ids)
         cut = min((i for i in (text.find(s) for s in req.params.stop) if i >= 0), default=-1)

@@ -24,10 +24,6 @@ class PromptKV:
     layers: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]
     logits: torch.Tensor
 
-    @property
-    def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
-
     def replay(self, cache: AttentionCache) -> None:
         """Store every layer into ``cache`` for the sequence it is prefilling."""
         for layer, (k, v, k_pre) in enumerate(self.layers):
@@ -38,13 +34,12 @@ class PromptKV:
 class RecordingCache:
     """Stands in for a cache during one prefill and keeps each layer's keys and values.
 
-    Copies go to ``storage`` (host memory by default: a long prompt's full KV would crowd the
-    GPU). Everything else is forwarded to the wrapped cache.
+    Copies go to host memory (a long prompt's full KV would crowd the GPU). Everything else is
+    forwarded to the wrapped cache.
     """
 
-    def __init__(self, inner: AttentionCache, storage: torch.device | str = "cpu") -> None:
+    def __init__(self, inner: AttentionCache) -> None:
         self.inner = inner
-        self.storage = torch.device(storage)
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def __getattr__(self, name: str) -> object:
@@ -54,7 +49,7 @@ class RecordingCache:
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
     ) -> torch.Tensor:
         self.layers[layer] = tuple(  # type: ignore[assignment]
-            t.to(self.storage, copy=True) for t in (k, v, k_pre)
+            t.to("cpu", copy=True) for t in (k, v, k_pre)
         )
         return self.inner.prefill(layer, q, k, v, k_pre)
 

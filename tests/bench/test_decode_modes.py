@@ -26,7 +26,9 @@ def test_decode_modes_times_both_modes_on_cpu() -> None:
     report = script.measure(args)
     assert report["modes"] == ("eager", "static")
     seen = {(r["method"], r["mode"], r["batch"]) for r in report["rows"]}
-    assert seen == {(m, mode, b) for m in ("dense", "shadowkv") for mode in report["modes"] for b in (1, 3)}
+    assert seen == {
+        (m, mode, b) for m in ("dense", "shadowkv") for mode in report["modes"] for b in (1, 3)
+    }
     for row in report["rows"]:
         assert "error" not in row, row
         assert row["ms_per_step"] > 0 and row["captures"] == 0  # no graphs on a CPU

@@ -334,7 +334,9 @@ def test_a_checkpoint_runs_with_its_own_weights(tiny_checkpoint, tmp_path: Path)
 def test_timed_run_refuses_an_engine_that_slices_its_prompts() -> None:
     cfg = arch_config("tiny")
     model = random_model(cfg, torch.device("cpu"), torch.float32)
-    sliced = EngineConfig(max_num_seqs=2, max_model_len=512, cache_memory_gb=0.01, prefill_slice_tokens=64)
+    sliced = EngineConfig(
+        max_num_seqs=2, max_model_len=512, cache_memory_gb=0.01, prefill_slice_tokens=64
+    )
     engine = build_engine(model, cfg, DenseConfig(), sliced, torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="prefill_slice_tokens=None"):
         timed_run(engine, 96, 2, 2)

@@ -6,14 +6,14 @@ import functools
 
 import pytest
 import torch
+from utils import assert_close_verbose, cache_for, run_model
 
 from shadowkv.cache.loki import principal_basis
+from shadowkv.cache.methods import method_config
 from shadowkv.cache.quest import QuestCache
 from shadowkv.cache.sparse_base import SparseCache
-from shadowkv.cache.methods import method_config
 from shadowkv.config import EngineConfig
 from shadowkv.models.loader import load_model
-from utils import assert_close_verbose, cache_for, run_model
 
 METHODS = ["quest", "loki", "streaming", "oracle"]
 CPU = torch.device("cpu")

@@ -15,9 +15,13 @@ import torch
 
 from shadowkv import LLM, CacheOptions, DenseConfig, EngineConfig, SamplingParams, ShadowKVConfig
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="CUDA path: needs an NVIDIA GPU (run benchmarks/gpu_check.sh)"
-)
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="CUDA path: needs an NVIDIA GPU (run benchmarks/gpu_check.sh)",
+    ),
+]
 
 PROMPTS = [[(k * i) % 90 + 3 for i in range(n)] for k, n in ((7, 300), (11, 211), (13, 157))]
 STEPS = 10
@@ -44,7 +48,8 @@ def tokens(
     params = SamplingParams(max_tokens=STEPS)
     opts = [CacheOptions(sparse_budget=b) for b in FULL_BUDGETS] if cache is FULL else [None] * 3
     if one_by_one:
-        return [llm.generate(p, params, cache_options=o)[0].token_ids for p, o in zip(PROMPTS, opts)]
+        alone = [llm.generate(p, params, cache_options=o)[0] for p, o in zip(PROMPTS, opts)]
+        return [r.token_ids for r in alone]
     return [r.token_ids for r in llm.generate(PROMPTS, params, cache_options=opts)]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from utils import assert_close_verbose, run_model
 
 from shadowkv.bench.harness import build_engine
 from shadowkv.bench.models import random_model
@@ -20,7 +21,6 @@ from shadowkv.cache.shadow import ShadowKVCache
 from shadowkv.config import ModelConfig, RopeConfig
 from shadowkv.engine.decode_runner import DecodeRunner
 from shadowkv.engine.sampling import SamplingParams
-from utils import assert_close_verbose, run_model
 
 CPU = torch.device("cpu")
 MAX_LEN = 512

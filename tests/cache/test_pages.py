@@ -1,4 +1,5 @@
-"""The one page allocator: reference counts, the null page, reuse order, all-or-nothing admission."""
+"""The one page allocator: reference counts, the null page, reuse order; all-or-nothing admission.
+"""
 
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ import torch
 
 from shadowkv.cache.base import device_columns
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="the pinned, non-blocking copy needs a GPU"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the pinned, non-blocking copy needs a GPU")])]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -293,7 +293,8 @@ def test_generation_has_no_fixed_cap_and_overruns_raise(tiny_checkpoint) -> None
     shadow.end_prefill()
     for _ in range(2):
         shadow.begin_decode([0])
-        run_model(model, torch.tensor([5]), torch.tensor([shadow.length(0)]), rope, shadow, "decode")
+        pos = torch.tensor([shadow.length(0)])
+        run_model(model, torch.tensor([5]), pos, rope, shadow, "decode")
         shadow.end_decode()
     with pytest.raises(CacheCapacityError, match="reserved at admission"):
         shadow.begin_decode([0])

@@ -12,6 +12,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
 
+from utils import cache_for  # noqa: E402
+
 from shadowkv import LLM, DenseConfig, EngineConfig, SamplingParams, ShadowKVConfig  # noqa: E402
 from shadowkv.bench.harness import max_batch  # noqa: E402
 from shadowkv.cache import CacheCapacityError  # noqa: E402
@@ -23,7 +25,6 @@ from shadowkv.commands.common import add_model_args, cache_config_from_args  # n
 from shadowkv.config import ConfigError, ModelConfig  # noqa: E402
 from shadowkv.kernels.gather_values.reference import gather_values as gather_ref  # noqa: E402
 from shadowkv.kernels.gather_values.triton import gather_values as gather_triton  # noqa: E402
-from utils import cache_for  # noqa: E402
 
 CPU = torch.device("cpu")
 MAX_LEN = 512
@@ -124,7 +125,10 @@ def test_a_host_tier_that_cannot_be_pinned_hands_over_to_the_device_tier(monkeyp
 def test_a_host_tier_that_cannot_be_pinned_and_no_device_tier_refuse(monkeypatch) -> None:
     cache = make_shadow(ShadowKVConfig(**KNOBS, host_memory_gb=tier_gb(4)))
     fake_pinning(cache, monkeypatch, fail=True)
-    with pytest.warns(RuntimeWarning), pytest.raises(CacheCapacityError, match="could not allocate"):
+    with (
+        pytest.warns(RuntimeWarning),
+        pytest.raises(CacheCapacityError, match="could not allocate"),
+    ):
         cache.add_sequence(0, 200, 8)
     assert 0 not in cache.seqs and all(a.num_used == 0 for a in cache.allocators.values())
 
@@ -211,7 +215,8 @@ def test_config_validation_names_the_fix() -> None:
     with pytest.raises(ConfigError, match="gives it no memory"):
         ShadowKVConfig(offload_values=False, device_value_memory_gb=0)
     with pytest.raises(ConfigError, match="device_value_memory_gb=.*lower it or raise"):
-        make_shadow(ShadowKVConfig(**KNOBS, device_value_memory_gb=2**24 / 2**30))  # the whole budget
+        whole_budget = 2**24 / 2**30
+        make_shadow(ShadowKVConfig(**KNOBS, device_value_memory_gb=whole_budget))
 
 
 def test_cli_flags_reach_the_config() -> None:
@@ -229,7 +234,8 @@ def test_cli_flags_reach_the_config() -> None:
 def test_bench_batch_search_counts_both_tiers() -> None:
     host_only = make_shadow(ShadowKVConfig(**KNOBS, host_memory_gb=tier_gb(4)), seqs=8)
     both = make_shadow(
-        ShadowKVConfig(**KNOBS, host_memory_gb=tier_gb(4), device_value_memory_gb=tier_gb(6)), seqs=8
+        ShadowKVConfig(**KNOBS, host_memory_gb=tier_gb(4), device_value_memory_gb=tier_gb(6)),
+        seqs=8,
     )
     assert (max_batch(host_only, 200, 3, 8), max_batch(both, 200, 3, 8)) == (2, 5)
 

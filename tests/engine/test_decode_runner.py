@@ -20,7 +20,9 @@ from shadowkv.engine.decode_runner import batch_sizes, resolve_mode
 
 # Three long prompts (sparse under a 32-token budget) and a 40-token one that ShadowKV serves
 # dense; different max_tokens make the batch shrink 4 -> 3 -> 2 -> 1 while it runs.
-PROMPTS = [[(k * i) % 90 + 3 for i in range(n)] for k, n in ((7, 300), (11, 211), (13, 157), (5, 40))]
+PROMPTS = [
+    [(k * i) % 90 + 3 for i in range(n)] for k, n in ((7, 300), (11, 211), (13, 157), (5, 40))
+]
 MAX_TOKENS = [12, 9, 5, 7]
 SHADOW = dict(method="shadowkv", sparse_budget=32, rank=0.5, outlier_chunks=2)
 
@@ -135,7 +137,11 @@ def test_padding_touches_no_sequence(path: Path, cache) -> None:
     assert owned[0] == owned[1]
     S = pools[0][0][0].shape[1]
     if cache is None:  # rows written so far (the dense pool is not zeroed at admission)
-        held = [blocks[i // S] * S + i % S for s, blocks in owned[0].items() for i in range(a.length(s))]
+        held = [
+            blocks[i // S] * S + i % S
+            for s, blocks in owned[0].items()
+            for i in range(a.length(s))
+        ]
     else:  # the ShadowKV buffer is zeroed at admission: all of it compares
         held = [b * S + i for blocks in owned[0].values() for b in blocks for i in range(S)]
     for pa, pb in pools:
@@ -194,7 +200,8 @@ def test_the_static_step_reads_nothing_back_from_the_device(path: Path, cache, m
 
         monkeypatch.setattr(torch.Tensor, name, read)
 
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu"):
+    reads = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu")
+    for name in reads:
         guard(name)
 
     def exempt(fn):

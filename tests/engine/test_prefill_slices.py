@@ -51,7 +51,10 @@ def run_all(engine: Engine) -> list[tuple[str | None, list[int]]]:
 @pytest.mark.parametrize("method", METHODS)
 def test_decodes_continue_during_a_sliced_prefill(path: Path, method: str) -> None:
     llm = make_llm(path, method)
-    alone = [llm.generate(p, SamplingParams(max_tokens=n))[0].token_ids for p, n in ((SHORT, 12), (LONG, 6))]
+    alone = [
+        llm.generate(p, SamplingParams(max_tokens=n))[0].token_ids
+        for p, n in ((SHORT, 12), (LONG, 6))
+    ]
     engine = llm.engine
     a = engine.add_request(SHORT, SamplingParams(max_tokens=12))
     engine.step()  # a's whole prefill: nothing else runs
@@ -142,8 +145,12 @@ def test_cli_flag_sets_the_slice() -> None:
     p = argparse.ArgumentParser()
     add_model_args(p)
     assert engine_config_from_args(p.parse_args([])).prefill_slice_tokens == 8192
-    assert engine_config_from_args(p.parse_args(["--prefill-slice-tokens", "512"])).prefill_slice_tokens == 512
-    assert engine_config_from_args(p.parse_args(["--prefill-slice-tokens", "none"])).prefill_slice_tokens is None
+    def sliced(value: str) -> int | None:
+        args = p.parse_args(["--prefill-slice-tokens", value])
+        return engine_config_from_args(args).prefill_slice_tokens
+
+    assert sliced("512") == 512
+    assert sliced("none") is None
 
 
 def test_failed_allocation_at_admission_keeps_the_request_queued(path: Path, monkeypatch) -> None:

@@ -18,8 +18,13 @@ from shadowkv.eval import (
 )
 from shadowkv.eval.niah import NIAH_MAX_NEW_TOKENS
 
-from .test_ruler import NO_SMOLLM2, PG_ESSAYS, ByteTokenizer, WhitespaceTokenizer
-from .test_ruler import load_smollm2_tokenizer
+from .test_ruler import (
+    NO_SMOLLM2,
+    PG_ESSAYS,
+    ByteTokenizer,
+    WhitespaceTokenizer,
+    load_smollm2_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from shadowkv.eval import Haystack, Sample, fit_size, generate_samples, split_sentences
-from shadowkv.eval import load_corpus_text, load_qa, token_counter
+from shadowkv.eval import (
+    Haystack,
+    Sample,
+    fit_size,
+    generate_samples,
+    load_corpus_text,
+    load_qa,
+    split_sentences,
+    token_counter,
+)
 from shadowkv.eval.haystack import NOISE_LINE
 from shadowkv.eval.ruler import DEPTHS, TASKS
 

@@ -155,6 +155,7 @@ def test_no_miss_writes_nothing() -> None:
     assert run(triton_op, case).isnan().all()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="pinned vs pageable host memory only matters on CUDA")
 def test_pageable_store_is_refused() -> None:
     case = make_case([40], 2, 16, 8, 64, 16, torch.float32)

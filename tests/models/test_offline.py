@@ -1,9 +1,13 @@
-"""Assembling the packaged Qwen2.5-Coder GGUF: missing packages and corrupt concatenations."""
+"""Offline models: assembling the packaged Qwen2.5-Coder GGUF (missing packages, corrupt
+concatenations), and loading a local checkpoint without the network or touching os.environ."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -74,3 +78,50 @@ def test_assemble_rejects_bad_checksum(parts: list[Path], tmp_path: Path, corrup
     with pytest.raises(offline.ChecksumError, match=expected):
         offline.assemble_parts(parts, out, expected)
     assert not out.parent.exists() or not any(out.parent.iterdir())  # no file, no temp left behind
+
+
+def test_loading_leaves_the_environment_alone(
+    monkeypatch: pytest.MonkeyPatch, tiny_checkpoint
+) -> None:
+    """The library keeps off the hub through per-call arguments, not by setting HF_HUB_OFFLINE
+    (conftest sets it for the session, so it is removed here first)."""
+    from shadowkv import LLM, SamplingParams
+
+    path = tiny_checkpoint("llama")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    before = dict(os.environ)
+    llm = LLM(str(path), device="cpu")
+    llm.generate("w3 w4", SamplingParams(max_tokens=2))
+    assert dict(os.environ) == before
+
+
+# Loads a checkpoint directory in a fresh interpreter (huggingface_hub reads HF_HUB_OFFLINE once,
+# at import) without HF_HUB_OFFLINE and with sockets disabled.
+NO_NETWORK_LOAD = """
+import os, socket, sys
+
+def no_network(*args, **kwargs):
+    raise OSError("network access attempted")
+
+socket.socket.connect = no_network
+socket.create_connection = no_network
+socket.getaddrinfo = no_network
+from shadowkv import LLM, SamplingParams
+
+LLM(sys.argv[1], device="cpu").generate("w3 w4", SamplingParams(max_tokens=2))
+leaked = {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"} & set(os.environ)
+assert not leaked, leaked
+"""
+
+
+def test_local_checkpoint_loads_without_network(tiny_checkpoint) -> None:
+    path = tiny_checkpoint("llama")
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_NETWORK_LOAD, str(path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from utils import assert_close_verbose, run_model
 
 from shadowkv.cache.dense import DenseCache
 from shadowkv.cache.layout import KVLayout
@@ -20,7 +21,6 @@ from shadowkv.kernels.rope.tables import RopeTables
 from shadowkv.models.llama import LlamaModel, attention_spec
 from shadowkv.models.loader import load_model
 from shadowkv.models.rope import rope_tables
-from utils import assert_close_verbose, run_model
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[2]

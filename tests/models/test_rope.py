@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from utils import assert_close_verbose
 
 from shadowkv.config import ConfigError, ModelConfig, RopeConfig
 from shadowkv.kernels.rope import apply_rope
 from shadowkv.models.rope import ROPE_KINDS, inv_frequencies, rope_tables
-from utils import assert_close_verbose
 
 HEAD_DIMS = [64, 96, 128]
 CONTEXT = 4096  # the checkpoint's max_position_embeddings in these cases

@@ -26,10 +26,7 @@ httpx = pytest.importorskip(
     "httpx", reason="the tests need the 'test' extra: pip install 'shadowkv[test]'"
 )
 
-import torch  # noqa: E402
-
 from shadowkv import LLM, CacheConfig, DenseConfig, EngineConfig, QuestConfig, SamplingParams  # noqa: E402
-from shadowkv.cache.dense import DenseCache  # noqa: E402
 from shadowkv.models.loader import read_config  # noqa: E402
 from shadowkv.server import create_app  # noqa: E402
 
@@ -726,7 +723,9 @@ def test_per_request_cache_options_on_a_sparse_server(tiny_checkpoint) -> None:
     llm = LLM(path, device="cpu", cache=QuestConfig(sparse_budget=64), engine=engine)
     with serve(llm, "tiny-quest") as live:
         def complete(cache: dict | None) -> str:
-            body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, **({"cache": cache} if cache else {})}
+            body = {"prompt": prompt, "max_tokens": 12, "temperature": 0}
+            if cache:
+                body["cache"] = cache
             r = live.client.post("/v1/completions", json=body)
             assert r.status_code == 200, r.text
             return r.json()["choices"][0]["text"]

@@ -93,7 +93,8 @@ def gather_values(
     check(store.stride(3) == 1, "store rows [C * D] must be contiguous")
     # (Not while a CUDA graph captures: the pinned check queries the driver, and the replayed
     # graph reads the same store the uncaptured warm-up runs checked.)
-    if v_cache.is_cuda and store.device.type == "cpu" and not torch.cuda.is_current_stream_capturing():
+    host_store = v_cache.is_cuda and store.device.type == "cpu"
+    if host_store and not torch.cuda.is_current_stream_capturing():
         check(
             store.is_pinned(),
             "a host value store must be pinned for the zero-copy kernel; pin it "
