@@ -54,7 +54,7 @@ from shadowkv.kernels.decode_attention import decode_attention
 from shadowkv.kernels.gather_values import gather_values
 from shadowkv.kernels.reconstruct_keys import reconstruct_keys
 from shadowkv.kernels.rope.tables import RopeTables
-from shadowkv.kernels.select_chunks import select_chunks
+from shadowkv.kernels.select_chunks import select_chunks_inplace
 
 
 class ShadowKVCache(AttentionCache):
@@ -126,8 +126,9 @@ class ShadowKVCache(AttentionCache):
         self.tables = SequenceTables(
             max_num_seqs, max_model_len, cfg.chunk_size, P, S, device, num_blocks, self.max_slots
         )
-        self._hits = torch.zeros(L, dtype=torch.int64, device=device)
-        self._used = torch.zeros(L, dtype=torch.int64, device=device)
+        # Per layer (hits, used slots) since the last reset, counted by the selection kernel
+        # itself (no launch of their own).
+        self._counts = torch.zeros(L, 2, dtype=torch.int64, device=device)
         # On CUDA the value fetch (PCIe-bound) runs on its own stream, overlapping the key rebuild
         # (compute-bound) as in the paper.
         overlap = device.type == "cuda" and cfg.overlap_fetch
@@ -311,16 +312,13 @@ class ShadowKVCache(AttentionCache):
         """Select this step's chunks; rebuild keys and fetch values of the slots that changed."""
         rows = plan.rows
         K = sp.dst_rows.shape[1] // self.cfg.chunk_size
-        state = self.selection[layer]
-        prev = state[rows, :, :K]
-        scores = self.selector.scores(self, layer, q, sp, prev)
-        slot_ids, miss = select_chunks(
-            scores, self.landmark_ids[layer], sp.landmark_tables, sp.num_select, prev
+        scores = self.selector.scores(self, layer, q, sp, rows, K)
+        # Top-k, then one kernel: hits keep their slots, misses fill the freed ones, the state
+        # of these rows is updated in place and the layer's hit counters advance.
+        slot_ids, miss = select_chunks_inplace(
+            scores, self.landmark_ids[layer], sp.landmark_tables, sp.num_select,
+            self.selection[layer], rows, K, sp.primed, self._counts[layer],
         )
-        state[rows, :, :K] = slot_ids
-        used = (slot_ids >= 0) & sp.primed[:, None, None]
-        self._hits[layer] += (used & ~miss).sum()
-        self._used[layer] += used.sum()
         fetch = self._fetch_stream
         if fetch is not None:
             main = torch.cuda.current_stream(self.device)
@@ -369,9 +367,8 @@ class ShadowKVCache(AttentionCache):
     def hit_rate(self) -> list[float]:
         """Per layer: share of selected chunks already in the buffer from the previous step
         (decode steps after each sequence's first; NaN before any)."""
-        hits, used = self._hits.tolist(), self._used.tolist()
+        hits, used = self._counts.T.tolist()
         return [h / u if u else math.nan for h, u in zip(hits, used)]
 
     def reset_hit_rate(self) -> None:
-        self._hits.zero_()
-        self._used.zero_()
+        self._counts.zero_()

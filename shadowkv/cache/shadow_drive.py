@@ -36,8 +36,11 @@ class LandmarkSelection:
     hit_rate: float | None = None
 
     def scores(
-        self, cache: ShadowKVCache, layer: int, q: torch.Tensor, sp: SparsePlan, prev: torch.Tensor
+        self, cache: ShadowKVCache, layer: int, q: torch.Tensor, sp: SparsePlan,
+        rows: torch.Tensor, num_slots: int,
     ) -> torch.Tensor:
+        """``[B, Hkv, N]`` scores of this step's landmarks (``rows``: the sequences' slots,
+        ``num_slots``: the step's selection width)."""
         return score_landmarks(
             q, cache.landmarks[layer], sp.landmark_tables, sp.num_landmarks, cache.scale
         )
@@ -54,8 +57,10 @@ class DrivenSelection:
             raise ValueError(f"hit_rate={self.hit_rate} must be in [0, 1]")
 
     def scores(
-        self, cache: ShadowKVCache, layer: int, q: torch.Tensor, sp: SparsePlan, prev: torch.Tensor
+        self, cache: ShadowKVCache, layer: int, q: torch.Tensor, sp: SparsePlan,
+        rows: torch.Tensor, num_slots: int,
     ) -> torch.Tensor:
+        prev = cache.selection[layer][rows, :, :num_slots]
         return driven_scores(cache.landmark_ids[layer], sp, prev, self.hit_rate)
 
 KEPT, DROPPED = 2.0, -1.0  # fresh candidates score in [0, 1): kept chunks above, dropped below

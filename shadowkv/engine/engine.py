@@ -23,7 +23,7 @@ from shadowkv.engine.prompt_kv import PromptKV, RecordingCache
 from shadowkv.engine.request import Request, Status
 from shadowkv.engine.sampling import SamplingParams, make_generator, sample, sample_batch
 from shadowkv.models.context import ForwardContext
-from shadowkv.models.llama import LlamaModel
+from shadowkv.models.llama import Hidden, LlamaModel
 from shadowkv.models.tokenizer import Tokenizer
 
 ProgressFn = Callable[[Request, int, int], None]
@@ -39,11 +39,12 @@ class ContextLengthError(PromptError):
 
 @dataclass
 class _Prefill:
-    """A prefill in progress: hidden states ``x [T, hidden]`` entering layer ``next_layer``."""
+    """A prefill in progress: the hidden state (``[T, hidden]`` output and residual) entering
+    layer ``next_layer``."""
 
     request: Request
     cache: RecordingCache | None  # keeps the prompt's K/V when the request asks for them
-    x: torch.Tensor | None
+    x: Hidden | None
     ctx: ForwardContext | None
     next_layer: int = 0
 
@@ -87,7 +88,9 @@ class Engine:
         self.model, self.model_cfg, self.tokenizer = model, model_cfg, tokenizer
         self.cfg, self.device, self.dtype = engine_cfg, device, dtype
         self.max_model_len = engine_cfg.max_model_len or model_cfg.max_position_embeddings
-        self.rope = model.rope_tables(self.max_model_len, device)
+        # In the model dtype: what the q/k rotation and the key rebuild read per token (bf16 on
+        # a GPU halves those bytes; transformers rounds cos/sin to the model dtype too).
+        self.rope = model.rope_tables(self.max_model_len, device, dtype)
         self.cache = make_cache(
             model.attention_specs(), cache_cfg, self.rope, device, dtype, engine_cfg.max_num_seqs,
             self.max_model_len, cache_memory_budget(engine_cfg, device),

@@ -11,16 +11,22 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shadowkv.cache.base import AttentionCache
 from shadowkv.cache.layout import AttentionSpec
 from shadowkv.config import ModelConfig
+from shadowkv.kernels.rms_norm import rms_norm
 from shadowkv.kernels.rope import apply_rope
 from shadowkv.kernels.rope.tables import RopeTables
+from shadowkv.kernels.silu_mul import silu_mul
 from shadowkv.models.context import ForwardContext, Phase
 from shadowkv.models.rope import rope_tables
+
+# Between layers the model carries (x, residual): x the last sublayer's output, residual the sum
+# of everything before it (None before the first layer). Each norm adds the two as it normalises
+# (one fused op, ``kernels.rms_norm``), so the residual adds cost no launch of their own.
+Hidden = tuple[torch.Tensor, torch.Tensor | None]
 
 
 class RMSNorm(nn.Module):
@@ -29,10 +35,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(x + residual), x + residual)``; without a residual, ``(norm(x), x)``."""
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
@@ -69,8 +76,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))  # silu(gate) * up, one launch
 
 
 class DecoderLayer(nn.Module):
@@ -81,17 +87,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
+    def forward(self, hidden: Hidden, ctx: ForwardContext) -> Hidden:
+        x, residual = self.input_layernorm(*hidden)
+        x, residual = self.post_attention_layernorm(self.self_attn(x, ctx), residual)
         mlp_chunk = ctx.mlp_chunk
         if x.shape[0] <= mlp_chunk:
-            return x + self.mlp(self.post_attention_layernorm(x))
+            return self.mlp(x), residual
         # Long prompts: the MLP's [T, 2 * intermediate] activation dominates peak memory, so run
-        # it in slices, writing back in place.
+        # it in slices, each slice's output over its (no longer needed) normed input.
         for s in range(0, x.shape[0], mlp_chunk):
-            part = x[s : s + mlp_chunk]
-            part += self.mlp(self.post_attention_layernorm(part))
-        return x
+            x[s : s + mlp_chunk] = self.mlp(x[s : s + mlp_chunk])
+        return x, residual
 
 
 class LlamaModel(nn.Module):
@@ -111,11 +117,13 @@ class LlamaModel(nn.Module):
         """Each layer's attention as the caches must serve it (all alike in this family)."""
         return tuple(layer.self_attn.spec for layer in self.layers)
 
-    def rope_tables(self, max_position: int, device: torch.device | str) -> RopeTables:
-        """cos/sin for positions ``[0, max_position)``: the model's q/k and ShadowKV's key rebuild
-        both read them."""
+    def rope_tables(
+        self, max_position: int, device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> RopeTables:
+        """cos/sin for positions ``[0, max_position)`` (computed in fp64, stored in ``dtype``):
+        the model's q/k and ShadowKV's key rebuild both read them."""
         cfg = self.cfg
-        return rope_tables(cfg.rope, cfg.head_dim, max_position, cfg.rope_style, device)
+        return rope_tables(cfg.rope, cfg.head_dim, max_position, cfg.rope_style, device, dtype)
 
     def context(
         self,
@@ -135,32 +143,31 @@ class LlamaModel(nn.Module):
         self, input_ids: torch.Tensor, ctx: ForwardContext, logits_index: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Logits ``[N, vocab]`` (fp32) for the tokens at ``logits_index`` (default: all)."""
-        x = self.embed(input_ids)
-        x = self.run_layers(x, ctx, 0, len(self.layers))
-        return self.logits(x, logits_index)
+        hidden = self.run_layers(self.embed(input_ids), ctx, 0, len(self.layers))
+        return self.logits(hidden, logits_index)
 
     # The engine drives a long prefill through these three in slices of layers, so decode steps
     # of running sequences can run between the slices.
     @torch.inference_mode()
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
+    def embed(self, input_ids: torch.Tensor) -> Hidden:
+        return self.embed_tokens(input_ids), None
 
     @torch.inference_mode()
-    def run_layers(
-        self, x: torch.Tensor, ctx: ForwardContext, start: int, stop: int
-    ) -> torch.Tensor:
-        """Hidden states ``[T, hidden]`` after layers ``[start, stop)``."""
+    def run_layers(self, hidden: Hidden, ctx: ForwardContext, start: int, stop: int) -> Hidden:
+        """The hidden state (``[T, hidden]`` each) after layers ``[start, stop)``."""
         for i in range(start, stop):
-            x = self.layers[i](x, ctx)
+            hidden = self.layers[i](hidden, ctx)
             if ctx.progress is not None:
                 ctx.progress(i + 1, len(self.layers))
-        return x
+        return hidden
 
     @torch.inference_mode()
-    def logits(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, hidden: Hidden, index: torch.Tensor | None = None) -> torch.Tensor:
+        x, residual = hidden
         if index is not None:
             x = x[index]
-        return self.lm_head(self.norm(x)).float()
+            residual = None if residual is None else residual[index]
+        return self.lm_head(self.norm(x, residual)[0]).float()
 
 
 def attention_spec(cfg: ModelConfig) -> AttentionSpec:

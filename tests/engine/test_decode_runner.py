@@ -216,7 +216,9 @@ def test_the_static_step_reads_nothing_back_from_the_device(path: Path, cache, m
 
     for mod, names in (
         (dense_mod, ["decode_attention"]),
-        (shadow_mod, ["decode_attention", "gather_values", "reconstruct_keys", "select_chunks"]),
+        (shadow_mod, [
+            "decode_attention", "gather_values", "reconstruct_keys", "select_chunks_inplace",
+        ]),
         (selection_mod, ["score_landmarks"]),
     ):
         for name in names:

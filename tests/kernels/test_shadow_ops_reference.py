@@ -15,7 +15,7 @@ from utils import assert_close_verbose
 from shadowkv.kernels.gather_values import gather_values
 from shadowkv.kernels.reconstruct_keys import reconstruct_keys
 from shadowkv.kernels.score_landmarks import score_landmarks
-from shadowkv.kernels.select_chunks import select_chunks
+from shadowkv.kernels.select_chunks import select_chunks, select_chunks_inplace
 
 F64 = torch.float64
 
@@ -129,6 +129,44 @@ def test_select_chunks_matches_oracle_over_steps(B, Hkv, counts, budgets, Pc) ->
         assert torch.equal(got_miss, want_miss), f"step {step}: miss masks differ"
         prev = got_ids
     assert got_miss.any() and (~got_miss & (got_ids >= 0)).any(), "steps should mix hits and misses"
+
+
+def test_select_chunks_inplace_matches_oracle_over_steps() -> None:
+    """The in-place form keeps its selection in ``state[rows, :, :K]`` (other rows and slots
+    untouched) and counts kept / used slots of primed sequences."""
+    gen = torch.Generator().manual_seed(3)
+    Hkv, Pc, counts, budgets, rows = 2, 8, [37, 21, 50], [7, 0, 5], [4, 0, 2]
+    table = page_tables(counts, Pc, 24, gen)
+    ids = torch.randperm(24 * Pc * Hkv, generator=gen).int().view(24, Pc, Hkv)  # all distinct
+    K, N, B = max(budgets), table.shape[1] * Pc, len(counts)
+    num_select = torch.tensor(budgets, dtype=torch.int32)
+    state = torch.randint(-1, 99, (6, Hkv, K + 2), dtype=torch.int32, generator=gen)
+    row_index = torch.tensor(rows)
+    state[row_index, :, :K] = -1
+    counters = torch.zeros(2, dtype=torch.int64)
+    primed = torch.tensor([False, True, True])
+    base = torch.rand(B, Hkv, N, generator=gen)
+    hits = used = 0
+    for step in range(5):
+        scores = base + 0.6 * torch.rand(B, Hkv, N, generator=gen)
+        pad = torch.arange(N)[None, :] >= torch.tensor(counts)[:, None]
+        scores = scores.masked_fill(pad[:, None, :], -math.inf)
+        prev = state[row_index, :, :K]
+        want_ids, want_miss = select_oracle(scores, ids, table, Pc, num_select, prev)
+        want_state = state.clone()
+        want_state[row_index, :, :K] = want_ids
+        for b in range(B):
+            if primed[b]:
+                hits += int(((want_ids[b] >= 0) & ~want_miss[b]).sum())
+                used += int((want_ids[b] >= 0).sum())
+        got_ids, got_miss = select_chunks_inplace(
+            scores, ids, table, num_select, state, row_index, K, primed, counters
+        )
+        assert torch.equal(got_ids, want_ids) and torch.equal(got_miss, want_miss), step
+        assert torch.equal(state, want_state), f"step {step}: state differs"
+        assert counters.tolist() == [hits, used], step
+        primed = torch.ones(B, dtype=torch.bool)
+    assert 0 < hits < used, "steps should mix hits and misses"
 
 
 # reconstruct_keys / gather_values --------------------------------------------------------------

@@ -121,9 +121,17 @@ def launch_select_chunks() -> None:
     scores = torch.rand(B, HKV, 512)
     ids = torch.arange(B * 512 * HKV, **I32).view(B * 8, 64, HKV)
     table = torch.arange(B * 8, **I32).view(B, 8)
-    prev = torch.full((B, HKV, K), -1, **I32)
-    kernel_module("select_chunks").select_chunks(
-        scores, ids, table, torch.full((B,), K, **I32), prev
+    state = torch.full((2 * B + 1, HKV, K), -1, **I32)  # every sequence slot's selection
+    kernel_module("select_chunks").select_chunks_inplace(
+        scores,
+        ids,
+        table,
+        torch.full((B,), K, **I32),
+        state,
+        torch.arange(B) * 2,
+        K,
+        torch.ones(B, dtype=torch.bool),
+        torch.zeros(2, dtype=torch.int64),
     )
 
 
@@ -167,6 +175,17 @@ def launch_rope() -> None:
     )
 
 
+def launch_rms_norm() -> None:
+    T, hidden = 8, 4096  # a decode batch's rows; Llama-3.1-8B's hidden size
+    x = torch.zeros(T, hidden, **BF16)
+    kernel_module("rms_norm").rms_norm(x, torch.ones(hidden, **BF16), 1e-5, torch.zeros_like(x))
+
+
+def launch_silu_mul() -> None:
+    T, inter = 8, 14336  # Llama-3.1-8B's intermediate size
+    kernel_module("silu_mul").silu_mul(torch.zeros(T, 2 * inter, **BF16))
+
+
 KERNELS = {
     "_rope_kernel": ("rope", launch_rope),
     "_decode_attention_split_kernel": ("decode_attention", launch_decode_attention),
@@ -176,6 +195,8 @@ KERNELS = {
     "_select_chunks_kernel": ("select_chunks", launch_select_chunks),
     "_reconstruct_keys_kernel": ("reconstruct_keys", launch_reconstruct_keys),
     "_gather_values_kernel": ("gather_values", launch_gather_values),
+    "_rms_norm_kernel": ("rms_norm", launch_rms_norm),
+    "_silu_mul_kernel": ("silu_mul", launch_silu_mul),
 }
 
 
@@ -229,7 +250,7 @@ def test_compiles_for_hopper_without_spills(name: str, compiled: dict[str, dict]
 
 OPS = [
     "rope", "decode_attention", "score_landmarks", "select_chunks", "reconstruct_keys",
-    "gather_values",
+    "gather_values", "rms_norm", "silu_mul",
 ]
 
 

@@ -71,3 +71,43 @@ def select_chunks(
     slot_ids = slot_ids.scatter(-1, free_order, fill)
     miss = (slot_ids != prev_ids.long()) & (slot_ids >= 0)
     return slot_ids.to(torch.int32), miss
+
+
+def select_chunks_inplace(
+    scores: torch.Tensor,
+    landmark_ids: torch.Tensor,
+    page_table: torch.Tensor,
+    num_select: torch.Tensor,
+    state: torch.Tensor,
+    rows: torch.Tensor,
+    num_slots: int,
+    primed: torch.Tensor,
+    counters: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``select_chunks`` over a persistent selection state, updated in place, with hit counting.
+
+    Args:
+        scores, landmark_ids, page_table, num_select: as for ``select_chunks``
+            (``num_select[b] <= num_slots``).
+        state: ``[rows_total, Hkv, Kmax]`` int32 chunk id per slot of every sequence row
+            (``-1`` = empty). Row ``rows[b]``'s first ``K`` slots are the previous selection
+            (``prev_ids``) and are overwritten with this step's ``slot_ids``; the other rows and
+            slots ``>= K`` are left untouched.
+        rows: ``[B]`` int64 (or int32) distinct state rows of the batch's sequences.
+        num_slots: ``K``, the slots used this step, ``K <= min(Kmax, N)``.
+        primed: ``[B]`` bool, sequences whose selection counts toward the hit rate.
+        counters: ``[2]`` int64 ``(hits, used)``; for primed sequences adds the used slots
+            (``slot_ids >= 0``) that are not misses to ``counters[0]`` and the used slots to
+            ``counters[1]``.
+
+    Returns:
+        ``slot_ids [B, Hkv, K]`` int32 and ``miss [B, Hkv, K]`` bool, as ``select_chunks``.
+    """
+    K = num_slots
+    prev = state[rows, :, :K]
+    slot_ids, miss = select_chunks(scores, landmark_ids, page_table, num_select, prev)
+    state[rows, :, :K] = slot_ids
+    used = (slot_ids >= 0) & primed[:, None, None]
+    counters[0] += (used & ~miss).sum()
+    counters[1] += used.sum()
+    return slot_ids, miss
