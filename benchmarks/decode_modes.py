@@ -7,7 +7,7 @@ and nothing about launches). Dense rows also give the step's share of the memory
 (weights + K/V bytes over the measured copy bandwidth).
 
     python benchmarks/decode_modes.py --arch llama-3.1-8b --context 4096 --batches 1,8,32 \\
-        --out bench_out/decode_modes
+        --prefill synthetic --host-memory-gb 4 --out bench_out/decode_modes
     python benchmarks/decode_modes.py --arch tiny --device cpu --context 512 --batches 1,4 \\
         --decode-steps 8 --sparse-budget 64 --outlier-chunks 2   # CPU smoke run (eager, static)
 """
@@ -31,7 +31,8 @@ from shadowkv.engine.engine import pick_dtype
 
 
 def measure(args: argparse.Namespace) -> dict:
-    knobs = dict(sparse_budget=args.sparse_budget, outlier_chunks=args.outlier_chunks)
+    knobs = dict(sparse_budget=args.sparse_budget, outlier_chunks=args.outlier_chunks,
+                 host_memory_gb=args.host_memory_gb)
     cfg = BenchConfig(
         arch=args.arch, contexts=(args.context,),
         caches=tuple(method_config(m, **knobs) for m in args.methods),
@@ -59,7 +60,8 @@ def measure(args: argparse.Namespace) -> dict:
                 if batch > fits:
                     row["error"] = f"does not fit (max batch {fits})"
                 else:
-                    r = timed_run(engine, args.context, batch, cfg.decode_steps, seed=cfg.seed)
+                    r = timed_run(engine, args.context, batch, cfg.decode_steps, seed=cfg.seed,
+                                  prefill=args.prefill)
                     step_s = r.decode_s / r.decode_steps
                     row.update(ms_per_step=round(1000 * step_s, 3),
                                tokens_per_s=round(r.decode_tokens_per_s, 1))
@@ -71,6 +73,10 @@ def measure(args: argparse.Namespace) -> dict:
                     row["captures"] = engine.runner.captures
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
+                if args.out is not None:  # each row as it is measured: a cut-short run keeps them
+                    args.out.mkdir(parents=True, exist_ok=True)
+                    with open(args.out / "rows.jsonl", "a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(row) + "\n")
             engine.cache = engine.runner = None  # type: ignore[assignment]  # free before next
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -120,6 +126,10 @@ def main() -> None:
     p.add_argument("--outlier-chunks", type=int, default=48)
     p.add_argument("--device", default=None)
     p.add_argument("--cache-memory-gb", type=float, default=None)
+    p.add_argument("--host-memory-gb", type=float, default=None,
+                   help="ShadowKV's host value tier (default: automatic)")
+    p.add_argument("--prefill", choices=["model", "synthetic"], default="model",
+                   help="synthetic: store generated K/V instead of prefilling (decode is timed)")
     p.add_argument("--out", type=Path, default=Path("bench_out/decode_modes"))
     args = p.parse_args()
     report = measure(args)

@@ -22,6 +22,7 @@ def test_decode_modes_times_both_modes_on_cpu() -> None:
     args = argparse.Namespace(
         arch="tiny", context=512, batches=[1, 3], methods=["dense", "shadowkv"], decode_steps=4,
         device="cpu", cache_memory_gb=0.05, sparse_budget=64, outlier_chunks=2,
+        host_memory_gb=0.05, prefill="synthetic", out=None,
     )
     report = script.measure(args)
     assert report["modes"] == ("eager", "static")
