@@ -144,8 +144,17 @@ def measure(
                               dtype)
         reqs = [engine.add_request([t % model_cfg.vocab_size for t in p],
                                    SamplingParams(max_tokens=8, ignore_eos=True)) for p in prompts]
-        while len(engine.running) < len(reqs) or engine.last_step != "decode":
-            engine.step()  # prefills, then one full-batch step (the first: all misses)
+        # The prefills run on the PyTorch references (the interpreter would run their kernels
+        # one program per token, slowly; nothing of them is counted); the decode steps on Triton.
+        kernels = os.environ.get("SHADOWKV_KERNELS", "triton")
+        os.environ["SHADOWKV_KERNELS"] = "torch"
+        try:
+            while len(engine.running) < len(reqs):
+                engine.step()
+        finally:
+            os.environ["SHADOWKV_KERNELS"] = kernels
+        while engine.last_step != "decode":
+            engine.step()  # one full-batch step (the first: all misses)
         engine.step()  # a steady step, as counted below
         ids = [r.request_id for r in engine.running]
         with torch.inference_mode():

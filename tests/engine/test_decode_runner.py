@@ -80,8 +80,11 @@ def test_static_steps_equal_eager_with_the_triton_kernels(path: Path, cache, mon
     """The same, through the Triton kernels (interpreted on a CPU): what a CUDA graph replays
     on a GPU, padded views and bucketed tables included, short of the capture itself."""
     monkeypatch.setenv("SHADOWKV_KERNELS", "triton")
-    eager = run(make_llm(path, "eager", cache), PROMPTS[:3], [6, 4, 5], late=1)
-    assert run(make_llm(path, "static", cache), PROMPTS[:3], [6, 4, 5], late=1) == eager
+    # Shorter prompts than the others here (still sparse under the 32-token budget): the
+    # interpreter runs the prefills' kernels one program per token, which dominates the time.
+    prompts = [[(k * i) % 90 + 3 for i in range(n)] for k, n in ((7, 131), (11, 104), (13, 97))]
+    eager = run(make_llm(path, "eager", cache), prompts, [6, 4, 5], late=1)
+    assert run(make_llm(path, "static", cache), prompts, [6, 4, 5], late=1) == eager
 
 
 def test_widths_hold_while_the_batch_does(path: Path) -> None:

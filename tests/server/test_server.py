@@ -570,7 +570,7 @@ def _soak_client(
 @pytest.mark.parametrize(
     "seconds",
     [
-        pytest.param(20, id="20s"),
+        pytest.param(10, id="10s"),
         pytest.param(
             120, marks=pytest.mark.slow(reason="the issue's full 2-minute soak"), id="120s"
         ),
