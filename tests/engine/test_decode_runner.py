@@ -75,10 +75,12 @@ def test_static_steps_equal_eager_as_the_batch_changes(path: Path, cache) -> Non
         assert not any(map(torch.isnan, torch.tensor(hits[1])))
 
 
-@pytest.mark.parametrize("cache", [None, SHADOW], ids=["dense", "shadowkv"])
-def test_static_steps_equal_eager_with_the_triton_kernels(path: Path, cache, monkeypatch) -> None:
+def test_static_steps_equal_eager_with_the_triton_kernels(path: Path, monkeypatch) -> None:
     """The same, through the Triton kernels (interpreted on a CPU): what a CUDA graph replays
-    on a GPU, padded views and bucketed tables included, short of the capture itself."""
+    on a GPU, padded views and bucketed tables included, short of the capture itself. ShadowKV
+    only (its step runs every kernel the dense step does, decode_attention over padded block
+    tables included; the interpreter makes each case cost ~20 s)."""
+    cache = SHADOW
     monkeypatch.setenv("SHADOWKV_KERNELS", "triton")
     # Shorter prompts than the others here (still sparse under the 32-token budget): the
     # interpreter runs the prefills' kernels one program per token, which dominates the time.
