@@ -160,7 +160,7 @@ def run_throughput(
 
     report: dict[str, Any] = {
         "meta": {
-            **_meta(cfg, model_cfg, model, weights, device, dtype),
+            **_meta(cfg, model_cfg, model, weights, device, dtype, engine_cfg),
             "copy_bandwidth_gbps": round(bandwidth / 1e9, 2),
         },
         "max_batch": {m: {str(c): b for c, b in per.items()} for m, per in limits.items()},
@@ -273,6 +273,7 @@ def _meta(
     weights: str,
     device: torch.device,
     dtype: torch.dtype,
+    engine_cfg: EngineConfig,
 ) -> dict[str, Any]:
     name = (
         torch.cuda.get_device_name(device)
@@ -281,6 +282,7 @@ def _meta(
     )
     config = asdict(cfg)
     config["caches"] = [{"method": c.method, **asdict(c)} for c in cfg.caches]
+    config["engine"] = asdict(engine_cfg)  # as the runs used it (batch limit, context, slicing)
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join(sys.argv),
