@@ -28,9 +28,9 @@ class CacheConfig:
     page_size: int = knob(16, "rows per paged block of exact K/V (Quest: tokens per page)")
 
     def __post_init__(self) -> None:
-        if type(self) is CacheConfig:
+        if not self.method:  # CacheConfig and SparseConfig are bases, not methods
             raise ConfigError(
-                "CacheConfig is the base of the method configs; use one of them, e.g. "
+                f"{type(self).__name__} is a base of the method configs; use one of them, e.g. "
                 "DenseConfig() or ShadowKVConfig(sparse_budget=2048)"
             )
         if self.page_size < 1:

@@ -32,7 +32,7 @@ from shadowkv.cache.base import (
 from shadowkv.cache.layout import KVLayout
 from shadowkv.cache.methods import ShadowKVConfig
 from shadowkv.cache.pages import PageAllocator
-from shadowkv.cache.shadow_drive import LandmarkSelection
+from shadowkv.cache.shadow_drive import LandmarkSelection, SelectionPolicy
 from shadowkv.cache.shadow_layout import PAGE_CHUNKS, SeqLayout, cdiv, plan_sequence
 from shadowkv.cache.shadow_prefill import exact_token_index, lowrank_factors, summarize_chunks
 from shadowkv.cache.shadow_sizing import size_shadowkv
@@ -133,10 +133,10 @@ class ShadowKVCache(AttentionCache):
         # (compute-bound) as in the paper.
         overlap = device.type == "cuda" and cfg.overlap_fetch
         self._fetch_stream = torch.cuda.Stream(device) if overlap else None
-        self.selector: LandmarkSelection = LandmarkSelection()
+        self.selector: SelectionPolicy = LandmarkSelection()
         self.svd_timer: SpanTimer | None = None  # benchmarks: time the prompt factorisations
 
-    def set_selection(self, selector: LandmarkSelection) -> None:
+    def set_selection(self, selector: SelectionPolicy) -> None:
         """Swap how chunks are scored (benchmarks: ``shadow_drive.DrivenSelection``)."""
         self.selector = selector
         self.step_epoch += 1

@@ -19,7 +19,7 @@ dropped (``engine/decode_runner.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -30,17 +30,23 @@ if TYPE_CHECKING:
     from shadowkv.cache.shadow import ShadowKVCache
 
 
-class LandmarkSelection:
-    """The method: ``softmax(q . landmarks * scale)`` per query head, max over the GQA group."""
-
-    hit_rate: float | None = None
-
+class SelectionPolicy(Protocol):
     def scores(
         self, cache: ShadowKVCache, layer: int, q: torch.Tensor, sp: SparsePlan,
         rows: torch.Tensor, num_slots: int,
     ) -> torch.Tensor:
         """``[B, Hkv, N]`` scores of this step's landmarks (``rows``: the sequences' slots,
-        ``num_slots``: the step's selection width)."""
+        ``num_slots``: the step's selection width); the top ``num_select`` are selected."""
+        ...
+
+
+class LandmarkSelection:
+    """The method: ``softmax(q . landmarks * scale)`` per query head, max over the GQA group."""
+
+    def scores(
+        self, cache: ShadowKVCache, layer: int, q: torch.Tensor, sp: SparsePlan,
+        rows: torch.Tensor, num_slots: int,
+    ) -> torch.Tensor:
         return score_landmarks(
             q, cache.landmarks[layer], sp.landmark_tables, sp.num_landmarks, cache.scale
         )

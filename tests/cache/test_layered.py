@@ -201,3 +201,13 @@ def engine_config():
     from shadowkv.config import EngineConfig
 
     return EngineConfig(max_num_seqs=2, max_model_len=MAX_LEN, cache_memory_gb=0.02)
+
+
+def test_base_configs_are_not_methods() -> None:
+    from shadowkv.cache.methods import CacheConfig, SparseConfig, method_config
+    from shadowkv.config import ConfigError
+
+    for base in (CacheConfig, SparseConfig):
+        with pytest.raises(ConfigError, match=f"{base.__name__} is a base"):
+            base()
+    assert method_config("quest", sparse_budget=64, rank=8).sparse_budget == 64  # rank ignored

@@ -6,9 +6,9 @@ Same contract as ``reference.rms_norm``. One program per row holds the whole row
 fp32, rounds the normalised row to ``x``'s dtype like the model does, scales it by ``weight`` in
 fp32 and stores ``out`` in ``x``'s dtype. Rows may be strided; the last dim must be contiguous.
 
-``round_to`` (also used by ``silu_mul``) narrows fp32 with round-to-nearest-even everywhere: the
-Triton 3.9 interpreter truncates fp32 to bf16, which would put the CPU tests up to a bf16 ulp
-off per rounding (three in a row here); compiled kernels keep the hardware's own conversion.
+Narrowing goes through ``kernels._jit.round_to``: round-to-nearest-even under the interpreter too
+(which truncates fp32 to bf16, up to a bf16 ulp per rounding, three in a row here); compiled
+kernels keep the hardware's own conversion.
 """
 
 from __future__ import annotations
@@ -17,20 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
+from shadowkv.kernels._jit import round_to
 from shadowkv.kernels._launch import check, interpreting
 
 MAX_HIDDEN = 16384  # one row per program in registers; Llama-3-70B has 8192
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@triton.jit
-def round_to(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    # fp32 x narrowed to dtype; EMULATE_RNE (the interpreter only) rounds bf16 by hand first.
-    if EMULATE_RNE and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit

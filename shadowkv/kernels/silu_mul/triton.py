@@ -2,7 +2,7 @@
 
 Same contract as ``reference.silu_mul``. Program ``(row, block)`` loads ``BLOCK`` gate columns
 and the matching up columns ``I`` further along the row, computes in fp32 and stores in the input
-dtype (narrowing through ``rms_norm.triton.round_to``). ``silu(gate)`` is rounded to the input
+dtype (narrowing through ``kernels._jit.round_to``). ``silu(gate)`` is rounded to the input
 dtype before the product, as PyTorch's two ops do, so 16-bit results match the model's formula
 up to ``exp``'s last bit. Rows may be strided; the last dim must be contiguous.
 """
@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from shadowkv.kernels._jit import round_to
 from shadowkv.kernels._launch import check, interpreting
-from shadowkv.kernels.rms_norm.triton import round_to
 
 BLOCK_COLS = 1024
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
