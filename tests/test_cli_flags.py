@@ -49,6 +49,8 @@ NON_DEFAULT: dict[str, tuple[str, Any]] = {
     "device_value_memory_gb": ("0.25", 0.25),
     "loki_rank": ("0.5", 0.5),
     "sink_tokens": ("8", 8),
+    "value_dtype": ("fp8", "fp8"),
+    "landmark_dtype": ("fp8", "fp8"),
     "max_num_seqs": ("3", 3),
     "max_model_len": ("512", 512),
     "prefill_mlp_chunk": ("128", 128),

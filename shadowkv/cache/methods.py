@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from shadowkv.config import ConfigError, knob, parse_budget
+from shadowkv.kernels.fp8 import VALUE_DTYPES
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,12 @@ class ShadowKVConfig(SparseConfig):
     sequences of the reference length the device pools are split for (``max_model_len - 512``
     prompt tokens). ``overlap_fetch``: on CUDA the value fetch runs on its own stream,
     overlapping the key rebuild (the paper's critical path).
+
+    ``value_dtype="fp8"`` stores the prompt's values (both tiers) as e4m3 codes with a float32
+    scale per token and KV head: about half the bytes of bf16 in host memory and over PCIe, so
+    about twice the sequences per host tier. ``landmark_dtype="fp8"`` does the same for the
+    landmarks on the device (one scale per landmark). ``"auto"`` keeps the model's dtype.
+    Generated tokens and the exact local/outlier chunks stay in the model's dtype.
     """
 
     method: ClassVar[str] = "shadowkv"
@@ -110,6 +117,14 @@ class ShadowKVConfig(SparseConfig):
         "device budget)",
     )
     overlap_fetch: bool = knob(True, "CUDA: fetch values on a side stream during the key rebuild")
+    value_dtype: str = knob(
+        "auto", "stored prompt values: auto (the model dtype) or fp8 (e4m3 + a scale per token)",
+        choices=VALUE_DTYPES,
+    )
+    landmark_dtype: str = knob(
+        "auto", "landmarks: auto (the model dtype) or fp8 (e4m3 + a scale per landmark)",
+        choices=VALUE_DTYPES,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -117,6 +132,11 @@ class ShadowKVConfig(SparseConfig):
             raise ConfigError("rank must be a positive integer or a fraction in (0, 1]")
         if self.outlier_chunks < 0:
             raise ConfigError("outlier_chunks must be >= 0")
+        for name in ("value_dtype", "landmark_dtype"):
+            if getattr(self, name) not in VALUE_DTYPES:
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r} is not one of {', '.join(VALUE_DTYPES)}"
+                )
         for name in ("host_memory_gb", "device_value_memory_gb"):
             gb = getattr(self, name)
             if gb is not None and not gb >= 0:  # also refuses NaN

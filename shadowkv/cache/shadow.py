@@ -51,6 +51,7 @@ from shadowkv.cache.shadow_tables import (
 from shadowkv.cache.store import HOST, TierUnavailable, ValueStore
 from shadowkv.cache.timing import SpanTimer, timed
 from shadowkv.kernels.decode_attention import decode_attention
+from shadowkv.kernels.fp8 import CODE_DTYPE, SCALE_DTYPE, quantize_fp8
 from shadowkv.kernels.gather_values import gather_values
 from shadowkv.kernels.reconstruct_keys import reconstruct_keys
 from shadowkv.kernels.rope.tables import RopeTables
@@ -108,11 +109,18 @@ class ShadowKVCache(AttentionCache):
 
         num_pages, num_blocks = sz.num_factor_pages, sz.num_blocks
         self.a_pages = alloc(num_pages, P, R)
-        self.landmarks = alloc(num_pages, PAGE_CHUNKS, Hkv, D)
+        fp8_landmarks = cfg.landmark_dtype == "fp8"
+        self.landmarks = alloc(num_pages, PAGE_CHUNKS, Hkv, D, dt=CODE_DTYPE if fp8_landmarks
+                               else dtype)
+        # fp8 landmarks: e4m3 codes above, one float32 scale per landmark here.
+        self.landmark_scales = (
+            alloc(num_pages, PAGE_CHUNKS, Hkv, dt=SCALE_DTYPE) if fp8_landmarks else None
+        )
         self.landmark_ids = alloc(num_pages, PAGE_CHUNKS, Hkv, dt=torch.int32)
         self.k_buf = alloc(num_blocks + 1, S, Hkv, D)  # block num_blocks: padding scratch
         self.v_buf = alloc(num_blocks + 1, S, Hkv, D)
-        for pool in (self.a_pages, self.landmarks, self.landmark_ids, self.k_buf, self.v_buf):
+        pools = [self.a_pages, self.landmarks, self.landmark_ids, self.k_buf, self.v_buf]
+        for pool in pools + ([self.landmark_scales] if self.landmark_scales else []):
             for t in pool:
                 t[0].zero_()  # the null page
         self.w_t = alloc(max_num_seqs + 1, R, layout.kv_dim)
@@ -281,7 +289,12 @@ class ShadowKVCache(AttentionCache):
         self.a_pages[layer].view(-1, self.rank)[plan.factor_rows] = f.a.to(self.dtype)
         self.w_t[layer][plan.basis] = f.w_t.to(self.dtype)
         s = summarize_chunks(k, self.cfg.chunk_size, self.cfg.local_chunks, self.cfg.outlier_chunks)
-        self.landmarks[layer].view(-1, Hkv, D)[plan.landmark_rows] = s.landmarks.to(self.dtype)
+        if self.landmark_scales is None:
+            self.landmarks[layer].view(-1, Hkv, D)[plan.landmark_rows] = s.landmarks.to(self.dtype)
+        else:  # quantised from the fp32 means, not from their model-dtype rounding
+            codes, scales = quantize_fp8(s.landmarks)
+            self.landmarks[layer].view(-1, Hkv, D)[plan.landmark_rows] = codes
+            self.landmark_scales[layer].view(-1, Hkv)[plan.landmark_rows] = scales
         self.landmark_ids[layer].view(-1, Hkv)[plan.landmark_rows] = s.landmark_ids.to(torch.int32)
         idx = exact_token_index(T, self.cfg.chunk_size, s.num_candidates, s.outlier_ids)
         idx = idx[..., None].expand(-1, -1, D)  # [E, Hkv, D]
@@ -361,6 +374,7 @@ class ShadowKVCache(AttentionCache):
                 slot_ids,
                 tier_miss,
                 sp.dst_rows,
+                self.store.scales(tier, layer),
             )
 
     # accounting ------------------------------------------------------------------------------

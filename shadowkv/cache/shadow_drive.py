@@ -47,8 +47,10 @@ class LandmarkSelection:
         self, cache: ShadowKVCache, layer: int, q: torch.Tensor, sp: SparsePlan,
         rows: torch.Tensor, num_slots: int,
     ) -> torch.Tensor:
+        lm_scales = cache.landmark_scales
         return score_landmarks(
-            q, cache.landmarks[layer], sp.landmark_tables, sp.num_landmarks, cache.scale
+            q, cache.landmarks[layer], sp.landmark_tables, sp.num_landmarks, cache.scale,
+            None if lm_scales is None else lm_scales[layer],
         )
 
 

@@ -26,6 +26,12 @@ REFERENCE_NEW_TOKENS = 512  # generation length the device-pool split plans for
 CPU_HOST_SHARE = 0.25
 CUDA_HOST_SHARE = 0.5
 SELECTION_ELEM = 4  # bytes per selection-state entry and per landmark chunk id (int32)
+SCALE_ELEM = 4  # bytes per fp8 scale (float32)
+
+
+def landmark_bytes(cfg: ShadowKVConfig, head_dim: int, elem: int) -> int:
+    """Bytes of one landmark of one KV head: ``D`` values, or ``D`` fp8 codes and a scale."""
+    return head_dim + SCALE_ELEM if cfg.landmark_dtype == "fp8" else head_dim * elem
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,8 @@ def size_shadowkv(
     P, S = PAGE_CHUNKS * C, cfg.page_size
     max_slots = cfg.budget_tokens(max_model_len) // C
     slot_bytes = L * (R * kv_dim * elem + Hkv * max_slots * SELECTION_ELEM)
-    factor_page_bytes = L * (P * R * elem + PAGE_CHUNKS * Hkv * (D * elem + SELECTION_ELEM))
+    lm_bytes = landmark_bytes(cfg, D, elem)
+    factor_page_bytes = L * (P * R * elem + PAGE_CHUNKS * Hkv * (lm_bytes + SELECTION_ELEM))
     block_bytes = L * 2 * S * kv_dim * elem
     # Per-sequence factors and selection state for every slot plus the padding row of
     # fixed-shape steps, and one scratch buffer block that padding entries write to.
@@ -75,7 +82,7 @@ def size_shadowkv(
             "raise EngineConfig.cache_memory_gb or lower max_num_seqs"
         )
     ref = reference_layout(cfg, max_model_len)
-    values = ValueLayout(L, Hkv, D, C, PAGE_CHUNKS, layout.dtype)
+    values = ValueLayout(L, Hkv, D, C, PAGE_CHUNKS, layout.dtype, cfg.value_dtype == "fp8")
     seq_device = (
         cdiv(ref.prompt_len, P) * factor_page_bytes + cdiv(ref.buffer_rows, S) * block_bytes
     )

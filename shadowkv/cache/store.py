@@ -2,12 +2,16 @@
 
 Both tiers have the layout ``[num_pages, Pc, Hkv, C*D]`` per layer: one chunk of one KV head is
 one contiguous row of ``C*D`` values, so fetching a selected chunk is one row copy, and the same
-gather op reads either tier. A sequence's values live wholly in one tier, chosen at admission:
-the host tier (pinned on CUDA) when it has the pages, else the device tier, which is carved out
-of the device cache budget. The host arena is allocated at the first admission, not at
-construction, so a host that cannot pin it does not fail engine start-up: the host tier is then
-turned off (with a warning naming the cause) and sequences go to the device tier, or are refused
-with a ``CacheCapacityError`` when it has no room. The device arena is allocated up front like
+gather op reads either tier. With ``value_dtype="fp8"`` a row holds e4m3 codes (one byte each,
+``kernels/fp8.py``) and a parallel arena ``[num_pages, Pc, Hkv, C]`` holds a float32 scale per
+token and KV head: values are quantised once, as they are written, and cross PCIe as bytes.
+
+A sequence's values live wholly in one tier, chosen at admission: the host tier (pinned on
+CUDA) when it has the pages, else the device tier, which is carved out of the device cache
+budget. The host arena is allocated at the first admission, not at construction, so a host that
+cannot pin it does not fail engine start-up: the host tier is then turned off (with a warning
+naming the cause) and sequences go to the device tier, or are refused with a
+``CacheCapacityError`` when it has no room. The device arena is allocated up front like
 the other device pools.
 """
 
@@ -25,6 +29,7 @@ import torch
 from shadowkv.cache.errors import CacheCapacityError
 from shadowkv.cache.layout import elem_size
 from shadowkv.cache.pages import PageAllocator
+from shadowkv.kernels.fp8 import CODE_DTYPE, SCALE_DTYPE, quantize_fp8
 
 HOST, DEVICE = 0, 1  # tier indices, in admission order
 
@@ -38,8 +43,9 @@ TIER_NAMES = ("host", "device")
 @dataclass(frozen=True)
 class ValueLayout:
     """How values are stored: pages of ``Pc`` chunks, one row of ``C*D`` values per chunk and
-    KV head, over ``num_layers`` layers, in ``dtype``. The one place a value page's bytes are
-    computed; a quantised store would add its scales here."""
+    KV head, over ``num_layers`` layers, in ``dtype`` (the model's), or as fp8 codes with one
+    float32 scale per token and KV head when ``quantized``. The one place a value page's bytes
+    are computed."""
 
     num_layers: int
     num_kv_heads: int
@@ -47,6 +53,7 @@ class ValueLayout:
     chunk_size: int
     page_chunks: int
     dtype: torch.dtype
+    quantized: bool = False
 
     @property
     def page_shape(self) -> tuple[int, int, int]:
@@ -54,13 +61,24 @@ class ValueLayout:
         return (self.page_chunks, self.num_kv_heads, self.chunk_size * self.head_dim)
 
     @property
+    def scale_shape(self) -> tuple[int, int, int]:
+        """One layer's page of scales (quantized stores): ``[Pc, Hkv, C]``."""
+        return (self.page_chunks, self.num_kv_heads, self.chunk_size)
+
+    @property
+    def store_dtype(self) -> torch.dtype:
+        """What a row element is stored as: the model dtype, or a byte of fp8 code."""
+        return CODE_DTYPE if self.quantized else self.dtype
+
+    @property
     def elem_size(self) -> int:
-        return elem_size(self.dtype)
+        return elem_size(self.store_dtype)
 
     @property
     def page_bytes(self) -> int:
-        """Bytes of one page over all layers."""
-        return self.num_layers * math.prod(self.page_shape) * self.elem_size
+        """Bytes of one page over all layers, scales included."""
+        scales = math.prod(self.scale_shape) * elem_size(SCALE_DTYPE) if self.quantized else 0
+        return self.num_layers * (math.prod(self.page_shape) * self.elem_size + scales)
 
     @property
     def page_tokens(self) -> int:
@@ -104,8 +122,9 @@ def unpin(t: torch.Tensor) -> None:
 
 
 class ValueTier:
-    """One arena of value pages ``[L, num_pages, Pc, Hkv, C*D]`` and the allocator handing them
-    out (page 0 is the null page)."""
+    """One arena of value pages ``[L, num_pages, Pc, Hkv, C*D]`` (plus their scales
+    ``[L, num_pages, Pc, Hkv, C]`` when quantized) and the allocator handing them out (page 0 is
+    the null page)."""
 
     def __init__(
         self,
@@ -128,6 +147,7 @@ class ValueTier:
             on_host=tier == HOST,
         )
         self._data: torch.Tensor | None = None  # [L, num_pages, Pc, Hkv, C*D]
+        self._scales: torch.Tensor | None = None  # [L, num_pages, Pc, Hkv, C], quantized only
 
     @property
     def allocated(self) -> bool:
@@ -138,24 +158,36 @@ class ValueTier:
         assert self._data is not None, "a tier is allocated before its first page is handed out"
         return self._data[layer]
 
+    def scales(self, layer: int) -> torch.Tensor | None:
+        """``[num_pages, Pc, Hkv, C]`` float32 scales of one layer (None: not quantized)."""
+        return None if self._scales is None else self._scales[layer]
+
     def write(self, layer: int, pages: Sequence[int], values: torch.Tensor) -> None:
         """Store one sequence's prompt values ``[T, Hkv, D]`` in its ``pages`` (in chunk order).
 
         Pages handed out in a row are consecutive in the arena, so each run of them is one copy
         into a slice of the store: a DMA straight into pinned memory when the values are on the
-        GPU, not a gather through pageable memory and a CPU scatter.
+        GPU, not a gather through pageable memory and a CPU scatter. A quantized store encodes
+        on the values' device first, so only codes and scales are copied.
         """
         T, Hkv, D = values.shape
         Pc, C = self.layout.page_chunks, self.layout.chunk_size
         n = -(-T // C)
-        padded = values.new_zeros(n * C, Hkv, D, dtype=self.layout.dtype)
-        padded[:T] = values
-        rows = padded.view(n, C, Hkv, D).transpose(1, 2).reshape(n, Hkv, C * D)
-        store = self.layer(layer)  # [num_pages, Pc, Hkv, C * D]
-        for first, count, chunk in page_runs(pages[: -(-n // Pc)], Pc):
-            end = min(n, chunk + count * Pc)
-            dst = store[first : first + count].view(-1, Hkv, C * D)[: end - chunk]
-            dst.copy_(rows[chunk:end], non_blocking=True)
+        parts = [(values, self._data, D)]  # (per-token rows [T, Hkv, W], arena, W)
+        if self.layout.quantized:
+            codes, scales = quantize_fp8(values)  # [T, Hkv, D] uint8, [T, Hkv] float32
+            parts = [(codes, self._data, D), (scales[..., None], self._scales, 1)]
+        for src, arena, W in parts:
+            assert arena is not None, "a tier is allocated before its first page is handed out"
+            # Padding tokens of a chunk: zero codes (0.0) and zero scales.
+            padded = src.new_zeros(n * C, Hkv, W, dtype=arena.dtype)
+            padded[:T] = src
+            rows = padded.view(n, C, Hkv, W).transpose(1, 2).reshape(n, Hkv, C * W)
+            store = arena[layer]  # [num_pages, Pc, Hkv, C * W]
+            for first, count, chunk in page_runs(pages[: -(-n // Pc)], Pc):
+                end = min(n, chunk + count * Pc)
+                dst = store[first : first + count].view(-1, Hkv, C * W)[: end - chunk]
+                dst.copy_(rows[chunk:end], non_blocking=True)
 
     def disable(self) -> None:
         """Hand out no pages from now on (the arena could not be allocated)."""
@@ -164,13 +196,11 @@ class ValueTier:
     def allocate(self) -> None:
         if self._data is not None or self.pages.capacity == 0:
             return
-        shape = (self.layout.num_layers, self.pages.num_pages, *self.layout.page_shape)
+        lay = self.layout
+        head = (lay.num_layers, self.pages.num_pages)
         try:
-            if self.pin:
-                self._data = pinned_empty(shape, self.layout.dtype)
-                weakref.finalize(self, unpin, self._data)  # unpinned before it can be freed
-            else:
-                self._data = torch.empty(shape, dtype=self.layout.dtype, device=self.device)
+            data = self._empty((*head, *lay.page_shape), lay.store_dtype)
+            scales = self._empty((*head, *lay.scale_shape), SCALE_DTYPE) if lay.quantized else None
         except RuntimeError as err:  # pinned or device allocation refused (e.g. ShadowKV issue #20)
             gib = self.pages.num_pages * self.layout.page_bytes / 2**30
             where = "pinned host" if self.pin else str(self.device)
@@ -178,6 +208,14 @@ class ValueTier:
                 f"could not allocate the {gib:.1f} GiB {self.name} value tier in {where} memory "
                 f"({err}); {self.fix}"
             ) from err
+        self._data, self._scales = data, scales  # both or neither
+
+    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if not self.pin:
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        t = pinned_empty(shape, dtype)
+        weakref.finalize(self, unpin, t)  # unpinned before it can be freed
+        return t
 
 
 class ValueStore:
@@ -261,6 +299,9 @@ class ValueStore:
 
     def layer(self, tier: int, layer: int) -> torch.Tensor:
         return self.tiers[tier].layer(layer)
+
+    def scales(self, tier: int, layer: int) -> torch.Tensor | None:
+        return self.tiers[tier].scales(layer)
 
     def write(self, tier: int, layer: int, pages: Sequence[int], values: torch.Tensor) -> None:
         self.tiers[tier].write(layer, pages, values)

@@ -14,6 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+from shadowkv.kernels.fp8 import quantize_fp8  # noqa: E402
 from shadowkv.kernels.gather_values.reference import gather_values as reference  # noqa: E402
 from shadowkv.kernels.gather_values.triton import gather_values as triton_op  # noqa: E402
 
@@ -138,6 +139,54 @@ def test_the_store_keeps_its_own_dtype(store_dtype, cache_dtype) -> None:
         assert out.dtype == cache_dtype and torch.equal(out.isnan(), want.isnan())
         rtol = 2**-7 if cache_dtype == torch.bfloat16 else 0
         torch.testing.assert_close(out.nan_to_num(), want.nan_to_num(), rtol=rtol, atol=0)
+
+
+def fp8_case(case: dict) -> tuple[dict, torch.Tensor]:
+    """The case's store quantised to fp8 codes + per-token scales (same tier), and the float64
+    values those stand for: ``[pages, Pc, Hkv, C*D]``."""
+    store = case["store"]
+    P, Pc, Hkv, CD = store.shape
+    D = case["v_cache"].shape[3]
+    C = CD // D
+    codes, scales = quantize_fp8(store.float().view(P, Pc, Hkv, C, D))
+    scales = scales * torch.rand(scales.shape).add(0.5)  # scales unlike each other's amax
+    decoded = codes.view(torch.float8_e4m3fn).double() * scales.double()[..., None]
+    if DEVICE == "cuda" and store.is_pinned():
+        codes, scales = codes.pin_memory(), scales.pin_memory()
+    out = dict(case, store=codes.view(P, Pc, Hkv, CD).to(store.device), scales=scales.to(
+        store.device))
+    return out, decoded.view(P, Pc, Hkv, CD)
+
+
+@pytest.mark.parametrize(("chunks", "Hkv", "K", "C", "D", "Pc"), SHAPES)
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tier", ["host", "device"])
+def test_fp8_store_matches_reference_and_float64_oracle(
+    chunks, Hkv: int, K: int, C: int, D: int, Pc: int, cache_dtype, tier: str
+) -> None:
+    """fp8 codes + scales land as the dequantised values: the Triton kernel (bit decoding) and
+    the reference (torch's float8 cast) agree with a float64 oracle of ``code * scale``."""
+    case = make_case(chunks, Hkv, K, C, D, Pc, torch.float32)
+    if tier == "device":
+        case["store"] = case["store"].to(DEVICE)
+    case["v_cache"] = case["v_cache"].to(cache_dtype)
+    fp8, decoded = fp8_case(case)
+    want = oracle(dict(case, store=decoded, v_cache=case["v_cache"].double()))
+    rtol = 2**-7 if cache_dtype == torch.bfloat16 else 2**-23
+    for fn in (triton_op, reference):
+        out = run(fn, fp8)
+        assert out.dtype == cache_dtype and torch.equal(out.isnan(), want.isnan())
+        torch.testing.assert_close(out.double().nan_to_num(), want.nan_to_num(), rtol=rtol, atol=0)
+
+
+def test_fp8_store_needs_its_scales_in_shape() -> None:
+    from shadowkv.kernels.gather_values import gather_values
+
+    fp8, _ = fp8_case(make_case([40], 2, 16, 8, 64, 16, torch.float32))
+    with pytest.raises(ValueError, match="scales"):
+        run(gather_values, dict(fp8, scales=None))
+    with pytest.raises(ValueError, match="scales"):
+        run(gather_values, dict(fp8, scales=fp8["scales"][..., :4]))
 
 
 def test_an_integer_store_is_refused() -> None:

@@ -139,3 +139,25 @@ def test_bad_input_is_refused() -> None:
     case["num_landmarks"] = case["num_landmarks"].long()
     with pytest.raises(ValueError, match="int32"):
         run(triton_op, case)
+
+
+@pytest.mark.parametrize(("counts", "G", "D", "Hkv", "Pc"), SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fp8_landmarks_match_reference_and_oracle(
+    counts: list[int], G: int, D: int, Hkv: int, Pc: int, dtype: torch.dtype
+) -> None:
+    """uint8 e4m3 codes + one float32 scale per landmark score as the dequantised landmarks do:
+    Triton (bit decoding, scale on the logit) and the reference against a float64 oracle."""
+    from shadowkv.kernels import score_landmarks as op
+    from shadowkv.kernels.fp8 import quantize_fp8
+
+    case = make_case(counts, G, D, Hkv, Pc, torch.float32)
+    codes, scales = quantize_fp8(case["landmarks"].cpu())
+    decoded = codes.view(torch.float8_e4m3fn).double() * scales.double()[..., None]
+    want = oracle(dict(case, landmarks=decoded))
+    fp8 = dict(case, q=case["q"].to(dtype), landmarks=codes.to(DEVICE))
+    for fn in (triton_op, reference, op.score_landmarks):
+        out = run(fn, fp8, landmark_scales=scales.to(DEVICE))
+        assert rel_err(out, want) < TOL[dtype]
+    with pytest.raises(ValueError, match="fp8 landmarks"):
+        run(op.score_landmarks, fp8)  # codes without their scales

@@ -3,8 +3,9 @@
 The store is one layer of either tier: host memory (pinned on CUDA, read zero-copy by the
 kernel) or the compute device's own memory (read like any device tensor). It keeps its own dtype
 (the value store's ``ValueLayout``); values are converted to the buffer's dtype as they land, so
-what crosses PCIe is the store's bytes. Arguments are checked for their layout (rows of whole
-chunks of ``D``, one KV-head axis), not for equal dtypes.
+what crosses PCIe is the store's bytes. An fp8 store holds ``uint8`` e4m3 codes and comes with
+its scales (one float32 per token and KV head), applied on the device. Arguments are checked for
+their layout (rows of whole chunks of ``D``, one KV-head axis), not for equal dtypes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def gather_values(
     slot_ids: torch.Tensor,
     miss: torch.Tensor,
     dst_rows: torch.Tensor,
+    scales: torch.Tensor | None = None,
 ) -> None:
     """Fill missed slots' values in place; see ``reference.gather_values``."""
     if v_cache.dim() != 4 or store.dim() != 4 or slot_ids.dim() != 3:
@@ -50,12 +52,23 @@ def gather_values(
             f"the store must be in host memory or on v_cache's device {v_cache.device}, "
             f"not {store.device}"
         )
-    if not store.is_floating_point():
+    if scales is None and not store.is_floating_point():
         raise ValueError(
-            f"the store holds {store.dtype}; gather_values reads floating-point values (a "
-            "quantised store needs its scales, which this op does not take yet)"
+            f"the store holds {store.dtype}; gather_values reads floating-point values, or fp8 "
+            "codes (uint8) with their scales"
         )
-    args = (v_cache, store, store_table, slot_ids, miss, dst_rows)
+    if scales is not None and (
+        store.dtype != torch.uint8
+        or scales.dtype != torch.float32
+        or scales.shape != (*store.shape[:3], C)
+        or scales.device != store.device
+    ):
+        raise ValueError(
+            f"an fp8 store is uint8 codes [pages, Pc, Hkv, C*D] with float32 scales "
+            f"[pages, Pc, Hkv, C] beside it, got {store.dtype} {tuple(store.shape)} and "
+            f"{None if scales is None else (scales.dtype, tuple(scales.shape))}"
+        )
+    args = (v_cache, store, store_table, slot_ids, miss, dst_rows, scales)
     if use_triton(v_cache, "gather_values"):
         from shadowkv.kernels.gather_values.triton import gather_values as impl
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from shadowkv.kernels.fp8 import fp8_to_float
+
 
 def gather_values(
     v_cache: torch.Tensor,
@@ -16,6 +18,7 @@ def gather_values(
     slot_ids: torch.Tensor,
     miss: torch.Tensor,
     dst_rows: torch.Tensor,
+    scales: torch.Tensor | None = None,
 ) -> None:
     """Copy each missed slot's chunk of values from the store into the cache rows.
 
@@ -34,6 +37,9 @@ def gather_values(
         slot_ids: ``[B, Hkv, K]`` int32 chunk id per slot (``-1`` = unused).
         miss: ``[B, Hkv, K]`` bool, the slots to fill.
         dst_rows: ``[B, K * C]`` int64 flat destination rows, as in ``reconstruct_keys``.
+        scales: for an fp8 store (``uint8`` e4m3 codes), ``[num_pages, Pc, Hkv, C]`` float32,
+            one per token and KV head, beside the codes (same tier): token ``j`` of a row is
+            ``code * scales[page, c % Pc, h, j]``, computed in float32.
 
     The reference indexes with boolean masks (a host sync on CUDA); kernels read only the missed
     rows without one.
@@ -53,7 +59,10 @@ def gather_values(
     src = page * Pc + chunk % Pc  # [B, Hkv, K] store row
     heads = torch.arange(Hkv, device=dev).view(1, Hkv, 1).expand(B, Hkv, K)
     sel = miss.to(dev)
-    rows = store.reshape(-1, Hkv, CD)[src[sel].to(store.device), heads[sel].to(store.device)]
-    vals = rows.to(dev, non_blocking=True).view(-1, C, D)  # [M, C, D]
+    at = (src[sel].to(store.device), heads[sel].to(store.device))
+    vals = store.reshape(-1, Hkv, CD)[at].to(dev, non_blocking=True).view(-1, C, D)  # [M, C, D]
+    if scales is not None:  # fp8 codes: decode and scale on the compute device
+        s = scales.reshape(-1, Hkv, C)[at].to(dev, non_blocking=True)  # [M, C]
+        vals = fp8_to_float(vals) * s[..., None]
     dst = dst_rows.view(B, 1, K, C).expand(B, Hkv, K, C)[sel]  # [M, C]
     v_cache.view(-1, Hkv, D)[dst, heads[sel][:, None].expand(-1, C)] = vals.to(v_cache.dtype)

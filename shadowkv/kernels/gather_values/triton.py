@@ -4,7 +4,8 @@ Same contract as ``reference.py``. On CUDA a host-tier store lives in pinned hos
 kernel reads it in place (zero-copy over PCIe through unified addressing): no host gather, no
 staging copy, no host sync, and only missed chunks cross the bus. A pageable host store cannot be
 read this way and is refused; the reference (host gather + copy) serves that case. A device-tier
-store is an ordinary device tensor, read by the same kernel from device memory.
+store is an ordinary device tensor, read by the same kernel from device memory. An fp8 store is
+read as bytes (half of bf16's traffic) plus one float32 scale per token row, decoded in registers.
 
 One program per (sequence, KV head, ``BLOCK_T // C_PAD`` slots) moves ``BLOCK_T`` token rows of
 ``D`` values; row ``r`` is token ``r % C_PAD`` of slot ``r // C_PAD``. A store row
@@ -17,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from shadowkv.kernels._jit import fp8e4m3_to_f32
 from shadowkv.kernels._launch import check
 
 BLOCK_T = 64  # token rows per program
@@ -30,6 +32,7 @@ def _gather_values_kernel(
     slot_ids_ptr,
     miss_ptr,
     dst_rows_ptr,
+    scales_ptr,
     stride_vr,
     stride_vh,
     stride_sp,
@@ -39,6 +42,9 @@ def _gather_values_kernel(
     stride_ib,
     stride_ih,
     stride_db,
+    stride_qp,
+    stride_qc,
+    stride_qh,
     K,
     C: tl.constexpr,
     C_PAD: tl.constexpr,
@@ -46,6 +52,7 @@ def _gather_values_kernel(
     D: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1).to(tl.int64)
@@ -64,7 +71,11 @@ def _gather_values_kernel(
     )
     src = page * stride_sp + (chunk % PC) * stride_sc + pid_h * stride_sh + j * D  # [BLOCK_T]
     mask = rows[:, None] & (offs_d[None, :] < D)
-    vals = tl.load(store_ptr + src[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    vals = tl.load(store_ptr + src[:, None] + offs_d[None, :], mask=mask, other=0)
+    if FP8:  # uint8 e4m3 codes times the token row's scale
+        at = page * stride_qp + (chunk % PC) * stride_qc + pid_h * stride_qh + j  # [BLOCK_T]
+        scale = tl.load(scales_ptr + at, mask=rows, other=0.0)
+        vals = fp8e4m3_to_f32(vals) * scale[:, None]
     dst = tl.load(dst_rows_ptr + pid_b * stride_db + slot * C + j, mask=rows, other=0).to(tl.int64)
     tl.store(
         v_cache_ptr + dst[:, None] * stride_vr + pid_h * stride_vh + offs_d[None, :],
@@ -80,6 +91,7 @@ def gather_values(
     slot_ids: torch.Tensor,
     miss: torch.Tensor,
     dst_rows: torch.Tensor,
+    scales: torch.Tensor | None = None,
 ) -> None:
     """Fill missed slots' values in place; see ``reference.gather_values``."""
     B, Hkv, K = slot_ids.shape
@@ -91,12 +103,13 @@ def gather_values(
         "v_cache blocks must be contiguous rows ([num_blocks * S] flat rows, contiguous D)",
     )
     check(store.stride(3) == 1, "store rows [C * D] must be contiguous")
+    check(scales is None or scales.stride(3) == 1, "scale rows [C] must be contiguous")
     # (Not while a CUDA graph captures: the pinned check queries the driver, and the replayed
     # graph reads the same store the uncaptured warm-up runs checked.)
     host_store = v_cache.is_cuda and store.device.type == "cpu"
     if host_store and not torch.cuda.is_current_stream_capturing():
         check(
-            store.is_pinned(),
+            store.is_pinned() and (scales is None or scales.is_pinned()),
             "a host value store must be pinned for the zero-copy kernel; pin it "
             "(tensor.pin_memory()) or call gather_values_ref",
         )
@@ -119,6 +132,8 @@ def gather_values(
     C_PAD = triton.next_power_of_2(C)
     block_t = max(BLOCK_T, C_PAD)
     grid = (B, Hkv, triton.cdiv(K, block_t // C_PAD))
+    fp8 = scales is not None
+    sc = scales if fp8 else store  # an unused pointer when not fp8
     _gather_values_kernel[grid](
         v_cache,
         store,
@@ -126,6 +141,7 @@ def gather_values(
         slot_ids,
         miss,
         dst_rows,
+        sc,
         v_cache.stride(1),
         v_cache.stride(2),
         store.stride(0),
@@ -135,6 +151,9 @@ def gather_values(
         slot_ids.stride(0),
         slot_ids.stride(1),
         dst_rows.stride(0),
+        sc.stride(0),
+        sc.stride(1),
+        sc.stride(2),
         K,
         C=C,
         C_PAD=C_PAD,
@@ -142,5 +161,6 @@ def gather_values(
         D=D,
         BLOCK_T=block_t,
         BLOCK_D=triton.next_power_of_2(D),
+        FP8=fp8,
         num_warps=4,
     )

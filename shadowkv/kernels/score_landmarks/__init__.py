@@ -16,8 +16,10 @@ def score_landmarks(
     page_table: torch.Tensor,
     num_landmarks: torch.Tensor,
     scale: float,
+    landmark_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[B, Hkv, max_pages * Pc]`` float32 scores; see ``reference.score_landmarks``."""
+    """``[B, Hkv, max_pages * Pc]`` float32 scores; see ``reference.score_landmarks``.
+    fp8 landmarks are ``uint8`` e4m3 codes with ``landmark_scales [pages, Pc, Hkv]`` float32."""
     if q.dim() != 3 or landmarks.dim() != 4:
         raise ValueError(
             f"score_landmarks wants q [B, H, D] and landmarks [pages, Pc, Hkv, D], got "
@@ -29,10 +31,19 @@ def score_landmarks(
             f"landmarks {tuple(landmarks.shape)} do not match q {tuple(q.shape)}: head dims must "
             "agree and query heads must be a multiple of KV heads"
         )
+    s = landmark_scales
+    if (s is not None) != (landmarks.dtype == torch.uint8) or (
+        s is not None and (s.shape != landmarks.shape[:3] or s.dtype != torch.float32)
+    ):
+        got = None if s is None else (s.dtype, tuple(s.shape))
+        raise ValueError(
+            "fp8 landmarks are uint8 codes with float32 scales [pages, Pc, Hkv] beside them; got "
+            f"{landmarks.dtype} landmarks {tuple(landmarks.shape)} and scales {got}"
+        )
     if page_table.shape[0] != B or num_landmarks.shape != (B,):
         raise ValueError(f"page_table and num_landmarks must have {B} rows, one per sequence")
     if use_triton(q, "score_landmarks"):
         from shadowkv.kernels.score_landmarks.triton import score_landmarks as impl
 
-        return impl(q, landmarks, page_table, num_landmarks, scale)
-    return score_landmarks_ref(q, landmarks, page_table, num_landmarks, scale)
+        return impl(q, landmarks, page_table, num_landmarks, scale, landmark_scales)
+    return score_landmarks_ref(q, landmarks, page_table, num_landmarks, scale, landmark_scales)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from shadowkv.kernels.fp8 import fp8_to_float
+
 
 def score_landmarks(
     q: torch.Tensor,
@@ -15,6 +17,7 @@ def score_landmarks(
     page_table: torch.Tensor,
     num_landmarks: torch.Tensor,
     scale: float,
+    landmark_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-KV-head importance of every landmark for one query token per sequence.
 
@@ -26,6 +29,8 @@ def score_landmarks(
             (entries past a sequence's pages are read but masked).
         num_landmarks: ``[B]`` int32, landmarks per sequence, ``<= max_pages * Pc`` (0 allowed).
         scale: softmax scale, ``1 / sqrt(D)``.
+        landmark_scales: for fp8 landmarks (``uint8`` e4m3 codes), ``[num_pages, Pc, Hkv]``
+            float32, one per landmark: ``L = code * scale``.
 
     Returns:
         ``[B, Hkv, N]`` float32, ``N = max_pages * Pc``: for ``n < num_landmarks[b]``,
@@ -37,6 +42,9 @@ def score_landmarks(
     G = H // Hkv
     N = page_table.shape[1] * Pc
     lm = landmarks[page_table.long()].reshape(B, N, Hkv, D)
+    if landmark_scales is not None:
+        s = landmark_scales[page_table.long()].reshape(B, N, Hkv, 1)
+        lm = fp8_to_float(lm) * s
     acc = torch.promote_types(q.dtype, torch.float32)
     logits = torch.einsum("bhgd,bnhd->bhgn", q.to(acc).view(B, Hkv, G, D), lm.to(acc)) * scale
     valid = torch.arange(N, device=q.device)[None, :] < num_landmarks.to(q.device).long()[:, None]

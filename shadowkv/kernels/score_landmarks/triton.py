@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from shadowkv.kernels._jit import fp8e4m3_to_f32
 from shadowkv.kernels._launch import check, dot_dtype, dot_precision, plan_split_len
 
 BLOCK_N = 64  # landmarks per tile
@@ -33,6 +34,7 @@ def _score_landmarks_logits_kernel(
     part_l_ptr,
     q_ptr,
     lm_ptr,
+    lm_scales_ptr,
     page_table_ptr,
     num_landmarks_ptr,
     stride_xb,
@@ -44,6 +46,8 @@ def _score_landmarks_logits_kernel(
     stride_lp,
     stride_lc,
     stride_lh,
+    stride_sp,
+    stride_sc,
     stride_tb,
     qk_scale,
     split_len,
@@ -55,6 +59,7 @@ def _score_landmarks_logits_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1).to(tl.int64)
@@ -87,9 +92,17 @@ def _score_landmarks_logits_kernel(
         lm = tl.load(
             lm_ptr + row[:, None] + offs_d[None, :],
             mask=mask_n[:, None] & mask_d[None, :],
-            other=0.0,
-        ).to(DOT_DTYPE)  # [BLOCK_N, BLOCK_D]
-        s = tl.dot(q, tl.trans(lm), input_precision=PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
+            other=0,
+        )  # [BLOCK_N, BLOCK_D]
+        if FP8:
+            # e4m3 codes are exact in bf16/fp16/fp32; their scale multiplies the logit instead
+            # of every element.
+            lm = fp8e4m3_to_f32(lm)
+        s = tl.dot(q, tl.trans(lm.to(DOT_DTYPE)), input_precision=PRECISION)  # [BLOCK_G, BLOCK_N]
+        if FP8:
+            at = page.to(tl.int64) * stride_sp + (n % PC) * stride_sc + pid_h
+            s = s * tl.load(lm_scales_ptr + at, mask=mask_n, other=0.0)[None, :]
+        s = s * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         tl.store(
             logits_ptr + pid_b * stride_xb + heads[:, None] * stride_xh + n[None, :],
@@ -167,6 +180,7 @@ def score_landmarks(
     page_table: torch.Tensor,
     num_landmarks: torch.Tensor,
     scale: float,
+    landmark_scales: torch.Tensor | None = None,
     *,
     split_len: int | None = None,
 ) -> torch.Tensor:
@@ -181,10 +195,16 @@ def score_landmarks(
         Dl == D and H % Hkv == 0,
         f"landmarks {tuple(landmarks.shape)} do not fit q {tuple(q.shape)}",
     )
+    fp8 = landmark_scales is not None
     check(
-        q.dtype == landmarks.dtype,
+        q.dtype == landmarks.dtype or fp8,
         f"q ({q.dtype}) and landmarks ({landmarks.dtype}) need one dtype",
     )
+    check(
+        not fp8 or (landmarks.dtype == torch.uint8 and landmark_scales.stride(2) == 1),
+        "fp8 landmarks are uint8 codes with contiguous [pages, Pc, Hkv] float32 scales",
+    )
+    lm_scales = landmark_scales if fp8 else landmarks  # an unused pointer when not fp8
     check(
         page_table.dtype == torch.int32 and num_landmarks.dtype == torch.int32,
         "page_table and num_landmarks must be int32",
@@ -216,6 +236,7 @@ def score_landmarks(
         part_l,
         q,
         landmarks,
+        lm_scales,
         page_table,
         num_landmarks,
         logits.stride(0),
@@ -227,6 +248,8 @@ def score_landmarks(
         landmarks.stride(0),
         landmarks.stride(1),
         landmarks.stride(2),
+        lm_scales.stride(0),
+        lm_scales.stride(1),
         page_table.stride(0),
         scale * math.log2(math.e),
         split_len,
@@ -238,6 +261,7 @@ def score_landmarks(
         BLOCK_N=BLOCK_N,
         PRECISION=dot_precision(q.dtype),
         DOT_DTYPE=dot_dtype(q.dtype),
+        FP8=fp8,
         num_warps=4,
     )
     _score_landmarks_normalize_kernel[grid](
