@@ -34,6 +34,7 @@ import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
 from shadowkv.kernels.decode_attention import reference as da_ref  # noqa: E402
+from shadowkv.kernels.fp8 import quantize_fp8  # noqa: E402
 from shadowkv.kernels.gather_values import reference as gv_ref  # noqa: E402
 from shadowkv.kernels.reconstruct_keys import reference as rk_ref  # noqa: E402
 from shadowkv.kernels.score_landmarks import reference as sl_ref  # noqa: E402
@@ -369,6 +370,21 @@ def bench_gather_values(b: Bench, cases: list[tuple[int, int, int]], miss_rate: 
             continue
         if b.gate("gather_values", case + "-zero_copy", ok, None):
             b.record("gather_values", case, "triton_zero_copy", lambda: tri(**kw), nbytes, "h2d")
+        # fp8 store (value_dtype="fp8"): codes + a float32 scale per token, zero-copy as above;
+        # its time against the row above is what halving the bytes buys.
+        codes, scales = quantize_fp8(on_gpu.view(B * pages, Pc, HKV, C, D))
+        codes, scales = codes.view(B * pages, Pc, HKV, C * D).cpu(), scales.cpu()
+        if b.dev == "cuda":
+            codes, scales = codes.pin_memory(), scales.pin_memory()
+        fp8_kw = {**kw, "store": codes, "scales": scales, "v_cache": kw["v_cache"].clone()}
+        fp8_ref = {**fp8_kw, "v_cache": kw["v_cache"].clone()}
+        tri(**fp8_kw)
+        gv_ref.gather_values(**fp8_ref)
+        err = rel_err(fp8_kw["v_cache"], fp8_ref["v_cache"])
+        if b.gate("gather_values", case + "-fp8_zero_copy", err < TOL[b.dtype], err):
+            fp8_bytes = int(kw["miss"].sum()) * C * (D + 4)
+            b.record("gather_values", case, "triton_zero_copy_fp8", lambda: tri(**fp8_kw),
+                     fp8_bytes, "h2d")
 
 
 def markdown(b: Bench, meta: dict[str, Any]) -> str:

@@ -11,7 +11,10 @@
 #   decode_modes     30 s    50 s  CUDA graphs vs eager step time, 4K context, batch 1 and 8
 #   kernel_bench     25 s    45 s  each kernel vs its memory roofline (rows written as measured)
 #   e2e_16k          30 s    50 s  real prefills at 16K: prefill time, TTFT, SVD share of prefill
-#   total           295 s   465 s  (plus the machine's start, outside this script)
+#   e2e_122k_fp8     90 s   120 s  the headline again with fp8 values (value_dtype=fp8): dense
+#                                  (its baseline, same run) vs ShadowKV fp8 at its larger max
+#                                  batch, 70 % hits driven; last, so a timeout loses only itself
+#   total           385 s   585 s  (plus the machine's start, outside this script)
 #
 # Every stage runs under `timeout -s INT` (Python stops with KeyboardInterrupt and keeps what it
 # wrote) with PYTHONUNBUFFERED=1; the script goes on after a failure. After every stage it prints
@@ -39,7 +42,7 @@ export PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/shadowkv_triton_cache}"
 PY="${PYTHON:-python3}"
 SMOKE="${SMOKE:-0}"
-STAGES="${STAGES:-e2e_122k kernel_tests decode_modes kernel_bench e2e_16k}"
+STAGES="${STAGES:-e2e_122k kernel_tests decode_modes kernel_bench e2e_16k e2e_122k_fp8}"
 SUMMARY="$WORK/summary.md"
 START=$SECONDS
 
@@ -138,6 +141,12 @@ stage e2e_16k 50 "$PY" benchmarks/throughput.py --arch "$ARCH" $DEVICE --context
     --methods dense,shadowkv --batch 4 --decode-steps $((STEPS / 16 > 4 ? STEPS / 16 : 4)) \
     --host-memory-gb 4 --out "$WORK/e2e_16k" $KNOBS $( [ "$SMOKE" = 1 ] || echo "--max-batch 8" )
 show "$WORK/e2e_16k/throughput.md"
+
+stage e2e_122k_fp8 120 "$PY" benchmarks/throughput.py --arch "$ARCH" $DEVICE --contexts "$LONG" \
+    --methods dense,shadowkv:value_dtype=fp8 --batch auto --decode-steps "$((STEPS / 2))" \
+    --prefill synthetic --hit-rates 0.7 --host-memory-gb "$HOST_GB" --out "$WORK/e2e_122k_fp8" \
+    $KNOBS
+show "$WORK/e2e_122k_fp8/throughput.md"
 
 echo
 echo "=== done in $((SECONDS - START))s; results: $OUT/gpu_check.tgz (from $WORK)"

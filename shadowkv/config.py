@@ -25,11 +25,13 @@ class ConfigError(ValueError):
 
 
 def knob(default: Any, help: str, *, parse: Callable[[str], Any] | None = None,
-         choices: tuple[str, ...] | None = None) -> Any:
+         choices: tuple[str, ...] | None = None, variant: bool = False) -> Any:
     """A config field that is also a command-line flag: ``--field-name``, this help, parsed by
     ``parse`` (default: from the field's type) and limited to ``choices``
-    (``commands/flags.py`` generates the flags)."""
-    return field(default=default, metadata={"help": help, "parse": parse, "choices": choices})
+    (``commands/flags.py`` generates the flags). A ``variant`` knob also names the run
+    (``CacheConfig.label``): ``--methods shadowkv,shadowkv:value_dtype=fp8`` compares both."""
+    return field(default=default, metadata={"help": help, "parse": parse, "choices": choices,
+                                            "variant": variant})
 
 
 def parse_budget(text: str) -> float:

@@ -328,3 +328,50 @@ def test_a_default_that_differs_between_methods_stays_each_methods_own(monkeypat
     args = p.parse_args(["--page-size", "8"])
     assert [cache_config_from_args(args, m).page_size for m in ("wide", "dense")] == [8, 8]
     assert "each method's own" in p._option_string_actions["--page-size"].help
+
+
+# run labels: variants of one method in one eval or bench run --------------------------------
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_method_variants_compare_in_one_run(command: str) -> None:
+    variants = "shadowkv:value_dtype=fp8,shadowkv:value_dtype=fp8:landmark_dtype=fp8"
+    args = parse(command, "--methods", f"dense,shadowkv,{variants}", "--value-dtype", "auto",
+                 "--rank", "0.5")
+    caches = list(caches_by_label(command, args).values())
+    assert [c.label for c in caches] == [
+        "dense", "shadowkv", "shadowkv:value_dtype=fp8",
+        "shadowkv:value_dtype=fp8:landmark_dtype=fp8",
+    ]
+    assert [getattr(c, "value_dtype", None) for c in caches] == [None, "auto", "fp8", "fp8"]
+    assert all(c.rank == 0.5 for c in caches[1:]), "the shared flags reach every variant"
+
+
+def caches_by_label(command: str, args: argparse.Namespace) -> dict[str, CacheConfig]:
+    cfg = importlib.import_module(f"shadowkv.commands.{command}").config_from_args(args)
+    return {c.label: c for c in cfg.caches}
+
+
+def test_variant_flag_sets_the_label_of_a_plain_method() -> None:
+    args = parse("generate", "--cache", "shadowkv", "--value-dtype", "fp8")
+    assert cache_config_from_args(args).label == "shadowkv:value_dtype=fp8"
+    assert cache_config_from_args(parse("generate", "--cache", "shadowkv")).label == "shadowkv"
+
+
+@pytest.mark.parametrize(
+    "label,match",
+    [
+        ("shadowkv:rank=8", "variant knobs"),  # not a variant knob: use --rank
+        ("shadowkv:value_dtype", "variant knobs"),
+        ("shadowkv:value_dtype=int2", "one of auto, fp8"),
+        ("dense:value_dtype=fp8", "dense has none"),
+        ("shadowkvv:value_dtype=fp8", "unknown cache method"),
+    ],
+)
+def test_bad_labels_are_refused_with_the_fix(label: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        methods_mod.method_config_for(label)
+
+
+def test_each_label_once() -> None:
+    args = parse("eval", "--methods", "shadowkv,shadowkv:value_dtype=auto")
+    with pytest.raises(ConfigError, match="each method once"):
+        caches_by_label("eval", args)

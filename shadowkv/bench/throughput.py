@@ -90,7 +90,9 @@ class BenchConfig:
 
     @property
     def methods(self) -> tuple[str, ...]:
-        return tuple(c.method for c in self.caches)
+        """The runs' labels: method names, with variant knobs where set
+        (``shadowkv:value_dtype=fp8``)."""
+        return tuple(c.label for c in self.caches)
 
     @property
     def torch_device(self) -> torch.device:
@@ -181,12 +183,13 @@ def run_throughput(
                     say(f"{method} @ {context}: batch {batch} does not fit (max {own})")
                     continue
                 # ShadowKV once per asked hit rate (None: the query selects).
-                for drive in cfg.hit_rates if method == "shadowkv" else (None,):
+                shadow = caches[method].method == "shadowkv"
+                for drive in cfg.hit_rates if shadow else (None,):
                     driven = "" if drive is None else f", selection driven to {drive:.0%} hits"
                     say(f"{method} @ {context} tokens x {batch} ({kind}{driven}) ...")
                     row = {"method": method, "batch_kind": kind, "max_batch": own,
                            "hit_rate_driven": drive}
-                    if method == "shadowkv":
+                    if shadow:
                         engine.cache.set_selection(  # type: ignore[attr-defined]
                             LandmarkSelection() if drive is None else DrivenSelection(drive)
                         )

@@ -28,6 +28,18 @@ class CacheConfig:
     method: ClassVar[str] = ""
     page_size: int = knob(16, "rows per paged block of exact K/V (Quest: tokens per page)")
 
+    @property
+    def label(self) -> str:
+        """The method's name, plus ``:knob=value`` for each variant knob (one that changes how
+        the method stores its state, e.g. ShadowKV's ``value_dtype``) off its default:
+        ``shadowkv:value_dtype=fp8``. Evaluations and benchmarks name runs by it, so two
+        variants of one method compare in one run; ``method_config_for`` reads it back."""
+        parts = [self.method]
+        for f in fields(self):
+            if f.metadata.get("variant") and getattr(self, f.name) != f.default:
+                parts.append(f"{f.name}={getattr(self, f.name)}")
+        return ":".join(parts)
+
     def __post_init__(self) -> None:
         if not self.method:  # CacheConfig and SparseConfig are bases, not methods
             raise ConfigError(
@@ -119,11 +131,11 @@ class ShadowKVConfig(SparseConfig):
     overlap_fetch: bool = knob(True, "CUDA: fetch values on a side stream during the key rebuild")
     value_dtype: str = knob(
         "auto", "stored prompt values: auto (the model dtype) or fp8 (e4m3 + a scale per token)",
-        choices=VALUE_DTYPES,
+        choices=VALUE_DTYPES, variant=True,
     )
     landmark_dtype: str = knob(
         "auto", "landmarks: auto (the model dtype) or fp8 (e4m3 + a scale per landmark)",
-        choices=VALUE_DTYPES,
+        choices=VALUE_DTYPES, variant=True,
     )
 
     def __post_init__(self) -> None:
@@ -260,6 +272,33 @@ def method_config(method: str, **knobs: Any) -> CacheConfig:
     cls = get_method(method).config
     own = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in knobs.items() if k in own})
+
+
+def split_label(label: str) -> tuple[str, dict[str, str]]:
+    """``"shadowkv:value_dtype=fp8"`` -> ``("shadowkv", {"value_dtype": "fp8"})``; only variant
+    knobs may be named (the others are flags shared by every run)."""
+    method, *parts = label.split(":")
+    cls = get_method(method).config
+    variants = {f.name: f for f in fields(cls) if f.metadata.get("variant")}
+    knobs: dict[str, str] = {}
+    for part in parts:
+        name, sep, value = part.partition("=")
+        if not sep or name not in variants:
+            raise ConfigError(
+                f"{label!r}: after the method name come variant knobs as :name=value; {method} "
+                f"has {', '.join(variants) or 'none'}"
+            )
+        choices = variants[name].metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{label!r}: {name} must be one of {', '.join(choices)}")
+        knobs[name] = value
+    return method, knobs
+
+
+def method_config_for(label: str, **knobs: Any) -> CacheConfig:
+    """The config a run label names (``split_label``), the label's knobs over ``knobs``."""
+    method, own = split_label(label)
+    return method_config(method, **{**knobs, **own})
 
 
 def config_knobs(cfg: CacheConfig) -> dict[str, Any]:

@@ -16,7 +16,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import MISSING, Field, fields
 from typing import Any, TypeVar
 
-from shadowkv.cache.methods import CacheConfig, get_method, method_config, method_names
+from shadowkv.cache.methods import (
+    CacheConfig,
+    get_method,
+    method_config_for,
+    method_names,
+)
 from shadowkv.config import EngineConfig
 
 Group = argparse.ArgumentParser | argparse._ArgumentGroup
@@ -91,7 +96,10 @@ def add_cache_flags(
     summary = "; ".join(f"{m}: {get_method(m).summary}" for m in offered)
     if multiple:
         chosen = tuple(default or DEFAULT_METHODS)
-        text = f"cache methods, comma-separated: {summary} (default: {','.join(chosen)})"
+        text = (
+            f"cache methods, comma-separated: {summary} (default: {','.join(chosen)}); a "
+            "variant knob may follow a name, e.g. shadowkv:value_dtype=fp8"
+        )
         group.add_argument("--methods", type=method_list, default=chosen, help=_escape(text))
     else:
         chosen_one = str(default or DEFAULT_METHOD)
@@ -125,9 +133,11 @@ def cache_config_from_args(
     args: argparse.Namespace, method: str | None = None, **overrides: Any
 ) -> CacheConfig:
     """``method``'s config (default: ``--cache``) from the cache flags it has (``get_method``
-    refuses an unknown method with a ``ConfigError``), with ``overrides`` on top."""
+    refuses an unknown method with a ``ConfigError``), with ``overrides`` on top. ``method`` may
+    be a run label with variant knobs (``shadowkv:value_dtype=fp8``), which win over the
+    flags."""
     knobs = {name: getattr(args, name) for name in cache_fields() if hasattr(args, name)}
-    return method_config(method or args.cache, **{**knobs, **overrides})
+    return method_config_for(method or args.cache, **{**knobs, **overrides})
 
 
 # --- engine -----------------------------------------------------------------------------------

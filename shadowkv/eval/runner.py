@@ -41,7 +41,8 @@ class EvalConfig:
     """What to evaluate. ``budgets`` holds sparse budgets (tokens, or fractions of the prompt);
     several values make a budget sweep. ``chat_template`` is ``"model"`` (the checkpoint's own
     template, or none if it has none), ``"base"`` or a name in ``ruler.CHAT_TEMPLATES``.
-    ``caches`` holds one config per method compared (their own knobs: rank, chunk size, ...); a
+    ``caches`` holds one config per method compared (their own knobs: rank, chunk size, ...),
+    named by its ``label`` (the method, plus variant knobs: ``shadowkv:value_dtype=fp8``); a
     sparse method's budget is overridden per run by ``budgets``. ``batch_size`` samples go to the
     engine together (and are saved together).
     NIAH ignores ``"model"`` (the reference feeds its prompt without a template).
@@ -102,10 +103,11 @@ class EvalConfig:
 
     @property
     def methods(self) -> tuple[str, ...]:
-        return tuple(c.method for c in self.caches)
+        """The runs' labels: method names, with variant knobs where set."""
+        return tuple(c.label for c in self.caches)
 
     def cache_for(self, method: str, budget: float | None) -> CacheConfig:
-        """The config of one run: ``method``'s, with ``budget`` when it is sparse."""
+        """The config of one run: ``method``'s (a label), with ``budget`` when it is sparse."""
         cfg = self.caches[self.methods.index(method)]
         if budget is not None and isinstance(cfg, SparseConfig):
             cfg = replace(cfg, sparse_budget=budget)
