@@ -30,6 +30,7 @@ STEPS = 10
 FULL_BUDGETS = [(len(p) // 8 - 6) * 8 for p in PROMPTS]
 FULL = dict(sparse_budget=max(FULL_BUDGETS), rank=1.0, outlier_chunks=2)
 SPARSE = dict(sparse_budget=32, rank=0.5, outlier_chunks=2)
+SPARSE_FP8 = dict(SPARSE, value_dtype="fp8", landmark_dtype="fp8")  # fp8 values + landmarks
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +61,14 @@ def test_full_budget_full_rank_equals_dense_on_cuda(path: Path, overlap: bool) -
     assert tokens(path, "cpu", None) == dense
 
 
+@pytest.mark.parametrize("cache", [SPARSE, SPARSE_FP8], ids=["auto", "fp8"])
 @pytest.mark.parametrize("overlap", [True, False], ids=["fetch-stream", "one-stream"])
-def test_sparse_cuda_equals_cpu_and_batch_equals_alone(path: Path, overlap: bool) -> None:
-    gpu = tokens(path, "cuda", SPARSE, overlap=overlap)
-    assert gpu == tokens(path, "cpu", SPARSE)
-    assert gpu == tokens(path, "cuda", SPARSE, one_by_one=True, overlap=overlap)
+def test_sparse_cuda_equals_cpu_and_batch_equals_alone(
+    path: Path, overlap: bool, cache: dict
+) -> None:
+    gpu = tokens(path, "cuda", cache, overlap=overlap)
+    assert gpu == tokens(path, "cpu", cache)
+    assert gpu == tokens(path, "cuda", cache, one_by_one=True, overlap=overlap)
 
 
 def test_host_and_device_value_tiers_decode_alike(path: Path) -> None:
@@ -86,7 +90,7 @@ def test_host_and_device_value_tiers_decode_alike(path: Path) -> None:
     assert [r.output_ids for r in reqs] == tokens(path, "cuda", SPARSE, one_by_one=True)
 
 
-@pytest.mark.parametrize("cache", [None, SPARSE], ids=["dense", "shadowkv"])
+@pytest.mark.parametrize("cache", [None, SPARSE, SPARSE_FP8], ids=["dense", "shadowkv", "fp8"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_graph_steps_equal_the_uncaptured_step(path: Path, cache: dict | None, dtype: str) -> None:
     """Replayed graphs compute what the same fixed-shape step computes uncaptured (bit for bit:

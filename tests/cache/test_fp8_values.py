@@ -198,3 +198,25 @@ def test_passkey_at_2k_on_smollm2_fp8_answers_as_auto(smollm2_dir, pg_essays) ->
     assert PASSKEY_ANSWER in texts[("auto", "auto")], texts
     for key, text in texts.items():
         assert PASSKEY_ANSWER in text, (key, text)
+
+
+def test_fp8_ragged_batch_matches_each_sequence_alone(tiny_checkpoint) -> None:
+    """fp8 values + landmarks, sparse budget: a batch of prompts of different lengths (one
+    falls back to dense) decodes as each prompt alone, in eager and static steps."""
+    from shadowkv import LLM, EngineConfig, SamplingParams
+
+    path = tiny_checkpoint("llama", num_heads=6, num_kv_heads=2, head_dim=16)
+    cfg = ShadowKVConfig(sparse_budget=32, outlier_chunks=2, rank=0.5, value_dtype="fp8",
+                         landmark_dtype="fp8")
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (173, 61, 250)]
+    params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (14, 9, 12)]
+    runs = {}
+    for mode in ("eager", "static"):
+        llm = LLM(str(path), cache=cfg, device="cpu",
+                  engine=EngineConfig(max_num_seqs=3, max_model_len=MAX_LEN, decode_mode=mode))
+        batched = [r.token_ids for r in llm.generate(prompts, params)]
+        alone = [llm.generate(p, q)[0].token_ids for p, q in zip(prompts, params)]
+        assert batched == alone, mode
+        runs[mode] = batched
+    assert runs["eager"] == runs["static"]
