@@ -110,8 +110,8 @@ class ShadowKVCache(AttentionCache):
         num_pages, num_blocks = sz.num_factor_pages, sz.num_blocks
         self.a_pages = alloc(num_pages, P, R)
         fp8_landmarks = cfg.landmark_dtype == "fp8"
-        self.landmarks = alloc(num_pages, PAGE_CHUNKS, Hkv, D, dt=CODE_DTYPE if fp8_landmarks
-                               else dtype)
+        lm_dtype = CODE_DTYPE if fp8_landmarks else dtype
+        self.landmarks = alloc(num_pages, PAGE_CHUNKS, Hkv, D, dt=lm_dtype)
         # fp8 landmarks: e4m3 codes above, one float32 scale per landmark here.
         self.landmark_scales = (
             alloc(num_pages, PAGE_CHUNKS, Hkv, dt=SCALE_DTYPE) if fp8_landmarks else None

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from shadowkv.cache.layout import KVLayout
+from shadowkv.cache.layout import KVLayout, elem_size
 from shadowkv.cache.methods import ShadowKVConfig
 from shadowkv.cache.shadow_layout import PAGE_CHUNKS, SeqLayout, cdiv, plan_sequence
 from shadowkv.cache.store import ValueLayout
 from shadowkv.config import ConfigError
+from shadowkv.kernels.fp8 import CODE_DTYPE, SCALE_DTYPE
 
 REFERENCE_NEW_TOKENS = 512  # generation length the device-pool split plans for
 # Share of host RAM the auto-sized host tier may take: CPU runs keep room for the model and the
@@ -26,12 +27,12 @@ REFERENCE_NEW_TOKENS = 512  # generation length the device-pool split plans for
 CPU_HOST_SHARE = 0.25
 CUDA_HOST_SHARE = 0.5
 SELECTION_ELEM = 4  # bytes per selection-state entry and per landmark chunk id (int32)
-SCALE_ELEM = 4  # bytes per fp8 scale (float32)
 
 
 def landmark_bytes(cfg: ShadowKVConfig, head_dim: int, elem: int) -> int:
     """Bytes of one landmark of one KV head: ``D`` values, or ``D`` fp8 codes and a scale."""
-    return head_dim + SCALE_ELEM if cfg.landmark_dtype == "fp8" else head_dim * elem
+    fp8 = cfg.landmark_dtype == "fp8"
+    return head_dim * elem_size(CODE_DTYPE) + elem_size(SCALE_DTYPE) if fp8 else head_dim * elem
 
 
 @dataclass(frozen=True)
