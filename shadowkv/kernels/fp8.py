@@ -26,18 +26,30 @@ SCALE_DTYPE = torch.float32
 # subnormal or zero scale and divide to inf; its elements round towards zero instead.
 MIN_SCALE = 2.0**-126
 VALUE_DTYPES = ("auto", "fp8")  # ShadowKVConfig.value_dtype / landmark_dtype choices
+SLICE_ELEMS = 1 << 24  # elements quantised at a time (64 MiB of float32 temporaries)
 
 
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [..., G]`` -> (codes ``[..., G]`` uint8, scales ``[...]`` float32), one scale per
-    group of the last dimension. Runs on ``x``'s device (the prefill's)."""
+    group of the last dimension. Runs on ``x``'s device (the prefill's), in slices of groups so
+    a long prompt's float32 temporaries stay small (a 122K-token layer would need ~2 GB)."""
+    groups = x.reshape(-1, x.shape[-1])
+    codes = torch.empty(groups.shape, dtype=CODE_DTYPE, device=x.device)
+    scales = torch.empty(groups.shape[0], dtype=SCALE_DTYPE, device=x.device)
+    step = max(1, SLICE_ELEMS // max(1, groups.shape[1]))
+    for i in range(0, groups.shape[0], step):
+        codes[i : i + step], scales[i : i + step] = _quantize_groups(groups[i : i + step])
+    return codes.view(x.shape), scales.view(x.shape[:-1])
+
+
+def _quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
     fmax = torch.finfo(torch.float32).max
     xf = torch.where(xf.isinf(), xf.sign() * fmax, xf)  # saturate; NaN passes through
     amax = xf.abs().amax(dim=-1, keepdim=True)
     scales = (amax / FP8_MAX).clamp_min(MIN_SCALE)
     # Division can land a hair above 448 (rounding); clamp so the cast never makes NaN.
-    q = (xf / scales).clamp(-FP8_MAX, FP8_MAX)
+    q = (xf / scales).clamp_(-FP8_MAX, FP8_MAX)
     return q.to(torch.float8_e4m3fn).view(CODE_DTYPE), scales.squeeze(-1)
 
 

@@ -90,3 +90,13 @@ def test_triton_bit_decoder_equals_torch_for_every_code() -> None:
     assert torch.equal(out[keep], want[keep])
     assert torch.equal(out[keep].signbit(), want[keep].signbit())  # -0.0 stays -0.0
     assert int(keep.sum()) == 254
+
+
+def test_quantising_in_slices_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shadowkv.kernels.fp8 as fp8
+
+    x = torch.randn(37, 3, 64) * torch.logspace(-3, 3, 37)[:, None, None]
+    whole = quantize_fp8(x)
+    monkeypatch.setattr(fp8, "SLICE_ELEMS", 64 * 5)  # 5 groups a slice, the last one short
+    sliced = fp8.quantize_fp8(x)
+    assert torch.equal(whole[0], sliced[0]) and torch.equal(whole[1], sliced[1])
