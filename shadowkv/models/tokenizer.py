@@ -22,6 +22,11 @@ class Tokenizer:
         self.bos_token_id: int | None = self._tok.bos_token_id
 
     @property
+    def hf(self) -> object:
+        """The transformers tokenizer (for grammar engines, which build their tables from it)."""
+        return self._tok
+
+    @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self._tok, "chat_template", None))
 
