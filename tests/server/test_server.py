@@ -222,7 +222,7 @@ BAD_REQUESTS = [
     ),
     pytest.param(
         "/v1/completions", {"prompt": "w5", "cache": {"sparse_budget": -1}}, {}, 400,
-        "invalid_parameter", "cache", id="negative-sparse-budget",
+        "invalid_value", "cache.sparse_budget", id="negative-sparse-budget",
     ),
     pytest.param(
         "/v1/completions", {"prompt": "w5", "cache": {"budget": 64}}, {}, 400,
@@ -262,14 +262,14 @@ BAD_REQUESTS = [
         id="unknown-model",
     ),
     pytest.param(
-        "/v1/completions", {"prompt": "w5", "n": 2}, {}, 400, "unsupported_parameter", "n", id="n-2"
+        "/v1/completions", {"prompt": "w5", "n": 99}, {}, 400, "invalid_value", "n", id="n-99"
     ),
     pytest.param(
         "/v1/completions",
         {"prompt": "w5", "temperature": -1},
         {},
         400,
-        "invalid_parameter",
+        "invalid_value",
         "temperature",
         id="negative-temperature",
     ),
@@ -278,7 +278,7 @@ BAD_REQUESTS = [
         {"prompt": "w5", "top_p": 0},
         {},
         400,
-        "invalid_parameter",
+        "invalid_value",
         "top_p",
         id="top_p-0",
     ),
@@ -287,21 +287,21 @@ BAD_REQUESTS = [
         {"prompt": "w5", "max_tokens": 0},
         {},
         400,
-        "invalid_parameter",
+        "invalid_value",
         "max_tokens",
         id="max_tokens-0",
     ),
     pytest.param(
         "/v1/completions",
-        {"prompt": "w5", "frequency_penalty": 0.5},
+        {"prompt": "w5", "frequency_penalty": 2.5},
         {},
         400,
-        "unsupported_parameter",
+        "invalid_value",
         "frequency_penalty",
-        id="frequency-penalty",
+        id="frequency-penalty-out-of-range",
     ),
     pytest.param(
-        "/v1/completions", {"prompt": ""}, {}, 400, "invalid_prompt", "prompt", id="empty-prompt"
+        "/v1/completions", {"prompt": ""}, {}, 400, "invalid_value", "prompt", id="empty-prompt"
     ),
     pytest.param(
         "/v1/completions",
@@ -314,12 +314,12 @@ BAD_REQUESTS = [
     ),
     pytest.param(
         "/v1/completions",
-        {"prompt": ["w5", "w6"]},
+        {"prompt": ["w5", ""]},
         {},
         400,
-        "unsupported_parameter",
+        "invalid_prompt",
         "prompt",
-        id="two-prompts",
+        id="an-empty-prompt-in-a-list",
     ),
     pytest.param(
         "/v1/completions",
@@ -353,7 +353,7 @@ BAD_REQUESTS = [
         {"messages": [{"role": "user", "content": "w5"}]},
         {},
         400,
-        None,
+        "invalid_value",
         "messages",
         id="chat-without-template",
     ),
@@ -372,7 +372,7 @@ BAD_REQUESTS = [
         {},
         400,
         "invalid_value",
-        "messages.0.role",
+        "messages[0].role",
         id="chat-bad-role",
     ),
     pytest.param(
