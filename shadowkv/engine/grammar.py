@@ -57,11 +57,12 @@ class Grammars:
         return xgrammar
 
     def compile(self, schema: Mapping[str, Any]) -> Any:
-        """The compiled grammar of ``schema`` (xgrammar caches by schema text)."""
+        """The compiled grammar of ``schema`` (xgrammar caches by schema text; properties are
+        generated in the schema's order, so keys are not sorted)."""
         self._xgr()
         try:
             return self._compiler.compile_json_schema(
-                json.dumps(schema, sort_keys=True), any_whitespace=False
+                json.dumps(schema), any_whitespace=False
             )
         except Exception as err:  # xgrammar raises RuntimeError/ValueError on a bad schema
             raise GrammarError(f"the JSON schema cannot be used: {err}") from err

@@ -428,6 +428,7 @@ async def run_chat(served: Served, request: Request, job: Job) -> Any:
         calls: list[Any] = []
         if job.tools == "forced":
             calls = parse_forced(f.text)
+            content = None if calls else f.text
         elif job.tools == "auto":
             content, calls = parse_calls(f.text)
         reason = "tool_calls" if calls else f.finish_reason
