@@ -194,7 +194,7 @@ class Engine:
                 matcher = self.grammars.matcher(params.json_schema)
             stops = () if params.ignore_eos else tuple(self.eos_ids)
             req.logit_state = new_state(
-                req, self.model_cfg.vocab_size, self.device, stops, matcher
+                req, self.model_cfg.vocab_size, self.device, stops, matcher, sorted(self.eos_ids)
             )
         req.cache_options = options
         self._next_id += 1

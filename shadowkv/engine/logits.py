@@ -9,7 +9,8 @@ the processed rows only, each as one batched tensor op.
 * ``repetition_penalty`` (HF/vLLM): for tokens in the prompt or the output, ``l / r`` where
   ``l > 0``, ``l * r`` otherwise.
 * ``logit_bias``: added to the named tokens.
-* ``min_tokens``: EOS and stop tokens at ``-inf`` until that many tokens are out.
+* ``min_tokens``: EOS and stop tokens at ``-inf`` until that many tokens are out (unless a
+  grammar allows nothing else: a complete document ends).
 * ``json_schema``: the grammar matcher's mask (``engine/grammar.py``).
 
 Logprobs are those of the model's own distribution (the raw logits), as vLLM reports by default.
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
     from shadowkv.engine.request import Request
 
 
+MAX_LOGIT = 1e4  # processed logits are capped here, so a later ``/ temperature`` stays finite
+
+
 @dataclass
 class LogitState:
     """What a processed request carries between steps."""
@@ -40,11 +44,12 @@ class LogitState:
     bias_values: torch.Tensor  # [n] fp32
     matcher: Matcher | None = None
     stop_ids: list[int] = field(default_factory=list)  # masked while under min_tokens
+    end_ids: list[int] = field(default_factory=list)  # EOS: what ends a row nothing else can
 
 
 def new_state(
     req: Request, vocab: int, device: torch.device, stop_ids: Sequence[int],
-    matcher: Matcher | None,
+    matcher: Matcher | None, end_ids: Sequence[int] = (),
 ) -> LogitState:
     p = req.params
     seen = None
@@ -60,6 +65,7 @@ def new_state(
         bias_values=torch.tensor([v for _, v in bias], dtype=torch.float32, device=device),
         matcher=matcher,
         stop_ids=sorted({t for t in (*stop_ids, *p.stop_token_ids) if t < vocab}),
+        end_ids=sorted({t for t in (*end_ids, *stop_ids) if t < vocab}) or [0],
     )
 
 
@@ -95,10 +101,18 @@ def process(logits: torch.Tensor, reqs: Sequence[Request]) -> None:
         col_ids = torch.cat([states[j].bias_ids for j in biased])  # type: ignore[union-attr]
         vals = torch.cat([states[j].bias_values for j in biased])  # type: ignore[union-attr]
         x.index_put_((row_ids, col_ids), vals.to(x.dtype), accumulate=True)
+    apply_masks(x, [s.matcher for s in states])  # type: ignore[union-attr]
     for j, (r_, s) in enumerate(zip(sub_reqs, states)):
         if len(r_.output_ids) < r_.params.min_tokens and s.stop_ids:  # type: ignore[union-attr]
+            stops = x[j, s.stop_ids].clone()  # type: ignore[union-attr]
             x[j, s.stop_ids] = float("-inf")  # type: ignore[union-attr]
-    apply_masks(x, [s.matcher for s in states])  # type: ignore[union-attr]
+            if not torch.isfinite(x[j]).any():  # a complete JSON document: its end wins
+                x[j, s.stop_ids] = stops  # type: ignore[union-attr]
+    x.nan_to_num_(nan=float("-inf"), posinf=MAX_LOGIT).clamp_(max=MAX_LOGIT)
+    dead = ~torch.isfinite(x).any(dim=-1)
+    if dead.any():  # a grammar this vocabulary cannot write: the request ends (never NaNs)
+        for j in dead.nonzero()[:, 0].tolist():
+            x[j, states[j].end_ids] = 0.0  # type: ignore[union-attr]
     logits[rows] = x
 
 

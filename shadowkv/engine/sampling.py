@@ -87,8 +87,8 @@ class SamplingParams:
             if not -2.0 <= value <= 2.0:
                 raise SamplingError(f"{name} must be in [-2, 2], got {value!r}")
         rep = self.repetition_penalty
-        if isinstance(rep, bool) or not isinstance(rep, (int, float)) or not 0 < rep <= 10:
-            raise SamplingError(f"repetition_penalty must be in (0, 10] (1 = off), got {rep!r}")
+        if isinstance(rep, bool) or not isinstance(rep, (int, float)) or not 0.01 <= rep <= 10:
+            raise SamplingError(f"repetition_penalty must be in [0.01, 10] (1 = off), got {rep!r}")
         bias = self.logit_bias
         pairs = tuple(bias.items()) if isinstance(bias, Mapping) else tuple(bias)
         for token, value in pairs:
@@ -201,6 +201,7 @@ def _pick(
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
         drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        drop[0] = False  # a top_p under fp32's smallest value (5e-324) must not drop all
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator)[0]

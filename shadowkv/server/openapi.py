@@ -13,7 +13,16 @@ from pydantic import BaseModel
 
 from shadowkv.server.responses import ChatCompletion, Completion, ErrorResponse
 
-SSE = {"text/event-stream": {"schema": {"type": "string", "description": "server-sent events"}}}
+SSE = {  # one event: a JSON chunk (or the closing [DONE]) in its data field
+    "text/event-stream": {
+        "schema": {
+            "type": "object",
+            "description": "a server-sent event; 'data' holds a JSON chunk, or [DONE] at the end",
+            "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+            "required": ["data"],
+        }
+    }
+}
 ERRORS = {
     400: "Invalid request (the error names the field in 'param')",
     401: "Missing or wrong API key",
@@ -34,10 +43,10 @@ def route_docs(
     """Decorator arguments that document one route."""
     responses: dict[int | str, dict[str, Any]] = {}
     kwargs: dict[str, Any] = {}
-    if response == "completion":
-        responses[200] = {"model": Completion, "content": SSE}
-    elif response == "chat":
-        responses[200] = {"model": ChatCompletion, "content": SSE}
+    if response in ("completion", "chat"):
+        model = Completion if response == "completion" else ChatCompletion
+        responses[200] = {"model": model, "content": SSE}
+        not_found = unavailable = True  # an unknown 'model'; the engine thread stopped
     elif response == "metrics":
         responses[200] = {"description": "Prometheus text exposition"}
         kwargs["response_class"] = PlainTextResponse

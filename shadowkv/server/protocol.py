@@ -108,7 +108,7 @@ class SamplingFields(Strict):
     ignore_eos: bool = False  # an extension for benchmarks
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)  # an extension (vLLM's)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10)  # an extension (vLLM's)
     logit_bias: dict[str, float] | None = Field(None, max_length=1024)
     response_format: ResponseFormat | None = None
     cache: CacheFields | None = None  # an extension: per-request cache settings

@@ -291,7 +291,10 @@ class EngineWorker:
             reqs = self.engine.add_requests(
                 handle.prompt_ids, [h.params for h in group], cache_options=handle.cache_options
             )
-        except USER_ERRORS as err:
+        except Exception as err:  # noqa: BLE001 - a refused request must not stop the thread
+            if not isinstance(err, USER_ERRORS):
+                log.exception("admitting a request failed")
+                err = EngineFailure(f"admitting the request failed: {type(err).__name__}: {err}")
             for h in group:
                 self._deliver(h, Failed(err, h.index))
             return
