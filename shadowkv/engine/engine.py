@@ -104,7 +104,7 @@ class Engine:
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
-        self.grammars = Grammars(tokenizer.hf, model_cfg.vocab_size, sorted(self.eos_ids))
+        self.grammars = Grammars(tokenizer, model_cfg.vocab_size, sorted(self.eos_ids))
         # Prompt tokens run through the model, and samples that took a copy of another's
         # prefill: by ``cache.fork``, or by replaying the recorded prefill (caches without fork).
         self.counters = {"prefill_tokens": 0, "forked_samples": 0, "replayed_samples": 0}

@@ -36,8 +36,10 @@ class Grammars:
     before queueing, and the engine then finds the compiled grammar cached.
     """
 
-    def __init__(self, hf_tokenizer: Any, vocab_size: int, stop_ids: Sequence[int]) -> None:
-        self._tok, self.vocab_size, self._stop = hf_tokenizer, vocab_size, list(stop_ids)
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: Sequence[int]) -> None:
+        # ``tokenizer.hf`` (the transformers tokenizer) is read on first use only: engines
+        # built with a stand-in tokenizer (benchmarks) never need it.
+        self._tok, self.vocab_size, self._stop = tokenizer, vocab_size, list(stop_ids)
         self._compiler: Any = None
         self._lock = threading.Lock()
 
@@ -50,8 +52,11 @@ class Grammars:
             ) from err
         with self._lock:
             if self._compiler is None:
+                hf = getattr(self._tok, "hf", None)
+                if hf is None:
+                    raise GrammarError("this engine's tokenizer cannot build grammar tables")
                 info = xgrammar.TokenizerInfo.from_huggingface(
-                    self._tok, vocab_size=self.vocab_size, stop_token_ids=self._stop
+                    hf, vocab_size=self.vocab_size, stop_token_ids=self._stop
                 )
                 self._compiler = xgrammar.GrammarCompiler(info, max_threads=1)
         return xgrammar

@@ -179,6 +179,7 @@ class Job:
     echo: bool = False
     logprobs: bool = False
     tools: str | None = None  # None, "auto" or "forced"
+    max_calls: int | None = None  # 1 when parallel_tool_calls is false
     texts: list[str] = field(default_factory=list)  # the prompts' text (echo)
 
     @property
@@ -265,6 +266,7 @@ async def _chat_request(served: Served, body: ChatCompletionRequest) -> Job:
     return Job(
         [ids], [params], bool(body.stream), body.include_usage, _options(body), "messages",
         logprobs=k is not None, tools=tools,
+        max_calls=1 if body.parallel_tool_calls is False else None,
     )
 
 
@@ -431,6 +433,7 @@ async def run_chat(served: Served, request: Request, job: Job) -> Any:
             content = None if calls else f.text
         elif job.tools == "auto":
             content, calls = parse_calls(f.text)
+        calls = calls[: job.max_calls]
         reason = "tool_calls" if calls else f.finish_reason
         lp = chat_logprobs(f.logprobs, f.token_ids, served.token_text) if job.logprobs else None
         choices.append(ChatChoice(
@@ -482,6 +485,7 @@ def _chat_stream(
                     ts = streams[event.index]
                     ts.feed(event.tail)
                     rest, calls = ts.finish()
+                    calls = calls[: job.max_calls]
                     if rest or lp:
                         yield chunk([choice(event.index, {"content": rest} if rest else {},
                                             None, lp)])

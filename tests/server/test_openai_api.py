@@ -293,8 +293,10 @@ def test_echo_and_logprobs_on_completions(tiny: Live, client) -> None:
     assert all(len(t) <= 2 for t in lp.top_logprobs[1:])
     # The last token was greedy: it is the best of its top logprobs (what lm-eval checks).
     assert lp.token_logprobs[-1] == max(lp.top_logprobs[-1].values())
-    ids = tiny.llm.encode(prompt)
-    want = tiny.llm.generate(ids, SamplingParams(max_tokens=1, prompt_logprobs=2))[0]
+    # A second LLM on the same checkpoint: the served engine belongs to the server's thread.
+    own = LLM(str(tiny.llm.path), device="cpu", engine=EngineConfig(max_model_len=CONTEXT))
+    ids = own.encode(prompt)
+    want = own.generate(ids, SamplingParams(max_tokens=1, prompt_logprobs=2))[0]
     got = [round(x, 4) for x in lp.token_logprobs[1:n]]
     assert got == [round(e[0], 4) for e in want.prompt_logprobs[1:]]
 

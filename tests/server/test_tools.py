@@ -170,3 +170,14 @@ def test_auto_without_a_call_is_plain_content(scripted) -> None:
     )
     assert r.choices[0].message.content == "It is sunny <b>today</b>."
     assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call(scripted) -> None:
+    _, client, script = scripted
+    script(CALL + "\n" + CALL.replace("Paris", "Rome"))
+    kw = dict(model="qwen-style", messages=[{"role": "user", "content": "Weather?"}],
+              tools=[WEATHER], max_tokens=100, temperature=0)
+    both = client.chat.completions.create(**kw).choices[0].message.tool_calls
+    one = client.chat.completions.create(**kw, parallel_tool_calls=False).choices[0]
+    assert len(both) == 2 and len(one.message.tool_calls) == 1
+    assert json.loads(one.message.tool_calls[0].function.arguments) == {"city": "Paris"}
