@@ -150,6 +150,8 @@ class LLM:
         return GenerationResult(
             req.request_id, req.prompt_ids, req.output_ids, req.text, req.finish_reason or "abort",
             metrics, req.memory,
+            logprobs=req.logprobs if req.params.logprobs is not None else None,
+            prompt_logprobs=req.prompt_logprobs,
         )
 
 

@@ -257,6 +257,17 @@ class AttentionCache(ABC):
     def on_free(self, rec: SeqRecord) -> None:
         """Clear the per-sequence tables of a sequence being freed."""
 
+    # Samples of one prompt (OpenAI's ``n``) share its prefill: the engine admits them all, runs
+    # the prefill for the first and then forks its cache into the others. A method that cannot
+    # fork leaves ``supports_fork`` False; the engine then replays the recorded prefill into
+    # each sample (``store_prompt``: no model layers run, but the method's own prompt work does).
+    supports_fork = False
+
+    def fork(self, src_seq: int, dst_seq: int) -> None:
+        """Copy prefilled ``src_seq``'s cached prompt into ``dst_seq``, admitted with the same
+        prompt length and not yet prefilled; afterwards both decode independently."""
+        raise NotImplementedError(f"{type(self).__name__} cannot fork a sequence")
+
     def length(self, seq_id: int) -> int:
         """Tokens cached for a sequence (prompt + generated)."""
         return self.seqs[seq_id].length

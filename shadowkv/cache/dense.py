@@ -136,6 +136,27 @@ class DenseCache(AttentionCache):
             self._tables.gather(1, (pos // S)[:, None]).squeeze(1).long() * S + pos % S
         )
 
+    supports_fork = True
+
+    def fork(self, src_seq: int, dst_seq: int) -> None:
+        src, dst = self.seqs[src_seq], self.seqs[dst_seq]
+        if dst.prompt_len != src.length:
+            raise ValueError(f"fork: sequence {dst_seq} was not admitted for this prompt length")
+        n = self.blocks_for(src.length)  # a partial last block is copied whole: rows past the
+        # prompt are written before they are read
+        src_blocks = torch.tensor(src.pages[BLOCKS][:n], device=self.device)
+        dst_blocks = torch.tensor(dst.pages[BLOCKS][:n], device=self.device)
+        for layer in range(self.num_layers):
+            for pool in (self.k_cache[layer], self.v_cache[layer]):
+                pool[dst_blocks] = pool[src_blocks]
+        self.fork_metadata(src, dst, src_blocks, dst_blocks)
+        dst.length = src.length
+
+    def fork_metadata(
+        self, src: SeqRecord, dst: SeqRecord, src_blocks: torch.Tensor, dst_blocks: torch.Tensor
+    ) -> None:
+        """Copy what a method keeps beside the K/V blocks (per block or per sequence row)."""
+
     def _write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         Hkv, D = self.layout.num_kv_heads, self.layout.head_dim
         self.k_cache[layer].view(-1, Hkv, D)[slots] = k.to(self.dtype)

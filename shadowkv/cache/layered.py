@@ -38,6 +38,7 @@ class LayeredCache:
         self.max_num_seqs, self.max_model_len = first.max_num_seqs, first.max_model_len
         self.num_layers = len(self._route)
         self.supports_static_decode = all(c.supports_static_decode for c in self.parts)
+        self.supports_fork = all(c.supports_fork for c in self.parts)
 
     @property
     def step_epoch(self) -> int:
@@ -81,6 +82,10 @@ class LayeredCache:
 
     def length(self, seq_id: int) -> int:
         return self.parts[0].length(seq_id)
+
+    def fork(self, src_seq: int, dst_seq: int) -> None:
+        for c in self.parts:
+            c.fork(src_seq, dst_seq)
 
     def begin_prefill(self, seq_id: int, num_tokens: int) -> None:
         for c in self.parts:

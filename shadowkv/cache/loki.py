@@ -45,6 +45,11 @@ class LokiCache(SparseCache):
         basis = (self.max_num_seqs, Hkv, D, self.rank)
         self.basis = [torch.zeros(basis, device=self.device) for _ in layers]
 
+    def fork_metadata(self, src, dst, src_blocks, dst_blocks) -> None:  # type: ignore[no-untyped-def]
+        for layer in range(self.num_layers):
+            self.k_low[layer][dst_blocks] = self.k_low[layer][src_blocks]
+            self.basis[layer][dst.row] = self.basis[layer][src.row]
+
     def metadata_bytes_per_block(self) -> int:
         per_token = self.layout.num_kv_heads * loki_rank(self.layout.head_dim, self.cfg)
         return self.num_layers * self.cfg.page_size * per_token * self.layout.elem_size

@@ -29,6 +29,11 @@ class QuestCache(SparseCache):
         self.page_min = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in layers]
         self.page_max = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in layers]
 
+    def fork_metadata(self, src, dst, src_blocks, dst_blocks) -> None:  # type: ignore[no-untyped-def]
+        for layer in range(self.num_layers):
+            self.page_min[layer][dst_blocks] = self.page_min[layer][src_blocks]
+            self.page_max[layer][dst_blocks] = self.page_max[layer][src_blocks]
+
     def metadata_bytes_per_block(self) -> int:
         return 2 * self.num_layers * self.layout.kv_dim * self.layout.elem_size
 

@@ -12,6 +12,8 @@ from shadowkv.commands.common import add_model_args, llm_from_args
 from shadowkv.config import ConfigError
 
 API_KEY_ENV = "SHADOWKV_API_KEY"
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20  # = server.body.DEFAULT_MAX_BODY_BYTES (no fastapi import here)
+DEFAULT_MAX_TOKENS = 1024  # = server.app.DEFAULT_MAX_TOKENS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,6 +36,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the name clients pass as 'model' (default: the --model value, or its folder name)",
     )
     s.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="larger request bodies get a 413 before they are parsed (default %(default)s)",
+    )
+    s.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help="tokens generated at most by a request that sets no max_tokens (default "
+        "%(default)s; never more than the context has room for)",
+    )
+    s.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
 
@@ -54,11 +69,15 @@ def run(args: argparse.Namespace) -> int:
         from shadowkv.server import create_app
     except ImportError as err:
         raise ConfigError(
-            f"serving needs fastapi and uvicorn ({err.name} is missing): "
+            f"serving needs fastapi, uvicorn and prometheus-client ({err.name} is missing): "
             "pip install 'shadowkv[serve]'"
         ) from err
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    for flag, value in (("--max-request-bytes", args.max_request_bytes),
+                        ("--default-max-tokens", args.default_max_tokens)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(args.host) and api_key is None:
         print(
@@ -68,7 +87,10 @@ def run(args: argparse.Namespace) -> int:
         )
     llm = llm_from_args(args)
     name = served_name(args)
-    app = create_app(llm, name, api_key=api_key)
+    app = create_app(
+        llm, name, api_key=api_key, max_body_bytes=args.max_request_bytes,
+        default_max_tokens=args.default_max_tokens,
+    )
     print(
         f"shadowkv serve: {name!r} ({llm.cache_config.method} cache, "
         f"context {llm.max_model_len}) on "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,9 +19,11 @@ from shadowkv.cache.base import CacheOptions
 from shadowkv.cache.methods import CacheConfig
 from shadowkv.config import EngineConfig, ModelConfig
 from shadowkv.engine.decode_runner import DecodeRunner
+from shadowkv.engine.grammar import Grammars
+from shadowkv.engine.logits import new_state, prompt_logprobs, sample_requests
 from shadowkv.engine.prompt_kv import PromptKV, RecordingCache
 from shadowkv.engine.request import Request, Status
-from shadowkv.engine.sampling import SamplingParams, make_generator, sample, sample_batch
+from shadowkv.engine.sampling import SamplingParams, make_generator, sample
 from shadowkv.models.context import ForwardContext
 from shadowkv.models.llama import Hidden, LlamaModel
 from shadowkv.models.tokenizer import Tokenizer
@@ -102,6 +104,10 @@ class Engine:
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
+        self.grammars = Grammars(tokenizer, model_cfg.vocab_size, sorted(self.eos_ids))
+        # Prompt tokens run through the model, and samples that took a copy of another's
+        # prefill: by ``cache.fork``, or by replaying the recorded prefill (caches without fork).
+        self.counters = {"prefill_tokens": 0, "forked_samples": 0, "replayed_samples": 0}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._next_id = 0
@@ -140,24 +146,79 @@ class Engine:
                 f"a request of {n} prompt + {max_new} new tokens cannot fit in the cache even when "
                 "it is empty; lower max_tokens or give the cache more memory"
             )
+        if prompt_kv is not None and params.prompt_logprobs is not None:
+            raise PromptError("prompt_logprobs need the model's prefill, not a replayed one")
+        req = self._new_request(prompt_ids, params, cache_options)
+        req.prompt_kv, req.record_prompt_kv = prompt_kv, record_prompt_kv
+        self.waiting.append(req)
+        return req
+
+    def add_requests(
+        self,
+        prompt_ids: list[int],
+        params: Sequence[SamplingParams],
+        cache_options: CacheOptions | None = None,
+    ) -> list[Request]:
+        """Several samples of one prompt (OpenAI's ``n``): one prefill, shared.
+
+        The samples are admitted together (all or none). After the first one's prefill each
+        other sample gets a copy of its cache (``cache.fork``; caches that cannot fork replay
+        the recorded prefill, which runs no model layers) and draws its first token from the
+        same logits with its own parameters and generator.
+        """
+        if not params:
+            raise ValueError("add_requests needs at least one SamplingParams")
+        if len(params) > self.cfg.max_num_seqs:
+            raise CacheCapacityError(
+                f"{len(params)} samples of one prompt need {len(params)} sequence slots; this "
+                f"engine has max_num_seqs={self.cfg.max_num_seqs}"
+            )
+        first = self.add_request(prompt_ids, params[0], cache_options=cache_options)
+        try:
+            first.samples = [self._new_request(prompt_ids, p, cache_options) for p in params[1:]]
+        except Exception:
+            self.abort(first.request_id)
+            raise
+        return [first, *first.samples]
+
+    def _new_request(
+        self, prompt_ids: list[int], params: SamplingParams, options: CacheOptions | None
+    ) -> Request:
         req = Request(
             self._next_id, list(prompt_ids), params, self.eos_ids,
             make_generator(params, self.device),
         )
-        req.prompt_kv, req.record_prompt_kv = prompt_kv, record_prompt_kv
-        req.cache_options = cache_options
+        if params.processed:
+            matcher = None
+            if params.json_schema is not None:
+                matcher = self.grammars.matcher(params.json_schema)
+            stops = () if params.ignore_eos else tuple(self.eos_ids)
+            req.logit_state = new_state(
+                req, self.model_cfg.vocab_size, self.device, stops, matcher, sorted(self.eos_ids)
+            )
+        req.cache_options = options
         self._next_id += 1
-        self.waiting.append(req)
         return req
 
     def abort(self, request_id: int) -> None:
-        if self._prefilling is not None and self._prefilling.request.request_id == request_id:
-            req, self._prefilling = self._prefilling.request, None
-            self._finish(req, "abort")
-        for req in list(self.waiting):
-            if req.request_id == request_id:
-                self.waiting.remove(req)
-                self._finish(req, "abort")
+        """Stop a request; aborting the first of several samples before its prefill has ended
+        aborts them all (they wait on its prefill)."""
+        heads = list(self.waiting)
+        if self._prefilling is not None:
+            heads.append(self._prefilling.request)
+            if self._prefilling.request.request_id == request_id:
+                self._prefilling = None
+        for head in heads:
+            if head.request_id == request_id:
+                if head in self.waiting:
+                    self.waiting.remove(head)
+                for req in (head, *head.samples):
+                    self._finish(req, "abort")
+                head.samples = []
+            for sample_req in list(head.samples):
+                if sample_req.request_id == request_id:
+                    head.samples.remove(sample_req)
+                    self._finish(sample_req, "abort")
         for req in list(self.running):
             if req.request_id == request_id:
                 self._finish(req, "abort")
@@ -206,22 +267,37 @@ class Engine:
         req = self.waiting[0]
         n, max_new = len(req.prompt_ids), self._max_new(req)
         opts = req.cache_options
-        if len(self.running) >= self.cfg.max_num_seqs or not self.cache.can_add(n, max_new, opts):
+        slots = 1 + len(req.samples)
+        if len(self.running) + slots > self.cfg.max_num_seqs or not self.cache.can_add(
+            n, max_new, opts
+        ):
             return
-        try:
-            self.cache.add_sequence(req.request_id, n, max_new, opts)
-        except CacheCapacityError:
-            # can_add said yes but an allocation failed (pinning host memory): the request stays
-            # queued and is retried once running requests have freed memory.
-            if self.running:
-                return
-            raise
+        group = [req, *req.samples]
+        for i, r in enumerate(group):
+            try:
+                self.cache.add_sequence(r.request_id, n, self._max_new(r), opts)
+            except CacheCapacityError:
+                # can_add said yes but an allocation failed (pinning host memory, or the room
+                # for the other samples): the request stays queued and is retried once running
+                # requests have freed memory.
+                for added in group[:i]:
+                    self.cache.free_sequence(added.request_id)
+                if self.running:
+                    return
+                if i:
+                    raise CacheCapacityError(
+                        f"{len(group)} samples of a {n}-token prompt cannot fit in the cache "
+                        "even when it is empty; ask for fewer samples or lower max_tokens"
+                    ) from None
+                raise
         req.prefill_start = time.perf_counter()
         self.waiting.popleft()
         self.cache.begin_prefill(req.request_id, n)
-        recording = RecordingCache(self.cache) if req.record_prompt_kv else None
+        record = req.record_prompt_kv or (req.samples and not self.cache.supports_fork)
+        recording = RecordingCache(self.cache) if record else None
         x, ctx = None, None  # a replayed prefill runs no layers
         if req.prompt_kv is None:
+            self.counters["prefill_tokens"] += n
             x = self.model.embed(torch.tensor(req.prompt_ids, device=self.device))
             ctx = self.model.context(
                 "prefill", torch.arange(n, device=self.device), self.rope,
@@ -246,7 +322,7 @@ class Engine:
         req, n, L = p.request, len(p.request.prompt_ids), self.model_cfg.num_layers
         if req.prompt_kv is not None:
             req.prompt_kv.replay(self.cache)
-            return [self._end_prefill(req.prompt_kv.logits)]
+            return self._end_prefill(req.prompt_kv.logits, req.prompt_kv)
         assert p.x is not None and p.ctx is not None
         slice_tokens = self.cfg.prefill_slice_tokens
         if not self.running or slice_tokens is None:
@@ -258,20 +334,54 @@ class Engine:
         if stop < L:
             return []
         logits = self.model.logits(p.x, torch.tensor([n - 1], device=self.device))[0]
+        if req.params.prompt_logprobs is not None:
+            x = p.x
+            req.prompt_logprobs = prompt_logprobs(
+                lambda pos: self.model.logits(x, pos.to(self.device)),
+                req.prompt_ids,
+                req.params.prompt_logprobs,
+            )
+        kv = None
         if p.cache is not None:
-            req.prompt_kv = p.cache.result(req.prompt_ids, logits)
-        return [self._end_prefill(logits)]
+            kv = p.cache.result(req.prompt_ids, logits)
+            if req.record_prompt_kv:
+                req.prompt_kv = kv
+        return self._end_prefill(logits, kv)
 
-    def _end_prefill(self, logits: torch.Tensor) -> StepOutput:
+    def _end_prefill(self, logits: torch.Tensor, kv: PromptKV | None) -> list[StepOutput]:
         p = self._prefilling
         assert p is not None
         self._prefilling = None
         req = p.request
         self.cache.end_prefill()
-        req.memory = self.cache.memory(req.request_id).as_dict()
-        req.status = Status.RUNNING
-        self.running.append(req)
-        return self._append(req, sample(logits, req.params, req.generator))
+        group, req.samples = [req, *req.samples], []
+        for r in group[1:]:  # before any first token: the first one may finish and free its copy
+            self._copy_prefill(req, r, kv)
+        for r in group:
+            r.memory = self.cache.memory(r.request_id).as_dict()
+            r.status = Status.RUNNING
+            self.running.append(r)
+        return [self._first_token(r, logits) for r in group]
+
+    def _copy_prefill(self, src: Request, dst: Request, kv: PromptKV | None) -> None:
+        """Give sample ``dst`` (admitted, not prefilled) the prefilled cache of ``src``."""
+        if self.cache.supports_fork:
+            self.cache.fork(src.request_id, dst.request_id)
+            self.counters["forked_samples"] += 1
+        else:
+            assert kv is not None, "a prefill with samples is recorded when the cache cannot fork"
+            self.cache.begin_prefill(dst.request_id, len(src.prompt_ids))
+            kv.replay(self.cache)
+            self.cache.end_prefill()
+            self.counters["replayed_samples"] += 1
+        dst.prefill_start = src.prefill_start
+        dst.prompt_logprobs = src.prompt_logprobs
+
+    def _first_token(self, req: Request, logits: torch.Tensor) -> StepOutput:
+        """Sample a request's first token from its prompt's last logits ``[V]``."""
+        if req.logit_state is None and req.params.logprobs is None:
+            return self._append(req, sample(logits, req.params, req.generator))
+        return self._append(req, sample_requests(logits[None].clone(), [req])[0])
 
     def _decode(self) -> list[StepOutput]:
         reqs = list(self.running)
@@ -280,7 +390,7 @@ class Engine:
             seq_ids, [r.output_ids[-1] for r in reqs], [self.cache.length(s) for s in seq_ids]
         )
         self.cache.end_decode()
-        tokens = sample_batch(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        tokens = sample_requests(logits, reqs)
         return [self._append(r, t) for r, t in zip(reqs, tokens)]
 
     def _append(self, req: Request, token: int) -> StepOutput:

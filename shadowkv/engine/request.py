@@ -13,7 +13,10 @@ from shadowkv.engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from shadowkv.cache.base import CacheOptions
+    from shadowkv.engine.logits import LogitState, TopLogprobs
     from shadowkv.engine.prompt_kv import PromptKV
+
+Logprob = tuple[float, "TopLogprobs"]  # a token's log-probability and the top alternatives
 
 
 class Status(enum.Enum):
@@ -42,6 +45,12 @@ class Request:
     prompt_kv: PromptKV | None = None  # a recorded prefill: replayed if given, else kept if asked
     record_prompt_kv: bool = False
     cache_options: CacheOptions | None = None
+    logit_state: LogitState | None = None  # penalties, bias, grammar: None when none is asked
+    logprobs: list[Logprob] = field(default_factory=list)  # per output token, when asked
+    prompt_logprobs: list[Logprob | None] | None = None  # per prompt token (first: None)
+    # More samples of the same prompt (``Engine.add_requests``): admitted with this request,
+    # they take a copy of its prefilled cache instead of a prefill of their own.
+    samples: list[Request] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -71,6 +80,8 @@ class GenerationResult:
     finish_reason: str
     metrics: dict[str, Any]
     cache_memory: dict[str, Any] | None = None
+    logprobs: list[Logprob] | None = None
+    prompt_logprobs: list[Logprob | None] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -1,12 +1,16 @@
 """Sampling parameters and the samplers (greedy, temperature, top-k, top-p, seed).
 
 ``sample`` picks one row; ``sample_batch`` picks a decode step's rows with one host transfer.
+What reshapes logits before sampling (penalties, logit bias, min_tokens, a JSON grammar) is in
+``engine/logits.py``; a request that sets none of it takes neither that path nor its cost.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -30,6 +34,19 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # OpenAI's penalties on generated tokens: logit -= frequency * count + presence * (count > 0).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # HF/vLLM's: logits of tokens seen in the prompt or the output, divided by it when positive,
+    # multiplied when negative (1 = off).
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()  # token id -> added
+    min_tokens: int = 0  # EOS and stop tokens are masked until this many tokens are generated
+    logprobs: int | None = None  # per sampled token its log-probability and this many top ones
+    prompt_logprobs: int | None = None  # the same for every prompt token (from the prefill)
+    # Output constrained to JSON that matches this schema ({"type": "object"}: any object),
+    # by a grammar engine's token mask (``engine/grammar.py``).
+    json_schema: Mapping[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -60,6 +77,60 @@ class SamplingParams:
             )
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             raise SamplingError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        self._check_processors()
+
+    def _check_processors(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SamplingError(f"{name} must be a number, got {value!r}")
+            if not -2.0 <= value <= 2.0:
+                raise SamplingError(f"{name} must be in [-2, 2], got {value!r}")
+        rep = self.repetition_penalty
+        if isinstance(rep, bool) or not isinstance(rep, (int, float)) or not 0.01 <= rep <= 10:
+            raise SamplingError(f"repetition_penalty must be in [0.01, 10] (1 = off), got {rep!r}")
+        bias = self.logit_bias
+        pairs = tuple(bias.items()) if isinstance(bias, Mapping) else tuple(bias)
+        for token, value in pairs:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise SamplingError(f"logit_bias keys must be token ids >= 0, got {token!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SamplingError(f"logit_bias values must be numbers, got {value!r}")
+            if not -100 <= value <= 100:
+                raise SamplingError(f"logit_bias values must be in [-100, 100], got {value!r}")
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(v)) for t, v in pairs))
+        m = self.min_tokens
+        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= self.max_tokens:
+            raise SamplingError(
+                f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {m!r}"
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20
+            ):
+                raise SamplingError(f"{name} must be an integer in [0, 20] or None, got {value!r}")
+        if self.json_schema is not None:
+            if not isinstance(self.json_schema, Mapping):
+                raise SamplingError(
+                    f"json_schema must be a JSON schema object, got {type(self.json_schema)}"
+                )
+            try:
+                json.dumps(self.json_schema)
+            except (TypeError, ValueError) as err:
+                raise SamplingError(f"json_schema is not JSON: {err}") from err
+
+    @property
+    def processed(self) -> bool:
+        """Whether logits are reshaped before sampling (``engine/logits.py``)."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.min_tokens
+            or self.json_schema is not None
+        )
 
     @property
     def greedy(self) -> bool:
@@ -130,6 +201,7 @@ def _pick(
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
         drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        drop[0] = False  # a top_p under fp32's smallest value (5e-324) must not drop all
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator)[0]

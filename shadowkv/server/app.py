@@ -1,69 +1,82 @@
 """The OpenAI-compatible HTTP API: bodies to ``SamplingParams``, engine events back to clients.
 
 Routes: ``/v1/completions``, ``/v1/chat/completions`` (SSE streaming or one JSON answer),
-``/v1/models``, ``/health``, ``/metrics`` (Prometheus text). With an API key, every ``/v1`` route
-wants ``Authorization: Bearer <key>``. Errors are OpenAI-shaped JSON with a 4xx status for
-anything the client can fix.
+``/v1/models``, ``/v1/models/{id}``, ``/tokenize``, ``/detokenize``, ``/version``, ``/health``,
+``/metrics`` (Prometheus text). With an API key, the ``/v1`` routes and ``/tokenize`` /
+``/detokenize`` want ``Authorization: Bearer <key>``, checked before the body is read. Errors are
+OpenAI-shaped JSON with a 4xx status for anything the client can fix. How a body becomes a
+request is in ``server/requests.py``; the OpenAPI document in ``server/openapi.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from shadowkv.cache.base import CacheCapacityError, CacheOptionsError
-from shadowkv.engine.engine import ContextLengthError, PromptError
-from shadowkv.engine.sampling import SamplingError
-from shadowkv.errors import USER_ERRORS
-from shadowkv.server.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    SamplingFields,
-    Usage,
-    chat_body,
-    chat_chunk,
-    completion_body,
-    new_id,
+import shadowkv
+from shadowkv.server import metrics as prom
+from shadowkv.server.body import DEFAULT_MAX_BODY_BYTES, read_json, validate
+from shadowkv.server.openapi import install_openapi, route_docs
+from shadowkv.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, Strict
+from shadowkv.server.requests import (
+    ClientGone,
+    Served,
+    chat_request,
+    completion_request,
+    run_chat,
+    run_completion,
+    to_api_error,
+)
+from shadowkv.server.responses import (
+    DetokenizeResponse,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+    TokenizeResponse,
+    VersionResponse,
     now,
 )
-from shadowkv.server.worker import (
-    Delta,
-    EngineFailure,
-    EngineWorker,
-    Event,
-    Failed,
-    Finished,
-    Handle,
-    WorkerStats,
-    WorkerStopped,
-)
+from shadowkv.server.worker import EngineWorker
 
 if TYPE_CHECKING:
     from shadowkv.llm import LLM
 
 log = logging.getLogger("shadowkv.server")
 
-DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming handler checks that its client is there
+DEFAULT_MAX_TOKENS = 1024  # a request that names no max_tokens generates at most this many
 
 
-class ClientGone(Exception):
-    """The client closed the connection before its answer was ready."""
+class TokenizeRequest(Strict):
+    """Text (with or without special tokens) or chat messages, as the endpoints would."""
+
+    prompt: str | None = None
+    messages: list[Any] | None = None
+    tools: list[Any] | None = None
+    add_special_tokens: bool = True
 
 
-def create_app(llm: LLM, model_name: str, api_key: str | None = None) -> FastAPI:
+class DetokenizeRequest(Strict):
+    tokens: list[int]
+
+
+def create_app(
+    llm: LLM,
+    model_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> FastAPI:
     """An app serving ``llm`` as ``model_name``; its engine thread runs while the app is up."""
     worker = EngineWorker(llm.engine)
+    registry = prom.metrics_registry(worker)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -73,7 +86,11 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None) -> FastAPI
         finally:
             await asyncio.to_thread(worker.stop)
 
-    app = FastAPI(title="shadowkv", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="shadowkv", version=shadowkv.__version__, lifespan=lifespan, docs_url=None,
+        redoc_url=None,
+    )
+    served = Served(llm, worker, model_name, default_max_tokens)
     app.state.worker = worker
     app.state.llm = llm
     _add_error_handlers(app)
@@ -83,7 +100,9 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None) -> FastAPI
             return
         sent = request.headers.get("authorization", "")
         scheme, _, token = sent.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), api_key):
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            token.strip().encode(), api_key.encode()
+        ):
             raise APIError(
                 401,
                 "invalid or missing API key; send the header 'Authorization: Bearer <key>'",
@@ -91,246 +110,93 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None) -> FastAPI
                 code="invalid_api_key",
             )
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+    keyed = [Depends(check_key)]
+    v1 = APIRouter(prefix="/v1", dependencies=keyed)
+    secured = api_key is not None
 
-    def check_model(body: SamplingFields) -> None:
-        if body.model not in (None, model_name):
-            raise APIError(
-                404,
-                f"the model {body.model!r} does not exist; this server serves "
-                f"{model_name!r} (see /v1/models)",
-                param="model",
-                code="model_not_found",
-            )
-        body.check_supported()
+    async def body_of(request: Request, model: type[Any]) -> Any:
+        return validate(model, await read_json(request, max_body_bytes))
 
-    async def submit(
-        request: Request, body: SamplingFields, ids: list[int], max_tokens: int | None, param: str
-    ) -> tuple[Handle, Event]:
-        """Queue a request and wait for its first event (a non-streamed one: its answer).
+    @v1.post("/completions", **route_docs(CompletionRequest, "completion", secured))
+    async def completions(request: Request) -> Any:
+        body = await body_of(request, CompletionRequest)
+        return await run_completion(served, request, await completion_request(served, body))
 
-        Waiting before answering lets errors found at admission still get a 4xx status.
-        """
-        room = llm.max_model_len - len(ids)
-        try:
-            params = body.sampling_params(max_tokens if max_tokens is not None else max(1, room))
-            options = body.cache_options()
-            handle = worker.submit(ids, params, stream=bool(body.stream), cache_options=options)
-        except USER_ERRORS as err:
-            raise to_api_error(err, param) from err
-        first = await next_event(handle, request, worker)
-        if isinstance(first, Failed):
-            handle.closed = True
-            raise to_api_error(first.error, param) from first.error
-        return handle, first
+    @v1.post("/chat/completions", **route_docs(ChatCompletionRequest, "chat", secured))
+    async def chat_completions(request: Request) -> Any:
+        body = await body_of(request, ChatCompletionRequest)
+        return await run_chat(served, request, await chat_request(served, body))
 
-    @v1.post("/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Any:
-        check_model(body)
-        prompt = body.single_prompt()
-        ids = (
-            prompt
-            if isinstance(prompt, list)
-            else await asyncio.to_thread(llm.tokenizer.encode, prompt)
-        )
-        handle, first = await submit(request, body, ids, body.max_tokens, "prompt")
-        rid, created = new_id("cmpl"), now()
-
-        def chunk(text: str, finish: str | None, usage: Usage | None = None) -> dict[str, Any]:
-            body_ = completion_body(rid, model_name, text, finish, usage, created)
-            if usage is not None and finish is None:
-                body_["choices"] = []
-            return body_
-
-        if body.stream:
-            return sse(stream_events(handle, first, worker, chunk, body.include_usage, None))
-        done = collect(handle, first)
-        return completion_body(
-            rid,
-            model_name,
-            done.text,
-            done.finish_reason,
-            Usage.of(done.prompt_tokens, done.completion_tokens),
-            created,
+    def card() -> ModelCard:
+        return ModelCard(
+            id=model_name, created=now(), owned_by="shadowkv", max_model_len=llm.max_model_len,
+            cache_method=llm.cache_config.method,
         )
 
-    @v1.post("/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        check_model(body)
-        try:
-            ids = await asyncio.to_thread(llm.tokenizer.chat_ids, body.chat_messages())
-        except ValueError as err:  # no chat template, or the template refused the messages
-            raise APIError(400, str(err), param="messages") from err
-        max_tokens = (
-            body.max_completion_tokens
-            if body.max_completion_tokens is not None
-            else body.max_tokens
-        )
-        handle, first = await submit(request, body, ids, max_tokens, "messages")
-        rid, created = new_id("chatcmpl"), now()
-
-        def chunk(text: str, finish: str | None, usage: Usage | None = None) -> dict[str, Any]:
-            delta = {"content": text} if text else {}
-            return chat_chunk(rid, model_name, delta, finish, created, usage)
-
-        if body.stream:
-            opening = chat_chunk(
-                rid, model_name, {"role": "assistant", "content": ""}, None, created
-            )
-            return sse(stream_events(handle, first, worker, chunk, body.include_usage, opening))
-        done = collect(handle, first)
-        return chat_body(
-            rid,
-            model_name,
-            done.text,
-            done.finish_reason,
-            Usage.of(done.prompt_tokens, done.completion_tokens),
-            created,
-        )
-
-    @v1.get("/models")
+    @v1.get("/models", **route_docs(None, ModelList, secured))
     async def models() -> dict[str, Any]:
-        card = {
-            "id": model_name,
-            "object": "model",
-            "created": now(),
-            "owned_by": "shadowkv",
-            "max_model_len": llm.max_model_len,
-            "cache_method": llm.cache_config.method,
-        }
-        return {"object": "list", "data": [card]}
+        return ModelList(data=[card()]).model_dump()
+
+    @v1.get("/models/{model_id:path}", **route_docs(None, ModelCard, secured, not_found=True))
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != model_name:
+            raise served.unknown_model(model_id)
+        return card().model_dump()
 
     app.include_router(v1)
+    extra = APIRouter(dependencies=keyed)
 
-    @app.get("/health")
+    @extra.post("/tokenize", **route_docs(TokenizeRequest, TokenizeResponse, secured))
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body = await body_of(request, TokenizeRequest)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send either prompt or messages", param="prompt",
+                           code="invalid_value")
+        if body.prompt is not None:
+            ids = await served.encode(body.prompt, body.add_special_tokens, limit=False)
+        else:
+            chat = validate(
+                ChatCompletionRequest, {"messages": body.messages, "tools": body.tools}
+            )
+            ids, _ = await served.chat_prompt(chat)
+        return TokenizeResponse(
+            tokens=ids, count=len(ids), max_model_len=llm.max_model_len
+        ).model_dump()
+
+    @extra.post("/detokenize", **route_docs(DetokenizeRequest, DetokenizeResponse, secured))
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body = await body_of(request, DetokenizeRequest)
+        vocab = llm.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens",
+                           code="invalid_value")
+        text = await asyncio.to_thread(llm.tokenizer.decode, body.tokens, False)
+        return DetokenizeResponse(prompt=text).model_dump()
+
+    app.include_router(extra)
+
+    @app.get("/version", **route_docs(None, VersionResponse, False))
+    async def version() -> dict[str, str]:
+        return {"version": shadowkv.__version__}
+
+    @app.get("/health", **route_docs(None, HealthResponse, False, unavailable=True))
     async def health() -> JSONResponse:
         ok = worker.alive
         return JSONResponse(
             {"status": "ok" if ok else "engine thread stopped"}, status_code=200 if ok else 503
         )
 
-    @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(
-            render_metrics(worker.stats(), worker.rejected), media_type="text/plain; version=0.0.4"
-        )
+    @app.get("/metrics", **route_docs(None, "metrics", False))
+    async def metrics() -> Response:
+        return Response(prom.render(registry), media_type=prom.CONTENT_TYPE)
 
+    install_openapi(app, secured)
     return app
-
-
-async def next_event(handle: Handle, request: Request, worker: EngineWorker) -> Event:
-    """The handle's next event; aborts the request and raises ``ClientGone`` if the client left.
-
-    Streams only wait here for their first event; after that Starlette cancels them on disconnect.
-    """
-    while True:
-        try:
-            return await asyncio.wait_for(handle.events.get(), DISCONNECT_POLL_S)
-        except TimeoutError:
-            if await request.is_disconnected():
-                worker.abort(handle)
-                raise ClientGone from None
-
-
-def collect(handle: Handle, event: Event) -> Finished:
-    """The answer of a non-streamed request, whose only event is the last one."""
-    handle.closed = True
-    if isinstance(event, Failed):
-        raise to_api_error(event.error, None) from event.error
-    if not isinstance(event, Finished):
-        raise RuntimeError(f"a non-streamed request got {type(event).__name__} before its end")
-    return event
-
-
-Chunk = Callable[..., dict[str, Any]]
-
-
-async def stream_events(
-    handle: Handle,
-    event: Event,
-    worker: EngineWorker,
-    chunk: Chunk,
-    include_usage: bool,
-    opening: dict[str, Any] | None,
-) -> AsyncIterator[str]:
-    """Server-sent events for one request; a closed connection aborts it (Starlette cancels us)."""
-    try:
-        if opening is not None:
-            yield _sse(opening)
-        while True:
-            if isinstance(event, Delta):
-                yield _sse(chunk(event.text, None))
-            elif isinstance(event, Finished):
-                handle.closed = True
-                if event.tail:
-                    yield _sse(chunk(event.tail, None))
-                yield _sse(chunk("", event.finish_reason))
-                if include_usage:
-                    yield _sse(
-                        chunk("", None, Usage.of(event.prompt_tokens, event.completion_tokens))
-                    )
-                break
-            else:
-                handle.closed = True
-                yield _sse(to_api_error(event.error, None).body())
-                break
-            event = await handle.events.get()
-        yield "data: [DONE]\n\n"
-    finally:
-        if not handle.closed:
-            worker.abort(handle)
-
-
-def sse(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(
-        events,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
-
-
-def _sse(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-
-def to_api_error(err: Exception, param: str | None) -> APIError:
-    """The HTTP answer for an exception: 4xx for what the client can fix, 5xx otherwise."""
-    if isinstance(err, APIError):
-        return err
-    msg = str(err)
-    if isinstance(err, ContextLengthError):
-        return APIError(400, msg, param=param, code="context_length_exceeded")
-    if isinstance(err, CacheCapacityError):
-        return APIError(400, msg, param="max_tokens", code="cache_capacity_exceeded")
-    if isinstance(err, SamplingError):
-        # SamplingParams messages start with the offending field's name.
-        return APIError(400, msg, param=msg.split(" ", 1)[0], code="invalid_parameter")
-    if isinstance(err, PromptError):
-        return APIError(400, msg, param=param, code="invalid_prompt")
-    if isinstance(err, CacheOptionsError):
-        return APIError(400, msg, param="cache", code="invalid_parameter")
-    if isinstance(err, USER_ERRORS):
-        return APIError(400, msg, param=param)
-    if isinstance(err, WorkerStopped):
-        return APIError(503, msg, type="server_error", code="unavailable")
-    if isinstance(err, EngineFailure):
-        return APIError(500, msg, type="server_error", code="engine_failure")
-    return APIError(500, f"internal error: {type(err).__name__}", type="server_error")
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, err: APIError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status)
-
-    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {}
-        if first.get("type") == "json_invalid":
-            detail = first.get("ctx", {}).get("error", "")
-            message = f"the request body is not valid JSON: {detail}".strip()
-            return await api_error(request, APIError(400, message, code="invalid_json"))
-        name = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        message = f"{name + ': ' if name else ''}{first.get('msg', 'invalid request')}"
-        return await api_error(request, APIError(400, message, param=name, code="invalid_value"))
 
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
         return await api_error(request, APIError(err.status_code, str(err.detail), code=None))
@@ -343,65 +209,6 @@ def _add_error_handlers(app: FastAPI) -> None:
         return await api_error(request, to_api_error(err, None))
 
     app.add_exception_handler(APIError, api_error)  # type: ignore[arg-type]
-    app.add_exception_handler(RequestValidationError, invalid)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, http_error)  # type: ignore[arg-type]
     app.add_exception_handler(ClientGone, client_gone)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, unexpected)
-
-
-def render_metrics(stats: WorkerStats, rejected: int) -> str:
-    """Prometheus text exposition of the engine's counters and gauges."""
-    rows = [
-        ("queue_length", "gauge", "Requests waiting for admission.", stats.queued),
-        ("running_requests", "gauge", "Sequences in the running decode batch.", stats.running),
-        (
-            "generated_tokens_total",
-            "counter",
-            "Tokens generated since start.",
-            stats.generated_tokens,
-        ),
-        (
-            "prompt_tokens_total",
-            "counter",
-            "Prompt tokens admitted since start.",
-            stats.prompt_tokens,
-        ),
-        (
-            "generation_tokens_per_second",
-            "gauge",
-            "Generated tokens per second, recent window.",
-            round(stats.tokens_per_s, 3),
-        ),
-        (
-            "cache_device_bytes",
-            "gauge",
-            "Attention-cache bytes held on the compute device.",
-            stats.cache_device_bytes,
-        ),
-        (
-            "cache_host_bytes",
-            "gauge",
-            "Attention-cache bytes held in host memory.",
-            stats.cache_host_bytes,
-        ),
-        ("engine_steps_total", "counter", "Engine steps (prefills and decode steps).", stats.steps),
-    ]
-    lines: list[str] = []
-    for name, kind, help_text, value in rows:
-        lines += [
-            f"# HELP shadowkv_{name} {help_text}",
-            f"# TYPE shadowkv_{name} {kind}",
-            f"shadowkv_{name} {value}",
-        ]
-    lines += [
-        "# HELP shadowkv_requests_total Requests by outcome.",
-        "# TYPE shadowkv_requests_total counter",
-    ]
-    outcomes = {
-        "finished": stats.finished,
-        "aborted": stats.aborted,
-        "failed": stats.failed,
-        "rejected": rejected,
-    }
-    lines += [f'shadowkv_requests_total{{outcome="{k}"}} {v}' for k, v in outcomes.items()]
-    return "\n".join(lines) + "\n"

@@ -14,11 +14,12 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shadowkv.cache.base import CacheCapacityError, CacheMemory, CacheOptions
 from shadowkv.engine.engine import ContextLengthError, Engine, PromptError, StepOutput
-from shadowkv.engine.request import Request
+from shadowkv.engine.request import Logprob, Request
 from shadowkv.engine.sampling import SamplingParams
 from shadowkv.errors import USER_ERRORS
 
@@ -35,23 +36,34 @@ class WorkerStopped(RuntimeError):
 
 @dataclass(frozen=True)
 class Delta:
+    """New text of sample ``index``, with the logprobs of the tokens since the last delta."""
+
     text: str
+    logprobs: tuple[Logprob, ...] = ()
+    index: int = 0
+    token_ids: tuple[int, ...] = ()  # the tokens since the last delta
 
 
 @dataclass(frozen=True)
 class Finished:
-    """A request's last event: ``tail`` is the text not yet streamed, ``text`` all of it."""
+    """A request's last event: ``tail`` is the text not yet streamed, ``text`` all of it;
+    ``logprobs`` those not yet streamed (all of them for a request that is not streamed)."""
 
     tail: str
     text: str
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[Logprob, ...] = ()
+    prompt_logprobs: tuple[Logprob | None, ...] | None = None
+    index: int = 0
 
 
 @dataclass(frozen=True)
 class Failed:
     error: Exception
+    index: int = 0
 
 
 Event = Delta | Finished | Failed
@@ -67,15 +79,22 @@ class Handle:
         stream: bool,
         loop: asyncio.AbstractEventLoop,
         cache_options: CacheOptions | None = None,
+        index: int = 0,
+        events: asyncio.Queue[Event] | None = None,
     ) -> None:
         self.prompt_ids = prompt_ids
         self.params = params
         self.cache_options = cache_options
         self.stream = stream  # False: only the last event is sent (``Finished`` holds all the text)
         self.loop = loop
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.index = index  # which sample of its group; events carry it
+        # Samples of one prompt share one queue: a handler reads one stream of tagged events.
+        self.events: asyncio.Queue[Event] = events if events is not None else asyncio.Queue()
+        self.group: list[Handle] = [self]
         self.closed = False  # set by the handler once it has read the last event
         self.request: Request | None = None  # set and read by the engine thread only
+        self.sent_logprobs = 0  # engine thread: logprobs already delivered in deltas
+        self.sent_tokens = 0  # engine thread: output tokens already delivered in deltas
 
 
 @dataclass(frozen=True)
@@ -93,6 +112,9 @@ class WorkerStats:
     aborted: int = 0
     failed: int = 0
     steps: int = 0
+    prefill_tokens: int = 0
+    forked_samples: int = 0
+    replayed_samples: int = 0
 
 
 _STOP = object()
@@ -152,33 +174,56 @@ class EngineWorker:
     def submit(
         self,
         prompt_ids: list[int],
-        params: SamplingParams,
+        params: SamplingParams | Sequence[SamplingParams],
         stream: bool = True,
         cache_options: CacheOptions | None = None,
-    ) -> Handle:
-        """Queue a request, or raise a user error now if it could never be served.
+        events: asyncio.Queue[Event] | None = None,
+        first_index: int = 0,
+    ) -> list[Handle]:
+        """Queue a request (several ``params``: samples of one prompt sharing its prefill, one
+        handle each), or raise a user error now if it could never be served. The handles'
+        events go to one queue (``events``, or a new one), tagged ``first_index + i``.
 
         Must be called from a running event loop: its events are delivered to that loop.
         """
+        plist = [params] if isinstance(params, SamplingParams) else list(params)
         try:
-            self._check_admissible(prompt_ids, params, cache_options)
+            for p in plist:
+                self._check_admissible(prompt_ids, p, cache_options, len(plist))
         except USER_ERRORS:
             self.rejected += 1
             raise
         if not self.alive:
             raise WorkerStopped("the engine thread is not running")
-        handle = Handle(list(prompt_ids), params, stream, asyncio.get_running_loop(), cache_options)
-        self._inbox.put(("add", handle))
-        return handle
+        loop = asyncio.get_running_loop()
+        queue_ = events if events is not None else asyncio.Queue()
+        group = [
+            Handle(list(prompt_ids), p, stream, loop, cache_options, first_index + i, queue_)
+            for i, p in enumerate(plist)
+        ]
+        for h in group:
+            h.group = group
+        self._inbox.put(("add", group[0]))
+        return group
 
     def abort(self, handle: Handle) -> None:
-        """Stop generating for ``handle`` and free its cache memory (a no-op once it finished)."""
+        """Stop generating for ``handle``'s group and free its cache memory (a no-op for what
+        has finished)."""
         self._inbox.put(("abort", handle))
 
     def _check_admissible(
-        self, prompt_ids: list[int], params: SamplingParams, options: CacheOptions | None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        options: CacheOptions | None,
+        samples: int = 1,
     ) -> None:
         n, limit = len(prompt_ids), self.engine.max_model_len
+        if samples > self.engine.cfg.max_num_seqs:
+            raise CacheCapacityError(
+                f"n={samples} samples need {samples} sequence slots; this server decodes at "
+                f"most {self.engine.cfg.max_num_seqs} sequences at once (--max-num-seqs)"
+            )
         if options is not None:
             self.engine.cache.check_options(options)  # reads the method's settings only
         if n == 0:
@@ -241,23 +286,33 @@ class EngineWorker:
             return cmds
 
     def _admit(self, handle: Handle) -> None:
+        group = handle.group
         try:
-            handle.request = self.engine.add_request(
-                handle.prompt_ids, handle.params, cache_options=handle.cache_options
+            reqs = self.engine.add_requests(
+                handle.prompt_ids, [h.params for h in group], cache_options=handle.cache_options
             )
-        except USER_ERRORS as err:
-            self._deliver(handle, Failed(err))
+        except Exception as err:  # noqa: BLE001 - a refused request must not stop the thread
+            if not isinstance(err, USER_ERRORS):
+                log.exception("admitting a request failed")
+                err = EngineFailure(f"admitting the request failed: {type(err).__name__}: {err}")
+            for h in group:
+                self._deliver(h, Failed(err, h.index))
             return
-        self._active[handle.request.request_id] = handle
+        for h, req in zip(group, reqs):
+            h.request = req
+            self._active[req.request_id] = h
         self._counts["prompt"] += len(handle.prompt_ids)
 
     def _abort(self, handle: Handle) -> None:
-        req = handle.request
-        if req is None or req.finish_reason is not None:
-            return
-        self.engine.abort(req.request_id)
-        self._active.pop(req.request_id, None)
-        self._counts["aborted"] += 1
+        for h in handle.group:
+            req = h.request
+            if req is None or req.finish_reason is not None:
+                continue
+            self.engine.abort(req.request_id)
+            self._counts["aborted"] += 1
+        for h in handle.group:
+            if h.request is not None:
+                self._active.pop(h.request.request_id, None)
 
     def _step(self) -> None:
         try:
@@ -270,10 +325,12 @@ class EngineWorker:
             # cannot answer ``fits_empty`` up front land here). Refuse it and go on.
             head = self.engine.waiting[0]
             self.engine.abort(head.request_id)
-            handle = self._active.pop(head.request_id, None)
-            self._counts["failed"] += 1
-            if handle is not None:
-                self._deliver(handle, Failed(err))
+            handle = self._active.get(head.request_id)
+            for h in handle.group if handle is not None else ():
+                if h.request is not None:
+                    self._active.pop(h.request.request_id, None)
+                self._counts["failed"] += 1
+                self._deliver(h, Failed(err, h.index))
             return
         except Exception as err:  # noqa: BLE001 - any engine bug must fail requests, not the thread
             self._crash(err)
@@ -296,12 +353,18 @@ class EngineWorker:
             self._active.pop(req.request_id, None)
             self._counts["finished"] += 1
             reason = req.finish_reason or "stop"
+            plp = req.prompt_logprobs
             done = Finished(
-                out.text_delta, req.text, reason, len(req.prompt_ids), len(req.output_ids)
+                out.text_delta, req.text, reason, len(req.prompt_ids), len(req.output_ids),
+                tuple(req.output_ids), tuple(req.logprobs[handle.sent_logprobs :]),
+                None if plp is None else tuple(plp), handle.index,
             )
             self._deliver(handle, done)
         elif handle.stream and out.text_delta:
-            self._deliver(handle, Delta(out.text_delta))
+            new = tuple(req.logprobs[handle.sent_logprobs :])
+            tokens = tuple(req.output_ids[handle.sent_tokens :])
+            handle.sent_logprobs, handle.sent_tokens = len(req.logprobs), len(req.output_ids)
+            self._deliver(handle, Delta(out.text_delta, new, handle.index, tokens))
 
     def _crash(self, err: Exception) -> None:
         log.error("engine step failed; failing %d requests", len(self._active), exc_info=err)
@@ -313,14 +376,15 @@ class EngineWorker:
                 self.engine.abort(rid)
             except Exception:  # noqa: BLE001 - a broken engine must not keep clients waiting
                 log.exception("aborting request %d failed", rid)
-            self._deliver(handle, Failed(err))
+            self._deliver(handle, Failed(err, handle.index))
             self._counts["failed"] += 1
         self._active.clear()
 
     def _refuse(self, cmds: list[object], err: Exception) -> None:
         for cmd in cmds:
             if cmd is not _STOP and cmd[0] == "add":  # type: ignore[index]
-                self._deliver(cmd[1], Failed(err))  # type: ignore[index]
+                for h in cmd[1].group:  # type: ignore[index]
+                    self._deliver(h, Failed(err, h.index))
 
     def _deliver(self, handle: Handle, event: Event) -> None:
         self._outbox.append((handle, event))
@@ -358,4 +422,5 @@ class EngineWorker:
             aborted=c["aborted"],
             failed=c["failed"],
             steps=c["steps"],
+            **self.engine.counters,
         )
