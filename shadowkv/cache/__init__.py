@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -12,7 +11,8 @@ from shadowkv.cache.base import AttentionCache, CacheCapacityError, CacheMemory,
 from shadowkv.cache.dense import DenseCache
 from shadowkv.cache.layered import LayeredCache
 from shadowkv.cache.layout import AttentionSpec, KVLayout
-from shadowkv.cache.methods import CacheConfig, get_method
+from shadowkv.cache.methods import CacheConfig, DenseConfig, get_method
+from shadowkv.cache.window import WindowCache
 from shadowkv.kernels.rope.tables import RopeTables
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "CacheOptions",
     "DenseCache",
     "LayeredCache",
+    "WindowCache",
     "build_cache",
     "make_cache",
 ]
@@ -57,32 +58,41 @@ def make_cache(
 ) -> AttentionCache | LayeredCache:
     """The cache serving a model whose layer ``i`` attends as ``specs[i]``.
 
-    Layers with equal specs share one cache; a model with several kinds of layers gets a
-    ``LayeredCache`` with the device budget split by each group's share of the KV bytes. No
-    cache attends within a sliding window yet: windowed layers attend their full context (with
-    a warning, since their outputs then differ past the window from the checkpoint's training).
+    Layers with equal specs share one cache. Sliding-window layers get a ``WindowCache`` (exact
+    attention over the window, in a per-sequence ring) whatever ``cfg`` asks for; the method
+    serves the global layers, with the RoPE tables their ``rope_key`` names. A window as long as
+    the context is no window. A model with several kinds of layers gets a ``LayeredCache``, the
+    device budget split so that every group holds the same number of full-context sequences at
+    dense cost: a group's weight is its KV bytes per token times the tokens it keeps of one
+    (``max_model_len``, or the window). With ShadowKV the global groups then hold more such
+    sequences than the window groups; the window groups decide the batch.
     """
-    windows = sorted({s.sliding_window for s in specs if s.sliding_window})
-    if windows:
-        warnings.warn(
-            f"the model declares a sliding window of {', '.join(map(str, windows))} tokens; "
-            "shadowkv attends to the full context, so outputs past the window differ from "
-            "windowed attention",
-            stacklevel=2,
-        )
-        specs = [replace(s, sliding_window=None) for s in specs]
+    specs = [
+        replace(s, sliding_window=None)
+        if s.sliding_window is not None and s.sliding_window >= max_model_len
+        else s
+        for s in specs
+    ]
     groups: dict[AttentionSpec, list[int]] = {}
     for layer, spec in enumerate(specs):
         groups.setdefault(spec, []).append(layer)
 
     def build(spec: AttentionSpec, layers: list[int], budget: int) -> AttentionCache:
         layout = KVLayout(spec, len(layers), dtype)
-        return build_cache(cfg, layout, rope, device, max_num_seqs, max_model_len, budget)
+        if spec.sliding_window is not None:
+            window_cfg = DenseConfig(page_size=cfg.page_size)
+            return WindowCache(window_cfg, layout, device, max_num_seqs, max_model_len, budget)
+        tables = rope.table(spec.rope_key) if rope is not None else None
+        return build_cache(cfg, layout, tables, device, max_num_seqs, max_model_len, budget)
 
     if len(groups) == 1:
         ((spec, layers),) = groups.items()
         return build(spec, layers, memory_bytes)
-    weight = {spec: spec.kv_dim * len(layers) for spec, layers in groups.items()}
+
+    def kept(spec: AttentionSpec) -> int:
+        return min(spec.sliding_window or max_model_len, max_model_len)
+
+    weight = {spec: spec.kv_dim * len(layers) * kept(spec) for spec, layers in groups.items()}
     total = sum(weight.values())
     return LayeredCache(
         [
