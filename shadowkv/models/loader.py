@@ -54,6 +54,10 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     name = str(model) if model is not None else DEFAULT_MODEL
     if name in (DEFAULT_MODEL, "smollm2-135m"):
         return gguf_to_hf_dir(_package_file(*_SMOLLM2))
+    from shadowkv.models import offline  # it imports this module
+
+    if name in offline.PACKAGED:  # GGUF files split over packages (scripts/requirements-*.txt)
+        return gguf_to_hf_dir(offline.packaged_gguf(offline.PACKAGED[name]))
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return gguf_to_hf_dir(path)
