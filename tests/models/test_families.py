@@ -85,12 +85,13 @@ def test_family_matches_hf(tiny_checkpoint, family: str, kw: dict) -> None:
 
 
 def dense_logits(model: LlamaModel, rope, ids: torch.Tensor, prompt_len: int,
-                 cache_cfg: CacheConfig | None = None, caches: list | None = None) -> torch.Tensor:
+                 cache_cfg: CacheConfig | None = None, caches: list | None = None,
+                 memory: int = 2**23) -> torch.Tensor:
     """Logits ``[T, V]``: prefill of ``prompt_len`` tokens, then one decode step per token
     (teacher forcing), through the caches ``make_cache`` builds for the model (appended to
     ``caches``)."""
     cache = make_cache(model.attention_specs(), cache_cfg or DenseConfig(), rope, CPU,
-                       torch.float32, 1, rope.max_position, 2**23)
+                       torch.float32, 1, rope.max_position, memory)
     if caches is not None:
         caches.append(cache)
     cache.add_sequence(0, prompt_len, len(ids) - prompt_len)
