@@ -115,3 +115,28 @@ def test_ring_holds_the_window_and_takes_any_request_option() -> None:
     assert len(ring.seqs[0].pages["blocks"]) == 1  # 12 rows fit one 16-row block
     cache.free_sequence(0)
     assert ring.blocks.num_used == 0
+
+
+@pytest.mark.parametrize(
+    "method",
+    [DenseConfig(), ShadowKVConfig(sparse_budget=64, outlier_chunks=2, local_chunks=2)],
+    ids=["dense", "shadowkv"],
+)
+def test_budget_split_lets_window_and_global_layers_hold_alike_batches(method) -> None:
+    """5 sliding layers and 1 global one: the budget is split by what a full-context sequence
+    costs each group under the method, so neither group caps the batch far below the other
+    (ShadowKV's global layer costs far less per sequence than dense's)."""
+    from shadowkv.bench.harness import max_batch
+
+    # Keys of 256 columns at rank 64: ShadowKV's global layer costs ~1/6 of dense's.
+    cfg = replace(gemma_like(num_layers=6), num_kv_heads=4, head_dim=64)
+    model = random_model(cfg, CPU, torch.float32)
+    rope = model.rope_tables(2048, CPU)
+    cache = make_cache(model.attention_specs(), method, rope, CPU, torch.float32, 128, 2048,
+                       2**26)
+    window, glob = cache.parts
+    assert isinstance(window, WindowCache) and window.num_layers == 5
+    # The sequence the split plans for: a full context less a 512-token answer.
+    a, b = (max_batch(part, 1536, 500, 128) for part in (window, glob))
+    assert 4 <= min(a, b) and max(a, b) <= 1.25 * min(a, b), (a, b)
+    assert max_batch(cache, 1536, 500, 128) == min(a, b)
