@@ -21,8 +21,14 @@ from .test_parity import hf_logits
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 # ShadowKV scaled to these contexts (the paper's knobs are for 128K and 1024-column keys):
-# 512-token budget, 16 outlier chunks, the default rank (64 of 256 key columns).
-SHADOW = ShadowKVConfig(sparse_budget=512, outlier_chunks=16)
+# 512-token budget, 16 outlier chunks, rank 128 of the 256 key columns (the small-model default,
+# 64, loses the 16K passkey: benchmarks/RESULTS.md).
+SHADOW = ShadowKVConfig(sparse_budget=512, outlier_chunks=16, rank=0.5)
+# The base 270M model finds the needle in PG essays at 4K and 8K but not at 16K (dense either);
+# there the classic repeated filler.
+FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+) * 2000
 MAX_LEN = 16384 + 256
 
 
@@ -45,10 +51,14 @@ def test_gemma3_270m_matches_transformers_past_the_window(gemma: LLM) -> None:
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
-@pytest.mark.parametrize("length", [4096, 8192, 16384])
-def test_gemma3_270m_passkey_shadowkv_as_dense(gemma: LLM, pg_essays: Path, length: int) -> None:
-    """One prefill recorded and replayed into both caches; greedy answers compared."""
-    prompt = passkey_prompt(read_essays(pg_essays), gemma.tokenizer, length)
+@pytest.mark.parametrize(("length", "haystack"), [(4096, "essays"), (8192, "essays"),
+                                                  (16384, "filler")])
+def test_gemma3_270m_passkey_shadowkv_as_dense(
+    gemma: LLM, pg_essays: Path, length: int, haystack: str
+) -> None:
+    """One prefill recorded and replayed into both caches; both greedy answers hold the key."""
+    corpus = read_essays(pg_essays) if haystack == "essays" else FILLER
+    prompt = passkey_prompt(corpus, gemma.tokenizer, length)
     ids = gemma.tokenizer.encode(prompt)
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     answers = {}
