@@ -16,8 +16,16 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "MistralForCausalLM": "mistral",
+    "Phi3ForCausalLM": "phi3",
+    "GlmForCausalLM": "glm",
+    "Glm4ForCausalLM": "glm4",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
 }
-
+# config.json ``model_type`` -> family, for configs written from GGUF metadata (no architectures).
+MODEL_TYPES = {**{f: f for f in SUPPORTED_ARCHITECTURES.values()}, "gemma3_text": "gemma3"}
+LAYER_TYPES = ("full_attention", "sliding_attention")  # ModelConfig.layer_types entries
+HIDDEN_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 class ConfigError(ValueError):
@@ -51,8 +59,8 @@ class RopeConfig:
     """Rotary embedding parameters as the checkpoint asks for them.
 
     ``kind`` names a frequency scaling registered in ``models/rope.py`` (default, linear,
-    dynamic, llama3, yarn). ``factor`` and the llama3/yarn fields are ignored by ``default``.
-    ``partial_rotary_factor`` < 1 rotates only the first dims of each head.
+    dynamic, llama3, yarn, longrope). ``factor`` and the llama3/yarn/longrope fields are ignored
+    by ``default``. ``partial_rotary_factor`` < 1 rotates only the first dims of each head.
     """
 
     theta: float = 10000.0
@@ -68,6 +76,8 @@ class RopeConfig:
     mscale_all_dim: float | None = None  # yarn
     truncate: bool = True  # yarn: round the correction range to whole dimensions
     partial_rotary_factor: float = 1.0
+    short_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors within the original
+    long_factor: tuple[float, ...] = ()  # longrope: ... and past it
 
     def __post_init__(self) -> None:
         from shadowkv.models.rope import ROPE_KINDS  # the registry; imported late (it imports us)
@@ -101,11 +111,14 @@ class RopeConfig:
         # the scaling names one (dynamic NTK always uses max_position_embeddings, as transformers
         # does). It must not default to the engine's length, which the user may change.
         checkpoint_len = cfg.get("max_position_embeddings")
-        original = merged.get("original_max_position_embeddings") or checkpoint_len
+        original = merged.get("original_max_position_embeddings")
+        if kind == "longrope":  # Phi-3 keeps it at the top level of config.json
+            original = original or cfg.get("original_max_position_embeddings")
+        original = original or checkpoint_len
         if kind == "dynamic":
             original = checkpoint_len or original
         factor = merged.get("factor")
-        if factor is None and kind == "yarn" and original and checkpoint_len:
+        if factor is None and kind in ("yarn", "longrope") and original and checkpoint_len:
             factor = checkpoint_len / original
         return RopeConfig(
             theta=theta,
@@ -123,12 +136,15 @@ class RopeConfig:
             partial_rotary_factor=float(
                 merged.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
             ),
+            short_factor=tuple(float(f) for f in merged.get("short_factor") or ()),
+            long_factor=tuple(float(f) for f in merged.get("long_factor") or ()),
         )
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a Llama-family decoder (Llama, Qwen2, Mistral)."""
+    """Shape of a decoder of the families shadowkv runs (``SUPPORTED_ARCHITECTURES``): the
+    Llama layout plus what each family adds (``models/llama.py`` reads every field)."""
 
     architecture: str
     vocab_size: int
@@ -142,13 +158,23 @@ class ModelConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2; Llama when asked)
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2, GLM; Llama when asked)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    output_bias: bool = False  # o_proj carries a bias (Llama with attention_bias)
+    output_bias: bool = False  # o_proj carries a bias (Llama/Qwen3 with attention_bias)
     mlp_bias: bool = False  # gate/up/down projections carry a bias (Llama with mlp_bias)
-    rope_style: str = "neox"  # how RoPE pairs dims (ROPE_STYLES); the Llama family: neox
+    rope_style: str = "neox"  # how RoPE pairs dims (ROPE_STYLES); GLM: interleaved
     sliding_window: int | None = None  # what the checkpoint declares (the caches decide)
+    # Per layer "full_attention" or "sliding_attention" (Gemma-3: 5 sliding, then 1 full);
+    # empty: every layer alike (windowed when sliding_window is set, as Mistral's).
+    layer_types: tuple[str, ...] = ()
+    local_rope: RopeConfig | None = None  # RoPE of the sliding layers when theirs differs
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3, Gemma-3)
+    sandwich_norms: bool = False  # attention and MLP outputs normed too (GLM-4, Gemma-3)
+    hidden_act: str = "silu"  # the MLP gate's activation: silu, or gelu_tanh (Gemma)
+    embed_scale: float | None = None  # embeddings are multiplied by it (Gemma: sqrt(hidden))
+    attn_scale: float | None = None  # softmax scale; None: 1/sqrt(head_dim)
+    final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap) (Gemma)
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES.values():
@@ -164,6 +190,16 @@ class ModelConfig:
             raise ConfigError(f"rope_style must be one of {ROPE_STYLES}, got {self.rope_style!r}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError("sliding_window must be >= 1 tokens (or None: global attention)")
+        if self.layer_types and (
+            len(self.layer_types) != self.num_layers
+            or any(t not in LAYER_TYPES for t in self.layer_types)
+        ):
+            raise ConfigError(
+                f"layer_types must give one of {LAYER_TYPES} for each of the {self.num_layers} "
+                f"layers, got {self.layer_types}"
+            )
+        if self.hidden_act not in set(HIDDEN_ACTS.values()):
+            raise ConfigError(f"hidden_act must be silu or gelu_tanh, got {self.hidden_act!r}")
 
     @property
     def group_size(self) -> int:
@@ -174,6 +210,12 @@ class ModelConfig:
     def kv_dim(self) -> int:
         """Columns of one token's keys over all KV heads (h_kv * d)."""
         return self.num_kv_heads * self.head_dim
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether ``layer`` attends within ``sliding_window`` (and rotates with ``local_rope``)."""
+        if self.sliding_window is None:
+            return False
+        return not self.layer_types or self.layer_types[layer] == "sliding_attention"
 
     @staticmethod
     def _unsupported(arch: str) -> str:
@@ -186,8 +228,8 @@ class ModelConfig:
         archs = cfg.get("architectures") or []
         known = [SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES]
         arch = known[0] if known else None
-        if arch is None and not archs and cfg.get("model_type") in SUPPORTED_ARCHITECTURES.values():
-            arch = cfg["model_type"]  # configs written from GGUF metadata carry only model_type
+        if arch is None and not archs and cfg.get("model_type") in MODEL_TYPES:
+            arch = MODEL_TYPES[cfg["model_type"]]  # configs written from GGUF metadata
         if arch is None:
             shown = archs[0] if archs else cfg.get("model_type", "<missing 'architectures'>")
             raise ConfigError(ModelConfig._unsupported(str(shown)))
@@ -195,12 +237,36 @@ class ModelConfig:
         hidden = int(cfg["hidden_size"])
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        act = cfg.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise ConfigError(f"hidden_act={act!r} is not supported; shadowkv's decoder uses SiLU")
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")
+        if act not in HIDDEN_ACTS:
+            raise ConfigError(
+                f"hidden_act={act!r} is not supported; shadowkv's decoder uses SiLU (or Gemma's "
+                "tanh GELU)"
+            )
+        if cfg.get("attn_logit_softcapping") is not None:
+            raise ConfigError(
+                "attn_logit_softcapping is not supported (shadowkv's attention kernels do not "
+                "soft-cap scores); no Gemma-3 checkpoint sets it"
+            )
         window = cfg.get("sliding_window")
-        if not cfg.get("use_sliding_window", arch == "mistral"):
+        if not cfg.get("use_sliding_window", arch in ("mistral", "phi3", "gemma3")):
             window = None
+        layer_types = tuple(cfg.get("layer_types") or ())
+        if arch == "gemma3" and not layer_types:  # transformers 4.x configs: a pattern
+            pattern = int(cfg.get("sliding_window_pattern", 6))
+            layer_types = tuple(
+                LAYER_TYPES[bool((i + 1) % pattern)] for i in range(int(cfg["num_hidden_layers"]))
+            )
+        rope, local_rope = RopeConfig.from_hf(cfg), None
+        params = cfg.get("rope_parameters") or {}
+        if "full_attention" in params:  # RoPE per layer type (Gemma-3 under transformers 5)
+            rope = RopeConfig.from_hf({**cfg, "rope_parameters": params["full_attention"]})
+            local = params.get("sliding_attention")
+            local_rope = RopeConfig.from_hf({**cfg, "rope_parameters": local}) if local else None
+        elif "rope_local_base_freq" in cfg:  # Gemma-3 under transformers 4.x
+            local_rope = RopeConfig(theta=float(cfg["rope_local_base_freq"]))
+        bias = bool(cfg.get("attention_bias"))
+        gemma = arch == "gemma3"
         return ModelConfig(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
@@ -211,18 +277,31 @@ class ModelConfig:
             num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
             head_dim=int(cfg.get("head_dim") or hidden // num_heads),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            rope=RopeConfig.from_hf(cfg),
+            rope=rope,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            # transformers hard-codes the biases of Qwen2 (q/k/v only) and Mistral (none); only
-            # Llama reads the flags, and its attention_bias covers o_proj too.
-            attention_bias=arch == "qwen2" or (arch == "llama" and bool(cfg.get("attention_bias"))),
-            output_bias=arch == "llama" and bool(cfg.get("attention_bias")),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
+            # transformers hard-codes the biases of Qwen2 (q/k/v only) and Mistral and Phi-3
+            # (none); GLM's flag covers q/k/v, Llama's, Qwen3's and Gemma-3's o_proj too.
+            attention_bias=arch == "qwen2" or (arch in _FLAG_BIAS and bias),
+            output_bias=arch in ("llama", "qwen3", "gemma3") and bias,
             mlp_bias=arch == "llama" and bool(cfg.get("mlp_bias")),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            rope_style="interleaved" if arch in ("glm", "glm4") else "neox",
             sliding_window=int(window) if window else None,
+            layer_types=layer_types if window else (),
+            local_rope=local_rope if window else None,
+            qk_norm=arch in ("qwen3", "gemma3"),
+            sandwich_norms=arch in ("glm4", "gemma3"),
+            hidden_act=HIDDEN_ACTS[act],
+            embed_scale=hidden**0.5 if gemma else None,
+            attn_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5 if gemma else None,
+            final_logit_softcap=cfg.get("final_logit_softcapping") if gemma else None,
         )
+
+
+# Families whose attention_bias flag adds q/k/v biases.
+_FLAG_BIAS = ("llama", "glm", "glm4", "qwen3", "gemma3")
 
 
 DECODE_MODES = ("auto", "eager", "static", "graph")  # EngineConfig.decode_mode

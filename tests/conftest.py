@@ -28,7 +28,16 @@ TINY_FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": False}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
+    "glm": ("GlmConfig", "GlmForCausalLM", {"pad_token_id": 0}),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", {"pad_token_id": 0}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"pad_token_id": 0}),
 }
+# Families added with their own norms (q/k, sandwich, Gemma's 1 + weight): random norm weights
+# test that each is loaded where it belongs. The older families keep their checkpoints as other
+# tests know them.
+RANDOM_NORMS = ("phi3", "glm", "glm4", "qwen3", "gemma3")
 
 
 def make_tiny_checkpoint(
@@ -80,6 +89,8 @@ def make_tiny_checkpoint(
                 p.normal_(0, 0.08)
             elif "proj" in name:
                 p.normal_(0, 0.5)  # biases: Qwen2's k bias matters for low-rank keys
+            elif "norm" in name and family in RANDOM_NORMS:
+                p.uniform_(-0.4, 0.4) if family == "gemma3" else p.uniform_(0.6, 1.4)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     _write_word_tokenizer(out, vocab)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from shadowkv import LLM, EngineConfig, SamplingParams
+from shadowkv.config import SUPPORTED_ARCHITECTURES
 from shadowkv.errors import (
     USER_ERRORS,
     ConfigError,
@@ -90,7 +91,10 @@ def test_unsupported_architecture_names_the_supported_ones(tiny_dir: Path, tmp_p
         LLM(str(bad), device="cpu")
     msg = str(err.value)
     assert "GPT2LMHeadModel" in msg
-    assert all(a in msg for a in ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"))
+    assert all(a in msg for a in SUPPORTED_ARCHITECTURES)
+    for family in ("Phi3ForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM", "Qwen3ForCausalLM",
+                   "Gemma3ForCausalLM"):
+        assert family in msg
 
 
 @pytest.mark.parametrize(
@@ -102,8 +106,8 @@ def test_unsupported_architecture_names_the_supported_ones(tiny_dir: Path, tmp_p
         pytest.param(lambda c: c.update(hidden_act="gelu"), "hidden_act='gelu'", id="activation"),
         pytest.param(lambda c: c.update(num_key_value_heads=4), "num_kv_heads", id="gqa-heads"),
         pytest.param(
-            lambda c: c.update(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}),
-            "longrope", id="rope-kind",
+            lambda c: c.update(rope_parameters={"rope_type": "mrope", "rope_theta": 1e4}),
+            "mrope", id="rope-kind",
         ),
         pytest.param(
             lambda c: c.update(intermediate_size=40), "config.json and weights disagree",

@@ -42,11 +42,16 @@ def dense_step_bytes(
 ) -> int:
     """Bytes one full-batch dense decode step reads: the weights (the input embedding only for
     ``batch`` rows when it is not tied to the LM head) and the K/V of every cached token, at the
-    mean length over the timed steps."""
+    mean length over the timed steps (sliding-window layers: of the window only)."""
     weights = weight_bytes(model)
     if not cfg.tie_word_embeddings:
         weights -= cfg.vocab_size * cfg.hidden_size * torch.empty((), dtype=dtype).element_size()
     elem = torch.empty((), dtype=dtype).element_size()
     mean_len = context + (batch - 1) / 2 + decode_steps / 2
-    kv = 2 * cfg.num_layers * cfg.kv_dim * elem * mean_len * batch
+    kept = cfg.num_layers * mean_len  # cached rows over all layers, per sequence
+    if cfg.sliding_window is not None:
+        window = cfg.sliding_window
+        kept = sum(min(mean_len, window) if cfg.is_sliding(i) else mean_len
+                   for i in range(cfg.num_layers))
+    kv = 2 * kept * cfg.kv_dim * elem * batch
     return int(weights + kv)

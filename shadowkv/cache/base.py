@@ -369,8 +369,14 @@ class AttentionCache(ABC):
                     host += len(pages) * alloc.page_bytes
                 else:
                     device += len(pages) * alloc.page_bytes
-            total = total + CacheMemory(device, host, self.layout.dense_bytes(rec.length))
+            dense = self.layout.dense_bytes(self.held_tokens(rec.length))
+            total = total + CacheMemory(device, host, dense)
         return total
+
+    def held_tokens(self, num_tokens: int) -> int:
+        """Tokens of a sequence of ``num_tokens`` whose K/V the layers must keep: all of them,
+        except in sliding-window layers (``cache/window.py``), which keep the window."""
+        return num_tokens
 
     def fixed_bytes(self, rec: SeqRecord) -> int:
         """Device bytes a sequence holds outside page pools (per-slot state)."""

@@ -53,7 +53,7 @@ class DenseCache(AttentionCache):
         L = layout.num_layers
         self.k_cache = [self._pool(num_blocks + 1) for _ in range(L)]
         self.v_cache = [self._pool(num_blocks + 1) for _ in range(L)]
-        self.max_blocks = self.blocks_for(max_model_len)
+        self.max_blocks = self.blocks_for(self.held_tokens(max_model_len))
         # Per-sequence block tables live on the device so a decode step only indexes them; the
         # last row is the padding entries', pointing at the scratch block.
         self.block_tables = torch.zeros(
@@ -86,13 +86,14 @@ class DenseCache(AttentionCache):
     def plan_admission(
         self, prompt_len: int, max_new_tokens: int, options: CacheOptions
     ) -> Admission:
-        return Admission(((BLOCKS, self.blocks_for(prompt_len + max_new_tokens)),))
+        held = self.held_tokens(prompt_len + max_new_tokens)
+        return Admission(((BLOCKS, self.blocks_for(held)),))
 
     def fits_empty(
         self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None
     ) -> bool:
         total = min(prompt_len + max_new_tokens, self.max_model_len)
-        return self.blocks_for(total) <= self.blocks.capacity
+        return self.blocks_for(self.held_tokens(total)) <= self.blocks.capacity
 
     def on_admit(self, rec: SeqRecord) -> None:
         blocks = rec.pages[BLOCKS]
@@ -123,7 +124,7 @@ class DenseCache(AttentionCache):
         power of two, so the width holds while the batch does)."""
         recs = [self.seqs[s] for s in seq_ids]
         if not static:
-            return max(self.blocks_for(r.length + 1) for r in recs)
+            return max(self.blocks_for(self.held_tokens(r.length + 1)) for r in recs)
         return bucket(max(len(r.pages[BLOCKS]) for r in recs), self.max_blocks)
 
     def plan_decode(self, cols: dict[str, torch.Tensor], widths: int) -> None:

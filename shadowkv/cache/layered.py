@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -134,6 +135,32 @@ class LayeredCache:
     def decode(self, layer: int, q, k, v, k_pre) -> torch.Tensor:  # type: ignore[no-untyped-def]
         cache, local = self._route[layer]
         return cache.decode(local, q, k, v, k_pre)
+
+    # ShadowKV's benchmark hooks, forwarded to the parts that have them (absent when none has:
+    # the harness tests for them with hasattr) ---------------------------------------------------
+    def _having(self, name: str) -> list[AttentionCache]:
+        parts = [c for c in self.__dict__.get("parts", ()) if hasattr(c, name)]
+        if not parts:
+            raise AttributeError(f"no part of this LayeredCache has {name!r}")
+        return parts
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "hit_rate":  # per layer of the parts that select
+            parts = self._having(name)
+            return lambda: [r for c in parts for r in c.hit_rate()]  # type: ignore[attr-defined]
+        if name in ("reset_hit_rate", "set_selection"):
+            parts = self._having(name)
+            return lambda *args: [getattr(c, name)(*args) for c in parts] and None
+        raise AttributeError(name)
+
+    @property
+    def svd_timer(self) -> Any:
+        return self._having("svd_timer")[0].svd_timer  # type: ignore[attr-defined]
+
+    @svd_timer.setter
+    def svd_timer(self, timer: Any) -> None:
+        for c in self._having("svd_timer"):
+            c.svd_timer = timer  # type: ignore[attr-defined]
 
     def memory(self, seq_id: int | None = None) -> CacheMemory:
         total = CacheMemory()

@@ -28,7 +28,9 @@ class AttentionSpec:
 
     ``scale`` multiplies ``q . k`` before the softmax. ``rotary_dims`` of the head dim are rotated
     by RoPE in ``rope_style`` (``neox`` pairs ``i, i + Dr/2``; ``interleaved`` pairs ``2i, 2i+1``);
-    0 means no rotary embedding. ``sliding_window``: tokens a query may see (None: global).
+    0 means no rotary embedding. ``sliding_window``: tokens a query may see, itself included
+    (None: global). ``rope_key`` names the model's RoPE tables this layer rotates with
+    (``RopeTables.table``; ``""``: the main ones).
     """
 
     num_heads: int
@@ -38,6 +40,7 @@ class AttentionSpec:
     rotary_dims: int
     rope_style: str = "neox"
     sliding_window: int | None = None
+    rope_key: str = ""
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -20,7 +20,8 @@ class ForwardContext:
     prefill). ``cos, sin [T, Dr/2]``: RoPE rows at ``positions [T]``, gathered once for all
     layers. ``cache`` serves every layer (``cache.prefill`` / ``cache.decode`` by layer index).
     ``mlp_chunk``: tokens per MLP slice in long prefills; ``progress(layer, num_layers)`` is
-    called after each layer."""
+    called after each layer. ``other_rows``: rows of the other RoPE tables (``RopeTables.others``)
+    by key, for layers that rotate differently."""
 
     phase: Phase
     positions: torch.Tensor
@@ -29,3 +30,8 @@ class ForwardContext:
     cache: AttentionCache
     mlp_chunk: int = 4096
     progress: Callable[[int, int], None] | None = None
+    other_rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def rotary(self, key: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin) [T, Dr/2]`` of the tables a layer's ``rope_key`` names."""
+        return (self.cos, self.sin) if not key else self.other_rows[key]

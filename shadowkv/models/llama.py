@@ -1,4 +1,7 @@
-"""One decoder for the Llama family (Llama 2/3/3.1/3.2, Qwen2/2.5 with QKV bias, Mistral).
+"""One decoder for the Llama family and its relatives: Llama 2/3/3.1/3.2, Qwen2/2.5 (QKV bias),
+Mistral, Phi-3 (LongRoPE), GLM-4 (partial interleaved RoPE, sandwich norms in Glm4), Qwen3 (q/k
+norms) and Gemma-3 text (q/k norms, sandwich norms, tanh GELU, scaled embeddings, sliding and
+global layers with their own RoPE bases). What differs is read from ``ModelConfig``.
 
 Tokens are packed along one dimension (``T`` = prompt tokens in prefill, ``B`` = one token per
 sequence in decode); attention goes through the cache, which owns all per-sequence state. The
@@ -11,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from shadowkv.cache.base import AttentionCache
@@ -46,8 +50,12 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.spec = attention_spec(cfg)
+        self.spec = attention_spec(cfg, layer)
         self.H, self.Hkv, self.D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        # Qwen3 / Gemma-3: RMSNorm over each head's dims before RoPE (so the pre-RoPE keys
+        # ShadowKV factorises are the normed ones).
+        self.q_norm = RMSNorm(self.D, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.D, cfg.rms_norm_eps) if cfg.qk_norm else None
         # q, k, v fused into one GEMM; the split sizes are the three output widths.
         self.qkv_proj = nn.Linear(
             cfg.hidden_size, (self.H + 2 * self.Hkv) * self.D, bias=cfg.attention_bias
@@ -61,9 +69,12 @@ class Attention(nn.Module):
         q = q.view(T, self.H, self.D)
         k_pre = k.view(T, self.Hkv, self.D)  # pre-RoPE, bias included: what ShadowKV factorises
         v = v.view(T, self.Hkv, self.D)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k_pre = self.q_norm(q)[0], self.k_norm(k_pre)[0]
         k = k_pre
         if self.spec.rotary_dims:
-            q, k = apply_rope(q, k_pre, ctx.cos, ctx.sin, self.spec.rope_style)
+            cos, sin = ctx.rotary(self.spec.rope_key)
+            q, k = apply_rope(q, k_pre, cos, sin, self.spec.rope_style)
         attend = ctx.cache.prefill if ctx.phase == "prefill" else ctx.cache.decode
         out = attend(self.layer, q, k, v, k_pre)  # [T, H, D]
         return self.o_proj(out.reshape(T, self.H * self.D))
@@ -74,9 +85,13 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = cfg.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_up_proj(x)))  # silu(gate) * up, one launch
+        if self.act == "silu":
+            return self.down_proj(silu_mul(self.gate_up_proj(x)))  # silu(gate) * up, one launch
+        gate, up = self.gate_up_proj(x).chunk(2, -1)  # Gemma: tanh GELU, in PyTorch
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class DecoderLayer(nn.Module):
@@ -84,20 +99,31 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # before MLP
         self.mlp = MLP(cfg)
+        # GLM-4 / Gemma-3 also norm each sublayer's output before it joins the residual stream.
+        sandwich = cfg.sandwich_norms
+        self.attn_out_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if sandwich else None
+        self.mlp_out_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if sandwich else None
 
     def forward(self, hidden: Hidden, ctx: ForwardContext) -> Hidden:
         x, residual = self.input_layernorm(*hidden)
-        x, residual = self.post_attention_layernorm(self.self_attn(x, ctx), residual)
+        x = self.self_attn(x, ctx)
+        if self.attn_out_norm is not None:
+            x = self.attn_out_norm(x)[0]
+        x, residual = self.post_attention_layernorm(x, residual)
         mlp_chunk = ctx.mlp_chunk
         if x.shape[0] <= mlp_chunk:
-            return self.mlp(x), residual
+            return self._mlp(x), residual
         # Long prompts: the MLP's [T, 2 * intermediate] activation dominates peak memory, so run
         # it in slices, each slice's output over its (no longer needed) normed input.
         for s in range(0, x.shape[0], mlp_chunk):
-            x[s : s + mlp_chunk] = self.mlp(x[s : s + mlp_chunk])
+            x[s : s + mlp_chunk] = self._mlp(x[s : s + mlp_chunk])
         return x, residual
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.mlp(x)
+        return out if self.mlp_out_norm is None else self.mlp_out_norm(out)[0]
 
 
 class LlamaModel(nn.Module):
@@ -114,7 +140,7 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def attention_specs(self) -> tuple[AttentionSpec, ...]:
-        """Each layer's attention as the caches must serve it (all alike in this family)."""
+        """Each layer's attention as the caches must serve it (Gemma-3: sliding and global)."""
         return tuple(layer.self_attn.spec for layer in self.layers)
 
     def rope_tables(
@@ -123,7 +149,13 @@ class LlamaModel(nn.Module):
         """cos/sin for positions ``[0, max_position)`` (computed in fp64, stored in ``dtype``):
         the model's q/k and ShadowKV's key rebuild both read them."""
         cfg = self.cfg
-        return rope_tables(cfg.rope, cfg.head_dim, max_position, cfg.rope_style, device, dtype)
+        tables = rope_tables(cfg.rope, cfg.head_dim, max_position, cfg.rope_style, device, dtype)
+        if cfg.local_rope is None:
+            return tables
+        local = rope_tables(
+            cfg.local_rope, cfg.head_dim, max_position, cfg.rope_style, device, dtype
+        )
+        return RopeTables(tables.cos, tables.sin, tables.style, {LOCAL_ROPE: local})
 
     def context(
         self,
@@ -136,7 +168,8 @@ class LlamaModel(nn.Module):
     ) -> ForwardContext:
         """The step's context: RoPE rows gathered once for every layer."""
         cos, sin = rope.rows(positions)
-        return ForwardContext(phase, positions, cos, sin, cache, mlp_chunk, progress)
+        others = {key: table.rows(positions) for key, table in rope.others.items()}
+        return ForwardContext(phase, positions, cos, sin, cache, mlp_chunk, progress, others)
 
     @torch.inference_mode()
     def forward(
@@ -150,7 +183,10 @@ class LlamaModel(nn.Module):
     # of running sequences can run between the slices.
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor) -> Hidden:
-        return self.embed_tokens(input_ids), None
+        x = self.embed_tokens(input_ids)
+        if self.cfg.embed_scale is not None:  # Gemma: the scale rounded to the weights' dtype
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+        return x, None
 
     @torch.inference_mode()
     def run_layers(self, hidden: Hidden, ctx: ForwardContext, start: int, stop: int) -> Hidden:
@@ -167,21 +203,29 @@ class LlamaModel(nn.Module):
         if index is not None:
             x = x[index]
             residual = None if residual is None else residual[index]
-        return self.lm_head(self.norm(x, residual)[0]).float()
+        logits = self.lm_head(self.norm(x, residual)[0]).float()
+        cap = self.cfg.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
-def attention_spec(cfg: ModelConfig) -> AttentionSpec:
-    """The attention of every layer of a Llama-family decoder.
+LOCAL_ROPE = "local"  # RopeTables key of the sliding layers' tables when they differ (Gemma-3)
 
-    A declared sliding window is passed on; the caches decide what they do with it
-    (``cache.make_cache``: none is windowed yet, so they attend the full context and warn).
+
+def attention_spec(cfg: ModelConfig, layer: int = 0) -> AttentionSpec:
+    """The attention of layer ``layer``.
+
+    A sliding layer carries its window (``cache.make_cache`` gives such layers a window cache,
+    whatever the method) and, when its RoPE differs, the key of its tables.
     """
+    sliding = cfg.is_sliding(layer)
+    rope = cfg.local_rope if sliding and cfg.local_rope is not None else cfg.rope
     return AttentionSpec(
         num_heads=cfg.num_heads,
         num_kv_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim,
-        scale=AttentionSpec.default_scale(cfg.head_dim),
-        rotary_dims=cfg.rope.rotary_dims(cfg.head_dim),
+        scale=cfg.attn_scale or AttentionSpec.default_scale(cfg.head_dim),
+        rotary_dims=rope.rotary_dims(cfg.head_dim),
         rope_style=cfg.rope_style,
-        sliding_window=cfg.sliding_window,
+        sliding_window=cfg.sliding_window if sliding else None,
+        rope_key=LOCAL_ROPE if sliding and cfg.local_rope is not None else "",
     )

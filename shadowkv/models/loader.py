@@ -54,6 +54,10 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     name = str(model) if model is not None else DEFAULT_MODEL
     if name in (DEFAULT_MODEL, "smollm2-135m"):
         return gguf_to_hf_dir(_package_file(*_SMOLLM2))
+    from shadowkv.models import offline  # it imports this module
+
+    if name in offline.PACKAGED:  # GGUF files split over packages (scripts/requirements-*.txt)
+        return gguf_to_hf_dir(offline.packaged_gguf(offline.PACKAGED[name]))
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return gguf_to_hf_dir(path)
@@ -172,48 +176,11 @@ def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return state
 
 
-def to_our_names(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Map HF names onto ``LlamaModel``'s, fusing q/k/v and gate/up."""
-    out: dict[str, torch.Tensor] = {}
-
-    def take(name: str) -> torch.Tensor:
-        if name not in state:
-            raise ModelLoadError(
-                f"checkpoint lacks tensor {name!r}; "
-                f"is it a complete {cfg.architecture} checkpoint?"
-            )
-        return state[name]
-
-    out["embed_tokens.weight"] = take("model.embed_tokens.weight")
-    out["norm.weight"] = take("model.norm.weight")
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = take("lm_head.weight")
-    for i in range(cfg.num_layers):
-        p, o = f"model.layers.{i}.", f"layers.{i}."
-        attn = p + "self_attn."
-        out[o + "self_attn.qkv_proj.weight"] = torch.cat(
-            [take(attn + f"{n}_proj.weight") for n in "qkv"]
-        )
-        if cfg.attention_bias:
-            out[o + "self_attn.qkv_proj.bias"] = torch.cat(
-                [take(attn + f"{n}_proj.bias") for n in "qkv"]
-            )
-        out[o + "self_attn.o_proj.weight"] = take(attn + "o_proj.weight")
-        if cfg.output_bias:
-            out[o + "self_attn.o_proj.bias"] = take(attn + "o_proj.bias")
-        for kind in ("weight", "bias") if cfg.mlp_bias else ("weight",):
-            out[o + f"mlp.gate_up_proj.{kind}"] = torch.cat(
-                [take(p + f"mlp.gate_proj.{kind}"), take(p + f"mlp.up_proj.{kind}")]
-            )
-            out[o + f"mlp.down_proj.{kind}"] = take(p + f"mlp.down_proj.{kind}")
-        out[o + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
-        out[o + "post_attention_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
-    return out
-
-
 def build_model(
     cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
 ) -> LlamaModel:
+    from shadowkv.models.weights import to_our_names  # it imports ModelLoadError from here
+
     with torch.device("meta"):
         model = LlamaModel(cfg)
     ours = to_our_names(state, cfg)

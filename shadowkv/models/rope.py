@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from shadowkv.config import RopeConfig
+from shadowkv.config import ConfigError, RopeConfig
 from shadowkv.kernels.rope.tables import RopeTables
 
 # (rope, rotary dims, max position) -> (inverse frequencies [dims/2] float64, attention factor)
@@ -110,6 +110,28 @@ def _yarn(rope: RopeConfig, dims: int, max_position: int) -> tuple[torch.Tensor,
         factor = mscale(rope.mscale) / mscale(rope.mscale_all_dim)
     elif factor is None:
         factor = mscale()
+    return inv_freq, float(factor)
+
+
+@register_rope("longrope")
+def _longrope(rope: RopeConfig, dims: int, max_position: int) -> tuple[torch.Tensor, float]:
+    # Phi-3's LongRoPE: per-frequency divisors, the long set past the pre-training context.
+    # transformers picks the set per forward from the current length; a static table is built
+    # once for the engine's maximum length (as dynamic NTK is), so the long set is used when that
+    # length passes the original context, and cached keys and new queries always agree.
+    original = rope.original_max_position or max_position
+    ext = rope.long_factor if max_position > original else rope.short_factor
+    if len(ext) != dims // 2:
+        raise ConfigError(
+            f"longrope needs {dims // 2} short and long factors (one per rotary frequency), "
+            f"got {len(rope.short_factor)} and {len(rope.long_factor)}"
+        )
+    inv_freq = _base(rope, dims) / torch.tensor(ext, dtype=torch.float64)
+    factor = rope.attention_factor
+    if factor is None:  # the paper's scaling for the extended context
+        factor = 1.0
+        if rope.factor > 1:
+            factor = math.sqrt(1 + math.log(rope.factor) / math.log(original))
     return inv_freq, float(factor)
 
 

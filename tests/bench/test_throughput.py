@@ -268,6 +268,11 @@ def test_named_architectures_match_their_checkpoints() -> None:
     assert counts["llama-3.1-8b"] == 8_030_261_248  # Meta's published parameter count
     assert counts["llama-3-8b"] == 8_030_261_248
     assert counts["qwen2.5-7b"] == 7_615_616_512  # Qwen2.5-7B's published count
+    assert counts["phi-3-mini-128k"] == 3_821_079_552  # Phi-3-mini's published count
+    assert counts["glm-4-9b"] == 9_399_951_360  # GLM-4-9B-chat's
+    assert counts["qwen3-8b"] == 8_190_735_360  # Qwen3-8B's
+    gemma = arch_config("gemma-3-12b")  # text weights only (the checkpoint adds a vision tower)
+    assert sum(not gemma.is_sliding(i) for i in range(48)) == 8 and gemma.is_sliding(0)
     cfg = arch_config("llama-3.1-8b")
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
         32,
@@ -355,3 +360,32 @@ def test_dense_step_bytes_counts_weights_once_and_every_cached_row() -> None:
     assert one - row * 1001 == two - row * 2 * 1001.5  # weights counted once per step
     embed = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * 4
     assert one == weight_bytes(model) - embed + row * 1001
+
+
+def test_a_sliding_window_model_runs_through_the_harness() -> None:
+    """A Gemma-3-style model (sliding layers in window caches, a global one in ShadowKV) in the
+    timed run: the batch search admits across both, ShadowKV's hooks (hit rate, SVD timer,
+    selection policy) reach its part, and the dense roofline counts the window only."""
+    from shadowkv.bench.roofline import dense_step_bytes
+    from shadowkv.cache import LayeredCache
+    from shadowkv.cache.shadow_drive import DrivenSelection
+
+    tiny = arch_config("tiny")
+    cfg = replace(tiny, architecture="gemma3", num_layers=3, sliding_window=16,
+                  layer_types=("sliding_attention",) * 2 + ("full_attention",),
+                  local_rope=tiny.rope, qk_norm=True, sandwich_norms=True,
+                  hidden_act="gelu_tanh", embed_scale=8.0)
+    model = random_model(cfg, torch.device("cpu"), torch.float32)
+    engine = build_engine(model, cfg, replace(SHADOW_KNOBS, host_memory_gb=HOST_GB),
+                          EngineConfig(cache_memory_gb=DEVICE_GB, max_num_seqs=8),
+                          torch.device("cpu"), torch.float32)
+    assert isinstance(engine.cache, LayeredCache)
+    batch = max_batch(engine.cache, CONTEXT, STEPS, 8)
+    assert batch >= 1
+    engine.cache.set_selection(DrivenSelection(0.5))  # type: ignore[attr-defined]
+    result = timed_run(engine, CONTEXT, batch, STEPS, seed=0)
+    assert result.hit_rate is not None and result.svd_s is not None and result.svd_s > 0
+    window_rows = 2 * 16 * batch  # the two sliding layers keep 16 rows per sequence
+    assert result.dense_bytes < (window_rows + (CONTEXT + STEPS) * batch) * 2 * cfg.kv_dim * 4
+    full = dense_step_bytes(model, tiny, torch.float32, CONTEXT, batch, STEPS)
+    assert dense_step_bytes(model, cfg, torch.float32, CONTEXT, batch, STEPS) < full

@@ -13,7 +13,7 @@ from utils import assert_close_verbose, run_model
 
 from shadowkv.bench.harness import build_engine
 from shadowkv.bench.models import random_model
-from shadowkv.cache import CacheCapacityError, LayeredCache, build_cache, make_cache
+from shadowkv.cache import CacheCapacityError, LayeredCache, WindowCache, build_cache, make_cache
 from shadowkv.cache.dense import DenseCache
 from shadowkv.cache.layout import AttentionSpec, KVLayout
 from shadowkv.cache.methods import DenseConfig, ShadowKVConfig
@@ -63,10 +63,15 @@ def test_alike_layers_share_one_cache_and_others_get_their_own() -> None:
     # The budget is split by KV bytes (4/5 to the two 2-head layers), so every group holds the
     # same number of tokens.
     assert abs(a.blocks.num_pages - b.blocks.num_pages) <= 1
-    with pytest.warns(UserWarning, match="sliding window of 64 tokens"):
-        windowed = make_cache([replace(spec, sliding_window=64)] * 2, DenseConfig(), None, CPU,
+    # Windowed layers get a window cache whatever the method; a window as long as the context
+    # is none.
+    for method in (DenseConfig(), FULL):
+        windowed = make_cache([replace(spec, sliding_window=64)] * 2, method, None, CPU,
                               torch.float32, 2, MAX_LEN, 2**22)
-    assert isinstance(windowed, DenseCache) and windowed.layout.spec.sliding_window is None
+        assert isinstance(windowed, WindowCache) and windowed.window == 64
+    whole = make_cache([replace(spec, sliding_window=MAX_LEN)] * 2, DenseConfig(), None, CPU,
+                       torch.float32, 2, MAX_LEN, 2**22)
+    assert type(whole) is DenseCache and whole.layout.spec.sliding_window is None
 
 
 def layered(model, rope, cfg_by_layer) -> LayeredCache:

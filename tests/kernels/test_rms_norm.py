@@ -223,3 +223,15 @@ def test_triton_refuses_what_it_cannot_run() -> None:
         triton_op(**_bad(residual=torch.zeros(64, 3).t()))
     with pytest.raises(ValueError, match="hidden size"):
         triton_op(**_bad(hidden=MAX_TRITON_HIDDEN + 1, T=1))
+
+
+def test_triton_per_head_norm_of_a_strided_qkv_slice() -> None:
+    """Qwen3 / Gemma-3 norm each head of q and k: ``[T, H, D]`` views of the fused projection's
+    output, rows strided by the q/k/v width."""
+    T, H, Hkv, D = 5, 4, 2, 32
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, device=DEVICE)
+    k = qkv[:, H * D : (H + Hkv) * D].view(T, Hkv, D)
+    w = torch.rand(D, device=DEVICE) + 0.5
+    out, _ = triton_op(k, w, EPS)
+    assert out.shape == (T, Hkv, D)
+    assert_close_verbose(out.cpu(), oracle(k, w, EPS, None)[0], what="per-head norm")

@@ -125,3 +125,18 @@ def test_local_checkpoint_loads_without_network(tiny_checkpoint) -> None:
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "needle"),
+    [("gemma3-270m", "requirements-gemma.txt"), ("qwen2.5-coder-0.5b", "requirements-qwen.txt")],
+)
+def test_packaged_model_names_say_how_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, needle: str
+) -> None:
+    from shadowkv.models.loader import resolve_model
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setenv("SHADOWKV_CACHE_DIR", str(tmp_path))
+    with pytest.raises(ModelLoadError, match=needle):
+        resolve_model(name)

@@ -198,13 +198,45 @@ def test_partial_rotary_frequencies_match_transformers(head_dim: int, factor: fl
 
 
 def test_rope_kinds_are_a_registry() -> None:
-    assert set(ROPE_KINDS) == {"default", "linear", "dynamic", "llama3", "yarn"}
+    assert set(ROPE_KINDS) == {"default", "linear", "dynamic", "llama3", "yarn", "longrope"}
+
+
+@pytest.mark.parametrize("engine_len", [1024, 4096], ids=["within-original", "past-original"])
+@pytest.mark.parametrize("attention_factor", [None, 1.3])
+def test_longrope_matches_transformers(engine_len: int, attention_factor: float | None) -> None:
+    """Phi-3's LongRoPE as config.json gives it (original length at the top level): the short
+    factors while the engine's table stays within the original context, the long ones past it,
+    and the attention factor from the context ratio unless the checkpoint sets one."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    head_dim = 64
+    params = {
+        "rope_type": "longrope", "rope_theta": 10000.0,
+        "short_factor": [1.0 + 0.05 * i for i in range(head_dim // 2)],
+        "long_factor": [1.0 + 0.9 * i for i in range(head_dim // 2)],
+    }
+    if attention_factor is not None:
+        params["attention_factor"] = attention_factor
+    config = transformers.Phi3Config(
+        hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, num_hidden_layers=1, vocab_size=32, pad_token_id=0,
+        max_position_embeddings=4 * 1024, original_max_position_embeddings=1024,
+        rope_parameters=params,
+    )
+    expected, factor = ROPE_INIT_FUNCTIONS["longrope"](config, torch.device("cpu"), engine_len)
+    rope = ours(config)
+    assert rope.kind == "longrope" and rope.original_max_position == 1024
+    got, got_factor = inv_frequencies(rope, head_dim, engine_len)
+    assert_close_verbose(got.float(), expected.float(), atol=0, rtol=FREQ_RTOL, what="inv_freq")
+    assert got_factor == pytest.approx(factor, rel=1e-6)
+    assert factor != 1.0
 
 
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
-        pytest.param({"kind": "longrope"}, "longrope", id="unsupported-kind"),
+        pytest.param({"kind": "mrope"}, "mrope", id="unsupported-kind"),
         pytest.param({"partial_rotary_factor": 1.5}, "partial_rotary_factor", id="partial-over-1"),
         pytest.param({"theta": 0.0}, "positive", id="zero-theta"),
     ],
