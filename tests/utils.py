@@ -127,3 +127,27 @@ def cache_for(
 def run_model(model, ids, positions, rope, cache, phase: str, logits_index=None) -> torch.Tensor:
     """``model`` over ``ids`` at ``positions`` with a fresh per-step context."""
     return model(ids, model.context(phase, positions, rope, cache), logits_index)
+
+
+def greedy_with_logits(model, rope, cache, prompt: list[int], steps: int, seq_id: int = 0):
+    """Prefill then ``steps`` greedy decode steps of one sequence: (tokens, logits [steps+1, V])."""
+    n, dev = len(prompt), rope.cos.device
+    cache.add_sequence(seq_id, n, steps + 1)
+    cache.begin_prefill(seq_id, n)
+    ids, pos = torch.tensor(prompt, device=dev), torch.arange(n, device=dev)
+    last = torch.tensor([n - 1], device=dev)
+    logits = [run_model(model, ids, pos, rope, cache, "prefill", logits_index=last)[0]]
+    cache.end_prefill()
+    for _ in range(steps):
+        cache.begin_decode([seq_id])
+        pos = torch.tensor([cache.length(seq_id)], device=dev)
+        logits.append(run_model(model, logits[-1].argmax()[None], pos, rope, cache, "decode")[0])
+        cache.end_decode()
+    out = torch.stack(logits)
+    cache.free_sequence(seq_id)
+    return out.argmax(-1).tolist(), out
+
+
+def full_budget(prompt_len: int, chunk: int = 8, local: int = 4, outliers: int = 2) -> int:
+    """The sparse budget (tokens) that selects every landmark chunk of a prompt."""
+    return (prompt_len // chunk - local - outliers) * chunk

@@ -16,9 +16,10 @@ from utils import (  # noqa: E402
     PASSKEY_ANSWER,
     assert_close_verbose,
     cache_for,
+    full_budget,
+    greedy_with_logits,
     passkey_prompt,
     read_essays,
-    run_model,
 )
 
 from shadowkv import DenseConfig, ShadowKVConfig  # noqa: E402
@@ -33,10 +34,6 @@ from shadowkv.models.loader import load_model  # noqa: E402
 
 CPU = torch.device("cpu")
 MAX_LEN = 512
-
-
-def full_budget(prompt_len: int, chunk: int = 8, local: int = 4, outliers: int = 2) -> int:
-    return (prompt_len // chunk - local - outliers) * chunk
 
 
 class RoundedValuesDense:
@@ -61,24 +58,6 @@ class RoundedValuesDense:
         return causal_attention(q, k, v, self.inner.scale)  # prefill attends the exact values
 
 
-def greedy(model, rope, cache, prompt: list[int], steps: int):
-    n = len(prompt)
-    cache.add_sequence(0, n, steps + 1)
-    cache.begin_prefill(0, n)
-    last = torch.tensor([n - 1])
-    logits = [run_model(model, torch.tensor(prompt), torch.arange(n), rope, cache, "prefill",
-                        logits_index=last)[0]]
-    cache.end_prefill()
-    for _ in range(steps):
-        cache.begin_decode([0])
-        pos = torch.tensor([cache.length(0)])
-        logits.append(run_model(model, logits[-1].argmax()[None], pos, rope, cache, "decode")[0])
-        cache.end_decode()
-    cache.free_sequence(0)
-    out = torch.stack(logits)
-    return out.argmax(-1).tolist(), out
-
-
 @pytest.mark.parametrize("landmark_dtype", ["auto", "fp8"])
 def test_full_budget_full_rank_equals_dense_over_fp8_rounded_values(
     tiny_checkpoint, landmark_dtype: str
@@ -93,12 +72,13 @@ def test_full_budget_full_rank_equals_dense_over_fp8_rounded_values(
     dense, _ = cache_for(mcfg, DenseConfig(), MAX_LEN, 1)
     assert shadow.store.layout.quantized
     prompt = torch.randint(3, mcfg.vocab_size, (n,), generator=torch.Generator().manual_seed(3))
-    want_tokens, want = greedy(model, rope, RoundedValuesDense(dense, cfg), prompt.tolist(), 10)
-    got_tokens, got = greedy(model, rope, shadow, prompt.tolist(), 10)
+    rounded = RoundedValuesDense(dense, cfg)
+    want_tokens, want = greedy_with_logits(model, rope, rounded, prompt.tolist(), 10)
+    got_tokens, got = greedy_with_logits(model, rope, shadow, prompt.tolist(), 10)
     assert got_tokens == want_tokens
     assert_close_verbose(got, want, atol=2e-5, rtol=1e-4, what="fp8 ShadowKV vs rounded dense")
     # ...and it is not dense over the exact values (the comparison can tell the two apart).
-    exact_tokens, exact = greedy(model, rope, dense, prompt.tolist(), 10)
+    exact_tokens, exact = greedy_with_logits(model, rope, dense, prompt.tolist(), 10)
     assert (got[1:] - exact[1:]).abs().max() > 1e-4
 
 

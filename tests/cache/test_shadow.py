@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from utils import (
     assert_close_verbose,
     cache_for,
+    full_budget,
+    greedy_with_logits,
     passkey_prompt,
     read_essays,
     run_model,
@@ -30,30 +32,6 @@ from shadowkv.models.loader import load_model
 
 CPU = torch.device("cpu")
 MAX_LEN = 512
-
-
-def greedy_with_logits(model, rope, cache, prompt: list[int], steps: int, seq_id: int = 0):
-    """Prefill then ``steps`` greedy decode steps of one sequence: (tokens, logits [steps+1, V])."""
-    n, dev = len(prompt), rope.cos.device
-    cache.add_sequence(seq_id, n, steps + 1)
-    cache.begin_prefill(seq_id, n)
-    ids, pos = torch.tensor(prompt, device=dev), torch.arange(n, device=dev)
-    last = torch.tensor([n - 1], device=dev)
-    logits = [run_model(model, ids, pos, rope, cache, "prefill", logits_index=last)[0]]
-    cache.end_prefill()
-    for _ in range(steps):
-        cache.begin_decode([seq_id])
-        pos = torch.tensor([cache.length(seq_id)], device=dev)
-        logits.append(run_model(model, logits[-1].argmax()[None], pos, rope, cache, "decode")[0])
-        cache.end_decode()
-    out = torch.stack(logits)
-    cache.free_sequence(seq_id)
-    return out.argmax(-1).tolist(), out
-
-
-def full_budget(prompt_len: int, chunk: int = 8, local: int = 4, outliers: int = 2) -> int:
-    """The sparse budget (tokens) that selects every landmark chunk of a prompt."""
-    return (prompt_len // chunk - local - outliers) * chunk
 
 
 # low-rank factors ---------------------------------------------------------------------------
