@@ -120,6 +120,10 @@ class WorkerStats:
 _STOP = object()
 
 
+def _is_add(cmd: object) -> bool:
+    return cmd is not _STOP and cmd[0] == "add"  # type: ignore[index]
+
+
 class EngineWorker:
     """Owns ``engine`` on a background thread; call ``submit``/``abort`` from the event loop."""
 
@@ -131,6 +135,10 @@ class EngineWorker:
         self.idle_poll_s = idle_poll_s
         self.rejected = 0  # event-loop thread only
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        # Requests put in the inbox (event-loop thread) and taken out of it (engine thread): the
+        # inbox also carries aborts, which are not queued requests. One writer each.
+        self._adds_sent = 0
+        self._adds_taken = 0
         self._active: dict[int, Handle] = {}
         self._outbox: list[tuple[Handle, Event]] = []  # this loop turn's events, sent by _flush
         self._recent: deque[tuple[float, int]] = (
@@ -203,6 +211,7 @@ class EngineWorker:
         ]
         for h in group:
             h.group = group
+        self._adds_sent += 1
         self._inbox.put(("add", group[0]))
         return group
 
@@ -283,6 +292,7 @@ class EngineWorker:
             while True:
                 cmds.append(self._inbox.get_nowait())
         except queue.Empty:
+            self._adds_taken += sum(_is_add(c) for c in cmds)
             return cmds
 
     def _admit(self, handle: Handle) -> None:
@@ -382,7 +392,7 @@ class EngineWorker:
 
     def _refuse(self, cmds: list[object], err: Exception) -> None:
         for cmd in cmds:
-            if cmd is not _STOP and cmd[0] == "add":  # type: ignore[index]
+            if _is_add(cmd):
                 for h in cmd[1].group:  # type: ignore[index]
                     self._deliver(h, Failed(err, h.index))
 
@@ -410,7 +420,7 @@ class EngineWorker:
             mem = CacheMemory(self._stats.cache_device_bytes, self._stats.cache_host_bytes)
         c = self._counts
         self._stats = WorkerStats(
-            queued=len(self.engine.waiting) + self._inbox.qsize(),
+            queued=len(self.engine.waiting) + self._adds_sent - self._adds_taken,
             running=len(self.engine.running),
             generated_tokens=c["generated"],
             prompt_tokens=c["prompt"],
