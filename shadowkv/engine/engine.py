@@ -121,6 +121,10 @@ class Engine:
         # What the last step worked on: "decode", "prefill" or "mixed" (both).
         self.last_step: str | None = None
         self.progress: ProgressFn | None = None
+        # Called with each part of a step's outputs as soon as it is final — the decode's, then
+        # each prefill's first tokens — before ``step`` returns them all: a server streams them
+        # without waiting for the rest of the step's prefills.
+        self.on_outputs: Callable[[list[StepOutput]], None] | None = None
 
     # requests ----------------------------------------------------------------------------------
     def add_request(
@@ -252,7 +256,7 @@ class Engine:
     # the loop ----------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         """Decode every running request, then advance prefills FCFS within the token budget."""
-        outs = self._decode() if self.running else []
+        outs = self._emit(self._decode()) if self.running else []
         decoded = bool(outs)
         outs += self._prefill_work(self.cfg.max_num_batched_tokens - len(outs), decoded)
         prefilled = self._did_prefill
@@ -275,7 +279,7 @@ class Engine:
         self._did_prefill = False
         if self._prefilling is not None:
             self._did_prefill = True
-            return self._advance_prefill()
+            return self._emit(self._advance_prefill())
         outs: list[StepOutput] = []
         while self.waiting and self._prefilling is None:
             cost = len(self.waiting[0].prompt_ids)
@@ -287,7 +291,12 @@ class Engine:
                 break
             self._did_prefill = True
             budget -= cost
-            outs += self._advance_prefill()
+            outs += self._emit(self._advance_prefill())
+        return outs
+
+    def _emit(self, outs: list[StepOutput]) -> list[StepOutput]:
+        if outs and self.on_outputs is not None:
+            self.on_outputs(outs)
         return outs
 
     def _max_new(self, req: Request) -> int:

@@ -153,6 +153,7 @@ class EngineWorker:
             "steps": 0,
         }
         self._stats = WorkerStats()
+        engine.on_outputs = self._deliver_outputs  # runs on the engine thread, inside step()
         self._thread: threading.Thread | None = None
         self._started = time.perf_counter()
 
@@ -326,7 +327,7 @@ class EngineWorker:
 
     def _step(self) -> None:
         try:
-            outputs = self.engine.step()
+            self.engine.step()  # its outputs go out part by part through _deliver_outputs
         except CacheCapacityError as err:
             if self.engine.running or not self.engine.waiting:
                 self._crash(err)
@@ -346,6 +347,10 @@ class EngineWorker:
             self._crash(err)
             return
         self._counts["steps"] += 1
+
+    def _deliver_outputs(self, outputs: list[StepOutput]) -> None:
+        """Send a part of a step's outputs (the engine's ``on_outputs``, called mid-step): the
+        decode's tokens, then each packed prefill's first token, as soon as each is final."""
         tokens = 0
         for out in outputs:
             tokens += out.new_token is not None
@@ -354,6 +359,8 @@ class EngineWorker:
                 self._forward(handle, out)
         self._counts["generated"] += tokens
         self._recent.append((time.perf_counter(), tokens))
+        self._publish()
+        self._flush()
 
     def _forward(self, handle: Handle, out: StepOutput) -> None:
         # The engine's deltas hold back partial characters and possible stop-string starts, so

@@ -106,3 +106,18 @@ def test_max_num_seqs_caps_the_packed_admissions(path: Path) -> None:
 def test_max_num_batched_tokens_is_validated() -> None:
     with pytest.raises(ConfigError, match="max_num_batched_tokens must be >= 1"):
         EngineConfig(max_num_batched_tokens=0)
+
+
+def test_each_part_of_a_step_is_handed_out_as_soon_as_it_is_final(path: Path) -> None:
+    """``on_outputs`` gets the decode's tokens, then each packed prefill's first token, in the
+    order ``step`` returns them: a server streams them without waiting for the whole step."""
+    engine = make_llm(path, DenseConfig()).engine
+    parts: list[list[int]] = []
+    engine.on_outputs = lambda outs: parts.append([o.request.request_id for o in outs])
+    a = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=4))
+    engine.step()
+    b, c = (engine.add_request(p, SamplingParams(max_tokens=4)) for p in PROMPTS[1:3])
+    parts.clear()
+    outs = engine.step()
+    assert parts == [[a.request_id], [b.request_id], [c.request_id]]
+    assert [o.request.request_id for o in outs] == [r for p in parts for r in p]
