@@ -52,19 +52,37 @@ def level_args(args: argparse.Namespace, clients: int) -> argparse.Namespace:
     )
 
 
-def sweep(url: str, name: str, prompts: list[str], args: argparse.Namespace) -> list[dict]:
+def rss_mib(pid: int | None) -> float | None:
+    """A process's resident memory (Linux ``/proc``), MiB; None elsewhere or without a pid."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text() if pid else ""
+    except OSError:
+        return None
+    kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS")),
+              None)
+    return None if kb is None else round(kb / 1024, 1)
+
+
+def sweep(
+    url: str, name: str, prompts: list[str], args: argparse.Namespace, pid: int | None
+) -> list[dict]:
+    """One summary per level, with the server's resident memory once the level is over (a
+    repeated level, e.g. ``--concurrency 32,32,32,32``, is a soak: does it plateau?)."""
     levels = []
     for clients in args.concurrency:
         samples, cut, wall, peaks = asyncio.run(
             run_load(url, name, prompts, level_args(args, clients), {})
         )
-        summary = summarise(samples, cut, wall, peaks) | {"concurrency": clients}
+        summary = summarise(samples, cut, wall, peaks) | {
+            "concurrency": clients, "server_rss_mib_after": rss_mib(pid)
+        }
         t, i = summary["ttft_ms"], summary["itl_ms"]
         print(
             f"c={clients:3d}: {summary['requests_ok']} ok, {summary['requests_failed']} failed, "
             f"{summary['output_tokens_per_s']} tok/s, TTFT p50 {t['p50']} ms, "  # type: ignore[index]
             f"ITL p50 {i['p50']} ms, peak running {summary['server_peak_running']}, "  # type: ignore[index]
-            f"peak queue {summary['server_peak_queue']}",
+            f"peak queue {summary['server_peak_queue']}, "
+            f"server RSS after {summary['server_rss_mib_after']} MiB",
             flush=True,
         )
         levels.append(summary)
@@ -138,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = Tokenizer(resolve_model(model_args.model))
         url, proc = start_server(serve_args, name, args.startup_timeout)
     prompts = make_prompts(text, [args.prompt_tokens], 256, tokenizer)
+    pid = proc.pid if proc is not None else None
+    idle_rss = rss_mib(pid)
     try:
-        levels = sweep(url, name, prompts, args)
+        levels = sweep(url, name, prompts, args, pid)
     finally:
         if proc is not None:
             proc.terminate()
@@ -157,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_tokens": args.prompt_tokens,
         "max_tokens": args.max_tokens,
         "duration_s": args.duration,
+        "server_rss_mib_idle": idle_rss,
         "levels": levels,
     }
     args.out.mkdir(parents=True, exist_ok=True)
