@@ -322,6 +322,13 @@ class EngineConfig:
         8192, "while others decode, prefill longer prompts a slice of layers per step, about "
         "this many tokens' worth ('none': whole prompts)", parse=parse_optional_int,
     )
+    # Tokens one step may work on: a decode row per running request plus the prompt tokens of the
+    # prefills it packs (first come, first served; the first prefill of a step goes whatever its
+    # size). Bounds a step's time while letting many short prompts in at once.
+    max_num_batched_tokens: int = knob(
+        8192, "tokens per engine step: one per running request plus the prompts prefilled in it "
+        "(the first waiting prompt always goes)",
+    )
     cache_memory_gb: float | None = knob(
         None, "device memory for the KV cache (default: 85% of free GPU memory, 4 GiB on CPU)"
     )
@@ -347,6 +354,10 @@ class EngineConfig:
             raise ConfigError("max_num_seqs must be >= 1")
         if self.prefill_mlp_chunk < 1:
             raise ConfigError("prefill_mlp_chunk must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
         if self.prefill_slice_tokens is not None and self.prefill_slice_tokens < 1:
             raise ConfigError(
                 "prefill_slice_tokens must be >= 1 (or None to prefill whole prompts)"

@@ -35,7 +35,7 @@ ENGINE_SKIPPED = {
     "generate": set(),
     "serve": set(),
     "eval": {"max_num_seqs"},  # --batch-size
-    "bench": {"max_num_seqs", "max_model_len", "prefill_slice_tokens"},  # set per run
+    "bench": {"max_num_seqs", "max_model_len", "prefill_slice_tokens", "max_num_batched_tokens"},
 }
 # A valid non-default value of every non-bool field: (command-line text, parsed value).
 NON_DEFAULT: dict[str, tuple[str, Any]] = {
@@ -55,6 +55,7 @@ NON_DEFAULT: dict[str, tuple[str, Any]] = {
     "max_model_len": ("512", 512),
     "prefill_mlp_chunk": ("128", 128),
     "prefill_slice_tokens": ("none", None),
+    "max_num_batched_tokens": ("512", 512),
     "cache_memory_gb": ("0.5", 0.5),
     "dtype": ("float16", "float16"),
     "decode_mode": ("eager", "eager"),

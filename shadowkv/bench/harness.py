@@ -10,7 +10,7 @@ import math
 import resource
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -56,7 +56,8 @@ WARMUP_STEPS = 1
 def new_tokens(decode_steps: int, batch: int, index: int) -> int:
     """``max_tokens`` of request ``index`` of ``batch`` so that all finish on the same step.
 
-    The engine alternates prefills with decode steps, so request ``i`` decodes ``batch - 1 - i``
+    The engine prefills one prompt per step after the running requests' decode (the harness
+    builds it with ``max_num_batched_tokens=1``), so request ``i`` decodes ``batch - 1 - i``
     tokens before the last prompt is in; giving it as many extra tokens leaves every request
     ``WARMUP_STEPS + decode_steps`` decode steps at the full batch, after which all stop together.
     """
@@ -162,6 +163,19 @@ def timed_run(
     engine: Engine, context: int, batch: int, decode_steps: int, seed: int = 0,
     prefill: str = "model",
 ) -> RunResult:
+    """``_timed_run`` with the engine prefilling one prompt per step (``max_num_batched_tokens=1``)
+    so each prefill is timed alone and ``new_tokens`` lines the requests up."""
+    cfg = engine.cfg
+    engine.cfg = replace(cfg, max_num_batched_tokens=1)
+    try:
+        return _timed_run(engine, context, batch, decode_steps, seed, prefill)
+    finally:
+        engine.cfg = cfg
+
+
+def _timed_run(
+    engine: Engine, context: int, batch: int, decode_steps: int, seed: int, prefill: str
+) -> RunResult:
     """Prefill ``batch`` random prompts and decode until each made ``decode_steps`` full steps.
 
     ``prefill="synthetic"`` stores generated K/V instead of running the model over the prompts
@@ -194,29 +208,27 @@ def timed_run(
         )
         for i, p in enumerate(prompts)
     ]
-    prefill_times: list[float] = []
-    decode_s, full_steps, mem, most_running, slices, warmup = 0.0, 0, None, 0, 0.0, 0
+    decode_s, full_steps, mem, most_running, warmup = 0.0, 0, None, 0, 0
     while engine.has_unfinished():
         _sync(device)
         start = time.perf_counter()
         outs = engine.step()
         _sync(device)
         elapsed = time.perf_counter() - start
-        most_running = max(most_running, len(engine.running) + sum(o.finished for o in outs))
-        if engine.last_step == "prefill":
-            # A long prompt prefills in slices of layers between decode steps: sum its slices.
-            slices += elapsed
-            if outs:
-                prefill_times.append(slices)
-                slices = 0.0
-        elif len(outs) == batch:
+        # Decoded together this step (a prefill's first token is a request's only one).
+        most_running = max(most_running, sum(len(o.request.output_ids) > 1 for o in outs))
+        if engine.last_step != "decode":
+            continue  # a prefill, alone or after a decode (timed per request below)
+        if len(outs) == batch:
             if mem is None:
                 mem = cache.memory()  # every sequence live, before any finishes
             if warmup < WARMUP_STEPS:
                 warmup += 1
                 continue
             decode_s, full_steps = decode_s + elapsed, full_steps + 1
-    if full_steps != decode_steps or mem is None or len(prefill_times) != batch:
+    # Whole prompts, one per step: admission to first token is the prefill.
+    prefill_times = [r.first_token - r.prefill_start for r in reqs]  # type: ignore[operator]
+    if full_steps != decode_steps or mem is None:
         why = (
             f"at most {most_running} of them ran at once: the cache admitted fewer than it "
             "reserved in the batch search"

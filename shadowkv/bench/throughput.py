@@ -143,6 +143,7 @@ def run_throughput(
         # Whole-prompt prefills, the paper's protocol; slicing trades throughput for the decode
         # latency of running requests (benchmarks/prefill_stall.py measures that).
         prefill_slice_tokens=None,
+        max_num_batched_tokens=1,  # one prefill per step: the harness times each alone
     )
     caches = dict(zip(cfg.methods, cfg.caches))
 

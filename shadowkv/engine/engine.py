@@ -1,8 +1,13 @@
-"""The step loop: advance one request's prefill, or decode every running one.
+"""The step loop: decode every running request, then prefill waiting ones under a token budget.
 
-Prefill work and decode steps alternate while requests wait. A prompt longer than
-``EngineConfig.prefill_slice_tokens`` prefills a slice of layers per step while others decode, so
-running sequences wait for one slice at a time, never for a whole long prefill or the queue.
+A step runs one decode token for every running request first, then admits and prefills waiting
+requests first come, first served while ``EngineConfig.max_num_batched_tokens`` (decode rows
+plus prompt tokens) allows; at least one prefill advances per step, so the queue always moves.
+The prefills run one prompt after another (one forward each, then the decode's forward): the
+batch fills in a few steps instead of one request per two steps. A prompt longer than
+``EngineConfig.prefill_slice_tokens`` prefills a slice of layers per step while others decode
+(alone: the caches prefill one sequence at a time), so running sequences wait one slice at a
+time, never a whole long prefill.
 """
 
 from __future__ import annotations
@@ -112,8 +117,14 @@ class Engine:
         self.running: list[Request] = []
         self._next_id = 0
         self._prefilling: _Prefill | None = None
-        self.last_step: str | None = None  # "prefill" or "decode": what the last step worked on
+        self._did_prefill = False  # whether this step's prefill work ran anything
+        # What the last step worked on: "decode", "prefill" or "mixed" (both).
+        self.last_step: str | None = None
         self.progress: ProgressFn | None = None
+        # Called with each part of a step's outputs as soon as it is final — the decode's, then
+        # each prefill's first tokens — before ``step`` returns them all: a server streams them
+        # without waiting for the rest of the step's prefills.
+        self.on_outputs: Callable[[list[StepOutput]], None] | None = None
 
     # requests ----------------------------------------------------------------------------------
     def add_request(
@@ -244,26 +255,56 @@ class Engine:
 
     # the loop ----------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        prefill_turn = not self.running or self.last_step != "prefill"
-        if prefill_turn and self._prefilling is None and self.waiting:
-            self._admit_next()
-        if prefill_turn and self._prefilling is not None:
-            self.last_step = "prefill"
-            return self._advance_prefill()
-        self.last_step = "decode"
-        if self.running:
-            return self._decode()
-        if self.waiting:
+        """Decode every running request, then advance prefills FCFS within the token budget."""
+        outs = self._emit(self._decode()) if self.running else []
+        decoded = bool(outs)
+        outs += self._prefill_work(self.cfg.max_num_batched_tokens - len(outs), decoded)
+        prefilled = self._did_prefill
+        self.last_step = ("mixed" if prefilled else "decode") if decoded else (
+            "prefill" if prefilled else None
+        )
+        if not decoded and not prefilled and self.waiting:
             raise CacheCapacityError(
                 "no running request frees memory and the next one cannot be admitted"
             )
-        return []
+        return outs
+
+    def _prefill_work(self, budget: int, decoded: bool) -> list[StepOutput]:
+        """Prefill waiting requests, oldest first, while their prompt tokens fit ``budget``.
+
+        The first one goes whatever its size, so a long prompt (or a full decode batch) cannot
+        keep the queue from moving. A prompt whose prefill runs in slices of layers is the only
+        prefill of its steps: the caches hold one sequence's prefill state at a time.
+        """
+        self._did_prefill = False
+        if self._prefilling is not None:
+            self._did_prefill = True
+            return self._emit(self._advance_prefill())
+        outs: list[StepOutput] = []
+        while self.waiting and self._prefilling is None:
+            cost = len(self.waiting[0].prompt_ids)
+            if self._did_prefill and cost > budget:
+                break
+            # After this step's decode, an admission failure is retried next step rather than
+            # raised: the decode's outputs must reach the caller.
+            if not self._admit_next(may_raise=not decoded and not self._did_prefill):
+                break
+            self._did_prefill = True
+            budget -= cost
+            outs += self._emit(self._advance_prefill())
+        return outs
+
+    def _emit(self, outs: list[StepOutput]) -> list[StepOutput]:
+        if outs and self.on_outputs is not None:
+            self.on_outputs(outs)
+        return outs
 
     def _max_new(self, req: Request) -> int:
         return min(req.params.max_tokens, self.max_model_len - len(req.prompt_ids))
 
-    def _admit_next(self) -> None:
-        """Start the head request's prefill if a decode slot and cache room are free."""
+    def _admit_next(self, may_raise: bool = True) -> bool:
+        """Start the head request's prefill if a decode slot and cache room are free; say
+        whether it started."""
         req = self.waiting[0]
         n, max_new = len(req.prompt_ids), self._max_new(req)
         opts = req.cache_options
@@ -271,7 +312,7 @@ class Engine:
         if len(self.running) + slots > self.cfg.max_num_seqs or not self.cache.can_add(
             n, max_new, opts
         ):
-            return
+            return False
         group = [req, *req.samples]
         for i, r in enumerate(group):
             try:
@@ -282,8 +323,8 @@ class Engine:
                 # requests have freed memory.
                 for added in group[:i]:
                     self.cache.free_sequence(added.request_id)
-                if self.running:
-                    return
+                if self.running or not may_raise:
+                    return False
                 if i:
                     raise CacheCapacityError(
                         f"{len(group)} samples of a {n}-token prompt cannot fit in the cache "
@@ -305,6 +346,7 @@ class Engine:
                 self.cfg.prefill_mlp_chunk, self._layer_done(req),
             )
         self._prefilling = _Prefill(req, recording, x, ctx)
+        return True
 
     def _layer_done(self, req: Request) -> Callable[[int, int], None]:
         """Per-layer prefill progress for ``self.progress`` (looked up when each layer ends)."""

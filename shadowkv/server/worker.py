@@ -120,6 +120,10 @@ class WorkerStats:
 _STOP = object()
 
 
+def _is_add(cmd: object) -> bool:
+    return cmd is not _STOP and cmd[0] == "add"  # type: ignore[index]
+
+
 class EngineWorker:
     """Owns ``engine`` on a background thread; call ``submit``/``abort`` from the event loop."""
 
@@ -131,6 +135,10 @@ class EngineWorker:
         self.idle_poll_s = idle_poll_s
         self.rejected = 0  # event-loop thread only
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        # Requests put in the inbox (event-loop thread) and taken out of it (engine thread): the
+        # inbox also carries aborts, which are not queued requests. One writer each.
+        self._adds_sent = 0
+        self._adds_taken = 0
         self._active: dict[int, Handle] = {}
         self._outbox: list[tuple[Handle, Event]] = []  # this loop turn's events, sent by _flush
         self._recent: deque[tuple[float, int]] = (
@@ -145,6 +153,7 @@ class EngineWorker:
             "steps": 0,
         }
         self._stats = WorkerStats()
+        engine.on_outputs = self._deliver_outputs  # runs on the engine thread, inside step()
         self._thread: threading.Thread | None = None
         self._started = time.perf_counter()
 
@@ -203,6 +212,7 @@ class EngineWorker:
         ]
         for h in group:
             h.group = group
+        self._adds_sent += 1
         self._inbox.put(("add", group[0]))
         return group
 
@@ -283,6 +293,7 @@ class EngineWorker:
             while True:
                 cmds.append(self._inbox.get_nowait())
         except queue.Empty:
+            self._adds_taken += sum(_is_add(c) for c in cmds)
             return cmds
 
     def _admit(self, handle: Handle) -> None:
@@ -316,7 +327,7 @@ class EngineWorker:
 
     def _step(self) -> None:
         try:
-            outputs = self.engine.step()
+            self.engine.step()  # its outputs go out part by part through _deliver_outputs
         except CacheCapacityError as err:
             if self.engine.running or not self.engine.waiting:
                 self._crash(err)
@@ -336,6 +347,10 @@ class EngineWorker:
             self._crash(err)
             return
         self._counts["steps"] += 1
+
+    def _deliver_outputs(self, outputs: list[StepOutput]) -> None:
+        """Send a part of a step's outputs (the engine's ``on_outputs``, called mid-step): the
+        decode's tokens, then each packed prefill's first token, as soon as each is final."""
         tokens = 0
         for out in outputs:
             tokens += out.new_token is not None
@@ -344,6 +359,8 @@ class EngineWorker:
                 self._forward(handle, out)
         self._counts["generated"] += tokens
         self._recent.append((time.perf_counter(), tokens))
+        self._publish()
+        self._flush()
 
     def _forward(self, handle: Handle, out: StepOutput) -> None:
         # The engine's deltas hold back partial characters and possible stop-string starts, so
@@ -382,7 +399,7 @@ class EngineWorker:
 
     def _refuse(self, cmds: list[object], err: Exception) -> None:
         for cmd in cmds:
-            if cmd is not _STOP and cmd[0] == "add":  # type: ignore[index]
+            if _is_add(cmd):
                 for h in cmd[1].group:  # type: ignore[index]
                     self._deliver(h, Failed(err, h.index))
 
@@ -410,7 +427,7 @@ class EngineWorker:
             mem = CacheMemory(self._stats.cache_device_bytes, self._stats.cache_host_bytes)
         c = self._counts
         self._stats = WorkerStats(
-            queued=len(self.engine.waiting) + self._inbox.qsize(),
+            queued=len(self.engine.waiting) + self._adds_sent - self._adds_taken,
             running=len(self.engine.running),
             generated_tokens=c["generated"],
             prompt_tokens=c["prompt"],

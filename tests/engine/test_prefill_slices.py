@@ -2,7 +2,7 @@
 prefills replayed into other cache methods.
 
 A tiny random 4-layer Llama; prompts are token ids. With ``prefill_slice_tokens=100`` a 200-token
-prompt prefills 2 layers per step, so its prefill spans two steps with a decode step between.
+prompt prefills 2 layers per step, so its prefill spans two steps, each after a decode.
 """
 
 from __future__ import annotations
@@ -60,12 +60,11 @@ def test_decodes_continue_during_a_sliced_prefill(path: Path, method: str) -> No
     engine.step()  # a's whole prefill: nothing else runs
     assert a in engine.running
     b = engine.add_request(LONG, SamplingParams(max_tokens=6))
-    assert [o.request for o in engine.step()] == [a]  # prefill and decode turns alternate
-    assert engine.step() == [] and engine.prefilling is b  # first half of b's layers
-    outs = engine.step()
-    assert engine.last_step == "decode" and [o.request for o in outs] == [a]
-    outs = engine.step()  # second half: b's first token
-    assert engine.last_step == "prefill" and [o.request for o in outs] == [b]
+    outs = engine.step()  # a decodes, then the first half of b's layers
+    assert [o.request for o in outs] == [a] and engine.prefilling is b
+    assert engine.last_step == "mixed"
+    outs = engine.step()  # a decodes, then the second half: b's first token
+    assert engine.last_step == "mixed" and [o.request for o in outs] == [a, b]
     assert engine.prefilling is None
     run_all(engine)
     assert [a.output_ids, b.output_ids] == alone
@@ -74,13 +73,14 @@ def test_decodes_continue_during_a_sliced_prefill(path: Path, method: str) -> No
 def test_no_slicing_when_nothing_runs_or_when_disabled(path: Path) -> None:
     for slice_tokens, running in ((100, False), (None, True)):
         engine = make_llm(path, "dense", slice_tokens).engine
+        a = None
         if running:
-            engine.add_request(SHORT, SamplingParams(max_tokens=8))
-            engine.step()
+            a = engine.add_request(SHORT, SamplingParams(max_tokens=8))
             engine.step()
         b = engine.add_request(LONG, SamplingParams(max_tokens=2))
         outs = engine.step()
-        assert [o.request for o in outs] == [b] and engine.prefilling is None
+        assert [o.request for o in outs] == [r for r in (a, b) if r is not None]
+        assert engine.prefilling is None
 
 
 @pytest.mark.parametrize("method", ["dense", "shadowkv"])
@@ -90,8 +90,7 @@ def test_abort_mid_prefill_frees_its_memory(path: Path, method: str) -> None:
     engine.step()
     idle = engine.cache.memory()
     b = engine.add_request(LONG, SamplingParams(max_tokens=4))
-    engine.step()  # a decodes
-    engine.step()
+    engine.step()  # a decodes, b's first slice
     assert engine.prefilling is b and engine.cache.memory().device_bytes > idle.device_bytes
     engine.abort(b.request_id)
     assert b.finish_reason == "abort" and engine.prefilling is None
@@ -169,8 +168,7 @@ def test_failed_allocation_at_admission_keeps_the_request_queued(path: Path, mon
 
     monkeypatch.setattr(engine.cache, "add_sequence", flaky)
     b = engine.add_request(LONG[:50], SamplingParams(max_tokens=2))
-    engine.step()  # a decodes
-    engine.step()  # b's admission fails: b waits, a keeps going
+    engine.step()  # a decodes; b's admission fails: b waits, a keeps going
     assert list(engine.waiting) == [b] and a in engine.running
     run_all(engine)
     assert len(a.output_ids) == 6 and len(b.output_ids) == 2
