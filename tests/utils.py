@@ -151,3 +151,14 @@ def greedy_with_logits(model, rope, cache, prompt: list[int], steps: int, seq_id
 def full_budget(prompt_len: int, chunk: int = 8, local: int = 4, outliers: int = 2) -> int:
     """The sparse budget (tokens) that selects every landmark chunk of a prompt."""
     return (prompt_len // chunk - local - outliers) * chunk
+
+
+def small_cache_cfg(method: str):
+    """``method`` at a 32-token budget (ShadowKV: 2 outlier chunks, rank 16): sparse on the
+    tiny models' 40+-token prompts, dense fallback below."""
+    from shadowkv.cache.methods import DenseConfig, method_config
+
+    if method == "dense":
+        return DenseConfig()
+    extra = {"outlier_chunks": 2, "rank": 16} if method == "shadowkv" else {}
+    return method_config(method, sparse_budget=32, **extra)

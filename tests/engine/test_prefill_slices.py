@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from utils import small_cache_cfg as cache_cfg
 
-from shadowkv import LLM, CacheConfig, DenseConfig, EngineConfig, SamplingParams, method_config
+from shadowkv import LLM, EngineConfig, SamplingParams
 from shadowkv.config import ConfigError
 from shadowkv.engine.engine import Engine, PromptError
 from shadowkv.engine.prompt_kv import PromptKV
@@ -20,13 +21,6 @@ from shadowkv.engine.prompt_kv import PromptKV
 SHORT = list(range(5, 25))  # 20 tokens
 LONG = [(7 * i) % 90 + 3 for i in range(200)]  # 200 tokens
 METHODS = ["dense", "shadowkv", "quest", "loki", "streaming", "oracle"]
-
-
-def cache_cfg(method: str) -> CacheConfig:
-    if method == "dense":
-        return DenseConfig()
-    extra = {"outlier_chunks": 2, "rank": 16} if method == "shadowkv" else {}
-    return method_config(method, sparse_budget=32, **extra)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from utils import small_cache_cfg as cache_cfg
 
 from shadowkv import LLM, CacheConfig, DenseConfig, EngineConfig, SamplingParams, method_config
 from shadowkv.config import ConfigError
@@ -21,13 +22,6 @@ PROMPTS = [[(k * i) % 90 + 3 for i in range(n)] for k, n in (
     (1, 20), (7, 200), (11, 97), (13, 150), (17, 33), (19, 180)
 )]
 MAX_TOKENS = [9, 6, 11, 4, 7, 8]
-
-
-def cache_cfg(method: str) -> CacheConfig:
-    if method == "dense":
-        return DenseConfig()
-    extra = {"outlier_chunks": 2, "rank": 16} if method == "shadowkv" else {}
-    return method_config(method, sparse_budget=32, **extra)
 
 
 @pytest.fixture(scope="module")
