@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--lengths", type=_csv(int), default=(4096,),
                    help="comma-separated context lengths in tokens (prompt + generation)")
     w.add_argument("--samples", type=int, default=4, help="samples per task and length")
+    w.add_argument("--first-sample", type=int, default=0,
+                   help="run only samples with index >= this (0-based; each sample is the same "
+                   "whatever --samples is), e.g. to extend a table in parts")
     w.add_argument("--seed", type=int, default=42)
     w.add_argument("--haystack", type=Path, default=None,
                    help="essay corpus (.jsonl/.txt), needed by essay tasks and niah")
@@ -98,7 +101,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     engine = engine_config_from_args(args, max_num_seqs=max(args.batch_size, 1))
     return EvalConfig(
         tasks=args.tasks, lengths=args.lengths, caches=caches, out=args.out,
-        model=args.model, num_samples=args.samples, budgets=budgets,
+        model=args.model, num_samples=args.samples, first_sample=args.first_sample,
+        budgets=budgets,
         haystack=args.haystack, qa_file=args.qa_file, chat_template=args.chat_template,
         seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         engine=engine, device=args.device, share_prefill=not args.no_share_prefill,

@@ -56,6 +56,7 @@ class EvalConfig:
     out: Path
     model: str | None = None
     num_samples: int = 4
+    first_sample: int = 0
     budgets: tuple[float, ...] = (2048,)
     haystack: Path | None = None
     qa_file: Path | None = None
@@ -79,6 +80,10 @@ class EvalConfig:
             raise ConfigError("lengths must be given, each at least 64 tokens")
         if self.num_samples < 1 or self.batch_size < 1:
             raise ConfigError("num_samples and batch_size must be >= 1")
+        if not 0 <= self.first_sample < self.num_samples:
+            raise ConfigError(
+                f"first_sample {self.first_sample} must be in [0, num_samples={self.num_samples})"
+            )
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError("max_new_tokens must be >= 1 (or None for each task's own)")
         for m in self.methods:
@@ -208,7 +213,7 @@ def run_eval(
             (task, length, i)
             for task in cfg.tasks
             for length in cfg.lengths
-            for i in range(cfg.num_samples)
+            for i in range(cfg.first_sample, cfg.num_samples)
             if (model_name, method, budget, task, length, cfg.seed, i) not in done
         ]
         for method, budget in cfg.runs()
@@ -248,7 +253,7 @@ def run_eval(
         r for r in load_records(cfg.out)
         if (r["model"], r["method"], r["budget"]) in wanted
         and r["task"] in cfg.tasks and r["length"] in cfg.lengths and r["seed"] == cfg.seed
-        and r["index"] < cfg.num_samples
+        and cfg.first_sample <= r["index"] < cfg.num_samples
     ]
 
 

@@ -115,6 +115,22 @@ def test_shared_prefill_changes_no_prediction(tiny_llm, tmp_path):
     assert len(got[True]) == 8 and got[True] == got[False]
 
 
+def test_first_sample_runs_the_tail_with_the_same_samples(tiny_llm, tmp_path):
+    """A table extended in parts: samples first_sample.. equal the same indices of a full run."""
+    full = run_eval(config(tmp_path / "full.jsonl"), progress=False, llm=tiny_llm)
+    tail = run_eval(
+        config(tmp_path / "tail.jsonl", first_sample=2), progress=False, llm=tiny_llm
+    )
+    assert sorted((r["method"], r["index"]) for r in tail) == [("dense", 2), ("streaming", 2)]
+    by_key = {(r["method"], r["index"]): r for r in full}
+    for r in tail:
+        twin = by_key[r["method"], r["index"]]
+        assert r["prediction"] == twin["prediction"] and r["outputs"] == twin["outputs"]
+        assert r["prompt_tokens"] == twin["prompt_tokens"]
+    with pytest.raises(ConfigError, match="first_sample"):
+        config(tmp_path / "x.jsonl", first_sample=3)
+
+
 def test_budget_sweep_runs_dense_once(tiny_llm, tmp_path):
     out = tmp_path / "sweep.jsonl"
     cfg = config(out, num_samples=1, budgets=(16, 48), methods=("dense", "oracle", "quest"))
