@@ -52,8 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated context lengths in tokens (prompt + generation)")
     w.add_argument("--samples", type=int, default=4, help="samples per task and length")
     w.add_argument("--first-sample", type=int, default=0,
-                   help="run only samples with index >= this (0-based; each sample is the same "
-                   "whatever --samples is), e.g. to extend a table in parts")
+                   help="run only samples with index >= this (0-based): they are the same "
+                   "samples as in a full run with the same --samples (extend a table in parts)")
     w.add_argument("--seed", type=int, default=42)
     w.add_argument("--haystack", type=Path, default=None,
                    help="essay corpus (.jsonl/.txt), needed by essay tasks and niah")
