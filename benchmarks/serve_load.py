@@ -9,11 +9,15 @@ batch and queue, 5xx) and, with matplotlib (the ``plot`` extra), a plot of outpu
 and ITL p50 against concurrency; ``--compare other.json`` draws a second sweep (before / after)
 on the same axes.
 
-The load generator is our own (``load_test.py``): GuideLLM is not a dependency (it would add two
-dozen packages — sanic, uvloop, protobuf, ... — to the test environment).
+Two load generators: our own closed-loop clients (``load_test.py``, the default) and GuideLLM
+(``--driver guidellm --guidellm PATH``; ``guidellm_load.py``), which is not a dependency: it
+pins its own torch and transformers and adds two dozen packages, so it lives in a venv of its own.
+Both report the same keys, so a sweep of either plots against the other with ``--compare``.
 
     python benchmarks/serve_load.py --cache dense --concurrency 1,8,32 --duration 60 \\
         --prompt-tokens 256 --max-tokens 16 --label after --out bench_out/serve_load
+    python benchmarks/serve_load.py --driver guidellm --guidellm ~/guidellm/bin/guidellm \\
+        --cache shadowkv --concurrency 1,4,16,64 --duration 60 --label guidellm
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import guidellm_load  # noqa: E402
 from load_test import (  # noqa: E402
     DEMO_TEXT,
     check_loopback,
@@ -63,6 +68,22 @@ def rss_mib(pid: int | None) -> float | None:
     return None if kb is None else round(kb / 1024, 1)
 
 
+def run_level(
+    url: str, name: str, prompts: list[str], args: argparse.Namespace, clients: int
+) -> dict:
+    """One level's summary, from the driver ``args.driver`` names."""
+    if args.driver == "guidellm":
+        report = args.out / f"guidellm_{args.label}_c{clients}.json"
+        return asyncio.run(guidellm_load.run_level(
+            args.guidellm, url, args.tokenizer_dir, clients, args.duration,
+            args.prompt_tokens, args.max_tokens, report, args.duration + args.grace + 120,
+        ))
+    samples, cut, wall, peaks = asyncio.run(
+        run_load(url, name, prompts, level_args(args, clients), {})
+    )
+    return summarise(samples, cut, wall, peaks) | {"driver": "own"}
+
+
 def sweep(
     url: str, name: str, prompts: list[str], args: argparse.Namespace, pid: int | None
 ) -> list[dict]:
@@ -70,10 +91,7 @@ def sweep(
     repeated level, e.g. ``--concurrency 32,32,32,32``, is a soak: does it plateau?)."""
     levels = []
     for clients in args.concurrency:
-        samples, cut, wall, peaks = asyncio.run(
-            run_load(url, name, prompts, level_args(args, clients), {})
-        )
-        summary = summarise(samples, cut, wall, peaks) | {
+        summary = run_level(url, name, prompts, args, clients) | {
             "concurrency": clients, "server_rss_mib_after": rss_mib(pid)
         }
         t, i = summary["ttft_ms"], summary["itl_ms"]
@@ -135,12 +153,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", type=Path, default=None, help="another sweep's JSON to plot too")
     p.add_argument("--out", type=Path, default=Path("bench_out/serve_load"))
     p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument("--driver", choices=("own", "guidellm"), default="own",
+                   help="load generator: our own clients (load_test.py) or GuideLLM")
+    p.add_argument("--guidellm", default=None,
+                   help="GuideLLM's executable (default: guidellm on PATH)")
     args, serve_args = p.parse_known_args(argv)
     model_parser = argparse.ArgumentParser(prog="serve_load (serve flags)", add_help=False)
     add_model_args(model_parser)
     model_args, _ = model_parser.parse_known_args(serve_args)
     if any(c < 1 for c in args.concurrency) or args.duration <= 0:
         raise SystemExit("serve_load: concurrency levels and --duration must be positive")
+    if args.driver == "guidellm":
+        from shadowkv.models.loader import resolve_model
+
+        args.guidellm = guidellm_load.find_guidellm(args.guidellm)
+        args.tokenizer_dir = resolve_model(model_args.model)  # GuideLLM sizes prompts with it
+        args.out.mkdir(parents=True, exist_ok=True)
 
     from shadowkv.eval.haystack import load_corpus_text
 
@@ -171,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
         ),
         "label": args.label,
+        "driver": args.driver,
         "cache": model_args.cache,
         "model": model_args.model or "smollm2",
         "serve_args": serve_args,
