@@ -119,3 +119,11 @@ def test_staging_is_counted_freed_and_a_partial_prompt_cannot_decode(model) -> N
         c.begin_prefill(7, 10, 50)  # chunks go in order
     c.free_sequence(7)  # an abort mid-prefill
     assert not c.staging.staged and c.memory().device_bytes == 0
+    c.add_sequence(8, N, 4)
+    for start in (0, 50, 100):  # the last chunk stores the prompt and frees the staging
+        end = min(N, start + 50)
+        c.begin_prefill(8, end - start, start)
+        run_model(m, torch.tensor(p[start:end]), torch.arange(start, end), rope, c, "prefill")
+        c.end_prefill()
+    assert not c.staging.staged and c.memory(8).device_bytes == held
+    c.begin_decode([8])  # the whole prompt is cached: it decodes
