@@ -466,6 +466,11 @@ def device_columns(columns: dict[str, list[int]], device: torch.device) -> dict[
     return dict(zip(columns, host.unbind(0)))
 
 
+# Off CUDA a lower-right causal bias is materialised as a float ``[T, S]`` mask: queries go in
+# blocks of rows so it holds at most this many elements (64 MiB).
+MASK_ELEMENTS = 1 << 24
+
+
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -475,20 +480,36 @@ def causal_attention(
     Query ``i`` sees keys ``[0, S - T + i]`` (causal aligned to the lower right). With ``S == T``
     SDPA's causal path runs without an explicit mask, so the CPU and CUDA flash kernels tile the
     score matrix instead of materialising ``[H, T, T]``; with ``S > T`` a lower-right causal
-    bias, which CUDA's memory-efficient kernel takes without a mask tensor.
+    bias, which CUDA's flash and memory-efficient kernels take without a mask tensor (elsewhere
+    it becomes a mask, bounded by blocks of query rows).
     """
     T, S = q.shape[0], k.shape[0]
     if S < T:
         raise ValueError(f"{T} queries need at least as many keys, got {S}")
+    if S == T:
+        return _sdpa(q, k, v, scale, is_causal=True)
+    rows = T if q.device.type == "cuda" else max(1, MASK_ELEMENTS // S)
+    if rows >= T:
+        return _sdpa(q, k, v, scale, attn_mask=causal_lower_right(T, S))
+    out = torch.empty_like(q)
+    off = S - T  # query row i is key i + off
+    for s in range(0, T, rows):
+        e = min(T, s + rows)  # rows [s, e) see keys [0, off + e), lower-right aligned
+        out[s:e] = _sdpa(q[s:e], k[: off + e], v[: off + e], scale,
+                         attn_mask=causal_lower_right(e - s, off + e))
+    return out
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **mask: Any
+          ) -> torch.Tensor:
     # 4-D inputs: SDPA's flash kernels refuse 3-D ones and fall back to the math path, which
     # materialises the [H, T, T] scores (128 GiB for Llama-3.1-8B at 32K).
-    kw: dict[str, Any] = {"is_causal": True} if S == T else {"attn_mask": causal_lower_right(T, S)}
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None],
         k.transpose(0, 1)[None],
         v.transpose(0, 1)[None],
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
-        **kw,
+        **mask,
     )
     return out[0].transpose(0, 1)

@@ -51,6 +51,17 @@ def test_attention_over_earlier_keys_is_the_tail_of_whole_attention(S: int) -> N
                          sliding_window_attention(q, k, v, 0.3, 7)[-T:], what="windowed")
 
 
+def test_attention_over_many_earlier_keys_goes_in_row_blocks(monkeypatch) -> None:
+    from shadowkv.cache import base
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(40, h, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+    want = causal_attention(q[-13:], k, v, 0.3)
+    monkeypatch.setattr(base, "MASK_ELEMENTS", 40 * 3)  # blocks of 3 query rows
+    assert_close_verbose(causal_attention(q[-13:], k, v, 0.3), want, what="row blocks")
+    assert_close_verbose(want, causal_attention(q, k, v, 0.3)[-13:], what="tail")
+
+
 def test_gram_summed_by_chunks_gives_the_same_factors() -> None:
     k = torch.randn(100, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     gram = sum(c.T @ c for c in k.split(13))
