@@ -82,9 +82,10 @@ def test_chunked_prefills_and_mixed_steps_equal_one_by_one(path: Path, method: s
         assert engine.counters["prefill_chunks"] > len(PROMPTS)  # some prompts were chunked
 
 
+@pytest.mark.parametrize("mode", ["eager", "static"])
 @pytest.mark.parametrize("method", ["dense", "shadowkv"])
-def test_decodes_continue_during_a_chunked_prefill(path: Path, method: str) -> None:
-    llm = make_llm(path, method)
+def test_decodes_continue_during_a_chunked_prefill(path: Path, method: str, mode: str) -> None:
+    llm = make_llm(path, method, decode_mode=mode)
     alone = [
         llm.generate(p, SamplingParams(max_tokens=n))[0].token_ids
         for p, n in ((SHORT, 12), (LONG, 6))
