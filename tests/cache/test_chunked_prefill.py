@@ -138,3 +138,18 @@ def test_staging_is_counted_freed_and_a_partial_prompt_cannot_decode(model) -> N
         c.end_prefill()
     assert not c.staging.staged and c.memory(8).device_bytes == held
     c.begin_decode([8])  # the whole prompt is cached: it decodes
+
+
+@pytest.mark.parametrize("family", ["qwen2", "glm4", "qwen3"])
+def test_shadowkv_chunked_equals_whole_across_families(tiny_checkpoint, family: str) -> None:
+    """Projection biases (Qwen2), interleaved partial rotary (GLM-4) and q/k norms (Qwen3): the
+    staged keys are rebuilt as the model rotated them."""
+    from shadowkv.models.loader import load_model
+
+    mcfg, m = load_model(tiny_checkpoint(family), CPU, torch.float32)
+    c, rope = cache((mcfg, m), cache_cfg("shadowkv"))
+    p = prompt(N)
+    want_tokens, want = greedy_with_logits(m, rope, c, p, 5)
+    tokens, got = greedy_with_logits(m, rope, c, p, 5, chunk=29)
+    assert tokens == want_tokens
+    assert_close_verbose(got, want, atol=1e-4, rtol=1e-4, what=family)
