@@ -50,7 +50,7 @@ def measure(args: argparse.Namespace) -> dict:
         for mode in modes:
             engine_cfg = EngineConfig(
                 max_num_seqs=max(cfg.batches), max_model_len=cfg.max_model_len,
-                cache_memory_gb=cfg.engine.cache_memory_gb, prefill_slice_tokens=None,
+                cache_memory_gb=cfg.engine.cache_memory_gb, chunked_prefill=False,
                 decode_mode=mode,
             )
             engine = build_engine(model, model_cfg, cache_cfg, engine_cfg, device, dtype)

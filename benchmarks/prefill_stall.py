@@ -1,13 +1,14 @@
-"""How long running sequences stall while a long prompt prefills, with and without slicing.
+"""How long running sequences stall while a long prompt prefills, with and without chunking.
 
 One short request decodes; after its 4th token a long prompt arrives. The script records the
 short request's token timestamps and reports its largest and median gap between tokens, and the
-long request's time to first token, for each ``EngineConfig.prefill_slice_tokens`` setting and
-cache method, all in one process on the same weights (so the settings are compared under the
-same machine load).
+long request's time to first token, for each step token budget
+(``EngineConfig.max_num_batched_tokens`` with chunked prefill; ``none``: whole-prompt prefill,
+``chunked_prefill=False``) and cache method, all in one process on the same weights (so the
+settings are compared under the same machine load).
 
     python benchmarks/prefill_stall.py --haystack ../shared/data/pg_essays.jsonl \\
-        --long-tokens 6000 --slices none,2048,512 --methods dense,shadowkv \\
+        --long-tokens 6000 --budgets none,2048,512 --methods dense,shadowkv \\
         --out bench_out/stall.json
 """
 
@@ -30,15 +31,14 @@ JOIN_AFTER = 4  # the long prompt arrives after the short request's 4th token
 
 
 def measure(
-    llm: LLM, method: str, slice_tokens: int | None, short: list[int], long: list[int], new: int
+    llm: LLM, method: str, budget: int | None, short: list[int], long: list[int], new: int
 ) -> dict:
     if method == "dense":
         cache = DenseConfig()
     else:
         cache = method_config(method, sparse_budget=256, outlier_chunks=8)
-    cfg = EngineConfig(
-        max_model_len=llm.max_model_len, prefill_slice_tokens=slice_tokens, max_num_seqs=2
-    )
+    chunking = {"chunked_prefill": False} if budget is None else {"max_num_batched_tokens": budget}
+    cfg = EngineConfig(max_model_len=llm.max_model_len, max_num_seqs=2, **chunking)
     llm.set_cache(cache, cfg)
     engine = llm.engine
     a = engine.add_request(short, SamplingParams(max_tokens=new, ignore_eos=True))
@@ -54,7 +54,7 @@ def measure(
     gaps = [y - x for x, y in zip(stamps[JOIN_AFTER - 1 :], stamps[JOIN_AFTER:])]
     return {
         "method": method,
-        "prefill_slice_tokens": slice_tokens,
+        "step_budget": budget,
         "short_max_gap_s": round(max(gaps), 3),
         "short_median_gap_s": round(statistics.median(gaps), 3),
         "long_ttft_s": round(b.first_token - b.arrival, 3),
@@ -72,7 +72,8 @@ def main() -> None:
     p.add_argument("--short-tokens", type=int, default=64)
     p.add_argument("--decode-tokens", type=int, default=40, help="tokens the short request makes")
     p.add_argument(
-        "--slices", default="none,2048,512", help="prefill_slice_tokens values; none = off"
+        "--budgets", default="none,2048,512",
+        help="max_num_batched_tokens values with chunked prefill; none = whole prompts"
     )
     p.add_argument("--methods", default="dense,shadowkv")
     p.add_argument("--threads", type=int, default=1)
@@ -82,19 +83,19 @@ def main() -> None:
     llm = LLM(args.model, device="cpu")
     ids = llm.tokenizer.encode(Haystack.from_path(args.haystack).text(args.long_tokens))
     long, short = ids[: args.long_tokens], ids[-args.short_tokens :]
-    slices = [None if s.strip() == "none" else int(s) for s in args.slices.split(",")]
+    budgets = [None if s.strip() == "none" else int(s) for s in args.budgets.split(",")]
     rows = []
     for method in args.methods.split(","):
-        for s in slices:
+        for s in budgets:
             rows.append(measure(llm, method, s, short, long, args.decode_tokens))
             print(json.dumps(rows[-1]), flush=True)
     print(
-        "\n| method | prefill_slice_tokens | short request: max gap s | median gap s "
+        "\n| method | step budget (chunked) | short request: max gap s | median gap s "
         "| long prompt TTFT s |"
     )
     print("|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['method']} | {r['prefill_slice_tokens'] or 'off'} | {r['short_max_gap_s']} | "
+        print(f"| {r['method']} | {r['step_budget'] or 'whole'} | {r['short_max_gap_s']} | "
               f"{r['short_median_gap_s']} | {r['long_ttft_s']} |")
     if args.out is not None:
         meta = {

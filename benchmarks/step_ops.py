@@ -134,7 +134,7 @@ def measure(
         model_cfg, model = load_model(resolve_model(model_path), cpu, dtype)
     engine_cfg = EngineConfig(
         max_num_seqs=4, max_model_len=1024, cache_memory_gb=0.2, decode_mode="static",
-        prefill_slice_tokens=None, max_num_batched_tokens=1,
+        chunked_prefill=False, max_num_batched_tokens=1,
     )
     knobs = dict(sparse_budget=32, outlier_chunks=2, rank=0.5)
     report = {"model": arch or model_path or "smollm2", "layers": model_cfg.num_layers,

@@ -315,19 +315,18 @@ class EngineConfig:
     max_num_seqs: int = knob(64, "sequences decoded together at most (the largest batch)")
     max_model_len: int | None = knob(None, "context limit in tokens (default: the model's)")
     prefill_mlp_chunk: int = knob(4096, "tokens per MLP slice during prefill (bounds peak memory)")
-    # While sequences decode, a prompt longer than this prefills a slice of layers per step
-    # (about this many tokens' worth of work), alternating with decode steps, so running
-    # sequences are not stalled for a whole long prefill. None: whole prompts at once.
-    prefill_slice_tokens: int | None = knob(
-        8192, "while others decode, prefill longer prompts a slice of layers per step, about "
-        "this many tokens' worth ('none': whole prompts)", parse=parse_optional_int,
-    )
     # Tokens one step may work on: a decode row per running request plus the prompt tokens of the
-    # prefills it packs (first come, first served; the first prefill of a step goes whatever its
-    # size). Bounds a step's time while letting many short prompts in at once.
+    # prefill chunks it packs (first come, first served; engine/prefill.py has the policy).
+    # Bounds a step's time while letting many short prompts in at once.
     max_num_batched_tokens: int = knob(
-        8192, "tokens per engine step: one per running request plus the prompts prefilled in it "
-        "(the first waiting prompt always goes)",
+        8192, "tokens per engine step: one per running request plus the prompt tokens prefilled "
+        "in it (a longer prompt prefills in chunks over several steps)",
+    )
+    # Off: every prompt prefills whole in one step (the first of a step whatever its size), so a
+    # long prompt stalls the running sequences for its whole prefill.
+    chunked_prefill: bool = knob(
+        True, "prefill prompts longer than a step's token budget in chunks of tokens, one chunk "
+        "per step while the others decode",
     )
     cache_memory_gb: float | None = knob(
         None, "device memory for the KV cache (default: 85% of free GPU memory, 4 GiB on CPU)"
@@ -357,10 +356,6 @@ class EngineConfig:
         if self.max_num_batched_tokens < 1:
             raise ConfigError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
-            )
-        if self.prefill_slice_tokens is not None and self.prefill_slice_tokens < 1:
-            raise ConfigError(
-                "prefill_slice_tokens must be >= 1 (or None to prefill whole prompts)"
             )
         if self.dtype not in DTYPES:
             raise ConfigError("dtype must be auto, float32, bfloat16 or float16")

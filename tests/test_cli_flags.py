@@ -35,7 +35,7 @@ ENGINE_SKIPPED = {
     "generate": set(),
     "serve": set(),
     "eval": {"max_num_seqs"},  # --batch-size
-    "bench": {"max_num_seqs", "max_model_len", "prefill_slice_tokens", "max_num_batched_tokens"},
+    "bench": {"max_num_seqs", "max_model_len", "chunked_prefill", "max_num_batched_tokens"},
 }
 # A valid non-default value of every non-bool field: (command-line text, parsed value).
 NON_DEFAULT: dict[str, tuple[str, Any]] = {
@@ -54,7 +54,6 @@ NON_DEFAULT: dict[str, tuple[str, Any]] = {
     "max_num_seqs": ("3", 3),
     "max_model_len": ("512", 512),
     "prefill_mlp_chunk": ("128", 128),
-    "prefill_slice_tokens": ("none", None),
     "max_num_batched_tokens": ("512", 512),
     "cache_memory_gb": ("0.5", 0.5),
     "dtype": ("float16", "float16"),
@@ -209,14 +208,14 @@ def test_old_spellings_still_parse() -> None:
     args = parse("generate", "--cache", "shadowkv", "--sparse-budget", "1024", "--rank", "96",
                  "--chunk-size", "16", "--outlier-chunks", "4", "--local-chunks", "1",
                  "--host-memory-gb", "2", "--device-value-memory-gb", "0.5", "--decode-mode",
-                 "static", "--prefill-slice-tokens", "none", "--max-model-len", "1024",
+                 "static", "--no-chunked-prefill", "--max-model-len", "1024",
                  "--max-num-seqs", "2", "--cache-memory-gb", "0.1", "--dtype", "float32")
     assert cache_config_from_args(args) == ShadowKVConfig(
         sparse_budget=1024, rank=96, chunk_size=16, outlier_chunks=4, local_chunks=1,
         host_memory_gb=2, device_value_memory_gb=0.5,
     )
     assert engine_config_from_args(args) == EngineConfig(
-        decode_mode="static", prefill_slice_tokens=None, max_model_len=1024, max_num_seqs=2,
+        decode_mode="static", chunked_prefill=False, max_model_len=1024, max_num_seqs=2,
         cache_memory_gb=0.1, dtype="float32",
     )
     eval_cmd = importlib.import_module("shadowkv.commands.eval")
@@ -246,7 +245,7 @@ def test_old_spellings_still_parse() -> None:
         ("generate", ["--sparse-budget", "lots"], "invalid budget value: 'lots'"),
         ("serve", ["--rank", "high"], "invalid budget (or 'none') value"),
         ("generate", ["--max-model-len", "long"], "invalid int (or 'none') value"),
-        ("generate", ["--prefill-slice-tokens", "1.5"], "--prefill-slice-tokens: invalid"),
+        ("generate", ["--max-num-batched-tokens", "1.5"], "--max-num-batched-tokens: invalid"),
         ("serve", ["--cache-memory-gb", "lots"], "invalid float (or 'none') value"),
         ("generate", ["--dtype", "float8"], "invalid choice: 'float8'"),
         ("eval", ["--decode-mode", "fast"], "invalid choice: 'fast'"),

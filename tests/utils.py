@@ -129,15 +129,22 @@ def run_model(model, ids, positions, rope, cache, phase: str, logits_index=None)
     return model(ids, model.context(phase, positions, rope, cache), logits_index)
 
 
-def greedy_with_logits(model, rope, cache, prompt: list[int], steps: int, seq_id: int = 0):
-    """Prefill then ``steps`` greedy decode steps of one sequence: (tokens, logits [steps+1, V])."""
+def greedy_with_logits(
+    model, rope, cache, prompt: list[int], steps: int, seq_id: int = 0, chunk: int | None = None
+):
+    """Prefill (in ``chunk``-token chunks, or whole) then ``steps`` greedy decode steps of one
+    sequence: (tokens, logits [steps+1, V])."""
     n, dev = len(prompt), rope.cos.device
     cache.add_sequence(seq_id, n, steps + 1)
-    cache.begin_prefill(seq_id, n)
-    ids, pos = torch.tensor(prompt, device=dev), torch.arange(n, device=dev)
-    last = torch.tensor([n - 1], device=dev)
-    logits = [run_model(model, ids, pos, rope, cache, "prefill", logits_index=last)[0]]
-    cache.end_prefill()
+    chunk = chunk or n
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        cache.begin_prefill(seq_id, end - start, start)
+        ids, pos = torch.tensor(prompt[start:end], device=dev), torch.arange(start, end, device=dev)
+        last = torch.tensor([end - start - 1], device=dev)
+        out = run_model(model, ids, pos, rope, cache, "prefill", logits_index=last)[0]
+        cache.end_prefill()
+    logits = [out]
     for _ in range(steps):
         cache.begin_decode([seq_id])
         pos = torch.tensor([cache.length(seq_id)], device=dev)

@@ -163,10 +163,11 @@ def timed_run(
     engine: Engine, context: int, batch: int, decode_steps: int, seed: int = 0,
     prefill: str = "model",
 ) -> RunResult:
-    """``_timed_run`` with the engine prefilling one prompt per step (``max_num_batched_tokens=1``)
-    so each prefill is timed alone and ``new_tokens`` lines the requests up."""
+    """``_timed_run`` with the engine prefilling one whole prompt per step
+    (``max_num_batched_tokens=1``, no chunking) so each prefill is timed alone and
+    ``new_tokens`` lines the requests up."""
     cfg = engine.cfg
-    engine.cfg = replace(cfg, max_num_batched_tokens=1)
+    engine.cfg = replace(cfg, max_num_batched_tokens=1, chunked_prefill=False)
     try:
         return _timed_run(engine, context, batch, decode_steps, seed, prefill)
     finally:
@@ -181,12 +182,6 @@ def _timed_run(
     ``prefill="synthetic"`` stores generated K/V instead of running the model over the prompts
     (``bench/synthetic.py``): decode is timed the same, prefill figures mean nothing then.
     """
-    slice_tokens = engine.cfg.prefill_slice_tokens
-    if slice_tokens is not None and context > slice_tokens:
-        raise ValueError(
-            f"a timed run prefills whole prompts, but this engine slices prompts over "
-            f"{slice_tokens} tokens; build it with EngineConfig(prefill_slice_tokens=None)"
-        )
     device = engine.device
     gen = torch.Generator().manual_seed(seed)
     vocab = engine.model_cfg.vocab_size

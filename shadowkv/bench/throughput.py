@@ -140,9 +140,9 @@ def run_throughput(
         cfg.engine,
         max_num_seqs=cfg.max_batch,
         max_model_len=cfg.max_model_len,
-        # Whole-prompt prefills, the paper's protocol; slicing trades throughput for the decode
+        # Whole-prompt prefills, the paper's protocol; chunking trades throughput for the decode
         # latency of running requests (benchmarks/prefill_stall.py measures that).
-        prefill_slice_tokens=None,
+        chunked_prefill=False,
         max_num_batched_tokens=1,  # one prefill per step: the harness times each alone
     )
     caches = dict(zip(cfg.methods, cfg.caches))

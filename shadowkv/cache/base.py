@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from shadowkv.cache.errors import CacheCapacityError, CacheOptionsError
 from shadowkv.cache.layout import KVLayout
@@ -273,13 +274,45 @@ class AttentionCache(ABC):
         return self.seqs[seq_id].length
 
     # steps -------------------------------------------------------------------------------------
-    def begin_prefill(self, seq_id: int, num_tokens: int) -> None:
-        """Plan a prefill of ``num_tokens`` prompt tokens for one sequence."""
+    # A prompt prefills in one or more chunks (token-chunked prefill): ``begin_prefill(seq, n,
+    # start)`` plans prompt tokens ``[start, start + n)``, the layers' ``prefill`` calls store
+    # them and attend over ``[0, start + n)``, and ``end_prefill`` makes them part of the
+    # sequence. Only a sequence whose whole prompt is cached may decode.
+    def begin_prefill(self, seq_id: int, num_tokens: int, start: int = 0) -> None:
+        """Plan a prefill of prompt tokens ``[start, start + num_tokens)`` of one sequence
+        (chunks in order: ``start`` is the tokens already prefilled)."""
+        rec = self.seqs[seq_id]
+        if start != rec.length or start + num_tokens > rec.prompt_len or num_tokens < 1:
+            raise ValueError(
+                f"sequence {seq_id} has {rec.length} of {rec.prompt_len} prompt tokens cached; "
+                f"it cannot prefill tokens [{start}, {start + num_tokens})"
+            )
         self._prefill_seq = seq_id
+        self._prefill_start = start
         self._prefill_len = num_tokens
 
+    @property
+    def prefill_end(self) -> int:
+        """One past the last prompt token of the planned prefill chunk."""
+        return self._prefill_start + self._prefill_len
+
+    def prefill_completes(self) -> bool:
+        """Whether the planned chunk is its prompt's last."""
+        return self.prefill_end == self.seqs[self._prefill_seq].prompt_len
+
     def end_prefill(self) -> None:
-        self.seqs[self._prefill_seq].length = self._prefill_len
+        self.seqs[self._prefill_seq].length = self.prefill_end
+
+    def check_decodable(self, seq_ids: list[int]) -> None:
+        """Raise unless every sequence's whole prompt is cached (a partly prefilled prompt
+        must not decode)."""
+        for s in seq_ids:
+            rec = self.seqs[s]
+            if rec.length < rec.prompt_len:
+                raise ValueError(
+                    f"sequence {s} has {rec.length} of its {rec.prompt_len} prompt tokens "
+                    "prefilled; it cannot decode yet"
+                )
 
     # A decode step is planned in two halves. On the host, ``decode_columns`` turns the step's
     # sequences into per-sequence integers and ``decode_widths`` into the plan's sizes; on the
@@ -291,6 +324,7 @@ class AttentionCache(ABC):
 
     def begin_decode(self, seq_ids: list[int]) -> None:
         """Plan one decode step (one new token per sequence): build index tensors once."""
+        self.check_decodable(seq_ids)
         self._decode_seqs = list(seq_ids)
         cols = device_columns(self.decode_columns(seq_ids), self.device)
         self.plan_decode(cols, self.decode_widths(seq_ids, static=False))
@@ -298,6 +332,7 @@ class AttentionCache(ABC):
     def begin_static_decode(self, seq_ids: list[int]) -> tuple[dict[str, list[int]], object]:
         """Host half of a fixed-shape step: ``(columns, widths)``; the caller pads the columns
         with ``pad_columns()`` and runs ``plan_decode`` (usually inside a CUDA graph)."""
+        self.check_decodable(seq_ids)
         self._decode_seqs = list(seq_ids)
         return self.decode_columns(seq_ids), self.decode_widths(seq_ids, static=True)
 
@@ -327,20 +362,48 @@ class AttentionCache(ABC):
     def prefill(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
     ) -> torch.Tensor:
-        """Cache a prompt's keys/values and return exact causal attention ``[T, H, D]``.
+        """Cache a prompt chunk's keys/values and return exact causal attention ``[T, H, D]``
+        of its queries over the earlier prompt tokens and the chunk.
 
         ``q [T, H, D]`` and ``k [T, Hkv, D]`` are post-RoPE; ``k_pre`` is the pre-RoPE key (after
         any projection bias), which low-rank methods factorise. Prefill attention is exact in
-        every method (the paper's protocol), so only what is stored differs.
+        every method (the paper's protocol), so only what is stored differs. The earlier tokens
+        are read back (``read_prompt``) before the chunk is stored: a ring (``WindowCache``) may
+        overwrite them.
         """
+        start = self._prefill_start
+        lo = self.prompt_attend_from(start)
+        if lo < start:
+            k_old, v_old = self.read_prompt(layer, lo, start)  # [start - lo, Hkv, D]
+            k_all = torch.cat([k_old.to(k.dtype), k])
+            v_all = torch.cat([v_old.to(v.dtype), v])
+        else:
+            k_all, v_all = k, v
         self.store_prompt(layer, k, v, k_pre)
+        return self.prompt_attention(q, k_all, v_all)
+
+    def prompt_attend_from(self, start: int) -> int:
+        """The first earlier prompt token a chunk starting at ``start`` attends to."""
+        return 0
+
+    def prompt_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Exact attention of a chunk's queries ``q [T, H, D]`` over keys ``[S >= T, Hkv, D]``
+        ending with the chunk's own (lower-right causal)."""
         return causal_attention(q, k, v, self.scale)
+
+    def read_prompt(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Post-RoPE keys and values ``[end - start, Hkv, D]`` of the planned sequence's prompt
+        tokens ``[start, end)``, cached by earlier chunks (chunked prefill reads them)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot prefill a prompt in chunks")
 
     @abstractmethod
     def store_prompt(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
     ) -> None:
-        """Cache one layer of the prompt of the sequence being prefilled, without attending.
+        """Cache one layer of the planned prompt chunk (tokens ``[start, start + T)``), without
+        attending.
 
         Also the replay path: a recorded prompt (``engine.prompt_kv``) is stored through it.
         """
@@ -403,23 +466,50 @@ def device_columns(columns: dict[str, list[int]], device: torch.device) -> dict[
     return dict(zip(columns, host.unbind(0)))
 
 
+# Off CUDA a lower-right causal bias is materialised as a float ``[T, S]`` mask: queries go in
+# blocks of rows so it holds at most this many elements (64 MiB).
+MASK_ELEMENTS = 1 << 24
+
+
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Exact causal attention over one prompt: ``q [T, H, D]``, ``k, v [T, Hkv, D]`` ->
-    ``[T, H, D]``.
+    """Exact causal attention of a prompt chunk: ``q [T, H, D]``, ``k, v [S, Hkv, D]`` with
+    ``S >= T`` (the last ``T`` keys are the queries' own tokens) -> ``[T, H, D]``.
 
-    Uses SDPA's causal path without an explicit mask so the CPU and CUDA flash kernels tile the
-    score matrix instead of materialising ``[H, T, T]``.
+    Query ``i`` sees keys ``[0, S - T + i]`` (causal aligned to the lower right). With ``S == T``
+    SDPA's causal path runs without an explicit mask, so the CPU and CUDA flash kernels tile the
+    score matrix instead of materialising ``[H, T, T]``; with ``S > T`` a lower-right causal
+    bias, which CUDA's flash and memory-efficient kernels take without a mask tensor (elsewhere
+    it becomes a mask, bounded by blocks of query rows).
     """
+    T, S = q.shape[0], k.shape[0]
+    if S < T:
+        raise ValueError(f"{T} queries need at least as many keys, got {S}")
+    if S == T:
+        return _sdpa(q, k, v, scale, is_causal=True)
+    rows = T if q.device.type == "cuda" else max(1, MASK_ELEMENTS // S)
+    if rows >= T:
+        return _sdpa(q, k, v, scale, attn_mask=causal_lower_right(T, S))
+    out = torch.empty_like(q)
+    off = S - T  # query row i is key i + off
+    for s in range(0, T, rows):
+        e = min(T, s + rows)  # rows [s, e) see keys [0, off + e), lower-right aligned
+        out[s:e] = _sdpa(q[s:e], k[: off + e], v[: off + e], scale,
+                         attn_mask=causal_lower_right(e - s, off + e))
+    return out
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **mask: Any
+          ) -> torch.Tensor:
     # 4-D inputs: SDPA's flash kernels refuse 3-D ones and fall back to the math path, which
     # materialises the [H, T, T] scores (128 GiB for Llama-3.1-8B at 32K).
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None],
         k.transpose(0, 1)[None],
         v.transpose(0, 1)[None],
-        is_causal=True,
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
+        **mask,
     )
     return out[0].transpose(0, 1)

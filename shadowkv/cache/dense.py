@@ -106,9 +106,15 @@ class DenseCache(AttentionCache):
         table = self.block_tables[self.seqs[seq_id].row].long()
         return table[pos // S] * S + pos % S
 
-    def begin_prefill(self, seq_id: int, num_tokens: int) -> None:
-        super().begin_prefill(seq_id, num_tokens)
-        self._prefill_slots = self._slots(seq_id, 0, num_tokens)
+    def begin_prefill(self, seq_id: int, num_tokens: int, start: int = 0) -> None:
+        super().begin_prefill(seq_id, num_tokens, start)
+        self._prefill_slots = self._slots(seq_id, start, start + num_tokens)
+
+    def read_prompt(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        Hkv, D = self.layout.num_kv_heads, self.layout.head_dim
+        slots = self._slots(self._prefill_seq, start, end)
+        k, v = self.k_cache[layer].view(-1, Hkv, D), self.v_cache[layer].view(-1, Hkv, D)
+        return k[slots], v[slots]
 
     supports_static_decode = True
 
@@ -132,7 +138,7 @@ class DenseCache(AttentionCache):
         rows, pos = cols["rows"], cols["pos"]
         self._tables = self.block_tables[rows, :widths]  # [B, widths]
         self._seq_lens = (pos + 1).to(torch.int32)
-        # Kept apart from the prefill's slots: a sliced prefill runs between decode steps.
+        # Kept apart from the prefill's slots: a chunked prefill runs between decode steps.
         self._decode_slots = (
             self._tables.gather(1, (pos // S)[:, None]).squeeze(1).long() * S + pos % S
         )

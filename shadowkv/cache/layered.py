@@ -88,9 +88,9 @@ class LayeredCache:
         for c in self.parts:
             c.fork(src_seq, dst_seq)
 
-    def begin_prefill(self, seq_id: int, num_tokens: int) -> None:
+    def begin_prefill(self, seq_id: int, num_tokens: int, start: int = 0) -> None:
         for c in self.parts:
-            c.begin_prefill(seq_id, num_tokens)
+            c.begin_prefill(seq_id, num_tokens, start)
 
     def end_prefill(self) -> None:
         for c in self.parts:

@@ -60,7 +60,8 @@ class LokiCache(SparseCache):
         self.basis[layer][row] = basis
         low = torch.einsum("thd,hdr->thr", k.float(), basis)
         Hkv = self.layout.num_kv_heads
-        self.k_low[layer].view(-1, Hkv, self.rank)[self._prefill_slots] = low.to(self.dtype)
+        slots = self._slots(self._prefill_seq, 0, k.shape[0])
+        self.k_low[layer].view(-1, Hkv, self.rank)[slots] = low.to(self.dtype)
 
     def select(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, H, D = q.shape

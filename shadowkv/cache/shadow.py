@@ -36,6 +36,7 @@ from shadowkv.cache.shadow_drive import LandmarkSelection, SelectionPolicy
 from shadowkv.cache.shadow_layout import PAGE_CHUNKS, SeqLayout, cdiv, plan_sequence
 from shadowkv.cache.shadow_prefill import exact_token_index, lowrank_factors, summarize_chunks
 from shadowkv.cache.shadow_sizing import size_shadowkv
+from shadowkv.cache.shadow_staging import PromptStaging
 from shadowkv.cache.shadow_tables import (
     BASIS,
     BLOCKS,
@@ -54,6 +55,7 @@ from shadowkv.kernels.decode_attention import decode_attention
 from shadowkv.kernels.fp8 import CODE_DTYPE, SCALE_DTYPE, quantize_fp8
 from shadowkv.kernels.gather_values import gather_values
 from shadowkv.kernels.reconstruct_keys import reconstruct_keys
+from shadowkv.kernels.rope import apply_rope
 from shadowkv.kernels.rope.tables import RopeTables
 from shadowkv.kernels.select_chunks import select_chunks_inplace
 
@@ -143,6 +145,8 @@ class ShadowKVCache(AttentionCache):
         self._fetch_stream = torch.cuda.Stream(device) if overlap else None
         self.selector: SelectionPolicy = LandmarkSelection()
         self.svd_timer: SpanTimer | None = None  # benchmarks: time the prompt factorisations
+        # Sparse prompts prefilling in chunks, until their last chunk (``shadow_staging.py``).
+        self.staging = PromptStaging(L, device)
 
     def set_selection(self, selector: SelectionPolicy) -> None:
         """Swap how chunks are scored (benchmarks: ``shadow_drive.DrivenSelection``)."""
@@ -235,9 +239,10 @@ class ShadowKVCache(AttentionCache):
 
     def on_free(self, rec: SeqRecord) -> None:
         self.tables.release(rec.row)
+        self.staging.drop(rec.seq_id)
 
     def fixed_bytes(self, rec: SeqRecord) -> int:
-        return self.sizing.slot_bytes
+        return self.sizing.slot_bytes + self.staging.nbytes(rec.seq_id)
 
     def record(self, seq_id: int) -> ShadowSeq:
         rec = self.seqs[seq_id]
@@ -245,15 +250,21 @@ class ShadowKVCache(AttentionCache):
         return rec
 
     # steps -------------------------------------------------------------------------------------
-    def begin_prefill(self, seq_id: int, num_tokens: int) -> None:
+    def begin_prefill(self, seq_id: int, num_tokens: int, start: int = 0) -> None:
+        super().begin_prefill(seq_id, num_tokens, start)
         rec = self.record(seq_id)
-        if num_tokens != rec.prompt_len:
-            raise ValueError(
-                f"sequence {seq_id} was admitted with a {rec.prompt_len}-token prompt but "
-                f"prefills {num_tokens}; ShadowKV prefills a whole prompt at once"
-            )
-        super().begin_prefill(seq_id, num_tokens)
         self._prefill = self.tables.plan_prefill(rec)
+        # A sparse prompt split in chunks stages them until its last (``shadow_staging.py``);
+        # a whole prompt, or one running dense, is stored as it comes.
+        self._staged = not rec.lay.dense and num_tokens < rec.prompt_len
+        if self._staged and start == 0:
+            Hkv, D = self.layout.num_kv_heads, self.layout.head_dim
+            self.staging.begin(seq_id, rec.prompt_len, Hkv, D, self.dtype)
+
+    def end_prefill(self) -> None:
+        super().end_prefill()
+        if self.prefill_completes():
+            self.staging.drop(self._prefill_seq)
 
     supports_static_decode = True
 
@@ -280,12 +291,45 @@ class ShadowKVCache(AttentionCache):
         self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
     ) -> None:
         plan: PrefillPlan = self._prefill
+        start, end = self._prefill_start, self.prefill_end
         if plan.layout.dense:
-            self._write_exact(layer, plan.exact_rows, k, v)
+            self._write_exact(layer, plan.exact_rows[start:end], k, v)
             return
+        if not self._staged:
+            T = k.shape[0]
+            self._store_sparse(layer, plan, k, v, k_pre.reshape(T, -1), None)
+            return
+        staged = self.staging.get(self._prefill_seq)
+        staged.add(layer, start, k_pre, v)
+        if self.prefill_completes():  # the whole prompt is here: store it as unchunked would
+            k_all = torch.cat([self.read_prompt(layer, 0, start)[0], k]) if start else k
+            self._store_sparse(
+                layer, plan, k_all, staged.v[layer], staged.k_pre[layer], staged.gram[layer]
+            )
+
+    def read_prompt(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        plan: PrefillPlan = self._prefill
+        if plan.layout.dense:
+            rows = plan.exact_rows[start:end]
+            Hkv, D = self.layout.num_kv_heads, self.layout.head_dim
+            k, v = self.k_buf[layer].view(-1, Hkv, D), self.v_buf[layer].view(-1, Hkv, D)
+            return k[rows], v[rows]
+        staged = self.staging.get(self._prefill_seq)
+        k_pre = staged.k_pre[layer][start:end].view(end - start, *staged.v[layer].shape[1:])
+        # Rotated by the model's own op and table rows: the keys its layer produced, bit for bit.
+        cos, sin = self.rope.rows(torch.arange(start, end, device=self.device))
+        k = apply_rope(k_pre, k_pre, cos, sin, self.rope.style)[1]
+        return k, staged.v[layer][start:end]
+
+    def _store_sparse(
+        self, layer: int, plan: PrefillPlan, k: torch.Tensor, v: torch.Tensor,
+        k_pre: torch.Tensor, gram: torch.Tensor | None,
+    ) -> None:
+        """Factorise, summarise and store a whole sparse prompt's layer: ``k, v [T, Hkv, D]``,
+        ``k_pre [T, Hkv*D]``, ``gram``: its ``KᵀK`` when summed chunk by chunk."""
         T, Hkv, D = k.shape
         with timed(self.svd_timer):
-            f = lowrank_factors(k_pre.reshape(T, Hkv * D), self.rank)
+            f = lowrank_factors(k_pre, self.rank, gram)
         self.a_pages[layer].view(-1, self.rank)[plan.factor_rows] = f.a.to(self.dtype)
         self.w_t[layer][plan.basis] = f.w_t.to(self.dtype)
         s = summarize_chunks(k, self.cfg.chunk_size, self.cfg.local_chunks, self.cfg.outlier_chunks)

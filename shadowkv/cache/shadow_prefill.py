@@ -24,20 +24,23 @@ class LowRankFactors:
     eigenvalues: torch.Tensor
 
 
-def lowrank_factors(keys: torch.Tensor, rank: int) -> LowRankFactors:
+def lowrank_factors(
+    keys: torch.Tensor, rank: int, gram: torch.Tensor | None = None
+) -> LowRankFactors:
     """Rank-``rank`` factors of pre-RoPE keys ``[T, Hkv*D]`` by the Gram route.
 
     ``G = KᵀK`` (fp32, or fp64 for fp64 input), ``eigh(G)``, ``W`` = the top ``rank``
     eigenvectors ``[Hkv*D, R]``, ``A = K W``. The squared Frobenius error of ``A Wᵀ`` is the sum
     of the dropped eigenvalues; at full rank ``W`` is orthogonal and ``A Wᵀ = K``. Cheaper than an
-    SVD of the tall ``K`` and spans the same top singular subspace.
+    SVD of the tall ``K`` and spans the same top singular subspace. ``gram``: ``KᵀK`` already
+    summed (a prompt prefilled in chunks, ``shadow_staging``), instead of computing it here.
     """
     if keys.dim() != 2:
         raise ValueError(f"keys must be [T, Hkv*D], got {tuple(keys.shape)}")
     if not 1 <= rank <= keys.shape[1]:
         raise ValueError(f"rank={rank} must be in [1, {keys.shape[1]}] (the key width)")
     k = keys.to(torch.promote_types(keys.dtype, torch.float32))
-    evals, evecs = torch.linalg.eigh(k.T @ k)  # ascending
+    evals, evecs = torch.linalg.eigh(k.T @ k if gram is None else gram.to(k.dtype))  # ascending
     evals, evecs = evals.flip(0), evecs.flip(1)
     w = evecs[:, :rank]  # [Hkv*D, R]
     return LowRankFactors(a=k @ w, w_t=w.T.contiguous(), eigenvalues=evals.clamp_min(0))

@@ -62,10 +62,16 @@ class SparseCache(DenseCache):
         self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
     ) -> None:
         super().store_prompt(layer, k, v, k_pre)
-        self.summarise(layer, k.to(self.dtype))
+        if not self.prefill_completes():
+            return  # metadata summarises the whole prompt: built with its last chunk
+        start = self._prefill_start
+        keys = k
+        if start:
+            keys = torch.cat([self.read_prompt(layer, 0, start)[0], k.to(self.dtype)])
+        self.summarise(layer, keys.to(self.dtype))
 
     def summarise(self, layer: int, k: torch.Tensor) -> None:
-        """Build selection metadata from the prompt's post-RoPE keys ``k [T, Hkv, D]``."""
+        """Build selection metadata from the whole prompt's post-RoPE keys ``k [T, Hkv, D]``."""
 
     def begin_decode(self, seq_ids: list[int]) -> None:
         super().begin_decode(seq_ids)

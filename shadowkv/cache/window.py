@@ -8,7 +8,8 @@ cache with each sequence's blocks used as a ring of ``min(window, prompt + max_n
 position ``p`` in slot ``p % window``. Decode writes the new token over the one leaving the
 window, then attends every filled slot (``min(p + 1, window)``; order does not matter to
 attention, and keys are stored rotated). Prefill attends with the sliding mask and stores only
-the prompt's last ``window`` tokens.
+the last ``window`` tokens of each prompt chunk; a later chunk reads the ``window - 1`` tokens
+before it back from the ring before storing itself.
 """
 
 from __future__ import annotations
@@ -53,20 +54,25 @@ class WindowCache(DenseCache):
         table = self.block_tables[self.seqs[seq_id].row].long()
         return table[ring // S] * S + ring % S
 
-    def begin_prefill(self, seq_id: int, num_tokens: int) -> None:
-        super().begin_prefill(seq_id, num_tokens)
-        self._kept = self.held_tokens(num_tokens)  # the prompt's last tokens stay in the ring
-        self._prefill_slots = self._slots(seq_id, num_tokens - self._kept, num_tokens)
+    def begin_prefill(self, seq_id: int, num_tokens: int, start: int = 0) -> None:
+        super().begin_prefill(seq_id, num_tokens, start)
+        end = start + num_tokens
+        self._kept = self.held_tokens(num_tokens)  # the chunk's last tokens stay in the ring
+        self._prefill_slots = self._slots(seq_id, end - self._kept, end)
 
     def store_prompt(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
     ) -> None:
         self._write(layer, self._prefill_slots, k[-self._kept :], v[-self._kept :])
 
-    def prefill(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
+    def prompt_attend_from(self, start: int) -> int:
+        # The chunk's first query sees the window - 1 tokens before it, all still in the ring
+        # (``prefill`` reads them before storing the chunk over them).
+        return max(0, start - self.window + 1)
+
+    def prompt_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        self.store_prompt(layer, k, v, k_pre)
         return sliding_window_attention(q, k, v, self.scale, self.window)
 
     def plan_decode(self, cols: dict[str, torch.Tensor], widths: int) -> None:
@@ -83,26 +89,27 @@ class WindowCache(DenseCache):
 def sliding_window_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int
 ) -> torch.Tensor:
-    """Causal attention where query ``i`` sees keys ``(i - window, i]``: ``q [T, H, D]``,
-    ``k, v [T, Hkv, D]`` -> ``[T, H, D]``.
+    """Causal attention where a query sees the ``window`` keys ending at its own: ``q [T, H, D]``,
+    ``k, v [S >= T, Hkv, D]`` (the last ``T`` keys are the queries' tokens) -> ``[T, H, D]``.
 
     Queries go in blocks of ``window`` rows, each against the keys its rows can see (at most
     ``2 * window - 1``), so the scores never exceed ``[H, window, 2 * window]``.
     """
-    T = q.shape[0]
-    if T <= window:
+    T, S = q.shape[0], k.shape[0]
+    if S <= window:
         return causal_attention(q, k, v, scale)
+    off = S - T  # key index of query row i is i + off
     out = torch.empty_like(q)
     for s in range(0, T, window):
         e = min(T, s + window)
-        lo = max(0, s - window + 1)
-        i = torch.arange(s, e, device=q.device)[:, None]
-        j = torch.arange(lo, e, device=q.device)[None, :]
-        mask = (j <= i) & (j > i - window)  # [e - s, e - lo]
+        lo = max(0, s + off - window + 1)
+        i = torch.arange(s + off, e + off, device=q.device)[:, None]
+        j = torch.arange(lo, e + off, device=q.device)[None, :]
+        mask = (j <= i) & (j > i - window)  # [e - s, e + off - lo]
         out[s:e] = F.scaled_dot_product_attention(
             q[s:e].transpose(0, 1)[None],
-            k[lo:e].transpose(0, 1)[None],
-            v[lo:e].transpose(0, 1)[None],
+            k[lo : e + off].transpose(0, 1)[None],
+            v[lo : e + off].transpose(0, 1)[None],
             attn_mask=mask,
             scale=scale,
             enable_gqa=q.shape[1] != k.shape[1],

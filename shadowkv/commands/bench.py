@@ -23,7 +23,7 @@ from shadowkv.commands.flags import (
 _BENCH_DEFAULTS = {f.name: f.default for f in fields(BenchConfig)}
 # Set per run by run_throughput: --max-batch, the contexts, whole prompts one per step.
 _ENGINE_PER_RUN = (
-    "max_num_seqs", "max_model_len", "prefill_slice_tokens", "max_num_batched_tokens"
+    "max_num_seqs", "max_model_len", "chunked_prefill", "max_num_batched_tokens"
 )
 
 

@@ -57,7 +57,8 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 class PrefillProgress:
-    """Layer-by-layer progress of a long prefill on stderr (shown from 1024 tokens up)."""
+    """Progress of a long prefill on stderr (shown from 1024 tokens up), in token-layers: a
+    chunked prefill runs every layer once per chunk."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -73,7 +74,8 @@ class PrefillProgress:
         if not self.tty and done != total:
             return
         end = "\n" if done == total else ""
-        print(f"\rprefill {len(req.prompt_ids)} tokens [{bar}] layer {done}/{total} {elapsed:.1f}s",
+        pct = 100 * done // total
+        print(f"\rprefill {len(req.prompt_ids)} tokens [{bar}] {pct}% {elapsed:.1f}s",
               end=end, file=sys.stderr, flush=True)
 
 

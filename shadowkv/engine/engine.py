@@ -1,13 +1,13 @@
-"""The step loop: decode every running request, then prefill waiting ones under a token budget.
+"""The step loop: decode every running request, then prefill under a token budget.
 
-A step runs one decode token for every running request first, then admits and prefills waiting
-requests first come, first served while ``EngineConfig.max_num_batched_tokens`` (decode rows
-plus prompt tokens) allows; at least one prefill advances per step, so the queue always moves.
-The prefills run one prompt after another (one forward each, then the decode's forward): the
-batch fills in a few steps instead of one request per two steps. A prompt longer than
-``EngineConfig.prefill_slice_tokens`` prefills a slice of layers per step while others decode
-(alone: the caches prefill one sequence at a time), so running sequences wait one slice at a
-time, never a whole long prefill.
+A step runs one decode token for every running request first, then spends the rest of
+``EngineConfig.max_num_batched_tokens`` (decode rows plus prompt tokens) on prefills, first come,
+first served (``engine/prefill.py`` has the policy): a prompt that fits prefills whole; a longer
+one prefills by chunks of tokens (``EngineConfig.chunked_prefill``), one chunk per step while the
+others decode, so a step's time stays bounded whatever the prompt lengths. At most one prompt is
+partly prefilled at a time; it gets at most half a step's prefill budget while short prompts
+wait. The prefills of a step run one after another (one forward each, then the next step's
+decode): the batch fills in a few steps instead of one request per two steps.
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ from shadowkv.config import EngineConfig, ModelConfig
 from shadowkv.engine.decode_runner import DecodeRunner
 from shadowkv.engine.grammar import Grammars
 from shadowkv.engine.logits import new_state, prompt_logprobs, sample_requests
+from shadowkv.engine.prefill import MIN_CHUNK, PrefillState, partial_share
 from shadowkv.engine.prompt_kv import PromptKV, RecordingCache
 from shadowkv.engine.request import Request, Status
 from shadowkv.engine.sampling import SamplingParams, make_generator, sample
-from shadowkv.models.context import ForwardContext
-from shadowkv.models.llama import Hidden, LlamaModel
+from shadowkv.models.llama import LlamaModel
 from shadowkv.models.tokenizer import Tokenizer
 
+# ``progress(request, done, total)`` during a prefill: work units (token-layers) done of total.
 ProgressFn = Callable[[Request, int, int], None]
 
 
@@ -42,18 +43,6 @@ class PromptError(ValueError):
 
 class ContextLengthError(PromptError):
     """A prompt does not fit the model's context window."""
-
-
-@dataclass
-class _Prefill:
-    """A prefill in progress: the hidden state (``[T, hidden]`` output and residual) entering
-    layer ``next_layer``."""
-
-    request: Request
-    cache: RecordingCache | None  # keeps the prompt's K/V when the request asks for them
-    x: Hidden | None
-    ctx: ForwardContext | None
-    next_layer: int = 0
 
 
 @dataclass(frozen=True)
@@ -112,11 +101,14 @@ class Engine:
         self.grammars = Grammars(tokenizer, model_cfg.vocab_size, sorted(self.eos_ids))
         # Prompt tokens run through the model, and samples that took a copy of another's
         # prefill: by ``cache.fork``, or by replaying the recorded prefill (caches without fork).
-        self.counters = {"prefill_tokens": 0, "forked_samples": 0, "replayed_samples": 0}
+        # Prefill chunks run (a prompt prefilled whole is one chunk).
+        self.counters = {
+            "prefill_tokens": 0, "prefill_chunks": 0, "forked_samples": 0, "replayed_samples": 0
+        }
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._next_id = 0
-        self._prefilling: _Prefill | None = None
+        self._partial: PrefillState | None = None  # the prompt prefilled in chunks, if any
         self._did_prefill = False  # whether this step's prefill work ran anything
         # What the last step worked on: "decode", "prefill" or "mixed" (both).
         self.last_step: str | None = None
@@ -215,10 +207,10 @@ class Engine:
         """Stop a request; aborting the first of several samples before its prefill has ended
         aborts them all (they wait on its prefill)."""
         heads = list(self.waiting)
-        if self._prefilling is not None:
-            heads.append(self._prefilling.request)
-            if self._prefilling.request.request_id == request_id:
-                self._prefilling = None
+        if self._partial is not None:
+            heads.append(self._partial.request)
+            if self._partial.request.request_id == request_id:
+                self._partial = None  # freeing the sequence frees what its chunks hold
         for head in heads:
             if head.request_id == request_id:
                 if head in self.waiting:
@@ -235,12 +227,12 @@ class Engine:
                 self._finish(req, "abort")
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self._prefilling)
+        return bool(self.waiting or self.running or self._partial)
 
     @property
     def prefilling(self) -> Request | None:
-        """The request whose prefill is under way (between slices), if any."""
-        return self._prefilling.request if self._prefilling else None
+        """The request whose prompt is partly prefilled (between chunks), if any."""
+        return self._partial.request if self._partial else None
 
     def fits_ever(self, prompt_len: int, max_new: int, options: CacheOptions | None = None) -> bool:
         """Whether a request of this size could be admitted into the empty cache.
@@ -270,28 +262,34 @@ class Engine:
         return outs
 
     def _prefill_work(self, budget: int, decoded: bool) -> list[StepOutput]:
-        """Prefill waiting requests, oldest first, while their prompt tokens fit ``budget``.
-
-        The first one goes whatever its size, so a long prompt (or a full decode batch) cannot
-        keep the queue from moving. A prompt whose prefill runs in slices of layers is the only
-        prefill of its steps: the caches hold one sequence's prefill state at a time.
-        """
+        """Spend ``budget`` prompt tokens on prefills: the partial one's next chunk, then waiting
+        prompts first come, first served (``engine/prefill.py``)."""
         self._did_prefill = False
-        if self._prefilling is not None:
-            self._did_prefill = True
-            return self._emit(self._advance_prefill())
+        chunked = self.cfg.chunked_prefill
+        if chunked:
+            budget = max(budget, MIN_CHUNK)
         outs: list[StepOutput] = []
-        while self.waiting and self._prefilling is None:
-            cost = len(self.waiting[0].prompt_ids)
-            if self._did_prefill and cost > budget:
+        p = self._partial
+        if p is not None:
+            head = len(self.waiting[0].prompt_ids) if self.waiting else None
+            n = partial_share(budget, p.remaining, head)
+            budget -= n
+            outs += self._emit(self._run_chunk(p, n))
+        while self.waiting:
+            req = self.waiting[0]
+            cost = len(req.prompt_ids)
+            can_chunk = chunked and req.prompt_kv is None
+            whole = cost <= budget or (not self._did_prefill and not can_chunk)
+            if not whole and (not can_chunk or self._partial is not None or budget < MIN_CHUNK):
                 break
             # After this step's decode, an admission failure is retried next step rather than
             # raised: the decode's outputs must reach the caller.
-            if not self._admit_next(may_raise=not decoded and not self._did_prefill):
+            p = self._admit_next(may_raise=not decoded and not self._did_prefill)
+            if p is None:
                 break
-            self._did_prefill = True
-            budget -= cost
-            outs += self._emit(self._advance_prefill())
+            n = cost if whole else budget
+            budget -= n
+            outs += self._emit(self._advance(p, n))
         return outs
 
     def _emit(self, outs: list[StepOutput]) -> list[StepOutput]:
@@ -302,9 +300,8 @@ class Engine:
     def _max_new(self, req: Request) -> int:
         return min(req.params.max_tokens, self.max_model_len - len(req.prompt_ids))
 
-    def _admit_next(self, may_raise: bool = True) -> bool:
-        """Start the head request's prefill if a decode slot and cache room are free; say
-        whether it started."""
+    def _admit_next(self, may_raise: bool = True) -> PrefillState | None:
+        """Admit the head request (and its samples) if decode slots and cache room are free."""
         req = self.waiting[0]
         n, max_new = len(req.prompt_ids), self._max_new(req)
         opts = req.cache_options
@@ -312,7 +309,7 @@ class Engine:
         if len(self.running) + slots > self.cfg.max_num_seqs or not self.cache.can_add(
             n, max_new, opts
         ):
-            return False
+            return None
         group = [req, *req.samples]
         for i, r in enumerate(group):
             try:
@@ -324,7 +321,7 @@ class Engine:
                 for added in group[:i]:
                     self.cache.free_sequence(added.request_id)
                 if self.running or not may_raise:
-                    return False
+                    return None
                 if i:
                     raise CacheCapacityError(
                         f"{len(group)} samples of a {n}-token prompt cannot fit in the cache "
@@ -333,69 +330,77 @@ class Engine:
                 raise
         req.prefill_start = time.perf_counter()
         self.waiting.popleft()
-        self.cache.begin_prefill(req.request_id, n)
         record = req.record_prompt_kv or (req.samples and not self.cache.supports_fork)
-        recording = RecordingCache(self.cache) if record else None
-        x, ctx = None, None  # a replayed prefill runs no layers
-        if req.prompt_kv is None:
-            self.counters["prefill_tokens"] += n
-            x = self.model.embed(torch.tensor(req.prompt_ids, device=self.device))
-            ctx = self.model.context(
-                "prefill", torch.arange(n, device=self.device), self.rope,
-                recording or self.cache,  # type: ignore[arg-type]
-                self.cfg.prefill_mlp_chunk, self._layer_done(req),
-            )
-        self._prefilling = _Prefill(req, recording, x, ctx)
-        return True
+        return PrefillState(req, RecordingCache(self.cache) if record else None)
 
-    def _layer_done(self, req: Request) -> Callable[[int, int], None]:
-        """Per-layer prefill progress for ``self.progress`` (looked up when each layer ends)."""
+    def _advance(self, p: PrefillState, n: int) -> list[StepOutput]:
+        """A newly admitted prefill's first ``n`` tokens (a replayed one: all, running no
+        layers)."""
+        req = p.request
+        if req.prompt_kv is None:
+            return self._run_chunk(p, n)
+        self._did_prefill = True
+        self.cache.begin_prefill(req.request_id, len(req.prompt_ids))
+        req.prompt_kv.replay(self.cache)
+        self.cache.end_prefill()
+        return self._end_prefill(p, req.prompt_kv.logits, req.prompt_kv)
+
+    def _layer_done(self, req: Request, start: int, n: int) -> Callable[[int, int], None]:
+        """Per-layer progress of a chunk of ``n`` tokens from ``start`` for ``self.progress``
+        (looked up when each layer ends), in token-layers of the whole prompt."""
+        total = len(req.prompt_ids)
 
         def done(layer: int, num_layers: int) -> None:
             if self.progress is not None:
-                self.progress(req, layer, num_layers)
+                self.progress(req, start * num_layers + layer * n, total * num_layers)
 
         return done
 
-    def _advance_prefill(self) -> list[StepOutput]:
-        """Run the next slice of layers (all of them when nothing else is running)."""
-        p = self._prefilling
-        assert p is not None
-        req, n, L = p.request, len(p.request.prompt_ids), self.model_cfg.num_layers
-        if req.prompt_kv is not None:
-            req.prompt_kv.replay(self.cache)
-            return self._end_prefill(req.prompt_kv.logits, req.prompt_kv)
-        assert p.x is not None and p.ctx is not None
-        slice_tokens = self.cfg.prefill_slice_tokens
-        if not self.running or slice_tokens is None:
-            stop = L
-        else:
-            stop = min(L, p.next_layer + max(1, L * slice_tokens // n))
-        p.x = self.model.run_layers(p.x, p.ctx, p.next_layer, stop)
-        p.next_layer = stop
-        if stop < L:
-            return []
-        logits = self.model.logits(p.x, torch.tensor([n - 1], device=self.device))[0]
+    def _run_chunk(self, p: PrefillState, n: int) -> list[StepOutput]:
+        """Run prompt tokens ``[p.done, p.done + n)`` through every layer; the last chunk
+        samples the first tokens, an earlier one leaves ``p`` as the partial prefill."""
+        self._did_prefill = True
+        req, dev = p.request, self.device
+        start, end, total = p.done, p.done + n, len(p.request.prompt_ids)
+        self.cache.begin_prefill(req.request_id, n, start)
+        x = self.model.embed(torch.tensor(req.prompt_ids[start:end], device=dev))
+        ctx = self.model.context(
+            "prefill", torch.arange(start, end, device=dev), self.rope,
+            p.recording or self.cache,  # type: ignore[arg-type]
+            self.cfg.prefill_mlp_chunk, self._layer_done(req, start, n),
+        )
+        x = self.model.run_layers(x, ctx, 0, self.model_cfg.num_layers)
+        self.cache.end_prefill()
+        p.done = end
+        self.counters["prefill_tokens"] += n
+        self.counters["prefill_chunks"] += 1
         if req.params.prompt_logprobs is not None:
-            x = p.x
-            req.prompt_logprobs = prompt_logprobs(
-                lambda pos: self.model.logits(x, pos.to(self.device)),
-                req.prompt_ids,
+            # Positions [start, end) predict tokens [start + 1, end + 1): the chunk's own slice.
+            lp = prompt_logprobs(
+                lambda pos: self.model.logits(x, pos.to(dev)),
+                req.prompt_ids[start : end + 1],
                 req.params.prompt_logprobs,
             )
+            p.logprobs += lp if start == 0 else lp[1:]
+        if end < total:
+            self._partial = p
+            return []
+        if self._partial is p:
+            self._partial = None
+        logits = self.model.logits(x, torch.tensor([n - 1], device=dev))[0]
+        if req.params.prompt_logprobs is not None:
+            req.prompt_logprobs = p.logprobs
         kv = None
-        if p.cache is not None:
-            kv = p.cache.result(req.prompt_ids, logits)
+        if p.recording is not None:
+            kv = p.recording.result(req.prompt_ids, logits)
             if req.record_prompt_kv:
                 req.prompt_kv = kv
-        return self._end_prefill(logits, kv)
+        return self._end_prefill(p, logits, kv)
 
-    def _end_prefill(self, logits: torch.Tensor, kv: PromptKV | None) -> list[StepOutput]:
-        p = self._prefilling
-        assert p is not None
-        self._prefilling = None
+    def _end_prefill(
+        self, p: PrefillState, logits: torch.Tensor, kv: PromptKV | None
+    ) -> list[StepOutput]:
         req = p.request
-        self.cache.end_prefill()
         group, req.samples = [req, *req.samples], []
         for r in group[1:]:  # before any first token: the first one may finish and free its copy
             self._copy_prefill(req, r, kv)

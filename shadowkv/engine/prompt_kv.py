@@ -32,7 +32,8 @@ class PromptKV:
 
 
 class RecordingCache:
-    """Stands in for a cache during one prefill and keeps each layer's keys and values.
+    """Stands in for a cache during one prompt's prefill (all its chunks) and keeps each layer's
+    keys and values.
 
     Copies go to host memory (a long prompt's full KV would crowd the GPU). Everything else is
     forwarded to the wrapped cache.
@@ -40,7 +41,8 @@ class RecordingCache:
 
     def __init__(self, inner: AttentionCache) -> None:
         self.inner = inner
-        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # Per layer, the chunks' (k, v, k_pre) in prompt order.
+        self.layers: dict[int, list[tuple[torch.Tensor, ...]]] = {}
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
@@ -48,15 +50,17 @@ class RecordingCache:
     def prefill(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
     ) -> torch.Tensor:
-        self.layers[layer] = tuple(  # type: ignore[assignment]
-            t.to("cpu", copy=True) for t in (k, v, k_pre)
-        )
+        chunk = tuple(t.to("cpu", copy=True) for t in (k, v, k_pre))
+        self.layers.setdefault(layer, []).append(chunk)
         return self.inner.prefill(layer, q, k, v, k_pre)
 
     def result(self, token_ids: list[int], logits: torch.Tensor) -> PromptKV:
         n = len(self.layers)
         if sorted(self.layers) != list(range(n)):
             raise RuntimeError(f"recorded layers {sorted(self.layers)} are not 0..{n - 1}")
-        return PromptKV(
-            tuple(token_ids), tuple(self.layers[i] for i in range(n)), logits.detach().to("cpu")
+        layers = tuple(
+            tuple(torch.cat(parts) for parts in zip(*self.layers[i])) for i in range(n)
         )
+        if layers[0][0].shape[0] != len(token_ids):
+            raise RuntimeError(f"recorded {layers[0][0].shape[0]} of {len(token_ids)} tokens")
+        return PromptKV(tuple(token_ids), layers, logits.detach().to("cpu"))  # type: ignore[arg-type]

@@ -179,8 +179,8 @@ class LlamaModel(nn.Module):
         hidden = self.run_layers(self.embed(input_ids), ctx, 0, len(self.layers))
         return self.logits(hidden, logits_index)
 
-    # The engine drives a long prefill through these three in slices of layers, so decode steps
-    # of running sequences can run between the slices.
+    # The engine drives each prefill chunk through these three (embed, every layer, the last
+    # position's logits), between the running sequences' decode steps.
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor) -> Hidden:
         x = self.embed_tokens(input_ids)

@@ -19,6 +19,11 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 GAUGES = (
     ("queue_length", "Requests waiting for admission.", "queued"),
     ("running_requests", "Sequences in the running decode batch.", "running"),
+    (
+        "prefilling_requests",
+        "Admitted requests whose prompt is partly prefilled (chunked prefill between chunks).",
+        "prefilling",
+    ),
     ("generation_tokens_per_second", "Generated tokens per second, recent window.", "tokens_per_s"),
     (
         "cache_device_bytes",
@@ -34,6 +39,11 @@ COUNTERS = (
         "prefill_tokens",
         "Prompt tokens run through the model (samples of one prompt share one prefill).",
         "prefill_tokens",
+    ),
+    (
+        "prefill_chunks",
+        "Prefill chunks run (a prompt prefilled whole is one; a long one several steps' worth).",
+        "prefill_chunks",
     ),
     ("engine_steps", "Engine steps (prefills and decode steps).", "steps"),
 )

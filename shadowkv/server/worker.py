@@ -103,6 +103,7 @@ class WorkerStats:
 
     queued: int = 0
     running: int = 0
+    prefilling: int = 0  # admitted requests whose prompt is partly prefilled (between chunks)
     generated_tokens: int = 0
     prompt_tokens: int = 0
     tokens_per_s: float = 0.0
@@ -113,6 +114,7 @@ class WorkerStats:
     failed: int = 0
     steps: int = 0
     prefill_tokens: int = 0
+    prefill_chunks: int = 0
     forked_samples: int = 0
     replayed_samples: int = 0
 
@@ -429,6 +431,7 @@ class EngineWorker:
         self._stats = WorkerStats(
             queued=len(self.engine.waiting) + self._adds_sent - self._adds_taken,
             running=len(self.engine.running),
+            prefilling=int(self.engine.prefilling is not None),
             generated_tokens=c["generated"],
             prompt_tokens=c["prompt"],
             tokens_per_s=sum(t for _, t in self._recent)

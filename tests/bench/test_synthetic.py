@@ -20,7 +20,7 @@ def engine_for(method: str, **knobs):
     cfg = arch_config("tiny")
     model = random_model(cfg, CPU, torch.float32, seed=0)
     engine_cfg = EngineConfig(max_num_seqs=4, max_model_len=1024, cache_memory_gb=0.02,
-                              prefill_slice_tokens=None)
+                              chunked_prefill=False)
     return build_engine(model, cfg, method_config(method, **knobs), engine_cfg, CPU,
                         torch.float32)
 

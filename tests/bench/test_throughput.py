@@ -336,16 +336,16 @@ def test_a_checkpoint_runs_with_its_own_weights(tiny_checkpoint, tmp_path: Path)
     assert data["runs"][0]["decode_tokens_per_s"] > 0
 
 
-def test_timed_run_refuses_an_engine_that_slices_its_prompts() -> None:
+def test_timed_run_prefills_whole_prompts_even_on_a_chunking_engine() -> None:
     cfg = arch_config("tiny")
     model = random_model(cfg, torch.device("cpu"), torch.float32)
-    sliced = EngineConfig(
-        max_num_seqs=2, max_model_len=512, cache_memory_gb=0.01, prefill_slice_tokens=64
+    chunking = EngineConfig(
+        max_num_seqs=2, max_model_len=512, cache_memory_gb=0.01, max_num_batched_tokens=64
     )
-    engine = build_engine(model, cfg, DenseConfig(), sliced, torch.device("cpu"), torch.float32)
-    with pytest.raises(ValueError, match="prefill_slice_tokens=None"):
-        timed_run(engine, 96, 2, 2)
-    assert timed_run(engine, 64, 2, 2).decode_steps == 2  # prompts within one slice are fine
+    engine = build_engine(model, cfg, DenseConfig(), chunking, torch.device("cpu"), torch.float32)
+    assert timed_run(engine, 96, 2, 2).decode_steps == 2
+    assert engine.counters["prefill_chunks"] == 2  # one per prompt: each prefilled whole
+    assert engine.cfg.chunked_prefill  # the engine's own setting is back
 
 
 def test_dense_step_bytes_counts_weights_once_and_every_cached_row() -> None:

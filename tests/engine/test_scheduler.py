@@ -75,19 +75,39 @@ def test_shadowkv_full_rank_full_budget_packed_equals_dense_alone(path: Path) ->
     assert got == dense
 
 
-def test_the_budget_bounds_what_a_step_prefills(path: Path) -> None:
-    # 240 tokens: the first prompt always goes (20), then 200 fits (220), 97 does not.
-    engine = make_llm(path, DenseConfig(), max_num_batched_tokens=240).engine
+def test_the_budget_bounds_what_a_step_prefills_whole(path: Path) -> None:
+    # Chunking off, 240 tokens: the first prompt always goes (20), then 200 fits (220), 97 not.
+    engine = make_llm(
+        path, DenseConfig(), max_num_batched_tokens=240, chunked_prefill=False
+    ).engine
     for p in PROMPTS:
         engine.add_request(p, SamplingParams(max_tokens=20))
     assert len(engine.step()) == 2 and len(engine.waiting) == 4
     outs = engine.step()  # 2 decode rows, then 97 + 150 > 238: only the first waiting goes
     assert engine.last_step == "mixed" and len(outs) == 3 and len(engine.waiting) == 3
     # A budget below every prompt still prefills one per step: the queue always moves.
-    engine = make_llm(path, DenseConfig(), max_num_batched_tokens=1).engine
+    engine = make_llm(
+        path, DenseConfig(), max_num_batched_tokens=1, chunked_prefill=False
+    ).engine
     for p in PROMPTS[:3]:
         engine.add_request(p, SamplingParams(max_tokens=5))
     assert [len(engine.step()) for _ in range(3)] == [1, 2, 3]
+
+
+def test_the_budget_bounds_what_a_step_prefills_chunked(path: Path) -> None:
+    engine = make_llm(path, DenseConfig(), max_num_batched_tokens=240).engine
+    reqs = [engine.add_request(p, SamplingParams(max_tokens=20)) for p in PROMPTS]
+    # 20 + 200 whole, then the 97-token prompt starts with the 20 tokens left.
+    assert len(engine.step()) == 2 and len(engine.waiting) == 3 and engine.prefilling is reqs[2]
+    # 2 decode rows; the 150-token prompt would not fit half of 238, so the partial prompt takes
+    # what it needs (77), 150 fits whole, and the 33-token one starts with the 11 left.
+    outs = engine.step()
+    assert [o.request for o in outs] == reqs[:4] and engine.prefilling is reqs[4]
+    assert engine.counters["prefill_chunks"] == 6
+    # A budget below every prompt still moves the queue: chunks of the 8-token minimum.
+    engine = make_llm(path, DenseConfig(), max_num_batched_tokens=1).engine
+    engine.add_request(PROMPTS[0], SamplingParams(max_tokens=5))
+    assert [len(engine.step()) for _ in range(3)] == [0, 0, 1]  # 8 + 8 + 4 tokens
 
 
 def test_max_num_seqs_caps_the_packed_admissions(path: Path) -> None:

@@ -225,6 +225,8 @@ def test_n_samples_share_one_prefill_and_equal_seeded_requests(tiny: Live, clien
     assert after["shadowkv_prefill_tokens_total"] - before["shadowkv_prefill_tokens_total"] == (
         n_prompt
     )
+    assert after["shadowkv_prefill_chunks_total"] > before["shadowkv_prefill_chunks_total"]
+    assert after["shadowkv_prefilling_requests"] == 0
     assert after['shadowkv_sample_prefill_copies_total{how="fork"}'] - before[
         'shadowkv_sample_prefill_copies_total{how="fork"}'] == 2
     assert [c.index for c in r.choices] == [0, 1, 2] and r.usage.completion_tokens == 18

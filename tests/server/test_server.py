@@ -84,6 +84,8 @@ def test_models_health_metrics(tiny) -> None:
     for name in (
         "queue_length",
         "running_requests",
+        "prefilling_requests",
+        "prefill_chunks_total",
         "generated_tokens_total",
         "generation_tokens_per_second",
         "cache_device_bytes",

@@ -1,0 +1,155 @@
+"""Token-chunked prefill at the cache contract: ``begin_prefill(seq, n, start)`` chunks give the
+same logits and tokens as one whole prefill, for every method (and sliding-window layers);
+ShadowKV stages a sparse prompt's chunks and factorises it at the last one."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from utils import assert_close_verbose, full_budget, greedy_with_logits, run_model
+from utils import small_cache_cfg as cache_cfg
+
+from shadowkv.bench.models import arch_config, random_model
+from shadowkv.cache import make_cache
+from shadowkv.cache.base import causal_attention
+from shadowkv.cache.methods import DenseConfig, ShadowKVConfig
+from shadowkv.cache.shadow_prefill import lowrank_factors
+from shadowkv.cache.window import sliding_window_attention
+
+CPU = torch.device("cpu")
+MAX_LEN = 256
+METHODS = ["dense", "shadowkv", "quest", "loki", "streaming", "oracle"]
+N = 141  # sparse for every method at small_cache_cfg's 32-token budget
+
+
+def prompt(n: int, seed: int = 0) -> list[int]:
+    return torch.randint(3, 96, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = replace(arch_config("tiny"), vocab_size=96)
+    return cfg, random_model(cfg, CPU, torch.float32, seed=1, std=0.08)
+
+
+def cache(model_, method_cfg, dtype=torch.float32):
+    cfg, m = model_
+    rope = m.rope_tables(MAX_LEN, CPU, dtype)
+    return make_cache(m.attention_specs(), method_cfg, rope, CPU, dtype, 2, MAX_LEN, 2**23), rope
+
+
+@pytest.mark.parametrize("S", [5, 13, 40])
+def test_attention_over_earlier_keys_is_the_tail_of_whole_attention(S: int) -> None:
+    T = 5
+    gen = torch.Generator().manual_seed(S)
+    q, k, v = (torch.randn(S, h, 8, generator=gen, dtype=torch.float64) for h in (6, 2, 2))
+    assert_close_verbose(causal_attention(q[-T:], k, v, 0.3),
+                         causal_attention(q, k, v, 0.3)[-T:], what="lower-right causal")
+    assert_close_verbose(sliding_window_attention(q[-T:], k, v, 0.3, 7),
+                         sliding_window_attention(q, k, v, 0.3, 7)[-T:], what="windowed")
+
+
+def test_attention_over_many_earlier_keys_goes_in_row_blocks(monkeypatch) -> None:
+    from shadowkv.cache import base
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(40, h, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+    want = causal_attention(q[-13:], k, v, 0.3)
+    monkeypatch.setattr(base, "MASK_ELEMENTS", 40 * 3)  # blocks of 3 query rows
+    assert_close_verbose(causal_attention(q[-13:], k, v, 0.3), want, what="row blocks")
+    assert_close_verbose(want, causal_attention(q, k, v, 0.3)[-13:], what="tail")
+
+
+def test_gram_summed_by_chunks_gives_the_same_factors() -> None:
+    k = torch.randn(100, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    gram = sum(c.T @ c for c in k.split(13))
+    a, b = lowrank_factors(k, 8), lowrank_factors(k, 8, gram)
+    assert_close_verbose(b.a @ b.w_t, a.a @ a.w_t, what="rank-8 keys")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_chunked_prefill_equals_whole(model, method: str) -> None:
+    c, rope = cache(model, cache_cfg(method))
+    m = model[1]
+    p = prompt(N)
+    want_tokens, want = greedy_with_logits(m, rope, c, p, 6)
+    for chunk in (13, 64):
+        tokens, got = greedy_with_logits(m, rope, c, p, 6, chunk=chunk)
+        assert tokens == want_tokens, (method, chunk)
+        assert_close_verbose(got, want, atol=1e-4, rtol=1e-4, what=f"{method} chunk {chunk}")
+    assert len(set(want_tokens)) > 1, "a constant output would make the comparison vacuous"
+
+
+def test_shadowkv_chunked_full_rank_full_budget_equals_dense(model) -> None:
+    m = model[1]
+    dense, rope = cache(model, DenseConfig(), torch.float64)
+    m64 = random_model(model[0], CPU, torch.float64, seed=1, std=0.08)
+    full = ShadowKVConfig(sparse_budget=full_budget(N), outlier_chunks=2, rank=1.0)
+    shadow, _ = cache(model, full, torch.float64)
+    for n in (N, 30):  # 30 tokens: ShadowKV's dense fallback
+        p = prompt(n, seed=n)
+        want_tokens, want = greedy_with_logits(m64, rope, dense, p, 5)
+        tokens, got = greedy_with_logits(m64, rope, shadow, p, 5, chunk=13)
+        assert tokens == want_tokens
+        assert_close_verbose(got, want, atol=1e-9, rtol=1e-7, what=f"prompt {n}")
+    del m
+
+
+def test_window_layers_chunked_equal_whole() -> None:
+    from .test_window import WINDOW, gemma_like
+
+    cfg = gemma_like()
+    m = random_model(cfg, CPU, torch.float32, seed=2, std=0.08)
+    for method in (DenseConfig(), cache_cfg("shadowkv")):
+        c, rope = cache((cfg, m), method)
+        p = prompt(90)
+        want_tokens, want = greedy_with_logits(m, rope, c, p, 5)
+        for chunk in (WINDOW - 1, 13, 8):
+            tokens, got = greedy_with_logits(m, rope, c, p, 5, chunk=chunk)
+            assert tokens == want_tokens
+            assert_close_verbose(got, want, atol=1e-4, rtol=1e-4, what=f"window chunk {chunk}")
+
+
+def test_staging_is_counted_freed_and_a_partial_prompt_cannot_decode(model) -> None:
+    c, rope = cache(model, cache_cfg("shadowkv"))
+    m = model[1]
+    p = prompt(N)
+    c.add_sequence(7, N, 4)
+    held = c.memory(7).device_bytes
+    c.begin_prefill(7, 40, 0)
+    run_model(m, torch.tensor(p[:40]), torch.arange(40), rope, c, "prefill")
+    c.end_prefill()
+    staged = c.staging.nbytes(7)
+    assert staged >= 2 * N * c.layout.kv_dim * 4 * c.num_layers  # K and V of the whole prompt
+    assert c.memory(7).device_bytes == held + staged
+    with pytest.raises(ValueError, match="cannot decode"):
+        c.begin_decode([7])
+    with pytest.raises(ValueError, match="cannot prefill"):
+        c.begin_prefill(7, 10, 50)  # chunks go in order
+    c.free_sequence(7)  # an abort mid-prefill
+    assert not c.staging.staged and c.memory().device_bytes == 0
+    c.add_sequence(8, N, 4)
+    for start in (0, 50, 100):  # the last chunk stores the prompt and frees the staging
+        end = min(N, start + 50)
+        c.begin_prefill(8, end - start, start)
+        run_model(m, torch.tensor(p[start:end]), torch.arange(start, end), rope, c, "prefill")
+        c.end_prefill()
+    assert not c.staging.staged and c.memory(8).device_bytes == held
+    c.begin_decode([8])  # the whole prompt is cached: it decodes
+
+
+@pytest.mark.parametrize("family", ["qwen2", "glm4", "qwen3"])
+def test_shadowkv_chunked_equals_whole_across_families(tiny_checkpoint, family: str) -> None:
+    """Projection biases (Qwen2), interleaved partial rotary (GLM-4) and q/k norms (Qwen3): the
+    staged keys are rebuilt as the model rotated them."""
+    from shadowkv.models.loader import load_model
+
+    mcfg, m = load_model(tiny_checkpoint(family), CPU, torch.float32)
+    c, rope = cache((mcfg, m), cache_cfg("shadowkv"))
+    p = prompt(N)
+    want_tokens, want = greedy_with_logits(m, rope, c, p, 5)
+    tokens, got = greedy_with_logits(m, rope, c, p, 5, chunk=29)
+    assert tokens == want_tokens
+    assert_close_verbose(got, want, atol=1e-4, rtol=1e-4, what=family)
