@@ -344,7 +344,19 @@ class EngineConfig:
         choices=DECODE_MODES,
     )
 
+    # Prefix sharing (engine/prefix.py): a prompt that starts with a stored prompt's tokens
+    # prefills only the rest. Off in the library; ``shadowkv generate`` / ``serve`` turn it on.
+    prefix_cache: bool = knob(
+        False, "reuse the prefill of stored prompts that a new prompt starts with (16-token "
+        "blocks; a document asked about again, the next turn of a conversation)"
+    )
+    prefix_cache_gb: float | None = knob(
+        None, "host memory for stored prompt prefixes (default: a quarter of the cache memory)"
+    )
+
     def __post_init__(self) -> None:
+        if self.prefix_cache_gb is not None and self.prefix_cache_gb < 0:
+            raise ConfigError(f"prefix_cache_gb must be >= 0, got {self.prefix_cache_gb}")
         if self.decode_mode not in DECODE_MODES:
             raise ConfigError(
                 f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {self.decode_mode!r}"

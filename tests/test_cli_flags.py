@@ -58,7 +58,10 @@ NON_DEFAULT: dict[str, tuple[str, Any]] = {
     "cache_memory_gb": ("0.5", 0.5),
     "dtype": ("float16", "float16"),
     "decode_mode": ("eager", "eager"),
+    "prefix_cache_gb": ("0.5", 0.5),
 }
+# generate and serve turn prefix sharing on; eval and bench keep the library's default (off).
+COMMAND_ENGINE = {"generate": {"prefix_cache": True}, "serve": {"prefix_cache": True}}
 
 
 def method_configs() -> list[type[CacheConfig]]:
@@ -151,13 +154,13 @@ def test_defaults_are_the_dataclasses(command: str) -> None:
     assert caches == {m: get_method(m).config() for m in method_names()}
     assert caches["dense"] == DenseConfig() and caches["shadowkv"] == ShadowKVConfig()
     expected = EngineConfig(max_num_seqs=4) if command == "eval" else EngineConfig()
-    assert engine_of(command, args) == expected
+    assert engine_of(command, args) == replace(expected, **COMMAND_ENGINE.get(command, {}))
 
 
 def test_plain_generate_is_dense_with_default_engine() -> None:
     args = parse("generate")
     assert cache_config_from_args(args) == DenseConfig()
-    assert engine_config_from_args(args) == EngineConfig()
+    assert engine_config_from_args(args) == EngineConfig(prefix_cache=True)
     assert args.cache == "dense"
 
 
@@ -216,7 +219,7 @@ def test_old_spellings_still_parse() -> None:
     )
     assert engine_config_from_args(args) == EngineConfig(
         decode_mode="static", chunked_prefill=False, max_model_len=1024, max_num_seqs=2,
-        cache_memory_gb=0.1, dtype="float32",
+        cache_memory_gb=0.1, dtype="float32", prefix_cache=True,
     )
     eval_cmd = importlib.import_module("shadowkv.commands.eval")
     cfg = eval_cmd.config_from_args(parse(
@@ -375,3 +378,10 @@ def test_each_label_once() -> None:
     args = parse("eval", "--methods", "shadowkv,shadowkv:value_dtype=auto")
     with pytest.raises(ConfigError, match="each method once"):
         caches_by_label("eval", args)
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_prefix_cache_is_on_for_generate_and_serve(command: str) -> None:
+    assert engine_of(command, parse(command)).prefix_cache is True
+    assert engine_of(command, parse(command, "--no-prefix-cache")).prefix_cache is False
+    assert EngineConfig().prefix_cache is False  # the library's default

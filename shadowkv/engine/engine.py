@@ -27,6 +27,7 @@ from shadowkv.engine.decode_runner import DecodeRunner
 from shadowkv.engine.grammar import Grammars
 from shadowkv.engine.logits import new_state, prompt_logprobs, sample_requests
 from shadowkv.engine.prefill import MIN_CHUNK, PrefillState, partial_share
+from shadowkv.engine.prefix import PrefixStore, replay_prefix
 from shadowkv.engine.prompt_kv import PromptKV, RecordingCache
 from shadowkv.engine.request import Request, Status
 from shadowkv.engine.sampling import SamplingParams, make_generator, sample
@@ -61,6 +62,14 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def prefix_budget(cfg: EngineConfig, cache_bytes: int) -> int:
+    """Host bytes the prefix store may hold: ``prefix_cache_gb``, else a quarter of the cache's
+    ``cache_bytes`` (a stored prompt is about what a dense cache holds for it, plus ``k_pre``)."""
+    if cfg.prefix_cache_gb is not None:
+        return int(cfg.prefix_cache_gb * 2**30)
+    return cache_bytes // 4
+
+
 def cache_memory_budget(cfg: EngineConfig, device: torch.device) -> int:
     if cfg.cache_memory_gb is not None:
         return int(cfg.cache_memory_gb * 2**30)
@@ -87,9 +96,10 @@ class Engine:
         # In the model dtype: what the q/k rotation and the key rebuild read per token (bf16 on
         # a GPU halves those bytes; transformers rounds cos/sin to the model dtype too).
         self.rope = model.rope_tables(self.max_model_len, device, dtype)
+        cache_bytes = cache_memory_budget(engine_cfg, device)
         self.cache = make_cache(
             model.attention_specs(), cache_cfg, self.rope, device, dtype, engine_cfg.max_num_seqs,
-            self.max_model_len, cache_memory_budget(engine_cfg, device),
+            self.max_model_len, cache_bytes,
         )
         self.runner = DecodeRunner(
             model, self.rope, self.cache, device, engine_cfg.max_num_seqs, engine_cfg.decode_mode
@@ -105,6 +115,12 @@ class Engine:
         self.counters = {
             "prefill_tokens": 0, "prefill_chunks": 0, "forked_samples": 0, "replayed_samples": 0
         }
+        # Prefix sharing (engine/prefix.py): prefills that reused a stored prefix, and the
+        # prompt tokens those prefixes spared.
+        self.prefix_store: PrefixStore | None = None
+        if engine_cfg.prefix_cache:
+            self.prefix_store = PrefixStore(prefix_budget(engine_cfg, cache_bytes))
+            self.counters.update(prefix_hits=0, cached_tokens=0)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._next_id = 0
@@ -277,7 +293,7 @@ class Engine:
             outs += self._emit(self._run_chunk(p, n))
         while self.waiting:
             req = self.waiting[0]
-            cost = len(req.prompt_ids)
+            cost = len(req.prompt_ids) - self._cached_tokens(req)
             can_chunk = chunked and req.prompt_kv is None
             whole = cost <= budget or (not self._did_prefill and not can_chunk)
             if not whole and (not can_chunk or self._partial is not None or budget < MIN_CHUNK):
@@ -289,8 +305,20 @@ class Engine:
                 break
             n = cost if whole else budget
             budget -= n
-            outs += self._emit(self._advance(p, n))
+            try:
+                outs += self._emit(self._advance(p, n))
+            except BaseException:
+                self._drop(p)
+                raise
         return outs
+
+    def _drop(self, p: PrefillState) -> None:
+        """Free a prefill whose first chunk failed: it is in no queue yet, so ``abort`` (what the
+        server does after a failed step) would not find it and its memory would stay held."""
+        if self._partial is p:
+            self._partial = None
+        for r in (p.request, *p.request.samples):
+            self._finish(r, "abort")
 
     def _emit(self, outs: list[StepOutput]) -> list[StepOutput]:
         if outs and self.on_outputs is not None:
@@ -331,14 +359,51 @@ class Engine:
         req.prefill_start = time.perf_counter()
         self.waiting.popleft()
         record = req.record_prompt_kv or (req.samples and not self.cache.supports_fork)
-        return PrefillState(req, RecordingCache(self.cache) if record else None)
+        record = record or self.prefix_store is not None  # stored for later prompts
+        p = PrefillState(req, RecordingCache(self.cache) if record else None)
+        try:
+            self._reuse_prefix(p)
+        except BaseException:
+            self._drop(p)
+            raise
+        return p
+
+    def _shares_prefix(self, req: Request) -> bool:
+        # Prompt logprobs need every prompt position's logits; a replay runs no model at all.
+        return (
+            self.prefix_store is not None and req.prompt_kv is None
+            and req.params.prompt_logprobs is None
+        )
+
+    def _cached_tokens(self, req: Request) -> int:
+        """Leading prompt tokens of ``req`` a stored prefix would give it now."""
+        if not self._shares_prefix(req):
+            return 0
+        return self.prefix_store.cached_tokens(req.prompt_ids)  # type: ignore[union-attr]
+
+    def _reuse_prefix(self, p: PrefillState) -> None:
+        """Start a newly admitted prefill with the longest stored prefix of its prompt, if any:
+        replayed into the cache as its first chunk (no layers run), then released."""
+        req = p.request
+        if not self._shares_prefix(req):
+            return
+        use = self.prefix_store.find_prefix(req.prompt_ids)  # type: ignore[union-attr]
+        if use is None:
+            return
+        try:
+            replay_prefix(use, self.cache, req.request_id, p.recording)
+        finally:
+            use.release()
+        p.done = req.cached_tokens = use.num_tokens
+        self.counters["prefix_hits"] += 1
+        self.counters["cached_tokens"] += use.num_tokens
 
     def _advance(self, p: PrefillState, n: int) -> list[StepOutput]:
         """A newly admitted prefill's first ``n`` tokens (a replayed one: all, running no
         layers)."""
         req = p.request
         if req.prompt_kv is None:
-            return self._run_chunk(p, n)
+            return self._run_chunk(p, min(n, p.remaining))
         self._did_prefill = True
         self.cache.begin_prefill(req.request_id, len(req.prompt_ids))
         req.prompt_kv.replay(self.cache)
@@ -395,6 +460,8 @@ class Engine:
             kv = p.recording.result(req.prompt_ids, logits)
             if req.record_prompt_kv:
                 req.prompt_kv = kv
+            if self.prefix_store is not None:
+                self.prefix_store.put(req.prompt_ids, kv.layers)
         return self._end_prefill(p, logits, kv)
 
     def _end_prefill(

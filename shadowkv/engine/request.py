@@ -42,6 +42,7 @@ class Request:
     first_token: float | None = None
     finished_at: float | None = None
     memory: dict[str, Any] | None = None  # cache bytes held at the end of prefill
+    cached_tokens: int = 0  # prompt tokens whose prefill a stored prefix spared (prefix sharing)
     prompt_kv: PromptKV | None = None  # a recorded prefill: replayed if given, else kept if asked
     record_prompt_kv: bool = False
     cache_options: CacheOptions | None = None
@@ -61,6 +62,7 @@ class Request:
         decode_s = (self.finished_at or 0.0) - (self.first_token or 0.0)
         return {
             "prompt_tokens": len(self.prompt_ids),
+            "cached_tokens": self.cached_tokens,
             "generated_tokens": n,
             "prefill_s": round((self.first_token or 0) - (self.prefill_start or 0), 4),
             "ttft_s": round((self.first_token or 0) - self.arrival, 4),

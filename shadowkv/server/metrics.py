@@ -31,6 +31,11 @@ GAUGES = (
         "cache_device_bytes",
     ),
     ("cache_host_bytes", "Attention-cache bytes held in host memory.", "cache_host_bytes"),
+    (
+        "prefix_store_bytes",
+        "Host bytes of the stored prompt prefixes that later prompts share (prefix sharing).",
+        "prefix_store_bytes",
+    ),
 )
 COUNTERS = (
     ("generated_tokens", "Tokens generated since start.", "generated_tokens"),
@@ -46,6 +51,12 @@ COUNTERS = (
         "prefill_chunks",
     ),
     ("engine_steps", "Engine steps (prefills and decode steps).", "steps"),
+    ("prefix_hits", "Prefills that reused a stored prompt prefix.", "prefix_hits"),
+    (
+        "cached_tokens",
+        "Prompt tokens served by stored prefixes instead of being prefilled again.",
+        "cached_tokens",
+    ),
 )
 
 

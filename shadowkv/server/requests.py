@@ -339,7 +339,9 @@ async def collect(
 
 def usage_of(job: Job, finished: list[Finished]) -> Usage:
     prompt = sum(len(ids) for ids in job.prompts)  # once per prompt, whatever n is
-    return Usage.of(prompt, sum(f.completion_tokens for f in finished))
+    # Samples of one prompt share its prefill: the first one's cached tokens count, once.
+    cached = sum(f.cached_tokens for f in finished if f.index % job.n == 0)
+    return Usage.of(prompt, sum(f.completion_tokens for f in finished), cached)
 
 
 async def run_completion(served: Served, request: Request, job: Job) -> Any:

@@ -24,17 +24,26 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class PromptTokensDetails(BaseModel):
+    """OpenAI's breakdown of the prompt tokens: ``cached_tokens`` were not prefilled again (a
+    stored prefix served them; see ``engine/prefix.py``)."""
+
+    cached_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
     @staticmethod
-    def of(prompt_tokens: int, completion_tokens: int) -> Usage:
+    def of(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
         return Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
         )
 
 

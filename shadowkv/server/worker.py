@@ -58,6 +58,7 @@ class Finished:
     logprobs: tuple[Logprob, ...] = ()
     prompt_logprobs: tuple[Logprob | None, ...] | None = None
     index: int = 0
+    cached_tokens: int = 0  # prompt tokens a stored prefix served (prefix sharing)
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,9 @@ class WorkerStats:
     prefill_chunks: int = 0
     forked_samples: int = 0
     replayed_samples: int = 0
+    prefix_hits: int = 0  # prefills that reused a stored prefix
+    cached_tokens: int = 0  # prompt tokens those prefixes spared
+    prefix_store_bytes: int = 0  # host bytes of the stored prefixes (gauge)
 
 
 _STOP = object()
@@ -376,7 +380,7 @@ class EngineWorker:
             done = Finished(
                 out.text_delta, req.text, reason, len(req.prompt_ids), len(req.output_ids),
                 tuple(req.output_ids), tuple(req.logprobs[handle.sent_logprobs :]),
-                None if plp is None else tuple(plp), handle.index,
+                None if plp is None else tuple(plp), handle.index, req.cached_tokens,
             )
             self._deliver(handle, done)
         elif handle.stream and out.text_delta:
@@ -428,6 +432,7 @@ class EngineWorker:
             log.exception("cache.memory() failed; keeping the last published bytes")
             mem = CacheMemory(self._stats.cache_device_bytes, self._stats.cache_host_bytes)
         c = self._counts
+        store = getattr(self.engine, "prefix_store", None)
         self._stats = WorkerStats(
             queued=len(self.engine.waiting) + self._adds_sent - self._adds_taken,
             running=len(self.engine.running),
@@ -442,5 +447,6 @@ class EngineWorker:
             aborted=c["aborted"],
             failed=c["failed"],
             steps=c["steps"],
+            prefix_store_bytes=store.nbytes if store is not None else 0,
             **self.engine.counters,
         )

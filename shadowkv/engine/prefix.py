@@ -1,0 +1,209 @@
+"""Prefix sharing: an LRU store of prefilled prompts, found again by hashes of token blocks.
+
+After a prompt's prefill the engine keeps its per-layer keys and values (``PromptKV`` layers,
+host memory) cut to whole ``BLOCK``-token blocks. A later prompt that starts with the same
+tokens — another question about the same document, or the next turn of a conversation (previous
+prompt + answer + new message) — gets the stored prefix as its first prefill chunk, replayed
+into the cache without running the model (``replay_prefix``), and runs the model on its suffix
+alone: the suffix's chunks attend to the earlier tokens as any later chunk of a token-chunked
+prefill does (``AttentionCache.prefill``). Prefill attention is exact in every method, so a
+shared prefill computes what an unshared one does, for fewer tokens (up to float rounding of
+the prefix K/V computed in a longer batch).
+
+Matching is vLLM-style: block ``i`` of a prompt hashes ``(hash of block i-1, its tokens)``, so
+one hash names a whole prefix; the longest stored hash chain wins and its tokens are compared
+exactly before use. Entries are refcounted while a request's prefill reads them (``PrefixUse``)
+and evicted least recently used under ``budget_bytes``; an entry evicted while a request waits
+is simply not found when it is admitted (it prefills the prefix again), and one evicted while a
+prefill reads it stays alive (Python references) until that prefill releases it.
+
+What is shared is the prefill computation (time to first token), not the cache's memory: each
+sequence still stores its own copy of the prompt in its method's representation.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from shadowkv.cache.base import AttentionCache
+from shadowkv.engine.prompt_kv import RecordingCache
+
+BLOCK = 16  # tokens per hashed block: the granularity of a match
+
+KV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (k post-RoPE, v, k_pre), each [M, Hkv, D]
+
+
+def block_hashes(tokens: Sequence[int], block: int = BLOCK) -> list[int]:
+    """Chained hashes of the whole blocks of ``tokens``: entry ``i`` names blocks ``0..i``."""
+    out: list[int] = []
+    parent = 0
+    for s in range(0, len(tokens) - block + 1, block):
+        parent = hash((parent, tuple(tokens[s : s + block])))
+        out.append(parent)
+    return out
+
+
+@dataclass(eq=False)
+class PrefixEntry:
+    """One stored prompt prefix: its tokens (whole blocks), block hashes and per-layer K/V."""
+
+    tokens: tuple[int, ...]
+    hashes: list[int]
+    layers: tuple[KV, ...]
+    nbytes: int
+    refs: int = 0  # prefills reading it now
+    evicted: bool = False
+
+
+@dataclass(eq=False)
+class PrefixUse:
+    """A request's hold on the first ``num_tokens`` tokens of an entry, until ``release``."""
+
+    entry: PrefixEntry
+    num_tokens: int
+    released: bool = field(default=False)
+
+    def layer(self, layer: int) -> KV:
+        """The prefix's ``(k, v, k_pre)`` of one layer, ``[num_tokens, Hkv, D]`` each."""
+        assert not self.released, "a released prefix is not read"
+        k, v, k_pre = self.entry.layers[layer]
+        n = self.num_tokens
+        return k[:n], v[:n], k_pre[:n]
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.entry.refs -= 1
+
+
+class PrefixStore:
+    """Stored prompt prefixes, least recently used first, within ``budget_bytes``."""
+
+    def __init__(self, budget_bytes: int, block: int = BLOCK) -> None:
+        self.budget_bytes, self.block = budget_bytes, block
+        self._entries: OrderedDict[int, PrefixEntry] = OrderedDict()  # by id, LRU first
+        self._index: dict[int, PrefixEntry] = {}  # block hash -> an entry holding that chain
+        self._ids = itertools.count()
+        self._id_of: dict[int, int] = {}  # id(entry) -> key in _entries
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _match(self, tokens: Sequence[int]) -> tuple[PrefixEntry | None, int]:
+        """The entry holding the longest stored whole-block prefix of ``tokens`` that leaves at
+        least one token to prefill (its logits start the answer), and that prefix's length."""
+        limit = (len(tokens) - 1) // self.block
+        best: PrefixEntry | None = None
+        num_blocks = 0
+        for i, h in enumerate(block_hashes(tokens[: limit * self.block], self.block)):
+            entry = self._index.get(h)
+            if entry is None:
+                break
+            best, num_blocks = entry, i + 1
+        n = num_blocks * self.block
+        if best is None or tuple(tokens[:n]) != best.tokens[:n]:  # a hash collision: never
+            return None, 0  # share wrong tokens
+        return best, n
+
+    def cached_tokens(self, tokens: Sequence[int]) -> int:
+        """How many leading tokens of ``tokens`` a ``find_prefix`` now would give (the
+        scheduler charges a prompt only its other tokens)."""
+        return self._match(tokens)[1]
+
+    def find_prefix(self, tokens: Sequence[int]) -> PrefixUse | None:
+        """The longest stored whole-block prefix of ``tokens`` that leaves at least one token to
+        prefill, held until released; None when none matches."""
+        best, n = self._match(tokens)
+        if best is None:
+            return None
+        self._entries.move_to_end(self._id_of[id(best)])
+        best.refs += 1
+        return PrefixUse(best, n)
+
+    def put(self, tokens: Sequence[int], layers: Sequence[KV]) -> bool:
+        """Store a prefilled prompt's whole blocks (``layers``: per layer ``(k, v, k_pre)``
+        ``[T, Hkv, D]``, kept by reference); evicts unused entries, least recently used first,
+        to fit. Says whether it was stored."""
+        n = len(tokens) // self.block * self.block
+        if n == 0:
+            return False
+        hashes = block_hashes(tokens[:n], self.block)
+        held = self._index.get(hashes[-1])
+        if held is not None and len(held.tokens) == n and held.tokens == tuple(tokens[:n]):
+            self._entries.move_to_end(self._id_of[id(held)])
+            return False  # already stored
+        kept = tuple(tuple(t[:n] for t in kv) for kv in layers)
+        nbytes = sum(t.numel() * t.element_size() for kv in kept for t in kv)
+        if nbytes > self.budget_bytes or not self._make_room(nbytes):
+            return False
+        entry = PrefixEntry(tuple(tokens[:n]), hashes, kept, nbytes)  # type: ignore[arg-type]
+        key = next(self._ids)
+        self._entries[key] = entry
+        self._id_of[id(entry)] = key
+        for h in hashes:  # the newest entry answers for every chain it holds
+            self._index[h] = entry
+        self.nbytes += nbytes
+        # An unused entry whose blocks the new one holds all of (the previous turn of this
+        # conversation) adds nothing: drop it.
+        for old in list(self._entries.values()):
+            if old is not entry and old.refs == 0 and self._index.get(old.hashes[-1]) is entry:
+                self.evict(old)
+        return True
+
+    def _make_room(self, nbytes: int) -> bool:
+        for old in list(self._entries.values()):
+            if self.nbytes + nbytes <= self.budget_bytes:
+                break
+            if old.refs == 0:
+                self.evict(old)
+        return self.nbytes + nbytes <= self.budget_bytes
+
+    def evict(self, entry: PrefixEntry) -> None:
+        """Forget ``entry`` (a prefill still reading it keeps its tensors until it releases)."""
+        key = self._id_of.pop(id(entry), None)
+        if key is None:
+            return
+        del self._entries[key]
+        entry.evicted = True
+        self.nbytes -= entry.nbytes
+        for h in entry.hashes:
+            if self._index.get(h) is entry:
+                other = next((e for e in reversed(self._entries.values()) if h in e.hashes), None)
+                if other is None:
+                    del self._index[h]
+                else:
+                    self._index[h] = other
+
+    def evict_unused(self) -> int:
+        """Evict every entry no prefill reads now (memory pressure); returns how many."""
+        unused = [e for e in self._entries.values() if e.refs == 0]
+        for e in unused:
+            self.evict(e)
+        return len(unused)
+
+    def clear(self) -> None:
+        """Evict everything (entries in use stay alive for their readers)."""
+        for e in list(self._entries.values()):
+            self.evict(e)
+
+
+def replay_prefix(
+    use: PrefixUse, cache: AttentionCache, seq_id: int, recording: RecordingCache | None
+) -> None:
+    """Store a stored prefix into ``cache`` as the first ``use.num_tokens`` prompt tokens of
+    ``seq_id`` (a prefill chunk that runs no layers), and into ``recording`` when the prompt is
+    recorded (it then holds the whole prompt, for the store and for replays)."""
+    cache.begin_prefill(seq_id, use.num_tokens, 0)
+    dev = cache.device
+    for layer in range(len(use.entry.layers)):
+        kv = use.layer(layer)
+        cache.store_prompt(layer, *(t.to(dev) for t in kv))
+        if recording is not None:
+            recording.layers.setdefault(layer, []).append(kv)  # read-only host tensors
+    cache.end_prefill()

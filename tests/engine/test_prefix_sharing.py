@@ -1,0 +1,243 @@
+"""Prefix sharing (engine/prefix.py): the store, the suffix attention, and the engine using them.
+
+Shared prefills must give the tokens unshared ones do (prefill attention is exact in every
+method, so for every method), a conversation's next turn must reuse the previous prompt, and the
+cache must return to idle whatever happens to a request that reads a stored prefix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from utils import small_cache_cfg as cache_cfg
+
+from shadowkv import LLM, EngineConfig, SamplingParams
+from shadowkv.engine.engine import Engine
+from shadowkv.engine.prefix import BLOCK, PrefixStore, block_hashes
+from shadowkv.engine.prompt_kv import RecordingCache
+
+DOC = [(7 * i) % 90 + 3 for i in range(200)]  # 200 tokens: 12 whole blocks
+QUESTIONS = [[5, 6, 7], [8, 9, 10, 11], [12]]
+METHODS = ["dense", "shadowkv", "quest", "loki", "streaming", "oracle"]
+
+
+# --- the store ------------------------------------------------------------------------------
+
+
+def kv(n: int, fill: float = 0.0) -> list[tuple[torch.Tensor, ...]]:
+    """Two layers of ``(k, v, k_pre)`` ``[n, 1, 2]``, row ``i`` holding ``fill + i``."""
+    rows = (torch.arange(n, dtype=torch.float32) + fill)[:, None, None].expand(n, 1, 2)
+    return [(rows.clone(), rows.clone(), rows.clone()) for _ in range(2)]
+
+
+def test_block_hashes_chain_their_parents() -> None:
+    a, b = block_hashes(list(range(40))), block_hashes([99] + list(range(1, 40)))
+    assert len(a) == 2 and len(b) == 2  # whole blocks only
+    assert a[0] != b[0] and a[1] != b[1]  # block 1 is equal, but its parent is not
+
+
+def test_finds_the_longest_whole_block_prefix_and_keeps_one_token_to_prefill() -> None:
+    store = PrefixStore(1 << 20)
+    assert store.put(DOC, kv(len(DOC)))
+    use = store.find_prefix(DOC[:100] + [1, 2])  # 102 tokens share 100: 6 whole blocks
+    assert use is not None and use.num_tokens == 96 and use.entry.refs == 1
+    assert use.layer(0)[0][:, 0, 0].tolist() == list(range(96))
+    use.release()
+    use.release()  # idempotent
+    assert use.entry.refs == 0
+    assert store.find_prefix(DOC[:192]).num_tokens == 176  # the last token is prefilled
+    assert store.find_prefix([1] + DOC[1:]) is None
+    assert store.find_prefix(DOC[:10]) is None
+
+
+def test_a_hash_collision_is_not_shared(monkeypatch) -> None:
+    store = PrefixStore(1 << 20)
+    store.put(DOC, kv(len(DOC)))
+    entry = next(iter(store._entries.values()))
+    object.__setattr__(entry, "tokens", (0,) * len(entry.tokens))  # hashes match, tokens do not
+    assert store.find_prefix(DOC) is None
+
+
+def test_lru_eviction_spares_entries_in_use() -> None:
+    one = sum(t.numel() * t.element_size() for layer in kv(64) for t in layer)
+    store = PrefixStore(2 * one)
+    docs = [[d * 1000 + i for i in range(64)] for d in range(3)]
+    store.put(docs[0], kv(64))
+    store.put(docs[1], kv(64))
+    held = store.find_prefix(docs[0] + [1])  # docs[0] is now the most recently used
+    store.put(docs[2], kv(64))  # evicts docs[1], the least recently used
+    assert store.find_prefix(docs[1] + [1]) is None
+    assert held is not None and store.nbytes == 2 * one
+    held2 = store.find_prefix(docs[2] + [1])
+    assert not store.put([7] * 64, kv(64))  # every entry is in use: no room
+    held2.release()
+    assert store.put([7] * 64, kv(64))  # docs[2] is not read any more: evicted for it
+    assert store.find_prefix(docs[2] + [1]) is None
+    assert store.evict_unused() == 1 and len(store) == 1  # docs[0] is still read
+    store.clear()
+    assert len(store) == 0 and store.nbytes == 0
+    assert held.entry.evicted and held.layer(1)[1].shape == (64, 1, 2)  # still readable
+    held.release()
+
+
+def test_the_next_turn_replaces_the_previous_one() -> None:
+    store = PrefixStore(1 << 20)
+    store.put(DOC[:100], kv(100))
+    store.put(DOC, kv(200))  # the previous prompt + answer + message
+    assert len(store) == 1 and store.find_prefix(DOC[:100] + [3]).num_tokens == 96
+
+
+# --- the engine -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def path(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("llama", num_layers=4, vocab_size=96)
+
+
+def make_llm(path: Path, method: str = "dense", on: bool = True, **engine) -> LLM:
+    cfg = EngineConfig(cache_memory_gb=0.01, prefix_cache=on, **engine)
+    return LLM(str(path), cache=cache_cfg(method), engine=cfg, device="cpu")
+
+
+def answers(llm: LLM, prompts: list[list[int]], n: int = 8) -> list[tuple[list[int], int]]:
+    out = []
+    for p in prompts:
+        r = llm.generate(p, SamplingParams(max_tokens=n))[0]
+        out.append((r.token_ids, r.metrics["cached_tokens"]))
+    return out
+
+
+def idle(engine: Engine) -> None:
+    assert not engine.has_unfinished()
+    assert engine.cache.memory().device_bytes == 0 and engine.cache.memory().host_bytes == 0
+    store = engine.prefix_store
+    assert store is not None
+    assert all(e.refs == 0 for e in store._entries.values())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_shared_prefills_answer_as_unshared_ones(path: Path, method: str) -> None:
+    prompts = [DOC + q for q in QUESTIONS]
+    plain = answers(make_llm(path, method, on=False), prompts)
+    llm = make_llm(path, method)
+    shared = answers(llm, prompts)
+    assert [t for t, _ in shared] == [t for t, _ in plain]
+    assert [c for _, c in plain] == [0, 0, 0]
+    assert [c for _, c in shared] == [0, 192, 192]
+    c = llm.engine.counters
+    assert c["prefix_hits"] == 2 and c["cached_tokens"] == 384
+    assert c["prefill_tokens"] == sum(map(len, prompts)) - 384
+    idle(llm.engine)
+
+
+def test_a_conversation_reuses_the_previous_turn(path: Path) -> None:
+    llm, plain = make_llm(path), make_llm(path, on=False)
+    prompt, previous = DOC[:150], 0
+    for turn in range(3):
+        want = plain.generate(prompt, SamplingParams(max_tokens=6))[0]
+        got = llm.generate(prompt, SamplingParams(max_tokens=6))[0]
+        assert got.token_ids == want.token_ids, turn
+        # Each turn starts with the previous prompt (+ answer + message): its blocks are cached.
+        assert got.metrics["cached_tokens"] == previous // BLOCK * BLOCK
+        previous = len(prompt)
+        prompt = prompt + got.token_ids + [40 + turn, 41, 42]
+    assert len(llm.engine.prefix_store) == 1  # each turn replaced the one before
+    idle(llm.engine)
+
+
+def test_window_layers_share_prefixes(tiny_checkpoint) -> None:
+    path = tiny_checkpoint(  # two sliding-window layers (WindowCache) and a global one
+        "gemma3", num_layers=3, vocab_size=96, sliding_window=24, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention"] * 2 + ["full_attention"],
+    )
+    prompts = [DOC + q for q in QUESTIONS]
+    engine = dict(cache_memory_gb=0.01)
+    runs = []
+    for on in (False, True):
+        llm = LLM(str(path), engine=EngineConfig(prefix_cache=on, **engine), device="cpu")
+        runs.append(answers(llm, prompts))
+    assert [t for t, _ in runs[1]] == [t for t, _ in runs[0]]
+    assert [c for _, c in runs[1]] == [0, 192, 192]
+
+
+def test_samples_of_a_shared_prompt(path: Path) -> None:
+    llm = make_llm(path, "shadowkv")  # ShadowKV cannot fork: samples replay the whole prompt
+    answers(llm, [DOC + [1]])
+    params = [SamplingParams(max_tokens=5, temperature=0)] * 2
+    reqs = llm.engine.add_requests(DOC + [2, 3], params)
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    plain = answers(make_llm(path, "shadowkv", on=False), [DOC + [2, 3]], 5)[0][0]
+    assert [r.output_ids for r in reqs] == [plain, plain]
+    assert reqs[0].cached_tokens == 192
+    idle(llm.engine)
+
+
+def test_abort_during_a_shared_prefill_returns_to_idle(path: Path) -> None:
+    llm = make_llm(path, max_num_batched_tokens=40)  # b's 100-token suffix goes in chunks
+    engine = llm.engine
+    answers(llm, [DOC + [1]])
+    a = engine.add_request([3, 4, 5], SamplingParams(max_tokens=20))
+    engine.step()
+    b = engine.add_request(DOC + [9] * 100, SamplingParams(max_tokens=4))
+    engine.step()
+    assert engine.prefilling is b and b.cached_tokens == 192
+    entry = next(iter(engine.prefix_store._entries.values()))
+    assert entry.refs == 0  # the replayed prefix is b's own copy: the entry is not held
+    engine.abort(b.request_id)
+    engine.abort(a.request_id)
+    idle(engine)
+
+
+def test_a_failure_during_a_suffix_prefill_returns_to_idle(path: Path, monkeypatch) -> None:
+    llm = make_llm(path)
+    engine = llm.engine
+    answers(llm, [DOC + [1]])
+    real = RecordingCache.prefill  # the suffix's layers (a shared prefill is recorded)
+
+    def failing(self, layer, *args):  # type: ignore[no-untyped-def]
+        if layer == 2:
+            raise RuntimeError("injected")
+        return real(self, layer, *args)
+
+    monkeypatch.setattr(RecordingCache, "prefill", failing)
+    b = engine.add_request(DOC + [2], SamplingParams(max_tokens=4))
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    engine.abort(b.request_id)  # what the server's worker does when a step fails
+    idle(engine)
+    monkeypatch.undo()
+    assert answers(llm, [DOC + [2]])[0][1] == 192  # the store still serves
+
+
+def test_a_prefix_evicted_while_a_request_waits_is_recomputed(path: Path) -> None:
+    llm = make_llm(path)
+    engine = llm.engine
+    answers(llm, [DOC + [1]])
+    b = engine.add_request(DOC + [2], SamplingParams(max_tokens=6))
+    engine.prefix_store.clear()  # forced eviction before b is admitted
+    while engine.has_unfinished():
+        engine.step()
+    assert b.cached_tokens == 0
+    assert b.output_ids == answers(make_llm(path, on=False), [DOC + [2]], 6)[0][0]
+    idle(engine)
+
+
+def test_a_prefix_evicted_while_its_prefill_runs_changes_nothing(path: Path) -> None:
+    llm = make_llm(path, max_num_batched_tokens=40)
+    engine = llm.engine
+    answers(llm, [DOC + [1]])
+    a = engine.add_request([3, 4, 5], SamplingParams(max_tokens=30))
+    engine.step()
+    b = engine.add_request(DOC + [9] * 100, SamplingParams(max_tokens=4))
+    engine.step()  # b got the prefix and ran its suffix's first chunk
+    assert engine.prefilling is b
+    engine.prefix_store.clear()  # forced eviction mid-prefill: b keeps its own reference
+    while engine.has_unfinished():
+        engine.step()
+    assert b.cached_tokens == 192 and a.finish_reason == "length"
+    assert b.output_ids == answers(make_llm(path, on=False), [DOC + [9] * 100], 4)[0][0]
+    idle(engine)
