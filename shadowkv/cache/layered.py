@@ -92,9 +92,13 @@ class LayeredCache:
         for c in self.parts:
             c.begin_prefill(seq_id, num_tokens, start)
 
-    def end_prefill(self) -> None:
+    def select_prefill(self, seq_id: int) -> None:
         for c in self.parts:
-            c.end_prefill()
+            c.select_prefill(seq_id)
+
+    def end_prefill(self, seq_id: int | None = None) -> None:
+        for c in self.parts:
+            c.end_prefill(seq_id)
 
     def begin_decode(self, seq_ids: list[int]) -> None:
         for c in self.parts:
