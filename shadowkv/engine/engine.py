@@ -290,6 +290,9 @@ class Engine:
         batch: list[tuple[PrefillState, int]] = []  # this step's chunks: (prefill, tokens)
         p = self._partial
         partial = p is not None  # whether a prompt stays partly prefilled after this step
+        # At most one prompt per step starts from a stored prefix: ShadowKV stages such a
+        # prompt from its admission to the forward's end (``cache/shadow_staging.py``).
+        shared = False
         if p is not None:
             head = len(self.waiting[0].prompt_ids) if self.waiting else None
             n = partial_share(budget, p.remaining, head)
@@ -300,7 +303,10 @@ class Engine:
         try:
             while self.waiting:
                 req = self.waiting[0]
-                cost = len(req.prompt_ids) - self._cached_tokens(req)
+                cached = self._cached_tokens(req)
+                if cached and shared:
+                    break
+                cost = len(req.prompt_ids) - cached
                 can_chunk = chunked and req.prompt_kv is None
                 whole = cost <= budget or (not self._did_prefill and not can_chunk)
                 if not whole and (not can_chunk or partial or budget < MIN_CHUNK):
@@ -313,6 +319,7 @@ class Engine:
                 n = cost if whole else budget
                 budget -= n
                 self._did_prefill = True
+                shared = shared or p.done > 0
                 if req.prompt_kv is not None:
                     try:
                         outs += self._emit(self._replay(p))
