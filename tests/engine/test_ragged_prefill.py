@@ -141,3 +141,20 @@ def test_failure_mid_forward_frees_every_segment(path: Path, method: str, monkey
     while engine.has_unfinished():
         engine.step()
     assert all(r.finish_reason == "length" for r in (first, *again))
+
+
+def test_one_prefix_shared_prompt_per_step(path: Path) -> None:
+    """A prompt starting from a stored prefix stages in ShadowKV from its admission: a step packs
+    one such prompt (with the partial one); the next waits for the next step."""
+    engine = make_engine(path, cache_cfg("shadowkv"), max_num_batched_tokens=96, prefix_cache=True)
+    engine.add_request(FIRST, SamplingParams(max_tokens=2))
+    while engine.has_unfinished():
+        engine.step()
+    engine.add_request(LONG, SamplingParams(max_tokens=2))
+    engine.step()
+    other = FIRST[:32] + [(19 * i) % 90 + 3 for i in range(11)]
+    a, b = (engine.add_request(p, SamplingParams(max_tokens=2)) for p in (SHARED, other))
+    engine.step()
+    assert a.output_ids and list(engine.waiting) == [b] and len(engine.cache.staging.staged) == 1
+    engine.step()
+    assert b.output_ids and b.cached_tokens == 32 and engine.counters["prefix_hits"] == 2
