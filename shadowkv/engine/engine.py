@@ -6,8 +6,10 @@ first served (``engine/prefill.py`` has the policy): a prompt that fits prefills
 one prefills by chunks of tokens (``EngineConfig.chunked_prefill``), one chunk per step while the
 others decode, so a step's time stays bounded whatever the prompt lengths. At most one prompt is
 partly prefilled at a time; it gets at most half a step's prefill budget while short prompts
-wait. The prefills of a step run one after another (one forward each, then the next step's
-decode): the batch fills in a few steps instead of one request per two steps.
+wait. All the prefill chunks a step runs go through the model in one ragged forward
+(``engine/ragged.py``: tokens packed, attention per sequence), after the decode's own forward
+(decode rows are not mixed into it); a replayed prefill (``PromptKV``) runs no layers and goes at
+its admission. The batch fills in a few steps instead of one request per two steps.
 """
 
 from __future__ import annotations
