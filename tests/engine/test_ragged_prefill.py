@@ -158,3 +158,28 @@ def test_one_prefix_shared_prompt_per_step(path: Path) -> None:
     assert a.output_ids and list(engine.waiting) == [b] and len(engine.cache.staging.staged) == 1
     engine.step()
     assert b.output_ids and b.cached_tokens == 32 and engine.counters["prefix_hits"] == 2
+
+
+def test_packed_prompt_logprobs_and_progress_are_per_segment(path: Path) -> None:
+    def run(prompts: list[list[int]]) -> tuple[list, dict[int, list[tuple[int, int]]]]:
+        engine = make_engine(path, cache_cfg("dense"))
+        seen: dict[int, list[tuple[int, int]]] = {}
+        engine.progress = lambda req, done, total: seen.setdefault(req.request_id, []).append(
+            (done, total)
+        )
+        params = SamplingParams(max_tokens=1, prompt_logprobs=2)
+        reqs = [engine.add_request(p, params) for p in prompts]
+        engine.step()
+        return [r.prompt_logprobs for r in reqs], {i: seen[r.request_id] for i, r in
+                                                   enumerate(reqs)}
+
+    prompts = [*SHORTS, SHARED]
+    got, seen = run(prompts)
+    for i, prompt in enumerate(prompts):
+        (want,), _ = run([prompt])
+        assert len(got[i]) == len(prompt) and got[i][0] is None
+        for (g, gtop), (w, wtop) in zip(got[i][1:], want[1:]):
+            assert g == pytest.approx(w, abs=1e-4)
+            assert [t for t, _ in gtop] == [t for t, _ in wtop]
+        total = len(prompt) * 4
+        assert seen[i] == [(layer * len(prompt), total) for layer in range(1, 5)]
