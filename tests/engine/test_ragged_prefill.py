@@ -183,3 +183,25 @@ def test_packed_prompt_logprobs_and_progress_are_per_segment(path: Path) -> None
             assert [t for t, _ in gtop] == [t for t, _ in wtop]
         total = len(prompt) * 4
         assert seen[i] == [(layer * len(prompt), total) for layer in range(1, 5)]
+
+
+@pytest.mark.parametrize("method", ["dense", "shadowkv"])  # samples fork / replay the recording
+def test_samples_of_a_packed_prompt_equal_alone(path: Path, method: str) -> None:
+    params = [SamplingParams(max_tokens=4, temperature=1.0, seed=s) for s in (1, 2, 3)]
+
+    def run(packed: bool) -> list[list[int]]:
+        engine = make_engine(path, cache_cfg(method))
+        others = SHORTS if packed else []
+        if others:
+            engine.add_request(others[0], SamplingParams(max_tokens=2))
+        reqs = engine.add_requests(SHARED, params)
+        for p in others[1:]:
+            engine.add_request(p, SamplingParams(max_tokens=2))
+        outs = engine.step()
+        assert len(outs) == 3 + len(others)
+        while engine.has_unfinished():
+            engine.step()
+        return [r.output_ids for r in reqs]
+
+    want = run(packed=False)
+    assert run(packed=True) == want and len(set(map(tuple, want))) > 1
