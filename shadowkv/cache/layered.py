@@ -40,6 +40,7 @@ class LayeredCache:
         self.num_layers = len(self._route)
         self.supports_static_decode = all(c.supports_static_decode for c in self.parts)
         self.supports_fork = all(c.supports_fork for c in self.parts)
+        self.stages_prompts = any(c.stages_prompts for c in self.parts)
 
     @property
     def step_epoch(self) -> int:

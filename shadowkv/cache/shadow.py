@@ -75,6 +75,7 @@ class ShadowKVCache(AttentionCache):
 
     cfg: ShadowKVConfig
     needs_rope = True  # rebuilt keys are rotated at their original positions
+    stages_prompts = True  # shadow_staging.py
 
     def __init__(
         self,

@@ -29,7 +29,7 @@ from shadowkv.engine.decode_runner import DecodeRunner
 from shadowkv.engine.grammar import Grammars
 from shadowkv.engine.logits import new_state, prompt_logprobs, sample_requests
 from shadowkv.engine.prefill import MIN_CHUNK, PrefillState, partial_share
-from shadowkv.engine.prefix import PrefixStore, replay_prefix
+from shadowkv.engine.prefix import PrefixStore, replay_prefix, shared_tokens
 from shadowkv.engine.prompt_kv import PromptKV, RecordingCache
 from shadowkv.engine.ragged import RaggedPrefill, Segment
 from shadowkv.engine.request import Request, Status
@@ -292,9 +292,12 @@ class Engine:
         batch: list[tuple[PrefillState, int]] = []  # this step's chunks: (prefill, tokens)
         p = self._partial
         partial = p is not None  # whether a prompt stays partly prefilled after this step
-        # At most one prompt per step starts from a stored prefix: ShadowKV stages such a
-        # prompt from its admission to the forward's end (``cache/shadow_staging.py``).
+        # Caches that stage a chunked prompt (ShadowKV) take at most one prompt per step that
+        # starts from a stored prefix: it stages from its admission to the forward's end.
         shared = False
+        stored: list[list[int]] = []  # prompts this step completes: the store gets them after
+        if p is not None and not partial and self.prefix_store is not None:
+            stored.append(p.request.prompt_ids)
         if p is not None:
             head = len(self.waiting[0].prompt_ids) if self.waiting else None
             n = partial_share(budget, p.remaining, head)
@@ -306,7 +309,9 @@ class Engine:
             while self.waiting:
                 req = self.waiting[0]
                 cached = self._cached_tokens(req)
-                if cached and shared:
+                if (cached and shared and self.cache.stages_prompts) or self._gains_by_waiting(
+                    req, cached, stored
+                ):
                     break
                 cost = len(req.prompt_ids) - cached
                 can_chunk = chunked and req.prompt_kv is None
@@ -332,6 +337,8 @@ class Engine:
                 n = min(n, p.remaining)
                 batch.append((p, n))
                 partial = partial or n < p.remaining
+                if n == p.remaining and self.prefix_store is not None:
+                    stored.append(req.prompt_ids)
         except BaseException:
             for p, _ in batch:  # admitted (or partial) prefills that will not run now
                 self._drop(p)
@@ -406,6 +413,14 @@ class Engine:
         if not self._shares_prefix(req):
             return 0
         return self.prefix_store.cached_tokens(req.prompt_ids)  # type: ignore[union-attr]
+
+    def _gains_by_waiting(self, req: Request, cached: int, stored: list[list[int]]) -> bool:
+        """Whether ``req`` would find more of its prompt stored after this step than its
+        ``cached`` tokens now, because a prompt this step completes starts the same way: it then
+        waits a step rather than prefilling those tokens again beside it."""
+        if not stored or not self._shares_prefix(req):
+            return False
+        return any(shared_tokens(req.prompt_ids, q) > cached for q in stored)
 
     def _reuse_prefix(self, p: PrefillState) -> None:
         """Start a newly admitted prefill with the longest stored prefix of its prompt, if any:

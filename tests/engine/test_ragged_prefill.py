@@ -143,10 +143,12 @@ def test_failure_mid_forward_frees_every_segment(path: Path, method: str, monkey
     assert all(r.finish_reason == "length" for r in (first, *again))
 
 
-def test_one_prefix_shared_prompt_per_step(path: Path) -> None:
+@pytest.mark.parametrize("method", ["dense", "shadowkv"])
+def test_one_prefix_shared_prompt_per_step_when_the_cache_stages(path: Path, method: str) -> None:
     """A prompt starting from a stored prefix stages in ShadowKV from its admission: a step packs
-    one such prompt (with the partial one); the next waits for the next step."""
-    engine = make_engine(path, cache_cfg("shadowkv"), max_num_batched_tokens=96, prefix_cache=True)
+    one such prompt (with the partial one); the next waits for the next step. Dense packs both."""
+    cfg = cache_cfg(method)
+    engine = make_engine(path, cfg, max_num_batched_tokens=96, prefix_cache=True)
     engine.add_request(FIRST, SamplingParams(max_tokens=2))
     while engine.has_unfinished():
         engine.step()
@@ -155,6 +157,9 @@ def test_one_prefix_shared_prompt_per_step(path: Path) -> None:
     other = FIRST[:32] + [(19 * i) % 90 + 3 for i in range(11)]
     a, b = (engine.add_request(p, SamplingParams(max_tokens=2)) for p in (SHARED, other))
     engine.step()
+    if method == "dense":
+        assert a.output_ids and b.output_ids and engine.counters["prefix_hits"] == 2
+        return
     assert a.output_ids and list(engine.waiting) == [b] and len(engine.cache.staging.staged) == 1
     engine.step()
     assert b.output_ids and b.cached_tokens == 32 and engine.counters["prefix_hits"] == 2
@@ -205,3 +210,15 @@ def test_samples_of_a_packed_prompt_equal_alone(path: Path, method: str) -> None
 
     want = run(packed=False)
     assert run(packed=True) == want and len(set(map(tuple, want))) > 1
+
+
+def test_a_prompt_sharing_a_prefix_with_one_in_the_step_waits_for_the_store(path: Path) -> None:
+    """Packed prompts cannot read each other's K/V: a prompt that starts like one the step
+    completes waits a step and then reuses its stored blocks instead of prefilling them again."""
+    engine = make_engine(path, cache_cfg("dense"), prefix_cache=True)
+    other = FIRST[:32] + [(19 * i) % 90 + 3 for i in range(11)]
+    a, b, c = (engine.add_request(p, SamplingParams(max_tokens=2)) for p in (FIRST, other, LONG))
+    engine.step()
+    assert a.output_ids and list(engine.waiting) == [b, c] and engine.counters["prefix_hits"] == 0
+    engine.step()
+    assert b.output_ids and c.output_ids and b.cached_tokens == 32
