@@ -296,8 +296,6 @@ class Engine:
         # starts from a stored prefix: it stages from its admission to the forward's end.
         shared = False
         stored: list[list[int]] = []  # prompts this step completes: the store gets them after
-        if p is not None and not partial and self.prefix_store is not None:
-            stored.append(p.request.prompt_ids)
         if p is not None:
             head = len(self.waiting[0].prompt_ids) if self.waiting else None
             n = partial_share(budget, p.remaining, head)
@@ -305,6 +303,8 @@ class Engine:
             batch.append((p, n))
             self._did_prefill = True
             partial = n < p.remaining
+            if not partial and self.prefix_store is not None:
+                stored.append(p.request.prompt_ids)
         try:
             while self.waiting:
                 req = self.waiting[0]

@@ -222,3 +222,14 @@ def test_a_prompt_sharing_a_prefix_with_one_in_the_step_waits_for_the_store(path
     assert a.output_ids and list(engine.waiting) == [b, c] and engine.counters["prefix_hits"] == 0
     engine.step()
     assert b.output_ids and c.output_ids and b.cached_tokens == 32
+
+
+def test_a_prompt_starting_like_the_partial_one_waits_for_its_last_chunk(path: Path) -> None:
+    engine = make_engine(path, cache_cfg("dense"), max_num_batched_tokens=128, prefix_cache=True)
+    long = engine.add_request(LONG, SamplingParams(max_tokens=2))
+    engine.step()  # LONG's first 128 tokens
+    follow = engine.add_request(LONG[:64] + SHORTS[0], SamplingParams(max_tokens=2))
+    engine.step()  # LONG's last 72 tokens; ``follow`` would fit but waits for the store
+    assert long.output_ids and list(engine.waiting) == [follow]
+    engine.step()
+    assert follow.output_ids and follow.cached_tokens == 64
