@@ -36,6 +36,7 @@ __all__ = [
     "CacheMemory",
     "CacheOptions",
     "CacheOptionsError",
+    "PrefillChunk",
     "SeqRecord",
 ]
 
@@ -102,6 +103,21 @@ class Admission:
     problem: str | None = None
 
 
+@dataclass(frozen=True)
+class PrefillChunk:
+    """A planned prefill chunk: prompt tokens ``[start, start + num_tokens)`` of ``seq_id``, and
+    ``detail``, the method's own plan of it (``AttentionCache.plan_chunk``)."""
+
+    seq_id: int
+    start: int
+    num_tokens: int
+    detail: Any = None
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+
 @dataclass
 class SeqRecord:
     """Everything a cache holds for one sequence: its slot row (index into per-sequence tables),
@@ -144,6 +160,9 @@ class AttentionCache(ABC):
         # Bumped when something a captured decode step bakes in changes (ShadowKV's selection
         # policy): the decode runner then drops its CUDA graphs.
         self.step_epoch = 0
+        # Planned prefill chunks by sequence, and the one the per-layer calls serve.
+        self._chunks: dict[int, PrefillChunk] = {}
+        self._chunk: PrefillChunk
 
     # admission ---------------------------------------------------------------------------------
     def check_options(self, options: CacheOptions) -> None:
@@ -250,6 +269,7 @@ class AttentionCache(ABC):
         rec = self.seqs.pop(seq_id, None)
         if rec is None:
             return
+        self._chunks.pop(seq_id, None)  # a chunk planned but never ended (a failed forward)
         self.on_free(rec)
         for name, pages in rec.pages.items():
             self.allocators[name].release(pages)
@@ -278,30 +298,54 @@ class AttentionCache(ABC):
     # start)`` plans prompt tokens ``[start, start + n)``, the layers' ``prefill`` calls store
     # them and attend over ``[0, start + n)``, and ``end_prefill`` makes them part of the
     # sequence. Only a sequence whose whole prompt is cached may decode.
+    #
+    # Several sequences' chunks may be planned at once (one ragged forward packs a step's
+    # prefills, ``engine/ragged.py``): each ``begin_prefill`` keeps its ``PrefillChunk`` and makes
+    # it the current one; ``select_prefill(seq)`` makes a planned chunk current again (no side
+    # effects: a method's one-off work at a chunk's start runs in ``begin_prefill`` alone), and
+    # the per-layer calls (``prefill``, ``store_prompt``, ``read_prompt``) serve the current one.
+    # Whether a prompt split in chunks holds transient memory from its first chunk to its last
+    # (ShadowKV's staging): the engine then starts at most one prompt from a stored prefix per
+    # step, since that prefix is a first chunk planned at admission.
+    stages_prompts = False
+
     def begin_prefill(self, seq_id: int, num_tokens: int, start: int = 0) -> None:
         """Plan a prefill of prompt tokens ``[start, start + num_tokens)`` of one sequence
-        (chunks in order: ``start`` is the tokens already prefilled)."""
+        (chunks in order: ``start`` is the tokens already prefilled) and make it current."""
         rec = self.seqs[seq_id]
         if start != rec.length or start + num_tokens > rec.prompt_len or num_tokens < 1:
             raise ValueError(
                 f"sequence {seq_id} has {rec.length} of {rec.prompt_len} prompt tokens cached; "
                 f"it cannot prefill tokens [{start}, {start + num_tokens})"
             )
-        self._prefill_seq = seq_id
-        self._prefill_start = start
-        self._prefill_len = num_tokens
+        chunk = PrefillChunk(seq_id, start, num_tokens)
+        self._chunk = replace(chunk, detail=self.plan_chunk(chunk))
+        self._chunks[seq_id] = self._chunk
+
+    def plan_chunk(self, chunk: PrefillChunk) -> Any:
+        """The method's own plan of a chunk (``PrefillChunk.detail``: dense, its pool slots)."""
+        return None
+
+    def select_prefill(self, seq_id: int) -> None:
+        """Make the planned chunk of ``seq_id`` the current one."""
+        self._chunk = self._chunks[seq_id]
 
     @property
     def prefill_end(self) -> int:
-        """One past the last prompt token of the planned prefill chunk."""
-        return self._prefill_start + self._prefill_len
+        """One past the last prompt token of the current prefill chunk."""
+        return self._chunk.end
 
     def prefill_completes(self) -> bool:
-        """Whether the planned chunk is its prompt's last."""
-        return self.prefill_end == self.seqs[self._prefill_seq].prompt_len
+        """Whether the current chunk is its prompt's last."""
+        return self._chunk.end == self.seqs[self._chunk.seq_id].prompt_len
 
-    def end_prefill(self) -> None:
-        self.seqs[self._prefill_seq].length = self.prefill_end
+    def end_prefill(self, seq_id: int | None = None) -> None:
+        """End the planned chunk of ``seq_id`` (default: the current one): its tokens are
+        cached."""
+        if seq_id is not None:
+            self.select_prefill(seq_id)
+        chunk = self._chunks.pop(self._chunk.seq_id)
+        self.seqs[chunk.seq_id].length = chunk.end
 
     def check_decodable(self, seq_ids: list[int]) -> None:
         """Raise unless every sequence's whole prompt is cached (a partly prefilled prompt
@@ -371,7 +415,7 @@ class AttentionCache(ABC):
         are read back (``read_prompt``) before the chunk is stored: a ring (``WindowCache``) may
         overwrite them.
         """
-        start = self._prefill_start
+        start = self._chunk.start
         lo = self.prompt_attend_from(start)
         if lo < start:
             k_old, v_old = self.read_prompt(layer, lo, start)  # [start - lo, Hkv, D]

@@ -9,6 +9,7 @@ from shadowkv.cache.base import (
     AttentionCache,
     CacheOptions,
     CacheOptionsError,
+    PrefillChunk,
     SeqRecord,
     bucket,
 )
@@ -106,13 +107,13 @@ class DenseCache(AttentionCache):
         table = self.block_tables[self.seqs[seq_id].row].long()
         return table[pos // S] * S + pos % S
 
-    def begin_prefill(self, seq_id: int, num_tokens: int, start: int = 0) -> None:
-        super().begin_prefill(seq_id, num_tokens, start)
-        self._prefill_slots = self._slots(seq_id, start, start + num_tokens)
+    def plan_chunk(self, chunk: PrefillChunk) -> torch.Tensor:
+        """The pool rows the chunk's tokens go to."""
+        return self._slots(chunk.seq_id, chunk.start, chunk.end)
 
     def read_prompt(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         Hkv, D = self.layout.num_kv_heads, self.layout.head_dim
-        slots = self._slots(self._prefill_seq, start, end)
+        slots = self._slots(self._chunk.seq_id, start, end)
         k, v = self.k_cache[layer].view(-1, Hkv, D), self.v_cache[layer].view(-1, Hkv, D)
         return k[slots], v[slots]
 
@@ -172,7 +173,7 @@ class DenseCache(AttentionCache):
     def store_prompt(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
     ) -> None:
-        self._write(layer, self._prefill_slots, k, v)
+        self._write(layer, self._chunk.detail, k, v)
 
     def decode(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor

@@ -40,6 +40,7 @@ class LayeredCache:
         self.num_layers = len(self._route)
         self.supports_static_decode = all(c.supports_static_decode for c in self.parts)
         self.supports_fork = all(c.supports_fork for c in self.parts)
+        self.stages_prompts = any(c.stages_prompts for c in self.parts)
 
     @property
     def step_epoch(self) -> int:
@@ -92,9 +93,13 @@ class LayeredCache:
         for c in self.parts:
             c.begin_prefill(seq_id, num_tokens, start)
 
-    def end_prefill(self) -> None:
+    def select_prefill(self, seq_id: int) -> None:
         for c in self.parts:
-            c.end_prefill()
+            c.select_prefill(seq_id)
+
+    def end_prefill(self, seq_id: int | None = None) -> None:
+        for c in self.parts:
+            c.end_prefill(seq_id)
 
     def begin_decode(self, seq_ids: list[int]) -> None:
         for c in self.parts:

@@ -55,12 +55,12 @@ class LokiCache(SparseCache):
         return self.num_layers * self.cfg.page_size * per_token * self.layout.elem_size
 
     def summarise(self, layer: int, k: torch.Tensor) -> None:
-        row = self.seqs[self._prefill_seq].row
+        row = self.seqs[self._chunk.seq_id].row
         basis = principal_basis(k, self.rank)  # [Hkv, D, r]
         self.basis[layer][row] = basis
         low = torch.einsum("thd,hdr->thr", k.float(), basis)
         Hkv = self.layout.num_kv_heads
-        slots = self._slots(self._prefill_seq, 0, k.shape[0])
+        slots = self._slots(self._chunk.seq_id, 0, k.shape[0])
         self.k_low[layer].view(-1, Hkv, self.rank)[slots] = low.to(self.dtype)
 
     def select(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,7 +45,7 @@ class QuestCache(SparseCache):
         # Padding rows must not widen the bounds: +inf for the min, -inf for the max.
         lo = torch.cat([k, k.new_full((pad, Hkv, D), float("inf"))]).view(num_pages, S, Hkv, D)
         hi = torch.cat([k, k.new_full((pad, Hkv, D), float("-inf"))]).view(num_pages, S, Hkv, D)
-        blocks = self.block_tables[self.seqs[self._prefill_seq].row, :num_pages].long()
+        blocks = self.block_tables[self.seqs[self._chunk.seq_id].row, :num_pages].long()
         self.page_min[layer][blocks] = lo.amin(dim=1)
         self.page_max[layer][blocks] = hi.amax(dim=1)
 

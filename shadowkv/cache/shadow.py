@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -27,6 +27,7 @@ from shadowkv.cache.base import (
     AttentionCache,
     CacheCapacityError,
     CacheOptions,
+    PrefillChunk,
     SeqRecord,
 )
 from shadowkv.cache.layout import KVLayout
@@ -60,11 +61,21 @@ from shadowkv.kernels.rope.tables import RopeTables
 from shadowkv.kernels.select_chunks import select_chunks_inplace
 
 
+@dataclass(frozen=True)
+class ShadowChunk:
+    """ShadowKV's plan of a prefill chunk (``PrefillChunk.detail``): the sequence's row plan,
+    and whether its chunks stage until the last one (a sparse prompt split in chunks)."""
+
+    plan: PrefillPlan
+    staged: bool
+
+
 class ShadowKVCache(AttentionCache):
     """Low-rank pre-RoPE keys and paged exact buffers on ``device``; values in two tiers."""
 
     cfg: ShadowKVConfig
     needs_rope = True  # rebuilt keys are rotated at their original positions
+    stages_prompts = True  # shadow_staging.py
 
     def __init__(
         self,
@@ -250,21 +261,23 @@ class ShadowKVCache(AttentionCache):
         return rec
 
     # steps -------------------------------------------------------------------------------------
-    def begin_prefill(self, seq_id: int, num_tokens: int, start: int = 0) -> None:
-        super().begin_prefill(seq_id, num_tokens, start)
-        rec = self.record(seq_id)
-        self._prefill = self.tables.plan_prefill(rec)
+    def plan_chunk(self, chunk: PrefillChunk) -> ShadowChunk:
+        rec = self.record(chunk.seq_id)
         # A sparse prompt split in chunks stages them until its last (``shadow_staging.py``);
         # a whole prompt, or one running dense, is stored as it comes.
-        self._staged = not rec.lay.dense and num_tokens < rec.prompt_len
-        if self._staged and start == 0:
-            Hkv, D = self.layout.num_kv_heads, self.layout.head_dim
-            self.staging.begin(seq_id, rec.prompt_len, Hkv, D, self.dtype)
+        staged = not rec.lay.dense and chunk.num_tokens < rec.prompt_len
+        return ShadowChunk(self.tables.plan_prefill(rec), staged)
 
-    def end_prefill(self) -> None:
-        super().end_prefill()
+    def begin_prefill(self, seq_id: int, num_tokens: int, start: int = 0) -> None:
+        super().begin_prefill(seq_id, num_tokens, start)
+        if self._chunk.detail.staged and start == 0:  # once per prompt, at its first chunk
+            Hkv, D = self.layout.num_kv_heads, self.layout.head_dim
+            self.staging.begin(seq_id, self.record(seq_id).prompt_len, Hkv, D, self.dtype)
+
+    def end_prefill(self, seq_id: int | None = None) -> None:
+        super().end_prefill(seq_id)
         if self.prefill_completes():
-            self.staging.drop(self._prefill_seq)
+            self.staging.drop(self._chunk.seq_id)
 
     supports_static_decode = True
 
@@ -290,16 +303,17 @@ class ShadowKVCache(AttentionCache):
     def store_prompt(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
     ) -> None:
-        plan: PrefillPlan = self._prefill
-        start, end = self._prefill_start, self.prefill_end
+        chunk = self._chunk
+        plan: PrefillPlan = chunk.detail.plan
+        start, end = chunk.start, chunk.end
         if plan.layout.dense:
             self._write_exact(layer, plan.exact_rows[start:end], k, v)
             return
-        if not self._staged:
+        if not chunk.detail.staged:
             T = k.shape[0]
             self._store_sparse(layer, plan, k, v, k_pre.reshape(T, -1), None)
             return
-        staged = self.staging.get(self._prefill_seq)
+        staged = self.staging.get(chunk.seq_id)
         staged.add(layer, start, k_pre, v)
         if self.prefill_completes():  # the whole prompt is here: store it as unchunked would
             k_all = torch.cat([self.read_prompt(layer, 0, start)[0], k]) if start else k
@@ -308,13 +322,13 @@ class ShadowKVCache(AttentionCache):
             )
 
     def read_prompt(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        plan: PrefillPlan = self._prefill
+        plan: PrefillPlan = self._chunk.detail.plan
         if plan.layout.dense:
             rows = plan.exact_rows[start:end]
             Hkv, D = self.layout.num_kv_heads, self.layout.head_dim
             k, v = self.k_buf[layer].view(-1, Hkv, D), self.v_buf[layer].view(-1, Hkv, D)
             return k[rows], v[rows]
-        staged = self.staging.get(self._prefill_seq)
+        staged = self.staging.get(self._chunk.seq_id)
         k_pre = staged.k_pre[layer][start:end].view(end - start, *staged.v[layer].shape[1:])
         # Rotated by the model's own op and table rows: the keys its layer produced, bit for bit.
         cos, sin = self.rope.rows(torch.arange(start, end, device=self.device))

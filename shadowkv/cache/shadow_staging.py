@@ -11,7 +11,9 @@ Memory: a staged prompt holds its dense K/V (``layout.dense_bytes(T)``) plus one
 on the compute device, allocated at its first chunk and freed after its last (or when the
 sequence is freed). It is transient and outside the page pools sized from
 ``EngineConfig.cache_memory_gb``; ``AttentionCache.memory`` counts it for the sequence, and at most
-``MAX_STAGED`` prompts stage at once (the engine chunks one prompt at a time).
+``MAX_STAGED`` prompts stage at once. The engine chunks one prompt at a time and runs a step's
+chunks in one forward, so a step stages at most the partial prompt that ends in it, the one that
+starts, and one prompt that starts from a stored prefix (replayed as its first chunk).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from shadowkv.cache.errors import CacheCapacityError
 
-MAX_STAGED = 2  # prompts staged at once (the engine has one partial prefill at a time)
+MAX_STAGED = 3  # prompts staged at once (see above)
 
 
 @dataclass

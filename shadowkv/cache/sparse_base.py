@@ -64,7 +64,7 @@ class SparseCache(DenseCache):
         super().store_prompt(layer, k, v, k_pre)
         if not self.prefill_completes():
             return  # metadata summarises the whole prompt: built with its last chunk
-        start = self._prefill_start
+        start = self._chunk.start
         keys = k
         if start:
             keys = torch.cat([self.read_prompt(layer, 0, start)[0], k.to(self.dtype)])

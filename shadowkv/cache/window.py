@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from shadowkv.cache.base import CacheOptions, causal_attention
+from shadowkv.cache.base import CacheOptions, PrefillChunk, causal_attention
 from shadowkv.cache.dense import DenseCache
 from shadowkv.cache.layout import KVLayout
 from shadowkv.cache.methods import CacheConfig
@@ -54,16 +54,15 @@ class WindowCache(DenseCache):
         table = self.block_tables[self.seqs[seq_id].row].long()
         return table[ring // S] * S + ring % S
 
-    def begin_prefill(self, seq_id: int, num_tokens: int, start: int = 0) -> None:
-        super().begin_prefill(seq_id, num_tokens, start)
-        end = start + num_tokens
-        self._kept = self.held_tokens(num_tokens)  # the chunk's last tokens stay in the ring
-        self._prefill_slots = self._slots(seq_id, end - self._kept, end)
+    def plan_chunk(self, chunk: PrefillChunk) -> torch.Tensor:
+        """The ring slots of the chunk's last ``held_tokens(num_tokens)`` tokens (those stay)."""
+        return self._slots(chunk.seq_id, chunk.end - self.held_tokens(chunk.num_tokens), chunk.end)
 
     def store_prompt(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
     ) -> None:
-        self._write(layer, self._prefill_slots, k[-self._kept :], v[-self._kept :])
+        kept = self.held_tokens(self._chunk.num_tokens)
+        self._write(layer, self._chunk.detail, k[-kept:], v[-kept:])
 
     def prompt_attend_from(self, start: int) -> int:
         # The chunk's first query sees the window - 1 tokens before it, all still in the ring

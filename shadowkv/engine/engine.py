@@ -6,8 +6,10 @@ first served (``engine/prefill.py`` has the policy): a prompt that fits prefills
 one prefills by chunks of tokens (``EngineConfig.chunked_prefill``), one chunk per step while the
 others decode, so a step's time stays bounded whatever the prompt lengths. At most one prompt is
 partly prefilled at a time; it gets at most half a step's prefill budget while short prompts
-wait. The prefills of a step run one after another (one forward each, then the next step's
-decode): the batch fills in a few steps instead of one request per two steps.
+wait. All the prefill chunks a step runs go through the model in one ragged forward
+(``engine/ragged.py``: tokens packed, attention per sequence), after the decode's own forward
+(decode rows are not mixed into it); a replayed prefill (``PromptKV``) runs no layers and goes at
+its admission. The batch fills in a few steps instead of one request per two steps.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from shadowkv.engine.decode_runner import DecodeRunner
 from shadowkv.engine.grammar import Grammars
 from shadowkv.engine.logits import new_state, prompt_logprobs, sample_requests
 from shadowkv.engine.prefill import MIN_CHUNK, PrefillState, partial_share
-from shadowkv.engine.prefix import PrefixStore, replay_prefix
+from shadowkv.engine.prefix import PrefixStore, replay_prefix, shared_tokens
 from shadowkv.engine.prompt_kv import PromptKV, RecordingCache
+from shadowkv.engine.ragged import RaggedPrefill, Segment
 from shadowkv.engine.request import Request, Status
 from shadowkv.engine.sampling import SamplingParams, make_generator, sample
-from shadowkv.models.llama import LlamaModel
+from shadowkv.models.llama import Hidden, LlamaModel
 from shadowkv.models.tokenizer import Tokenizer
 
 # ``progress(request, done, total)`` during a prefill: work units (token-layers) done of total.
@@ -279,38 +282,68 @@ class Engine:
 
     def _prefill_work(self, budget: int, decoded: bool) -> list[StepOutput]:
         """Spend ``budget`` prompt tokens on prefills: the partial one's next chunk, then waiting
-        prompts first come, first served (``engine/prefill.py``)."""
+        prompts first come, first served (``engine/prefill.py``). The chunks chosen run in one
+        ragged forward (``_run_prefills``); a replayed prefill runs no layers and goes at once."""
         self._did_prefill = False
         chunked = self.cfg.chunked_prefill
         if chunked:
             budget = max(budget, MIN_CHUNK)
         outs: list[StepOutput] = []
+        batch: list[tuple[PrefillState, int]] = []  # this step's chunks: (prefill, tokens)
         p = self._partial
+        partial = p is not None  # whether a prompt stays partly prefilled after this step
+        # Caches that stage a chunked prompt (ShadowKV) take at most one prompt per step that
+        # starts from a stored prefix: it stages from its admission to the forward's end.
+        shared = False
+        stored: list[list[int]] = []  # prompts this step completes: the store gets them after
         if p is not None:
             head = len(self.waiting[0].prompt_ids) if self.waiting else None
             n = partial_share(budget, p.remaining, head)
             budget -= n
-            outs += self._emit(self._run_chunk(p, n))
-        while self.waiting:
-            req = self.waiting[0]
-            cost = len(req.prompt_ids) - self._cached_tokens(req)
-            can_chunk = chunked and req.prompt_kv is None
-            whole = cost <= budget or (not self._did_prefill and not can_chunk)
-            if not whole and (not can_chunk or self._partial is not None or budget < MIN_CHUNK):
-                break
-            # After this step's decode, an admission failure is retried next step rather than
-            # raised: the decode's outputs must reach the caller.
-            p = self._admit_next(may_raise=not decoded and not self._did_prefill)
-            if p is None:
-                break
-            n = cost if whole else budget
-            budget -= n
-            try:
-                outs += self._emit(self._advance(p, n))
-            except BaseException:
+            batch.append((p, n))
+            self._did_prefill = True
+            partial = n < p.remaining
+            if not partial and self.prefix_store is not None:
+                stored.append(p.request.prompt_ids)
+        try:
+            while self.waiting:
+                req = self.waiting[0]
+                cached = self._cached_tokens(req)
+                if (cached and shared and self.cache.stages_prompts) or self._gains_by_waiting(
+                    req, cached, stored
+                ):
+                    break
+                cost = len(req.prompt_ids) - cached
+                can_chunk = chunked and req.prompt_kv is None
+                whole = cost <= budget or (not self._did_prefill and not can_chunk)
+                if not whole and (not can_chunk or partial or budget < MIN_CHUNK):
+                    break
+                # After this step's decode, an admission failure is retried next step rather
+                # than raised: the decode's outputs must reach the caller.
+                p = self._admit_next(may_raise=not decoded and not self._did_prefill)
+                if p is None:
+                    break
+                n = cost if whole else budget
+                budget -= n
+                self._did_prefill = True
+                shared = shared or p.done > 0
+                if req.prompt_kv is not None:
+                    try:
+                        outs += self._emit(self._replay(p))
+                    except BaseException:
+                        self._drop(p)
+                        raise
+                    continue
+                n = min(n, p.remaining)
+                batch.append((p, n))
+                partial = partial or n < p.remaining
+                if n == p.remaining and self.prefix_store is not None:
+                    stored.append(req.prompt_ids)
+        except BaseException:
+            for p, _ in batch:  # admitted (or partial) prefills that will not run now
                 self._drop(p)
-                raise
-        return outs
+            raise
+        return outs + (self._run_prefills(batch) if batch else [])
 
     def _drop(self, p: PrefillState) -> None:
         """Free a prefill whose first chunk failed: it is in no queue yet, so ``abort`` (what the
@@ -381,6 +414,14 @@ class Engine:
             return 0
         return self.prefix_store.cached_tokens(req.prompt_ids)  # type: ignore[union-attr]
 
+    def _gains_by_waiting(self, req: Request, cached: int, stored: list[list[int]]) -> bool:
+        """Whether ``req`` would find more of its prompt stored after this step than its
+        ``cached`` tokens now, because a prompt this step completes starts the same way: it then
+        waits a step rather than prefilling those tokens again beside it."""
+        if not stored or not self._shares_prefix(req):
+            return False
+        return any(shared_tokens(req.prompt_ids, q) > cached for q in stored)
+
     def _reuse_prefix(self, p: PrefillState) -> None:
         """Start a newly admitted prefill with the longest stored prefix of its prompt, if any:
         replayed into the cache as its first chunk (no layers run), then released."""
@@ -398,17 +439,13 @@ class Engine:
         self.counters["prefix_hits"] += 1
         self.counters["cached_tokens"] += use.num_tokens
 
-    def _advance(self, p: PrefillState, n: int) -> list[StepOutput]:
-        """A newly admitted prefill's first ``n`` tokens (a replayed one: all, running no
-        layers)."""
+    def _replay(self, p: PrefillState) -> list[StepOutput]:
+        """A newly admitted replayed prefill (``PromptKV``): all its tokens, running no layers."""
         req = p.request
-        if req.prompt_kv is None:
-            return self._run_chunk(p, min(n, p.remaining))
-        self._did_prefill = True
         self.cache.begin_prefill(req.request_id, len(req.prompt_ids))
-        req.prompt_kv.replay(self.cache)
+        req.prompt_kv.replay(self.cache)  # type: ignore[union-attr]
         self.cache.end_prefill()
-        return self._end_prefill(p, req.prompt_kv.logits, req.prompt_kv)
+        return self._end_prefill(p, req.prompt_kv.logits, req.prompt_kv)  # type: ignore[union-attr]
 
     def _layer_done(self, req: Request, start: int, n: int) -> Callable[[int, int], None]:
         """Per-layer progress of a chunk of ``n`` tokens from ``start`` for ``self.progress``
@@ -421,28 +458,66 @@ class Engine:
 
         return done
 
-    def _run_chunk(self, p: PrefillState, n: int) -> list[StepOutput]:
-        """Run prompt tokens ``[p.done, p.done + n)`` through every layer; the last chunk
-        samples the first tokens, an earlier one leaves ``p`` as the partial prefill."""
-        self._did_prefill = True
+    def _run_prefills(self, batch: list[tuple[PrefillState, int]]) -> list[StepOutput]:
+        """Run this step's prefill chunks — ``n`` prompt tokens from ``p.done`` of each ``p`` —
+        through every layer in one ragged forward (``engine/ragged.py``); then each chunk's
+        prompt logprobs, and the first tokens of the prompts it completes. A failure drops
+        every prefill of the batch (its memory returns; it is in no queue, or is the partial)."""
+        dev = self.device
+        ragged = RaggedPrefill.of(self.cache, [
+            Segment(p.request.request_id, p.done, n, p.recording or self.cache)
+            for p, n in batch
+        ])
+        done = [self._layer_done(p.request, p.done, n) for p, n in batch]
+
+        def progress(layer: int, num_layers: int) -> None:  # each segment's, after each layer
+            for f in done:
+                f(layer, num_layers)
+
+        try:
+            for seg in ragged.segments:
+                self.cache.begin_prefill(seg.seq_id, seg.num_tokens, seg.start)
+            ids = [t for p, n in batch for t in p.request.prompt_ids[p.done : p.done + n]]
+            x = self.model.embed(torch.tensor(ids, device=dev))  # [sum T_i, hidden]
+            ctx = self.model.context(
+                "prefill", ragged.positions(dev), self.rope, ragged,  # type: ignore[arg-type]
+                self.cfg.prefill_mlp_chunk, progress,
+            )
+            x = self.model.run_layers(x, ctx, 0, self.model_cfg.num_layers)
+            for seg in ragged.segments:
+                self.cache.end_prefill(seg.seq_id)
+            # Every segment's last-position logits in one head call; only completed prompts'
+            # rows are used (cheaper than a host-side filter that depends on them).
+            last = self.model.logits(x, ragged.last_index(dev))  # [num_segments, vocab]
+        except BaseException:
+            for p, _ in batch:
+                self._drop(p)
+            raise
+        outs: list[StepOutput] = []
+        for i, (p, n) in enumerate(batch):
+            try:
+                outs += self._emit(self._end_chunk(p, n, x, ragged.cu_seqlens[i], last[i]))
+            except BaseException:
+                for q, _ in batch[i:]:
+                    self._drop(q)
+                raise
+        return outs
+
+    def _end_chunk(
+        self, p: PrefillState, n: int, x: Hidden, offset: int, logits: torch.Tensor
+    ) -> list[StepOutput]:
+        """After the forward: prompt tokens ``[p.done, p.done + n)`` are cached, their hidden
+        states ``x`` rows ``[offset, offset + n)``, ``logits [V]`` the last one's. The last chunk
+        samples the first tokens; an earlier one leaves ``p`` as the partial prefill."""
         req, dev = p.request, self.device
         start, end, total = p.done, p.done + n, len(p.request.prompt_ids)
-        self.cache.begin_prefill(req.request_id, n, start)
-        x = self.model.embed(torch.tensor(req.prompt_ids[start:end], device=dev))
-        ctx = self.model.context(
-            "prefill", torch.arange(start, end, device=dev), self.rope,
-            p.recording or self.cache,  # type: ignore[arg-type]
-            self.cfg.prefill_mlp_chunk, self._layer_done(req, start, n),
-        )
-        x = self.model.run_layers(x, ctx, 0, self.model_cfg.num_layers)
-        self.cache.end_prefill()
         p.done = end
         self.counters["prefill_tokens"] += n
         self.counters["prefill_chunks"] += 1
         if req.params.prompt_logprobs is not None:
             # Positions [start, end) predict tokens [start + 1, end + 1): the chunk's own slice.
             lp = prompt_logprobs(
-                lambda pos: self.model.logits(x, pos.to(dev)),
+                lambda pos: self.model.logits(x, pos.to(dev) + offset),
                 req.prompt_ids[start : end + 1],
                 req.params.prompt_logprobs,
             )
@@ -452,7 +527,6 @@ class Engine:
             return []
         if self._partial is p:
             self._partial = None
-        logits = self.model.logits(x, torch.tensor([n - 1], device=dev))[0]
         if req.params.prompt_logprobs is not None:
             req.prompt_logprobs = p.logprobs
         kv = None

@@ -12,7 +12,13 @@ budget, spent first come, first served:
 2. Waiting prompts are admitted in order while each fits whole in what is left.
 3. When no prefill is partial, the next waiting prompt that does not fit whole starts with a chunk
    of what is left (if at least ``MIN_CHUNK``) and becomes the partial prefill.
-4. Otherwise the step's prefills stop there: no prompt overtakes an earlier one.
+4. Otherwise the step's prefills stop there: no prompt overtakes an earlier one. With prefix
+   sharing they stop too at a prompt that starts like one this step completes (it waits a step
+   and reuses those stored blocks: packed prompts cannot read each other's K/V), and, with a cache
+   that stages chunked prompts (ShadowKV: from admission to the step's forward end), at a second
+   prompt that starts from a stored prefix.
+
+The chunks chosen run in one packed forward (``engine/ragged.py``).
 
 A replayed prefill (``PromptKV``) runs no layers and is never chunked: it goes when it fits, or
 as the step's first prefill. With ``EngineConfig.chunked_prefill=False`` every prompt prefills

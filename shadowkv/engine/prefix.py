@@ -48,6 +48,15 @@ def block_hashes(tokens: Sequence[int], block: int = BLOCK) -> list[int]:
     return out
 
 
+def shared_tokens(tokens: Sequence[int], other: Sequence[int], block: int = BLOCK) -> int:
+    """Leading whole blocks of ``tokens`` that ``other`` starts with too, in tokens, leaving at
+    least one token to prefill: what ``other``'s stored prompt would give ``tokens``."""
+    limit, n = (len(tokens) - 1) // block, 0
+    while n < limit and tokens[n * block : (n + 1) * block] == other[n * block : (n + 1) * block]:
+        n += 1
+    return n * block
+
+
 @dataclass(eq=False)
 class PrefixEntry:
     """One stored prompt prefix: its tokens (whole blocks), block hashes and per-layer K/V."""

@@ -153,3 +153,38 @@ def test_shadowkv_chunked_equals_whole_across_families(tiny_checkpoint, family: 
     tokens, got = greedy_with_logits(m, rope, c, p, 5, chunk=29)
     assert tokens == want_tokens
     assert_close_verbose(got, want, atol=1e-4, rtol=1e-4, what=family)
+
+
+def test_packed_chunks_of_two_sequences_equal_each_alone() -> None:
+    """Two sequences' chunks planned at once and run in one packed forward through
+    ``RaggedPrefill`` (``select_prefill`` per segment), on sliding-window and global layers
+    (``LayeredCache``): the prefill and the next decode step equal each sequence alone."""
+    from shadowkv.engine.ragged import RaggedPrefill, Segment
+
+    from .test_window import gemma_like
+
+    cfg = gemma_like()
+    m = random_model(cfg, CPU, torch.float32, seed=2, std=0.08)
+    a, b = prompt(90), prompt(37, seed=1)
+    for method in (DenseConfig(), cache_cfg("shadowkv")):
+        c, rope = cache((cfg, m), method)
+        want = [greedy_with_logits(m, rope, c, p, 1)[1] for p in (a, b)]  # [2, V] each
+        c.add_sequence(0, 90, 2)
+        c.add_sequence(1, 37, 2)
+        c.begin_prefill(0, 40, 0)  # a's first chunk alone (ShadowKV stages it)
+        run_model(m, torch.tensor(a[:40]), torch.arange(40), rope, c, "prefill")
+        c.end_prefill()
+        ragged = RaggedPrefill.of(c, [Segment(0, 40, 50, c), Segment(1, 0, 37, c)])
+        for s in ragged.segments:
+            c.begin_prefill(s.seq_id, s.num_tokens, s.start)
+        ids = torch.tensor(a[40:] + b)
+        got = run_model(m, ids, ragged.positions(CPU), rope, ragged, "prefill",
+                        ragged.last_index(CPU))
+        for s in ragged.segments:
+            c.end_prefill(s.seq_id)
+        c.begin_decode([0, 1])
+        step = run_model(m, got.argmax(-1), torch.tensor([90, 37]), rope, c, "decode")
+        c.end_decode()
+        for i in range(2):
+            got_i = torch.stack([got[i], step[i]])
+            assert_close_verbose(got_i, want[i], atol=1e-4, rtol=1e-4, what=f"{method} seq {i}")
