@@ -11,10 +11,13 @@
 #   decode_modes     30 s    50 s  CUDA graphs vs eager step time, 4K context, batch 1 and 8
 #   kernel_bench     25 s    45 s  each kernel vs its memory roofline (rows written as measured)
 #   e2e_16k          30 s    50 s  real prefills at 16K: prefill time, TTFT, SVD share of prefill
+#   prefill_pack     20 s    40 s  16 prompts of 512 tokens: one ragged forward vs one forward each
+#                                  (the scheduler before), dense and ShadowKV, same run
 #   e2e_122k_fp8     90 s   120 s  the headline again with fp8 values (value_dtype=fp8): dense
 #                                  (its baseline, same run) vs ShadowKV fp8 at its larger max
 #                                  batch, 70 % hits driven; last, so a timeout loses only itself
-#   total           385 s   585 s  (plus the machine's start, outside this script)
+#   total           405 s   625 s  (plus the machine's start, outside this script; the limits
+#                                  sum past one 600 s call only if nearly every stage hangs)
 #
 # Every stage runs under `timeout -s INT` (Python stops with KeyboardInterrupt and keeps what it
 # wrote) with PYTHONUNBUFFERED=1; the script goes on after a failure. After every stage it prints
@@ -42,7 +45,7 @@ export PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/shadowkv_triton_cache}"
 PY="${PYTHON:-python3}"
 SMOKE="${SMOKE:-0}"
-STAGES="${STAGES:-e2e_122k kernel_tests decode_modes kernel_bench e2e_16k e2e_122k_fp8}"
+STAGES="${STAGES:-e2e_122k kernel_tests decode_modes kernel_bench e2e_16k prefill_pack e2e_122k_fp8}"
 SUMMARY="$WORK/summary.md"
 START=$SECONDS
 
@@ -53,6 +56,7 @@ if [ "$SMOKE" = 1 ]; then
     KNOBS="--sparse-budget 64 --outlier-chunks 2 --cache-memory-gb 0.05 --max-batch 6"
     KERNEL_TESTS="tests/cache/test_cuda_paths.py tests/kernels/test_triton_kernels.py -k dispatch"
     BENCH_FLAGS="--smoke --ops select_chunks,gather_values"
+    PACK="--prompts 4 --prompt-tokens 64 --repeats 1 --cache-memory-gb 0.05"
     MEM_TOTAL_GB=0
 else
     unset TRITON_INTERPRET SHADOWKV_KERNELS
@@ -60,6 +64,7 @@ else
     KNOBS=""
     KERNEL_TESTS="tests/kernels tests/cache/test_cuda_paths.py"
     BENCH_FLAGS=""
+    PACK="--prompts 16 --prompt-tokens 512 --cache-memory-gb 8"
     MEM_TOTAL_GB=$(awk '/MemTotal/ {printf "%d", $2 / 1048576}' /proc/meminfo)
 fi
 if [ -z "${HOST_GB:-}" ]; then
@@ -144,6 +149,10 @@ stage e2e_16k 50 "$PY" benchmarks/throughput.py --arch "$ARCH" $DEVICE --context
     --methods dense,shadowkv --batch 4 --decode-steps $((STEPS / 16 > 4 ? STEPS / 16 : 4)) \
     --host-memory-gb 4 --out "$WORK/e2e_16k" $KNOBS $( [ "$SMOKE" = 1 ] || echo "--max-batch 8" )
 show "$WORK/e2e_16k/throughput.md"
+
+stage prefill_pack 40 "$PY" benchmarks/prefill_pack.py --arch "$ARCH" $DEVICE $PACK \
+    --out "$WORK/pack"
+show "$WORK/pack/prefill_pack.md"
 
 stage e2e_122k_fp8 120 "$PY" benchmarks/throughput.py --arch "$ARCH" $DEVICE --contexts "$LONG" \
     --methods dense,shadowkv:value_dtype=fp8 --batch auto --decode-steps "$((STEPS / 2))" \
