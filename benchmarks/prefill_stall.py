@@ -15,14 +15,13 @@ settings are compared under the same machine load).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from bench_io import write_rows
 
 from shadowkv import LLM, DenseConfig, EngineConfig, SamplingParams, method_config
 from shadowkv.eval.haystack import Haystack
@@ -98,15 +97,7 @@ def main() -> None:
         print(f"| {r['method']} | {r['step_budget'] or 'whole'} | {r['short_max_gap_s']} | "
               f"{r['short_median_gap_s']} | {r['long_ttft_s']} |")
     if args.out is not None:
-        meta = {
-            "date": dt.date.today().isoformat(),
-            "machine": platform.processor() or platform.machine(),
-            "threads": args.threads,
-            "long_tokens": len(long),
-            "model": str(llm.path),
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        write_rows(args.out, rows, threads=args.threads, long_tokens=len(long), model=str(llm.path))
 
 
 if __name__ == "__main__":

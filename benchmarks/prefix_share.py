@@ -14,14 +14,13 @@ Every configuration runs in one process on the same weights, so they share the m
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from bench_io import write_rows
 
 from shadowkv import LLM, EngineConfig, SamplingParams, method_config
 from shadowkv.cache.methods import CacheConfig
@@ -148,15 +147,7 @@ def main() -> None:
                   f"{' / '.join(map(str, r['ttft_s']))} | "
                   f"{' / '.join(map(str, r['cached_tokens']))} |")
     if args.out is not None:
-        meta = {
-            "date": dt.date.today().isoformat(),
-            "machine": platform.processor() or platform.machine(),
-            "threads": args.threads,
-            "doc_tokens": len(doc),
-            "model": str(llm.path),
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        write_rows(args.out, rows, threads=args.threads, doc_tokens=len(doc), model=str(llm.path))
 
 
 if __name__ == "__main__":
