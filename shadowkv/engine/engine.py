@@ -392,7 +392,7 @@ class Engine:
         req.prefill_start = time.perf_counter()
         self.waiting.popleft()
         record = req.record_prompt_kv or (req.samples and not self.cache.supports_fork)
-        record = record or self.prefix_store is not None  # stored for later prompts
+        record = record or self._storable(n)  # stored for later prompts
         p = PrefillState(req, RecordingCache(self.cache) if record else None)
         try:
             self._reuse_prefix(p)
@@ -400,6 +400,16 @@ class Engine:
             self._drop(p)
             raise
         return p
+
+    def _storable(self, prompt_len: int) -> bool:
+        """Whether the prefix store could keep a prompt this long: only then is its K/V recorded
+        to host memory for it (a 122K-token prompt of an 8B model is ~24 GiB of k, v, k_pre)."""
+        store = self.prefix_store
+        if store is None or prompt_len < store.block:
+            return False
+        c = self.model_cfg
+        per_token = c.num_layers * 3 * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+        return prompt_len // store.block * store.block * per_token <= store.budget_bytes
 
     def _shares_prefix(self, req: Request) -> bool:
         # Prompt logprobs need every prompt position's logits; a replay runs no model at all.

@@ -241,3 +241,25 @@ def test_a_prefix_evicted_while_its_prefill_runs_changes_nothing(path: Path) -> 
     assert b.cached_tokens == 192 and a.finish_reason == "length"
     assert b.output_ids == answers(make_llm(path, on=False), [DOC + [9] * 100], 4)[0][0]
     idle(engine)
+
+
+def test_a_prompt_the_store_cannot_keep_is_not_recorded(path: Path, monkeypatch) -> None:
+    probe = make_llm(path).engine
+    c = probe.model_cfg
+    per_token = c.num_layers * 3 * c.num_kv_heads * c.head_dim * 4  # fp32 on the CPU
+    llm = make_llm(path, prefix_cache_gb=100 * per_token / 2**30)  # room for 96 tokens' K/V
+    engine = llm.engine
+    recorded: list[int] = []
+    real = RecordingCache.result
+
+    def result(self, token_ids, logits):  # type: ignore[no-untyped-def]
+        recorded.append(len(token_ids))
+        return real(self, token_ids, logits)
+
+    monkeypatch.setattr(RecordingCache, "result", result)
+    answers(llm, [DOC + [1]])  # 192 whole-block tokens: over the budget, never copied to host
+    assert recorded == [] and len(engine.prefix_store) == 0
+    short = DOC[:80]
+    assert answers(llm, [short + [1], short + [2]])[1][1] == 80  # 80 tokens fit: stored, shared
+    assert recorded == [81, 81]
+    idle(engine)
