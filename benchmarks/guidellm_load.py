@@ -106,6 +106,8 @@ def summarise_report(report: dict, peaks: dict[str, float]) -> dict[str, object]
         "server_peak_queue": peaks.get("queue_length"),
         "server_peak_cache_device_bytes": peaks.get("cache_device_bytes"),
         "server_peak_cache_host_bytes": peaks.get("cache_host_bytes"),
+        # cumulative since the server started (prefix sharing: prompt tokens served from the store)
+        "server_cached_tokens_total": peaks.get("cached_tokens_total"),
         "errors": [],
     }
 
