@@ -444,9 +444,20 @@ def test_client_disconnect_frees_the_sequence(tiny, stream, monkeypatch) -> None
                 assert sum(line.startswith("data: ") for line in first) >= 3
                 busy = live.metrics()
         else:
-            with pytest.raises(httpx.ReadTimeout):
-                own.post("/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
-            busy = live.metrics()
+            # Read the busy server while the request runs: once the client times out, the server
+            # may abort it before a read made after the timeout (a race that failed once).
+            with ThreadPoolExecutor(1) as pool:
+                call = pool.submit(
+                    own.post, "/v1/completions", json=body,
+                    timeout=httpx.Timeout(30, read=0.5),
+                )
+                deadline = time.monotonic() + 10
+                busy = live.metrics()
+                while busy["shadowkv_running_requests"] != 1 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    busy = live.metrics()
+                with pytest.raises(httpx.ReadTimeout):
+                    call.result()
     assert (
         busy["shadowkv_running_requests"] == 1 and busy["shadowkv_cache_device_bytes"] > idle_bytes
     )
