@@ -434,17 +434,14 @@ class Engine:
 
     def _reuse_prefix(self, p: PrefillState) -> None:
         """Start a newly admitted prefill with the longest stored prefix of its prompt, if any:
-        replayed into the cache as its first chunk (no layers run), then released."""
+        replayed into the cache as its first chunk (no layers run)."""
         req = p.request
         if not self._shares_prefix(req):
             return
         use = self.prefix_store.find_prefix(req.prompt_ids)  # type: ignore[union-attr]
         if use is None:
             return
-        try:
-            replay_prefix(use, self.cache, req.request_id, p.recording)
-        finally:
-            use.release()
+        replay_prefix(use, self.cache, req.request_id, p.recording)
         p.done = req.cached_tokens = use.num_tokens
         self.counters["prefix_hits"] += 1
         self.counters["cached_tokens"] += use.num_tokens

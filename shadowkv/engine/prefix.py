@@ -12,10 +12,10 @@ the prefix K/V computed in a longer batch).
 
 Matching is vLLM-style: block ``i`` of a prompt hashes ``(hash of block i-1, its tokens)``, so
 one hash names a whole prefix; the longest stored hash chain wins and its tokens are compared
-exactly before use. Entries are refcounted while a request's prefill reads them (``PrefixUse``)
-and evicted least recently used under ``budget_bytes``; an entry evicted while a request waits
-is simply not found when it is admitted (it prefills the prefix again), and one evicted while a
-prefill reads it stays alive (Python references) until that prefill releases it.
+exactly before use. Entries are evicted least recently used under ``budget_bytes``. A prefix is
+copied into the cache when its request is admitted (``PrefixUse``, read at once), so an entry
+evicted while a request waits is simply not found when it is admitted (it prefills the prefix
+again), and one evicted later takes nothing from a prefill already under way.
 
 What is shared is the prefill computation (time to first token), not the cache's memory: each
 sequence still stores its own copy of the prompt in its method's representation.
@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -65,29 +65,22 @@ class PrefixEntry:
     hashes: list[int]
     layers: tuple[KV, ...]
     nbytes: int
-    refs: int = 0  # prefills reading it now
-    evicted: bool = False
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True)
 class PrefixUse:
-    """A request's hold on the first ``num_tokens`` tokens of an entry, until ``release``."""
+    """The first ``num_tokens`` tokens of a stored entry, as one request's prompt starts. It is
+    read at once (``replay_prefix`` copies it into the cache at admission), so an entry is never
+    held across steps: evicting it later takes nothing from a running prefill."""
 
     entry: PrefixEntry
     num_tokens: int
-    released: bool = field(default=False)
 
     def layer(self, layer: int) -> KV:
         """The prefix's ``(k, v, k_pre)`` of one layer, ``[num_tokens, Hkv, D]`` each."""
-        assert not self.released, "a released prefix is not read"
         k, v, k_pre = self.entry.layers[layer]
         n = self.num_tokens
         return k[:n], v[:n], k_pre[:n]
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.entry.refs -= 1
 
 
 class PrefixStore:
@@ -127,18 +120,17 @@ class PrefixStore:
 
     def find_prefix(self, tokens: Sequence[int]) -> PrefixUse | None:
         """The longest stored whole-block prefix of ``tokens`` that leaves at least one token to
-        prefill, held until released; None when none matches."""
+        prefill (the entry becomes the most recently used); None when none matches."""
         best, n = self._match(tokens)
         if best is None:
             return None
         self._entries.move_to_end(self._id_of[id(best)])
-        best.refs += 1
         return PrefixUse(best, n)
 
     def put(self, tokens: Sequence[int], layers: Sequence[KV]) -> bool:
         """Store a prefilled prompt's whole blocks (``layers``: per layer ``(k, v, k_pre)``
-        ``[T, Hkv, D]``, kept by reference); evicts unused entries, least recently used first,
-        to fit. Says whether it was stored."""
+        ``[T, Hkv, D]``, kept by reference); evicts entries, least recently used first, to
+        fit. Says whether it was stored."""
         n = len(tokens) // self.block * self.block
         if n == 0:
             return False
@@ -149,8 +141,9 @@ class PrefixStore:
             return False  # already stored
         kept = tuple(tuple(t[:n] for t in kv) for kv in layers)
         nbytes = sum(t.numel() * t.element_size() for kv in kept for t in kv)
-        if nbytes > self.budget_bytes or not self._make_room(nbytes):
+        if nbytes > self.budget_bytes:
             return False
+        self._make_room(nbytes)
         entry = PrefixEntry(tuple(tokens[:n]), hashes, kept, nbytes)  # type: ignore[arg-type]
         key = next(self._ids)
         self._entries[key] = entry
@@ -158,28 +151,26 @@ class PrefixStore:
         for h in hashes:  # the newest entry answers for every chain it holds
             self._index[h] = entry
         self.nbytes += nbytes
-        # An unused entry whose blocks the new one holds all of (the previous turn of this
+        # An entry whose blocks the new one holds all of (the previous turn of this
         # conversation) adds nothing: drop it.
         for old in list(self._entries.values()):
-            if old is not entry and old.refs == 0 and self._index.get(old.hashes[-1]) is entry:
+            if old is not entry and self._index.get(old.hashes[-1]) is entry:
                 self.evict(old)
         return True
 
-    def _make_room(self, nbytes: int) -> bool:
+    def _make_room(self, nbytes: int) -> None:
+        """Evict least recently used entries until ``nbytes`` more fit the budget."""
         for old in list(self._entries.values()):
             if self.nbytes + nbytes <= self.budget_bytes:
                 break
-            if old.refs == 0:
-                self.evict(old)
-        return self.nbytes + nbytes <= self.budget_bytes
+            self.evict(old)
 
     def evict(self, entry: PrefixEntry) -> None:
-        """Forget ``entry`` (a prefill still reading it keeps its tensors until it releases)."""
+        """Forget ``entry``."""
         key = self._id_of.pop(id(entry), None)
         if key is None:
             return
         del self._entries[key]
-        entry.evicted = True
         self.nbytes -= entry.nbytes
         for h in entry.hashes:
             if self._index.get(h) is entry:
@@ -189,15 +180,8 @@ class PrefixStore:
                 else:
                     self._index[h] = other
 
-    def evict_unused(self) -> int:
-        """Evict every entry no prefill reads now (memory pressure); returns how many."""
-        unused = [e for e in self._entries.values() if e.refs == 0]
-        for e in unused:
-            self.evict(e)
-        return len(unused)
-
     def clear(self) -> None:
-        """Evict everything (entries in use stay alive for their readers)."""
+        """Evict everything."""
         for e in list(self._entries.values()):
             self.evict(e)
 
