@@ -17,11 +17,12 @@ Phase = Literal["prefill", "decode"]
 @dataclass(frozen=True)
 class ForwardContext:
     """Built once per forward by ``LlamaModel.context`` (a decode step, or a step's prefill
-    chunks packed into one ragged forward: ``positions`` are each chunk's own, concatenated). ``cos, sin [T, Dr/2]``: RoPE rows at ``positions [T]``,
-    gathered once for all layers. ``cache`` serves every layer (``cache.prefill`` /
-    ``cache.decode`` by layer index). ``mlp_chunk``: tokens per MLP slice in long prefills;
-    ``progress(layer, num_layers)`` is called after each layer. ``other_rows``: rows of the
-    other RoPE tables (``RopeTables.others``) by key, for layers that rotate differently."""
+    chunks packed into one ragged forward: ``positions`` are each chunk's own, concatenated).
+    ``cos, sin [T, Dr/2]``: RoPE rows at ``positions [T]``, gathered once for all layers.
+    ``cache`` serves every layer (``cache.prefill`` / ``cache.decode`` by layer index).
+    ``mlp_chunk``: tokens per MLP slice in long prefills; ``progress(layer, num_layers)`` is
+    called after each layer. ``other_rows``: rows of the other RoPE tables
+    (``RopeTables.others``) by key, for layers that rotate differently."""
 
     phase: Phase
     positions: torch.Tensor
