@@ -51,6 +51,7 @@ NON_DEFAULT: dict[str, tuple[str, Any]] = {
     "sink_tokens": ("8", 8),
     "value_dtype": ("fp8", "fp8"),
     "landmark_dtype": ("fp8", "fp8"),
+    "staging_tokens": ("4096", 4096),
     "max_num_seqs": ("3", 3),
     "max_model_len": ("512", 512),
     "prefill_mlp_chunk": ("128", 128),

@@ -135,8 +135,8 @@ def greedy_with_logits(
     """Prefill (in ``chunk``-token chunks, or whole) then ``steps`` greedy decode steps of one
     sequence: (tokens, logits [steps+1, V])."""
     n, dev = len(prompt), rope.cos.device
-    cache.add_sequence(seq_id, n, steps + 1)
     chunk = chunk or n
+    cache.add_sequence(seq_id, n, steps + 1, staged=chunk < n)  # chunks stage (ShadowKV)
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
         cache.begin_prefill(seq_id, end - start, start)

@@ -115,10 +115,10 @@ def group_cost(
     the cache takes whatever it holds, and what one full-context sequence adds (how
     ``make_cache`` splits the budget). Paged K/V (dense, the sparse baselines, a window): one
     scratch block, and the blocks of ``max_model_len`` tokens (a window: of the window).
-    ShadowKV: its slot state for every sequence slot, a scratch block and the null pages, and per
-    sequence the factor pages (with landmarks) and buffer blocks of the sequence its pools are
-    sized for (``shadow_sizing.reference_layout``), plus its values when they stay on the
-    device."""
+    ShadowKV: its slot state for every sequence slot, a scratch block, the null pages and the
+    chunked-prefill staging pool, and per sequence the factor pages (with landmarks) and buffer
+    blocks of the sequence its pools are sized for (``shadow_sizing.reference_layout``), plus
+    its values when they stay on the device."""
     spec, page = layout.spec, cfg.page_size
     block = 2 * layout.num_layers * page * layout.kv_dim * layout.elem_size
     if spec.sliding_window is not None:
@@ -127,7 +127,10 @@ def group_cost(
         return block, cdiv(max_model_len, page) * block
     sz = size_shadowkv(cfg, layout, device, max_num_seqs, max_model_len, memory_bytes)
     ref = reference_layout(cfg, max_model_len)
-    fixed = (max_num_seqs + 1) * sz.slot_bytes + 2 * sz.block_bytes + sz.factor_page_bytes
+    fixed = (
+        (max_num_seqs + 1) * sz.slot_bytes + 2 * sz.block_bytes + sz.factor_page_bytes
+        + sz.staging.nbytes
+    )
     per_seq = (
         cdiv(ref.prompt_len, sz.page_tokens) * sz.factor_page_bytes
         + cdiv(ref.buffer_rows, sz.block_rows) * sz.block_bytes

@@ -205,16 +205,40 @@ class AttentionCache(ABC):
         return adm.problem
 
     def _plan(
-        self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None
+        self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None, staged: bool
     ) -> Admission:
         new = self.new_tokens(prompt_len, max_new_tokens)
-        return self.plan_admission(prompt_len, new, options or CacheOptions())
+        options = options or CacheOptions()
+        adm = self.plan_admission(prompt_len, new, options)
+        if staged:
+            adm = replace(adm, needs=adm.needs + self.staging_needs(prompt_len, new, options))
+        return adm
 
-    def can_add(
+    def staging_needs(
+        self, prompt_len: int, max_new_tokens: int, options: CacheOptions
+    ) -> tuple[tuple[str, int], ...]:
+        """Pages a prompt prefilled in chunks holds from its admission until its last chunk
+        ends (ShadowKV's staging), on top of ``plan_admission``'s; reads only fixed sizes.
+        Methods that store each chunk as it comes need none."""
+        return ()
+
+    def can_stage(
         self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None
     ) -> bool:
-        """Whether a sequence of this worst-case size fits now."""
-        return self._problem(prompt_len, self._plan(prompt_len, max_new_tokens, options)) is None
+        """Whether a prompt of this size could prefill in chunks with the staging pools empty
+        (otherwise it must prefill whole). Reads only fixed sizes."""
+        new = self.new_tokens(prompt_len, max_new_tokens)
+        needs = self.staging_needs(prompt_len, new, options or CacheOptions())
+        return all(num <= self.allocators[name].capacity for name, num in needs)
+
+    def can_add(
+        self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None,
+        staged: bool = False,
+    ) -> bool:
+        """Whether a sequence of this worst-case size fits now (with ``staged``: and its
+        staging, for a prompt that will prefill in chunks)."""
+        adm = self._plan(prompt_len, max_new_tokens, options, staged)
+        return self._problem(prompt_len, adm) is None
 
     def fits_empty(
         self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None
@@ -227,12 +251,15 @@ class AttentionCache(ABC):
         return True
 
     def add_sequence(
-        self, seq_id: int, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None
+        self, seq_id: int, prompt_len: int, max_new_tokens: int,
+        options: CacheOptions | None = None, staged: bool = False,
     ) -> None:
         """Reserve room for a sequence's worst case; raises ``CacheCapacityError`` when it cannot
-        fit (then nothing is held)."""
+        fit (then nothing is held). ``staged``: its prompt will prefill in chunks (or start from
+        a stored prefix), so it also takes what staging needs (``staging_needs``) until its last
+        chunk ends."""
         options = options or CacheOptions()
-        adm = self._plan(prompt_len, max_new_tokens, options)
+        adm = self._plan(prompt_len, max_new_tokens, options, staged)
         why = self._problem(prompt_len, adm)
         if why is not None:
             raise CacheCapacityError(why)

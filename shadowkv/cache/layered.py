@@ -57,8 +57,16 @@ class LayeredCache:
             stack.enter_context(c.planning())
         return stack
 
-    def can_add(self, prompt_len: int, max_new: int, options: CacheOptions | None = None) -> bool:
-        return all(c.can_add(prompt_len, max_new, options) for c in self.parts)
+    def can_add(
+        self, prompt_len: int, max_new: int, options: CacheOptions | None = None,
+        staged: bool = False,
+    ) -> bool:
+        return all(c.can_add(prompt_len, max_new, options, staged) for c in self.parts)
+
+    def can_stage(
+        self, prompt_len: int, max_new: int, options: CacheOptions | None = None
+    ) -> bool:
+        return all(c.can_stage(prompt_len, max_new, options) for c in self.parts)
 
     def fits_empty(
         self, prompt_len: int, max_new: int, options: CacheOptions | None = None
@@ -66,12 +74,13 @@ class LayeredCache:
         return all(c.fits_empty(prompt_len, max_new, options) for c in self.parts)
 
     def add_sequence(
-        self, seq_id: int, prompt_len: int, max_new: int, options: CacheOptions | None = None
+        self, seq_id: int, prompt_len: int, max_new: int, options: CacheOptions | None = None,
+        staged: bool = False,
     ) -> None:
         added = []
         try:
             for c in self.parts:
-                c.add_sequence(seq_id, prompt_len, max_new, options)
+                c.add_sequence(seq_id, prompt_len, max_new, options, staged)
                 added.append(c)
         except CacheCapacityError:
             for c in added:

@@ -113,6 +113,12 @@ class ShadowKVConfig(SparseConfig):
     about twice the sequences per host tier. ``landmark_dtype="fp8"`` does the same for the
     landmarks on the device (one scale per landmark). ``"auto"`` keeps the model's dtype.
     Generated tokens and the exact local/outlier chunks stay in the model's dtype.
+
+    ``staging_tokens``: the device memory, within the cache budget, that a sparse prompt
+    prefilled in chunks stages its pre-RoPE keys and values in until its last chunk
+    (``shadow_staging.py``), in tokens of all staged prompts together; ``None`` is
+    ``max_model_len`` (one full-context prompt can stage), ``0`` turns staging off (every
+    sparse prompt then prefills whole).
     """
 
     method: ClassVar[str] = "shadowkv"
@@ -137,6 +143,10 @@ class ShadowKVConfig(SparseConfig):
         "auto", "landmarks: auto (the model dtype) or fp8 (e4m3 + a scale per landmark)",
         choices=VALUE_DTYPES, variant=True,
     )
+    staging_tokens: int | None = knob(
+        None, "device memory, in prompt tokens within the cache budget, for staging the chunks "
+        "of sparse prompts prefilled in chunks (default: max_model_len; 0: prefill them whole)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -149,6 +159,11 @@ class ShadowKVConfig(SparseConfig):
                 raise ConfigError(
                     f"{name}={getattr(self, name)!r} is not one of {', '.join(VALUE_DTYPES)}"
                 )
+        if self.staging_tokens is not None and self.staging_tokens < 0:
+            raise ConfigError(
+                f"staging_tokens={self.staging_tokens} must be >= 0 (0 turns chunked-prefill "
+                "staging off; None sizes it for one max_model_len prompt)"
+            )
         for name in ("host_memory_gb", "device_value_memory_gb"):
             gb = getattr(self, name)
             if gb is not None and not gb >= 0:  # also refuses NaN

@@ -37,7 +37,7 @@ from shadowkv.cache.shadow_drive import LandmarkSelection, SelectionPolicy
 from shadowkv.cache.shadow_layout import PAGE_CHUNKS, SeqLayout, cdiv, plan_sequence
 from shadowkv.cache.shadow_prefill import exact_token_index, lowrank_factors, summarize_chunks
 from shadowkv.cache.shadow_sizing import size_shadowkv
-from shadowkv.cache.shadow_staging import PromptStaging
+from shadowkv.cache.shadow_staging import STAGING, STAGING_GRAM, PromptStaging
 from shadowkv.cache.shadow_tables import (
     BASIS,
     BLOCKS,
@@ -64,10 +64,16 @@ from shadowkv.kernels.select_chunks import select_chunks_inplace
 @dataclass(frozen=True)
 class ShadowChunk:
     """ShadowKV's plan of a prefill chunk (``PrefillChunk.detail``): the sequence's row plan,
-    and whether its chunks stage until the last one (a sparse prompt split in chunks)."""
+    and for a prompt that stages its chunks until the last one (a sparse prompt admitted with
+    ``staged=True``) the staging pool rows of its tokens ``[0, end)`` and its Gram slot."""
 
     plan: PrefillPlan
-    staged: bool
+    stage_rows: torch.Tensor | None  # [end] int64
+    gram: int = 0
+
+    @property
+    def staged(self) -> bool:
+        return self.stage_rows is not None
 
 
 class ShadowKVCache(AttentionCache):
@@ -116,6 +122,15 @@ class ShadowKVCache(AttentionCache):
         self.store = ValueStore(sz.values, sz.host_value_bytes, sz.device_value_bytes, device)
         for tier, name in enumerate(VALUE_POOLS):
             self.allocators[name] = self.store.tiers[tier].pages
+        # Sparse prompts prefilling in chunks, from admission until their last chunk
+        # (``shadow_staging.py``).
+        self.staging = PromptStaging(
+            sz.staging, layout, P, device,
+            "wait for the prompt prefilling in chunks to finish, or raise staging_tokens "
+            "(ShadowKVConfig) or EngineConfig.max_num_batched_tokens",
+        )
+        self.allocators[STAGING] = self.staging.pages
+        self.allocators[STAGING_GRAM] = self.staging.grams
 
         def alloc(*shape: int, dt: torch.dtype = dtype) -> list[torch.Tensor]:
             return [torch.empty(shape, dtype=dt, device=device) for _ in range(L)]
@@ -156,8 +171,6 @@ class ShadowKVCache(AttentionCache):
         self._fetch_stream = torch.cuda.Stream(device) if overlap else None
         self.selector: SelectionPolicy = LandmarkSelection()
         self.svd_timer: SpanTimer | None = None  # benchmarks: time the prompt factorisations
-        # Sparse prompts prefilling in chunks, until their last chunk (``shadow_staging.py``).
-        self.staging = PromptStaging(L, device)
 
     def set_selection(self, selector: SelectionPolicy) -> None:
         """Swap how chunks are scored (benchmarks: ``shadow_drive.DrivenSelection``)."""
@@ -191,6 +204,15 @@ class ShadowKVCache(AttentionCache):
         needs.append((VALUE_POOLS[tier], self.store.layout.pages_for(lay.num_chunks)))
         return Admission(tuple(needs), (lay, tier))
 
+    def staging_needs(
+        self, prompt_len: int, max_new_tokens: int, options: CacheOptions
+    ) -> tuple[tuple[str, int], ...]:
+        """A sparse prompt stages its chunks (``shadow_staging.py``); a dense one stores each
+        chunk in its exact buffer rows as it comes."""
+        if self._layout(prompt_len, max_new_tokens, options).dense:
+            return ()
+        return self.staging.needs(prompt_len)
+
     def fits_empty(
         self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None
     ) -> bool:
@@ -212,15 +234,16 @@ class ShadowKVCache(AttentionCache):
         return self.store.planning_mode()
 
     def add_sequence(
-        self, seq_id: int, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None
+        self, seq_id: int, prompt_len: int, max_new_tokens: int,
+        options: CacheOptions | None = None, staged: bool = False,
     ) -> None:
         try:
-            super().add_sequence(seq_id, prompt_len, max_new_tokens, options)
+            super().add_sequence(seq_id, prompt_len, max_new_tokens, options, staged)
         except TierUnavailable as err:
             # The host arena could not be had (the store turned the host tier off and warned):
             # place the sequence again, in the device tier if it has room.
             try:
-                super().add_sequence(seq_id, prompt_len, max_new_tokens, options)
+                super().add_sequence(seq_id, prompt_len, max_new_tokens, options, staged)
             except CacheCapacityError:
                 raise err from None
 
@@ -247,13 +270,14 @@ class ShadowKVCache(AttentionCache):
             self.k_buf[layer].index_fill_(0, idx, 0)
             self.v_buf[layer].index_fill_(0, idx, 0)
             self.selection[layer][rec.row] = -1
+        if STAGING_GRAM in rec.pages:
+            self.staging.begin(rec.pages[STAGING_GRAM][0])
 
     def on_free(self, rec: SeqRecord) -> None:
         self.tables.release(rec.row)
-        self.staging.drop(rec.seq_id)
 
     def fixed_bytes(self, rec: SeqRecord) -> int:
-        return self.sizing.slot_bytes + self.staging.nbytes(rec.seq_id)
+        return self.sizing.slot_bytes
 
     def record(self, seq_id: int) -> ShadowSeq:
         rec = self.seqs[seq_id]
@@ -263,21 +287,27 @@ class ShadowKVCache(AttentionCache):
     # steps -------------------------------------------------------------------------------------
     def plan_chunk(self, chunk: PrefillChunk) -> ShadowChunk:
         rec = self.record(chunk.seq_id)
-        # A sparse prompt split in chunks stages them until its last (``shadow_staging.py``);
-        # a whole prompt, or one running dense, is stored as it comes.
-        staged = not rec.lay.dense and chunk.num_tokens < rec.prompt_len
-        return ShadowChunk(self.tables.plan_prefill(rec), staged)
-
-    def begin_prefill(self, seq_id: int, num_tokens: int, start: int = 0) -> None:
-        super().begin_prefill(seq_id, num_tokens, start)
-        if self._chunk.detail.staged and start == 0:  # once per prompt, at its first chunk
-            Hkv, D = self.layout.num_kv_heads, self.layout.head_dim
-            self.staging.begin(seq_id, self.record(seq_id).prompt_len, Hkv, D, self.dtype)
+        plan = self.tables.plan_prefill(rec)
+        # A sparse prompt admitted to stage keeps its chunks in its staging pages until its last
+        # (``shadow_staging.py``); a whole prompt, or one running dense, is stored as it comes.
+        if STAGING not in rec.pages:
+            if not rec.lay.dense and chunk.num_tokens < rec.prompt_len:
+                raise ValueError(
+                    f"sequence {chunk.seq_id} was admitted without staging, so its sparse "
+                    f"prompt of {rec.prompt_len} tokens cannot prefill in chunks; admit it with "
+                    "add_sequence(..., staged=True) or prefill it whole"
+                )
+            return ShadowChunk(plan, None)
+        rows = self.staging.rows(rec.pages[STAGING], chunk.end, self.device)
+        return ShadowChunk(plan, rows, rec.pages[STAGING_GRAM][0])
 
     def end_prefill(self, seq_id: int | None = None) -> None:
         super().end_prefill(seq_id)
-        if self.prefill_completes():
-            self.staging.drop(self._chunk.seq_id)
+        if self.prefill_completes():  # the prompt is stored: its staging goes back to the pool
+            rec = self.record(self._chunk.seq_id)
+            for name in (STAGING, STAGING_GRAM):
+                if name in rec.pages:
+                    self.allocators[name].release(rec.pages.pop(name))
 
     supports_static_decode = True
 
@@ -313,13 +343,12 @@ class ShadowKVCache(AttentionCache):
             T = k.shape[0]
             self._store_sparse(layer, plan, k, v, k_pre.reshape(T, -1), None)
             return
-        staged = self.staging.get(chunk.seq_id)
-        staged.add(layer, start, k_pre, v)
+        rows, gram = chunk.detail.stage_rows, chunk.detail.gram
+        self.staging.add(layer, rows[start:end], gram, k_pre, v)
         if self.prefill_completes():  # the whole prompt is here: store it as unchunked would
             k_all = torch.cat([self.read_prompt(layer, 0, start)[0], k]) if start else k
-            self._store_sparse(
-                layer, plan, k_all, staged.v[layer], staged.k_pre[layer], staged.gram[layer]
-            )
+            k_pre_all, v_all = self.staging.read(layer, rows)
+            self._store_sparse(layer, plan, k_all, v_all, k_pre_all, self.staging.gram[layer][gram])
 
     def read_prompt(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         plan: PrefillPlan = self._chunk.detail.plan
@@ -328,12 +357,12 @@ class ShadowKVCache(AttentionCache):
             Hkv, D = self.layout.num_kv_heads, self.layout.head_dim
             k, v = self.k_buf[layer].view(-1, Hkv, D), self.v_buf[layer].view(-1, Hkv, D)
             return k[rows], v[rows]
-        staged = self.staging.get(self._chunk.seq_id)
-        k_pre = staged.k_pre[layer][start:end].view(end - start, *staged.v[layer].shape[1:])
+        k_pre, v = self.staging.read(layer, self._chunk.detail.stage_rows[start:end])
+        k_pre = k_pre.view(v.shape)
         # Rotated by the model's own op and table rows: the keys its layer produced, bit for bit.
         cos, sin = self.rope.rows(torch.arange(start, end, device=self.device))
         k = apply_rope(k_pre, k_pre, cos, sin, self.rope.style)[1]
-        return k, staged.v[layer][start:end]
+        return k, v
 
     def _store_sparse(
         self, layer: int, plan: PrefillPlan, k: torch.Tensor, v: torch.Tensor,

@@ -1,10 +1,12 @@
 """ShadowKV's budget arithmetic, in one place: what each pool's page costs and how many there are.
 
 ``size_shadowkv`` turns a config, a KV layout and a device budget into a ``ShadowSizing``: the
-rank, the bytes of one factor page, buffer block, value page and per-sequence slot, the number of
-factor pages and buffer blocks, and the sizes of the two value tiers. ``ShadowKVCache`` only
-allocates what it says. Settings that cannot work are refused here with a ``ConfigError`` that
-names the knob to change.
+rank, the bytes of one factor page, buffer block, value page, per-sequence slot, staging page and
+staging Gram slot, the number of factor pages, buffer blocks, staging pages and Gram slots, and
+the sizes of the two value tiers. The staging pool (chunked prefill, ``shadow_staging.py``) is
+taken off the budget first, like the slot state: it is fixed whatever the batch.
+``ShadowKVCache`` only allocates what it says. Settings that cannot work are refused here with a
+``ConfigError`` that names the knob to change.
 """
 
 from __future__ import annotations
@@ -27,12 +29,31 @@ REFERENCE_NEW_TOKENS = 512  # generation length the device-pool split plans for
 CPU_HOST_SHARE = 0.25
 CUDA_HOST_SHARE = 0.5
 SELECTION_ELEM = 4  # bytes per selection-state entry and per landmark chunk id (int32)
+# Prompts that stage at once, at most (Gram slots of the staging pool): the engine chunks one
+# prompt at a time, so a step's packed forward holds at most the partial prompt's last chunk, a
+# new partial prompt's first and one prompt started from a stored prefix (``engine/engine.py``).
+STAGED_PROMPTS = 3
 
 
 def landmark_bytes(cfg: ShadowKVConfig, head_dim: int, elem: int) -> int:
     """Bytes of one landmark of one KV head: ``D`` values, or ``D`` fp8 codes and a scale."""
     fp8 = cfg.landmark_dtype == "fp8"
     return head_dim * elem_size(CODE_DTYPE) + elem_size(SCALE_DTYPE) if fp8 else head_dim * elem
+
+
+@dataclass(frozen=True)
+class StagingSize:
+    """The chunked-prefill staging pool (``shadow_staging.py``). Byte counts cover all layers."""
+
+    page_bytes: int  # one page of staged tokens: pre-RoPE keys and values, model dtype
+    num_pages: int  # no null page
+    gram_bytes: int  # one staged prompt's Gram KᵀK per layer (fp32, fp64 for fp64 keys)
+    num_grams: int  # Gram slots: prompts that can stage at once
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the whole pool."""
+        return self.num_pages * self.page_bytes + self.num_grams * self.gram_bytes
 
 
 @dataclass(frozen=True)
@@ -51,6 +72,7 @@ class ShadowSizing:
     num_blocks: int  # page 0 is the null page; one more block is padding scratch
     host_value_bytes: int
     device_value_bytes: int
+    staging: StagingSize  # the chunked-prefill staging pool
 
 
 def size_shadowkv(
@@ -72,15 +94,20 @@ def size_shadowkv(
     lm_bytes = landmark_bytes(cfg, D, elem)
     factor_page_bytes = L * (P * R * elem + PAGE_CHUNKS * Hkv * (lm_bytes + SELECTION_ELEM))
     block_bytes = L * 2 * S * kv_dim * elem
+    staging = size_staging(cfg, layout, P, max_model_len)
     # Per-sequence factors and selection state for every slot plus the padding row of
-    # fixed-shape steps, and one scratch buffer block that padding entries write to.
-    fixed = (max_num_seqs + 1) * slot_bytes + block_bytes
+    # fixed-shape steps, one scratch buffer block that padding entries write to, and the
+    # staging pool.
+    slots = (max_num_seqs + 1) * slot_bytes
+    fixed = slots + block_bytes + staging.nbytes
     least = 2 * (factor_page_bytes + block_bytes)
     if memory_bytes < fixed + least:
         raise ConfigError(
             f"a device budget of {memory_bytes / 2**20:.1f} MiB cannot hold ShadowKV state for "
-            f"max_num_seqs={max_num_seqs} ({fixed / 2**20:.1f} MiB of per-sequence factors); "
-            "raise EngineConfig.cache_memory_gb or lower max_num_seqs"
+            f"max_num_seqs={max_num_seqs} ({slots / 2**20:.1f} MiB of per-sequence factors) and "
+            f"{staging.num_pages * P} tokens of chunked-prefill staging "
+            f"({staging.nbytes / 2**20:.1f} MiB); raise EngineConfig.cache_memory_gb, or lower "
+            "max_num_seqs or staging_tokens"
         )
     ref = reference_layout(cfg, max_model_len)
     values = ValueLayout(L, Hkv, D, C, PAGE_CHUNKS, layout.dtype, cfg.value_dtype == "fp8")
@@ -113,6 +140,26 @@ def size_shadowkv(
         num_blocks=num_blocks,
         host_value_bytes=host,
         device_value_bytes=device_value,
+        staging=staging,
+    )
+
+
+def size_staging(
+    cfg: ShadowKVConfig, layout: KVLayout, page_tokens: int, max_model_len: int
+) -> StagingSize:
+    """The chunked-prefill staging pool: pages of ``page_tokens`` staged tokens (pre-RoPE keys
+    and values of every layer) for ``cfg.staging_tokens`` tokens (``None``: one
+    ``max_model_len`` prompt), and a Gram slot for each of at most ``STAGED_PROMPTS`` prompts
+    (one prompt needs a page at least)."""
+    L, kv_dim = layout.num_layers, layout.kv_dim
+    tokens = max_model_len if cfg.staging_tokens is None else cfg.staging_tokens
+    num_pages = cdiv(tokens, page_tokens)
+    gram_elem = elem_size(torch.promote_types(layout.dtype, torch.float32))
+    return StagingSize(
+        page_bytes=L * page_tokens * 2 * kv_dim * layout.elem_size,
+        num_pages=num_pages,
+        gram_bytes=L * kv_dim * kv_dim * gram_elem,
+        num_grams=min(STAGED_PROMPTS, num_pages),
     )
 
 

@@ -7,83 +7,89 @@ chunk. Until then each layer's chunks land here: pre-RoPE keys ``[T, Hkv*D]`` an
 chunk (the basis needs only it: ``shadow_prefill.lowrank_factors(..., gram=)``). Later chunks
 attend exactly over the earlier ones by rotating their staged keys with the model's RoPE op.
 
-Memory: a staged prompt holds its dense K/V (``layout.dense_bytes(T)``) plus one Gram per layer,
-on the compute device, allocated at its first chunk and freed after its last (or when the
-sequence is freed). It is transient and outside the page pools sized from
-``EngineConfig.cache_memory_gb``; ``AttentionCache.memory`` counts it for the sequence, and at most
-``MAX_STAGED`` prompts stage at once. The engine chunks one prompt at a time and runs a step's
-chunks in one forward, so a step stages at most the partial prompt that ends in it, the one that
-starts, and one prompt that starts from a stored prefix (replayed as its first chunk).
+Memory: a pool allocated with the cache, inside its device budget (``shadow_sizing.size_staging``:
+``ShadowKVConfig.staging_tokens``), of pages of ``P`` staged tokens and of Gram slots, each handed
+out by a ``PageAllocator`` registered in ``cache.allocators``. A prompt that will prefill in
+chunks takes its pages and a Gram slot at admission (``add_sequence(..., staged=True)``), so a
+prompt that cannot have them waits like any other, and gives them back when its last chunk ends
+(or when the sequence is freed). Nothing is allocated when a chunk begins.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from shadowkv.cache.errors import CacheCapacityError
+from shadowkv.cache.layout import KVLayout
+from shadowkv.cache.pages import PageAllocator
+from shadowkv.cache.shadow_layout import cdiv
+from shadowkv.cache.shadow_sizing import StagingSize
 
-MAX_STAGED = 3  # prompts staged at once (see above)
-
-
-@dataclass
-class StagedPrompt:
-    """One prompt's chunks so far, per layer: ``k_pre [T, Hkv*D]``, ``v [T, Hkv, D]`` (rows past
-    the prefilled tokens unset) and ``gram [Hkv*D, Hkv*D]`` (fp32, fp64 for fp64 keys)."""
-
-    k_pre: list[torch.Tensor]
-    v: list[torch.Tensor]
-    gram: list[torch.Tensor]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k_pre, *self.v, *self.gram))
-
-    def add(self, layer: int, start: int, k_pre: torch.Tensor, v: torch.Tensor) -> None:
-        """Stage one layer of the chunk of tokens ``[start, start + T)``: ``k_pre, v``
-        ``[T, Hkv, D]``."""
-        T = k_pre.shape[0]
-        kp = k_pre.reshape(T, -1)
-        self.k_pre[layer][start : start + T] = kp
-        self.v[layer][start : start + T] = v
-        g = self.gram[layer]
-        kf = kp.to(g.dtype)
-        g.addmm_(kf.T, kf)  # KᵀK summed over chunks
+STAGING, STAGING_GRAM = "staging", "staging gram"  # allocator names
 
 
 class PromptStaging:
-    """The staged prompts of one cache, by sequence id."""
+    """The staging pool of one cache: per layer ``k_pre [pages, P, Hkv*D]``, ``v [pages, P, Hkv,
+    D]`` and ``gram [slots, Hkv*D, Hkv*D]``. A staged prompt's token ``t`` is row
+    ``pages[t // P] * P + t % P`` of the flattened pages (``rows``)."""
 
-    def __init__(self, num_layers: int, device: torch.device) -> None:
-        self.num_layers = num_layers
-        self.device = device
-        self.staged: dict[int, StagedPrompt] = {}
-
-    def begin(
-        self, seq_id: int, prompt_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
-    ) -> StagedPrompt:
-        if len(self.staged) >= MAX_STAGED:
-            raise CacheCapacityError(
-                f"{MAX_STAGED} ShadowKV prompts are already prefilling in chunks"
-            )
-        width, L, dev = num_kv_heads * head_dim, self.num_layers, self.device
-        gram_dtype = torch.promote_types(dtype, torch.float32)
-        staged = StagedPrompt(
-            [torch.empty(prompt_len, width, dtype=dtype, device=dev) for _ in range(L)],
-            [torch.empty(prompt_len, num_kv_heads, head_dim, dtype=dtype, device=dev)
-             for _ in range(L)],
-            [torch.zeros(width, width, dtype=gram_dtype, device=dev) for _ in range(L)],
+    def __init__(
+        self, size: StagingSize, layout: KVLayout, page_tokens: int, device: torch.device,
+        fix: str,
+    ) -> None:
+        self.page_tokens = P = page_tokens
+        L, Hkv, D, dtype = layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype
+        self.pages = PageAllocator(
+            "ShadowKV staging pages", size.num_pages, f"{P} staged tokens", fix, size.page_bytes,
+            null_page=False,
         )
-        self.staged[seq_id] = staged
-        return staged
+        self.grams = PageAllocator(
+            "ShadowKV staging Gram slots", size.num_grams, "one staged prompt's Gram", fix,
+            size.gram_bytes, null_page=False,
+        )
+        n, W = size.num_pages, layout.kv_dim
+        gram_dtype = torch.promote_types(dtype, torch.float32)
+        self.k_pre = [torch.empty(n, P, W, dtype=dtype, device=device) for _ in range(L)]
+        self.v = [torch.empty(n, P, Hkv, D, dtype=dtype, device=device) for _ in range(L)]
+        self.gram = [
+            torch.empty(size.num_grams, W, W, dtype=gram_dtype, device=device) for _ in range(L)
+        ]
 
-    def get(self, seq_id: int) -> StagedPrompt:
-        return self.staged[seq_id]
+    def needs(self, prompt_len: int) -> tuple[tuple[str, int], ...]:
+        """What staging a prompt of ``prompt_len`` tokens takes, per allocator."""
+        return (STAGING, cdiv(prompt_len, self.page_tokens)), (STAGING_GRAM, 1)
 
-    def drop(self, seq_id: int) -> None:
-        self.staged.pop(seq_id, None)
+    def fits_empty(self, prompt_len: int) -> bool:
+        """Whether the empty pool could stage such a prompt (reads only fixed sizes)."""
+        return all(
+            num <= alloc.capacity
+            for (_, num), alloc in zip(self.needs(prompt_len), (self.pages, self.grams))
+        )
 
-    def nbytes(self, seq_id: int) -> int:
-        staged = self.staged.get(seq_id)
-        return staged.nbytes if staged is not None else 0
+    def begin(self, gram: int) -> None:
+        """A prompt was given Gram slot ``gram``: its sum starts at zero."""
+        for g in self.gram:
+            g[gram].zero_()
+
+    def rows(self, pages: list[int], num_tokens: int, device: torch.device) -> torch.Tensor:
+        """``[num_tokens]`` pool rows of a staged prompt's tokens ``[0, num_tokens)``."""
+        P = self.page_tokens
+        pos = torch.arange(num_tokens, device=device)
+        return torch.tensor(pages, device=device)[pos // P] * P + pos % P
+
+    def add(
+        self, layer: int, rows: torch.Tensor, gram: int, k_pre: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Stage one layer of a chunk: ``k_pre, v [T, Hkv, D]`` to pool ``rows [T]``, its keys
+        summed into Gram slot ``gram``."""
+        T = k_pre.shape[0]
+        kp = k_pre.reshape(T, -1)
+        self.k_pre[layer].view(-1, kp.shape[1])[rows] = kp
+        self.v[layer].view(-1, *v.shape[1:])[rows] = v
+        g = self.gram[layer][gram]
+        kf = kp.to(g.dtype)
+        g.addmm_(kf.T, kf)  # KᵀK summed over chunks
+
+    def read(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Staged ``(k_pre [n, Hkv*D], v [n, Hkv, D])`` of pool ``rows [n]`` (copies)."""
+        k_pre, v = self.k_pre[layer], self.v[layer]
+        return k_pre.view(-1, k_pre.shape[-1])[rows], v.view(-1, *v.shape[2:])[rows]

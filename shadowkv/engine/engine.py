@@ -314,13 +314,18 @@ class Engine:
                 ):
                     break
                 cost = len(req.prompt_ids) - cached
-                can_chunk = chunked and req.prompt_kv is None
+                # A prompt the cache could never stage (ShadowKV's staging pool is smaller)
+                # prefills whole, as without chunking: first of a step, whatever its size.
+                can_chunk = chunked and req.prompt_kv is None and self._can_stage(req)
                 whole = cost <= budget or (not self._did_prefill and not can_chunk)
                 if not whole and (not can_chunk or partial or budget < MIN_CHUNK):
                     break
                 # After this step's decode, an admission failure is retried next step rather
-                # than raised: the decode's outputs must reach the caller.
-                p = self._admit_next(may_raise=not decoded and not self._did_prefill)
+                # than raised: the decode's outputs must reach the caller. A prompt split in
+                # chunks, or started from a stored prefix, reserves its staging at admission.
+                p = self._admit_next(
+                    may_raise=not decoded and not self._did_prefill, staged=not whole or cached > 0
+                )
                 if p is None:
                     break
                 n = cost if whole else budget
@@ -361,20 +366,24 @@ class Engine:
     def _max_new(self, req: Request) -> int:
         return min(req.params.max_tokens, self.max_model_len - len(req.prompt_ids))
 
-    def _admit_next(self, may_raise: bool = True) -> PrefillState | None:
-        """Admit the head request (and its samples) if decode slots and cache room are free."""
+    def _admit_next(self, may_raise: bool = True, staged: bool = False) -> PrefillState | None:
+        """Admit the head request (and its samples) if decode slots and cache room are free.
+        ``staged``: its prompt prefills in chunks or starts from a stored prefix, so the cache
+        reserves its staging too (the samples get a copy of the whole prefill: none)."""
         req = self.waiting[0]
         n, max_new = len(req.prompt_ids), self._max_new(req)
         opts = req.cache_options
         slots = 1 + len(req.samples)
         if len(self.running) + slots > self.cfg.max_num_seqs or not self.cache.can_add(
-            n, max_new, opts
+            n, max_new, opts, staged
         ):
             return None
         group = [req, *req.samples]
         for i, r in enumerate(group):
             try:
-                self.cache.add_sequence(r.request_id, n, self._max_new(r), opts)
+                self.cache.add_sequence(
+                    r.request_id, n, self._max_new(r), opts, staged=staged and i == 0
+                )
             except CacheCapacityError:
                 # can_add said yes but an allocation failed (pinning host memory, or the room
                 # for the other samples): the request stays queued and is retried once running
@@ -395,7 +404,8 @@ class Engine:
         record = record or self._storable(n)  # stored for later prompts
         p = PrefillState(req, RecordingCache(self.cache) if record else None)
         try:
-            self._reuse_prefix(p)
+            if staged:  # a prefix replayed is a first chunk: only a staged prompt has one
+                self._reuse_prefix(p)
         except BaseException:
             self._drop(p)
             raise
@@ -411,11 +421,16 @@ class Engine:
         per_token = c.num_layers * 3 * c.num_kv_heads * c.head_dim * self.dtype.itemsize
         return prompt_len // store.block * store.block * per_token <= store.budget_bytes
 
+    def _can_stage(self, req: Request) -> bool:
+        """Whether the cache could stage ``req``'s prompt, prefilled in chunks."""
+        return self.cache.can_stage(len(req.prompt_ids), self._max_new(req), req.cache_options)
+
     def _shares_prefix(self, req: Request) -> bool:
-        # Prompt logprobs need every prompt position's logits; a replay runs no model at all.
+        # Prompt logprobs need every prompt position's logits; a replay runs no model at all;
+        # a stored prefix is a first chunk, so the prompt must be able to stage.
         return (
             self.prefix_store is not None and req.prompt_kv is None
-            and req.params.prompt_logprobs is None
+            and req.params.prompt_logprobs is None and self._can_stage(req)
         )
 
     def _cached_tokens(self, req: Request) -> int:

@@ -13,9 +13,10 @@ from utils import small_cache_cfg as cache_cfg
 
 from shadowkv.bench.models import arch_config, random_model
 from shadowkv.cache import make_cache
-from shadowkv.cache.base import causal_attention
+from shadowkv.cache.base import CacheCapacityError, causal_attention
 from shadowkv.cache.methods import DenseConfig, ShadowKVConfig
 from shadowkv.cache.shadow_prefill import lowrank_factors
+from shadowkv.cache.shadow_staging import STAGING, STAGING_GRAM
 from shadowkv.cache.window import sliding_window_attention
 
 CPU = torch.device("cpu")
@@ -112,32 +113,90 @@ def test_window_layers_chunked_equal_whole() -> None:
             assert_close_verbose(got, want, atol=1e-4, rtol=1e-4, what=f"window chunk {chunk}")
 
 
-def test_staging_is_counted_freed_and_a_partial_prompt_cannot_decode(model) -> None:
+def staging_used(c) -> tuple[int, int]:
+    """(staging pages, Gram slots) in use."""
+    return c.allocators[STAGING].num_used, c.allocators[STAGING_GRAM].num_used
+
+
+def test_staging_is_reserved_at_admission_counted_and_freed(model) -> None:
     c, rope = cache(model, cache_cfg("shadowkv"))
     m = model[1]
     p = prompt(N)
-    c.add_sequence(7, N, 4)
-    held = c.memory(7).device_bytes
+    pages = c.allocators[STAGING]
+    assert pages.capacity * c.page_tokens == MAX_LEN  # default: one max_model_len prompt
+    c.add_sequence(6, N, 4)  # prefilled whole: no staging
+    held = c.memory(6).device_bytes
+    assert staging_used(c) == (0, 0)
+    with pytest.raises(ValueError, match="admitted without staging"):
+        c.begin_prefill(6, 40, 0)
+    c.free_sequence(6)
+    c.add_sequence(7, N, 4, staged=True)
+    staged = 2 * pages.page_bytes + c.allocators[STAGING_GRAM].page_bytes  # 141 tokens: 2 pages
+    assert staging_used(c) == (2, 1)
+    assert pages.page_bytes == 128 * 2 * c.layout.kv_dim * 4 * c.num_layers  # fp32 k_pre and v
+    assert c.memory(7).device_bytes == held + staged
     c.begin_prefill(7, 40, 0)
     run_model(m, torch.tensor(p[:40]), torch.arange(40), rope, c, "prefill")
     c.end_prefill()
-    staged = c.staging.nbytes(7)
-    assert staged >= 2 * N * c.layout.kv_dim * 4 * c.num_layers  # K and V of the whole prompt
-    assert c.memory(7).device_bytes == held + staged
+    assert c.memory(7).device_bytes == held + staged  # nothing allocated at the first chunk
     with pytest.raises(ValueError, match="cannot decode"):
         c.begin_decode([7])
     with pytest.raises(ValueError, match="cannot prefill"):
         c.begin_prefill(7, 10, 50)  # chunks go in order
     c.free_sequence(7)  # an abort mid-prefill
-    assert not c.staging.staged and c.memory().device_bytes == 0
-    c.add_sequence(8, N, 4)
+    assert staging_used(c) == (0, 0) and c.memory().device_bytes == 0
+    c.add_sequence(8, N, 4, staged=True)
     for start in (0, 50, 100):  # the last chunk stores the prompt and frees the staging
         end = min(N, start + 50)
         c.begin_prefill(8, end - start, start)
         run_model(m, torch.tensor(p[start:end]), torch.arange(start, end), rope, c, "prefill")
         c.end_prefill()
-    assert not c.staging.staged and c.memory(8).device_bytes == held
+    assert staging_used(c) == (0, 0) and c.memory(8).device_bytes == held
     c.begin_decode([8])  # the whole prompt is cached: it decodes
+
+
+def test_staging_pool_bounds_what_stages(model) -> None:
+    """The pool (one 256-token prompt by default) refuses a second staged prompt with a
+    capacity error naming it; a prompt longer than the pool could never stage; a dense-fallback
+    prompt needs no staging."""
+    c, _ = cache(model, cache_cfg("shadowkv"))
+    c.add_sequence(0, N, 4, staged=True)
+    assert not c.can_add(N, 4, staged=True) and c.can_add(N, 4)
+    with pytest.raises(CacheCapacityError, match="ShadowKV staging pages.*staging_tokens"):
+        c.add_sequence(1, N, 4, staged=True)
+    assert 1 not in c.seqs and staging_used(c) == (2, 1)
+    assert c.can_add(30, 4, staged=True)  # 30 tokens run dense: stored as they come
+    assert c.can_stage(N, 4)
+    small, _ = cache(model, replace(cache_cfg("shadowkv"), staging_tokens=128))
+    assert not small.can_stage(N, 4) and small.can_stage(128, 4) and small.can_stage(30, 4)
+    off, _ = cache(model, replace(cache_cfg("shadowkv"), staging_tokens=0))
+    assert not off.can_stage(N, 4) and off.can_add(N, 4) and off.sizing.staging.nbytes == 0
+
+
+def test_staging_comes_out_of_the_device_budget(model) -> None:
+    """The staging pool is carved from the budget: everything on the device stays within it,
+    and the factor and buffer pools shrink by the pool's size (to a page of each)."""
+    cfg = cache_cfg("shadowkv")
+    budget = 2**23
+    with_pool, _ = cache(model, replace(cfg, staging_tokens=MAX_LEN))
+    without, _ = cache(model, replace(cfg, staging_tokens=0))
+
+    def pools(c) -> int:  # factor pages and buffer blocks
+        sz = c.sizing
+        return sz.num_factor_pages * sz.factor_page_bytes + sz.num_blocks * sz.block_bytes
+
+    def device(c) -> int:  # every device byte the sizing hands out
+        sz = c.sizing
+        fixed = (c.max_num_seqs + 1) * sz.slot_bytes + sz.block_bytes + sz.device_value_bytes
+        return fixed + pools(c) + sz.staging.nbytes
+
+    pool = with_pool.sizing.staging.nbytes
+    lay = with_pool.layout  # fp32 k_pre and v of MAX_LEN tokens, and Gram slots
+    assert without.sizing.staging.nbytes == 0
+    assert pool == lay.num_layers * (2 * MAX_LEN * lay.kv_dim * 4 + 2 * lay.kv_dim**2 * 4)
+    assert device(with_pool) <= budget and device(without) <= budget
+    page = with_pool.sizing.factor_page_bytes + with_pool.sizing.block_bytes
+    assert pool - page <= pools(without) - pools(with_pool) <= pool + page
 
 
 @pytest.mark.parametrize("family", ["qwen2", "glm4", "qwen3"])
@@ -169,7 +228,7 @@ def test_packed_chunks_of_two_sequences_equal_each_alone() -> None:
     for method in (DenseConfig(), cache_cfg("shadowkv")):
         c, rope = cache((cfg, m), method)
         want = [greedy_with_logits(m, rope, c, p, 1)[1] for p in (a, b)]  # [2, V] each
-        c.add_sequence(0, 90, 2)
+        c.add_sequence(0, 90, 2, staged=True)  # prefilled in chunks
         c.add_sequence(1, 37, 2)
         c.begin_prefill(0, 40, 0)  # a's first chunk alone (ShadowKV stages it)
         run_model(m, torch.tensor(a[:40]), torch.arange(40), rope, c, "prefill")
