@@ -8,6 +8,7 @@ A tiny random 4-layer Llama; prompts are token ids. With ``max_num_batched_token
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -143,7 +144,8 @@ def test_abort_mid_prefill_frees_its_memory(path: Path, method: str) -> None:
     after = engine.cache.memory()  # dense_bytes grew: the running sequence decoded a token
     assert (after.device_bytes, after.host_bytes) == (idle.device_bytes, idle.host_bytes)
     if method == "shadowkv":
-        assert not engine.cache.staging.staged
+        staging = engine.cache.staging
+        assert staging.pages.num_used == staging.grams.num_used == 0
     trace = run_all(engine)
     assert trace and all(step == "decode" for step, _ in trace)
 
@@ -246,3 +248,86 @@ def test_failed_allocation_at_admission_keeps_the_request_queued(path: Path, mon
     with pytest.raises(CacheCapacityError, match="pin"):  # nothing runs: nothing will free memory
         engine.step()
     assert list(engine.waiting) == [c]
+
+
+LONG_B = [(13 * i) % 90 + 3 for i in range(200)]  # another 200-token prompt
+
+
+def shadow_cfg(**knobs):
+    return replace(cache_cfg("shadowkv"), **knobs)
+
+
+def test_staging_is_reserved_at_admission_only_for_chunked_prompts(
+    path: Path, monkeypatch
+) -> None:
+    """A prompt split in chunks reserves its staging at admission (counted in its memory, given
+    back at its last chunk); a prompt prefilled whole reserves none."""
+    engine = make_llm(path, "shadowkv", max_num_batched_tokens=128).engine
+    cache = engine.cache
+    real, asked = cache.add_sequence, {}
+
+    def spy(seq_id, *args, staged=False, **kw):
+        asked[seq_id] = staged
+        return real(seq_id, *args, staged=staged, **kw)
+
+    monkeypatch.setattr(cache, "add_sequence", spy)
+    a = engine.add_request(PROMPTS[2], SamplingParams(max_tokens=3))  # 97 tokens: whole
+    engine.step()
+    assert asked == {a.request_id: False} and cache.staging.pages.num_used == 0
+    b = engine.add_request(LONG, SamplingParams(max_tokens=3))
+    engine.step()  # a decodes; b's first chunk
+    assert engine.prefilling is b and asked[b.request_id] is True
+    pages, grams = cache.staging.pages, cache.staging.grams
+    assert (pages.num_used, grams.num_used) == (2, 1)  # 200 tokens: 2 pages of 128
+    staged = cache.memory(b.request_id).device_bytes
+    while engine.prefilling is b:
+        engine.step()
+    assert (pages.num_used, grams.num_used) == (0, 0)
+    stored = cache.memory(b.request_id).device_bytes
+    assert staged - stored == 2 * pages.page_bytes + grams.page_bytes
+
+
+@pytest.mark.parametrize("staging_tokens", [256, 512])
+def test_a_long_prompt_waits_while_the_staging_pool_is_full(
+    path: Path, staging_tokens: int
+) -> None:
+    """Two 200-token prompts, a 64-token budget: the second would start with the first's last
+    chunk. A pool for one prompt (256 tokens) makes it wait a step (not admitted), a pool for two
+    lets it start; either way both give the tokens they give alone."""
+    cfg = shadow_cfg(staging_tokens=staging_tokens)
+    alone = make_llm(path, cfg, chunked_prefill=False)
+    want = [alone.generate(p, SamplingParams(max_tokens=5))[0].token_ids for p in (LONG, LONG_B)]
+    engine = make_llm(path, cfg).engine
+    a, b = (engine.add_request(p, SamplingParams(max_tokens=5)) for p in (LONG, LONG_B))
+    for _ in range(3):  # a's chunks of 64, 64, 64; b waits (one partial prompt at a time)
+        engine.step()
+        assert engine.prefilling is a and list(engine.waiting) == [b]
+    engine.step()  # a's last 8 tokens: 56 left for b's first chunk, if b can stage
+    assert a.output_ids
+    if staging_tokens == 256:
+        assert engine.prefilling is None and list(engine.waiting) == [b]
+        assert engine.cache.staging.pages.num_used == 0  # a's pages are back
+        engine.step()
+    assert engine.prefilling is b and not engine.waiting
+    run_all(engine)
+    assert [a.output_ids, b.output_ids] == want
+    assert len(set(want[0])) > 1
+
+
+def test_a_prompt_bigger_than_the_staging_pool_prefills_whole(path: Path) -> None:
+    """No prompt hangs on a pool too small to stage it: it prefills whole, as without chunking
+    (and does not start from a stored prefix, which would stage it)."""
+    want = make_llm(path, "shadowkv", chunked_prefill=False).generate(
+        LONG, SamplingParams(max_tokens=5)
+    )[0].token_ids
+    for tokens in (128, 0):
+        engine = make_llm(path, shadow_cfg(staging_tokens=tokens), prefix_cache=True).engine
+        assert engine.fits_ever(len(LONG), 5)
+        req = engine.add_request(LONG, SamplingParams(max_tokens=5))
+        engine.step()
+        assert req.output_ids and engine.counters["prefill_chunks"] == 1
+        run_all(engine)
+        assert req.output_ids == want
+        again = engine.add_request(LONG, SamplingParams(max_tokens=5))  # stored, not reused
+        run_all(engine)
+        assert again.output_ids == want and engine.counters["prefix_hits"] == 0

@@ -134,7 +134,8 @@ def test_failure_mid_forward_frees_every_segment(path: Path, method: str, monkey
     after = engine.cache.memory()
     assert (after.device_bytes, after.host_bytes) == (idle.device_bytes, idle.host_bytes)
     if method == "shadowkv":
-        assert not engine.cache.staging.staged
+        staging = engine.cache.staging
+        assert staging.pages.num_used == staging.grams.num_used == 0
     # The engine goes on: the same prompts again give what they give alone.
     monkeypatch.setattr(layer, "forward", real)
     again = [engine.add_request(p, SamplingParams(max_tokens=2)) for p in PROMPTS[1:]]
@@ -160,7 +161,7 @@ def test_one_prefix_shared_prompt_per_step_when_the_cache_stages(path: Path, met
     if method == "dense":
         assert a.output_ids and b.output_ids and engine.counters["prefix_hits"] == 2
         return
-    assert a.output_ids and list(engine.waiting) == [b] and len(engine.cache.staging.staged) == 1
+    assert a.output_ids and list(engine.waiting) == [b] and engine.cache.staging.grams.num_used == 1
     engine.step()
     assert b.output_ids and b.cached_tokens == 32 and engine.counters["prefix_hits"] == 2
 
