@@ -58,12 +58,14 @@ def test_cache_admission_takes_every_pool_or_none(tiny_checkpoint) -> None:
     page = 16 * 8 * 32 * 4  # one value page: 16 chunks of 8 tokens, 2 heads x 16 dims, fp32
     cfg = ShadowKVConfig(sparse_budget=32, outlier_chunks=2, host_memory_gb=3 * page / 2**30)
     cache, _ = cache_for(mcfg, cfg, 512, seqs=4)
-    cache.add_sequence(0, 200, 8)  # 2 value pages: the host tier is now full
+    cache.add_sequence(0, 200, 8, staged=True)  # 2 value pages: the host tier is now full
     used = {name: a.num_used for name, a in cache.allocators.items()}
-    # buffer: 32 local + 16 outlier + 32 selected + 8 generated rows = 6 blocks of 16
-    assert used == {"blocks": 6, "factor": 2, "basis": 1, "host values": 2, "device values": 0}
+    # buffer: 32 local + 16 outlier + 32 selected + 8 generated rows = 6 blocks of 16; staging
+    # (a prompt prefilled in chunks): 2 pages of 128 tokens and a Gram slot
+    assert used == {"blocks": 6, "factor": 2, "basis": 1, "host values": 2, "device values": 0,
+                    "staging": 2, "staging gram": 1}
     with pytest.raises(CacheCapacityError, match="value store"):
-        cache.add_sequence(1, 200, 8)
+        cache.add_sequence(1, 200, 8, staged=True)
     assert {name: a.num_used for name, a in cache.allocators.items()} == used
     mem = cache.memory(0)
     assert mem.host_bytes == 2 * page and mem.device_bytes > 0
