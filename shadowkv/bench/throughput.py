@@ -119,6 +119,13 @@ def load_model(
     return model_cfg, model, f"checkpoint {path}"
 
 
+def without_staging(cache: CacheConfig) -> CacheConfig:
+    """The benchmark prefills whole prompts, so ShadowKV's chunked-prefill staging pool would
+    only take budget from the batch: it gets none, unless the user sized it."""
+    if isinstance(cache, ShadowKVConfig) and cache.staging_tokens is None:
+        return replace(cache, staging_tokens=0)
+    return cache
+
 def run_throughput(
     cfg: BenchConfig, out_dir: Path | None = None, log: Log | None = None
 ) -> dict[str, Any]:
@@ -145,7 +152,7 @@ def run_throughput(
         chunked_prefill=False,
         max_num_batched_tokens=1,  # one prefill per step: the harness times each alone
     )
-    caches = dict(zip(cfg.methods, cfg.caches))
+    caches = dict(zip(cfg.methods, map(without_staging, cfg.caches)))
 
     def engine_for(method: str) -> Engine:
         return build_engine(model, model_cfg, caches[method], engine_cfg, device, dtype)

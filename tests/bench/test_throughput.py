@@ -376,7 +376,9 @@ def test_a_sliding_window_model_runs_through_the_harness() -> None:
                   local_rope=tiny.rope, qk_norm=True, sandwich_norms=True,
                   hidden_act="gelu_tanh", embed_scale=8.0)
     model = random_model(cfg, torch.device("cpu"), torch.float32)
-    engine = build_engine(model, cfg, replace(SHADOW_KNOBS, host_memory_gb=HOST_GB),
+    # The harness prefills whole prompts: no staging pool (a 16K-token one would not fit 1 MiB).
+    shadow = replace(SHADOW_KNOBS, host_memory_gb=HOST_GB, staging_tokens=0)
+    engine = build_engine(model, cfg, shadow,
                           EngineConfig(cache_memory_gb=DEVICE_GB, max_num_seqs=8),
                           torch.device("cpu"), torch.float32)
     assert isinstance(engine.cache, LayeredCache)
@@ -389,3 +391,13 @@ def test_a_sliding_window_model_runs_through_the_harness() -> None:
     assert result.dense_bytes < (window_rows + (CONTEXT + STEPS) * batch) * 2 * cfg.kv_dim * 4
     full = dense_step_bytes(model, tiny, torch.float32, CONTEXT, batch, STEPS)
     assert dense_step_bytes(model, cfg, torch.float32, CONTEXT, batch, STEPS) < full
+
+
+def test_the_benchmark_gives_shadowkv_no_staging_pool_unless_sized() -> None:
+    """It prefills whole prompts: a default staging pool would only shrink the batch measured."""
+    from shadowkv.bench.throughput import without_staging
+    from shadowkv.cache.methods import DenseConfig, ShadowKVConfig
+
+    assert without_staging(ShadowKVConfig()).staging_tokens == 0
+    assert without_staging(ShadowKVConfig(staging_tokens=4096)).staging_tokens == 4096
+    assert without_staging(DenseConfig()) == DenseConfig()
