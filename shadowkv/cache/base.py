@@ -331,9 +331,9 @@ class AttentionCache(ABC):
     # it the current one; ``select_prefill(seq)`` makes a planned chunk current again (no side
     # effects: a method's one-off work at a chunk's start runs in ``begin_prefill`` alone), and
     # the per-layer calls (``prefill``, ``store_prompt``, ``read_prompt``) serve the current one.
-    # Whether a prompt split in chunks holds transient memory from its first chunk to its last
-    # (ShadowKV's staging): the engine then starts at most one prompt from a stored prefix per
-    # step, since that prefix is a first chunk planned at admission.
+    # Whether a prompt split in chunks holds memory from its admission to its last chunk
+    # (ShadowKV's staging pages, ``staging_needs``): the engine then starts at most one prompt
+    # from a stored prefix per step, since that prefix is a first chunk planned at admission.
     stages_prompts = False
 
     def begin_prefill(self, seq_id: int, num_tokens: int, start: int = 0) -> None:

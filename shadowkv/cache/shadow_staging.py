@@ -58,13 +58,6 @@ class PromptStaging:
         """What staging a prompt of ``prompt_len`` tokens takes, per allocator."""
         return (STAGING, cdiv(prompt_len, self.page_tokens)), (STAGING_GRAM, 1)
 
-    def fits_empty(self, prompt_len: int) -> bool:
-        """Whether the empty pool could stage such a prompt (reads only fixed sizes)."""
-        return all(
-            num <= alloc.capacity
-            for (_, num), alloc in zip(self.needs(prompt_len), (self.pages, self.grams))
-        )
-
     def begin(self, gram: int) -> None:
         """A prompt was given Gram slot ``gram``: its sum starts at zero."""
         for g in self.gram:
