@@ -12,7 +12,7 @@ from utils import assert_close_verbose, full_budget, greedy_with_logits, run_mod
 from utils import small_cache_cfg as cache_cfg
 
 from shadowkv.bench.models import arch_config, random_model
-from shadowkv.cache import make_cache
+from shadowkv.cache import group_cost, make_cache
 from shadowkv.cache.base import CacheCapacityError, causal_attention
 from shadowkv.cache.methods import DenseConfig, ShadowKVConfig
 from shadowkv.cache.shadow_prefill import lowrank_factors
@@ -197,6 +197,9 @@ def test_staging_comes_out_of_the_device_budget(model) -> None:
     assert device(with_pool) <= budget and device(without) <= budget
     page = with_pool.sizing.factor_page_bytes + with_pool.sizing.block_bytes
     assert pool - page <= pools(without) - pools(with_pool) <= pool + page
+    # A LayeredCache's budget split counts the pool in the group's fixed bytes.
+    costs = [group_cost(c.cfg, lay, CPU, 2, MAX_LEN, budget) for c in (with_pool, without)]
+    assert costs[0][0] - costs[1][0] == pool and costs[0][1] == costs[1][1]
 
 
 @pytest.mark.parametrize("family", ["qwen2", "glm4", "qwen3"])
