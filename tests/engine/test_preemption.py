@@ -46,22 +46,37 @@ def make_engine(path: Path, method: str, **engine) -> Engine:
 
 
 def base_params() -> list[SamplingParams]:
-    """Greedy, and seeded sampling with and without top-p (each request its own seed)."""
+    """Greedy, and seeded sampling with and without top-p (each request its own seed); every
+    token's log-probability is reported (compared too: a wrong replayed token shows there even
+    where the tiny model's choice does not change)."""
     out = []
     for i, n in enumerate(MAX_TOKENS):
         if i % 3 == 0:
-            out.append(SamplingParams(max_tokens=n))
+            out.append(SamplingParams(max_tokens=n, logprobs=0))
         else:
             top_p = 0.9 if i % 3 == 2 else 1.0
-            out.append(SamplingParams(max_tokens=n, temperature=0.8, top_p=top_p, seed=100 + i))
+            out.append(SamplingParams(
+                max_tokens=n, temperature=0.8, top_p=top_p, seed=100 + i, logprobs=0
+            ))
     return out
 
 
-Result = tuple[list[int], str, str | None]
+class Result:
+    """A finished request's tokens, text, finish reason and token log-probabilities; equal
+    to another when all are (log-probabilities to float rounding: batches differ)."""
 
+    def __init__(self, req: Request) -> None:
+        self.key = (req.output_ids, req.text, req.finish_reason)
+        self.logprobs = [lp for lp, _ in req.logprobs]
 
-def result(req: Request) -> Result:
-    return req.output_ids, req.text, req.finish_reason
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Result) and self.key == other.key
+            and self.logprobs == pytest.approx(other.logprobs, abs=1e-2)
+        )
+
+    def __repr__(self) -> str:
+        return f"Result({self.key}, {self.logprobs})"
 
 
 def run(
@@ -76,7 +91,7 @@ def run(
             engine.step()
     while engine.has_unfinished():
         engine.step()
-    return [result(r) for r in reqs]
+    return [Result(r) for r in reqs]
 
 
 def idle(engine: Engine) -> None:
@@ -101,8 +116,8 @@ def with_stop(path: Path, method: str) -> list[SamplingParams]:
 def test_preempted_batch_equals_one_by_one(path: Path, method: str) -> None:
     params = with_stop(path, method)
     want = run(make_engine(path, method), params, one_by_one=True)
-    assert want[STOPPED][2] == "stop"  # the stop string is met (it is a word of that text)
-    assert any(len(toks) > 1 and len(set(toks)) > 1 for toks, _, _ in want)
+    assert want[STOPPED].key[2] == "stop"  # the stop string is met (it is a word of its text)
+    assert any(len(set(r.key[0])) > 1 for r in want)
     worst = make_engine(path, method, cache_memory_gb=MEMORY[method])
     assert run(worst, params) == want
     assert worst.counters["preemptions"] == 0
@@ -176,7 +191,7 @@ def test_a_preempted_request_keeps_prompt_logprobs_and_samples(path: Path, monke
         samples = engine.add_requests(PROMPTS[3], pair)
         while engine.has_unfinished():
             engine.step()
-        return [result(r) for r in first + samples], samples
+        return [Result(r) for r in first + samples], samples
 
     want, want_samples = go(make_engine(path, "dense"))
     engine = make_engine(path, "dense", cache_memory_gb=0.0006, admission_reserve=2)
