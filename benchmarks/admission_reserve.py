@@ -1,12 +1,13 @@
 """Optimistic admission on a CPU: worst-case reservation vs ``admission_reserve``.
 
-``N`` short chat questions (answers of a few dozen tokens, ``max_tokens=256``) submitted at once
+``N`` chat questions (``max_tokens=256``; six of eight ask for a few words, two for a short
+story or explanation, so answers run from a few tokens to ~200) submitted at once
 into a small dense cache: wall time until all are answered, the largest decode batch reached,
 preemptions and replayed tokens, per ``EngineConfig.admission_reserve`` (None = reserve all of
 ``max_tokens`` at admission). Tokens are checked equal across the settings (greedy). All runs
 share one process and the same weights.
 
-    python benchmarks/admission_reserve.py --cache-mb 60 --requests 16 --reserves none,32,8
+    python benchmarks/admission_reserve.py --cache-mb 30 --requests 16 --reserves none,32,8
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import torch
 
 from shadowkv import LLM, DenseConfig, EngineConfig, SamplingParams
 
+SHORT = " Answer in a few words."
 QUESTIONS = [
-    "What is the capital of France?", "Name a primary colour.", "What is 2 + 2?",
-    "Which planet is closest to the sun?", "What do bees make?", "Say hello in Spanish.",
-    "What is the opposite of hot?", "How many legs does a spider have?",
+    "What is the capital of France?" + SHORT, "Write a short story about a cat.",
+    "What is 2 + 2?" + SHORT, "Which planet is closest to the sun?" + SHORT,
+    "What do bees make?" + SHORT, "Explain how rain forms.",
+    "What is the opposite of hot?" + SHORT, "How many legs does a spider have?" + SHORT,
 ]
 
 
@@ -57,11 +60,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--cache-mb", type=float, default=60.0)
     ap.add_argument("--reserves", default="none,32,8", help="comma-separated; none = worst case")
+    ap.add_argument("--short-only", action="store_true",
+                    help="every question asks for a few words (no story, no explanation)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     llm = LLM(args.model, device="cpu")
-    prompts = [llm.encode(QUESTIONS[i % len(QUESTIONS)] + " Answer in a few words.", chat=True)
-               for i in range(args.requests)]
+    qs = [q for q in QUESTIONS if q.endswith(SHORT)] if args.short_only else QUESTIONS
+    prompts = [llm.encode(qs[i % len(qs)], chat=True) for i in range(args.requests)]
     first = None
     for r in args.reserves.split(","):
         row, outs = run(llm, prompts, None if r == "none" else int(r), args.cache_mb,
