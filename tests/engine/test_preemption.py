@@ -252,3 +252,19 @@ def test_gemma3_window_layers_grow_with_the_global_ones(tiny_checkpoint, monkeyp
 def test_admission_reserve_must_be_positive() -> None:
     with pytest.raises(ValueError, match="admission_reserve must be >= 1"):
         EngineConfig(admission_reserve=0)
+
+
+@pytest.mark.parametrize("method", ["dense", "shadowkv"])
+def test_resumption_through_chunked_prefill_and_the_prefix_store(path: Path, method: str) -> None:
+    """Prompts prefill in 48-token chunks and are stored: a resumed request finds its own prompt
+    in the prefix store and prefills only its last block (ShadowKV stages the chunks)."""
+    params = base_params()
+    want = run(make_engine(path, method), params, one_by_one=True)
+    engine = make_engine(
+        path, method, cache_memory_gb=MEMORY[method], admission_reserve=RESERVE,
+        max_num_batched_tokens=48, prefix_cache=True,
+    )
+    assert run(engine, params) == want
+    assert engine.counters["preemptions"] > 0 and engine.counters["prefix_hits"] > 0
+    assert engine.counters["prefill_chunks"] > len(PROMPTS)
+    idle(engine)
