@@ -46,7 +46,8 @@ def make_engine(path: Path, method: str, **engine) -> Engine:
 
 
 def base_params() -> list[SamplingParams]:
-    """Greedy, and seeded sampling with and without top-p (each request its own seed); every
+    """Greedy, and seeded sampling with and without top-p and a frequency penalty (each request
+    its own seed); every
     token's log-probability is reported (compared too: a wrong replayed token shows there even
     where the tiny model's choice does not change)."""
     out = []
@@ -54,9 +55,10 @@ def base_params() -> list[SamplingParams]:
         if i % 3 == 0:
             out.append(SamplingParams(max_tokens=n, logprobs=0))
         else:
-            top_p = 0.9 if i % 3 == 2 else 1.0
+            top_p, penalty = (0.9, 0.5) if i % 3 == 2 else (1.0, 0.0)  # + a logit state
             out.append(SamplingParams(
-                max_tokens=n, temperature=0.8, top_p=top_p, seed=100 + i, logprobs=0
+                max_tokens=n, temperature=0.8, top_p=top_p, seed=100 + i, logprobs=0,
+                frequency_penalty=penalty, ignore_eos=True,  # long enough to be preempted
             ))
     return out
 
