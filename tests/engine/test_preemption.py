@@ -270,3 +270,25 @@ def test_resumption_through_chunked_prefill_and_the_prefix_store(path: Path, met
     assert engine.counters["preemptions"] > 0 and engine.counters["prefix_hits"] > 0
     assert engine.counters["prefill_chunks"] > len(PROMPTS)
     idle(engine)
+
+
+def test_a_resumed_request_streams_each_token_once(path: Path) -> None:
+    """Replayed rows send nothing: every request's streamed tokens are its outputs, once each,
+    and its streamed text is its final text."""
+    engine = make_engine(path, "dense", cache_memory_gb=MEMORY["dense"], admission_reserve=2)
+    streamed: dict[int, list[int]] = {}
+    text: dict[int, str] = {}
+
+    def collect(outs) -> None:  # type: ignore[no-untyped-def]
+        for o in outs:
+            streamed.setdefault(o.request.request_id, []).append(o.new_token)
+            text[o.request.request_id] = text.get(o.request.request_id, "") + o.text_delta
+
+    engine.on_outputs = collect
+    reqs = [engine.add_request(p, s) for p, s in zip(PROMPTS, with_stop(path, "dense"))]
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.counters["preemptions"] > 0
+    for r in reqs:
+        assert streamed[r.request_id] == r.output_ids
+        assert text[r.request_id] == r.text
