@@ -328,6 +328,16 @@ class EngineConfig:
         True, "prefill prompts longer than a step's token budget in chunks of tokens, one chunk "
         "per step while the others decode",
     )
+    # Optimistic admission: None reserves every request's worst case (prompt + max_tokens) at
+    # admission, so a running request never runs out of cache. N admits it with room for
+    # min(max_tokens, N) new tokens and grows that by N more whenever a decode step would pass
+    # it; when the cache cannot grow, the newest running request is preempted (freed, requeued
+    # first, resumed later with exactly the tokens an uninterrupted run gives).
+    admission_reserve: int | None = knob(
+        None, "admit a request with cache room for this many new tokens (not all of max_tokens) "
+        "and grow it by as many when it needs more, preempting the newest request when memory "
+        "runs out (default: reserve max_tokens at admission, never preempt)",
+    )
     cache_memory_gb: float | None = knob(
         None, "device memory for the KV cache (default: 85% of free GPU memory, 4 GiB on CPU)"
     )
@@ -360,6 +370,11 @@ class EngineConfig:
         if self.decode_mode not in DECODE_MODES:
             raise ConfigError(
                 f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {self.decode_mode!r}"
+            )
+        if self.admission_reserve is not None and self.admission_reserve < 1:
+            raise ConfigError(
+                f"admission_reserve must be >= 1 new tokens (or None to reserve max_tokens), got "
+                f"{self.admission_reserve}"
             )
         if self.max_num_seqs < 1:
             raise ConfigError("max_num_seqs must be >= 1")

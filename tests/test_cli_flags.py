@@ -56,6 +56,7 @@ NON_DEFAULT: dict[str, tuple[str, Any]] = {
     "max_model_len": ("512", 512),
     "prefill_mlp_chunk": ("128", 128),
     "max_num_batched_tokens": ("512", 512),
+    "admission_reserve": ("64", 64),
     "cache_memory_gb": ("0.5", 0.5),
     "dtype": ("float16", "float16"),
     "decode_mode": ("eager", "eager"),

@@ -254,29 +254,94 @@ class AttentionCache(ABC):
         self, seq_id: int, prompt_len: int, max_new_tokens: int,
         options: CacheOptions | None = None, staged: bool = False,
     ) -> None:
-        """Reserve room for a sequence's worst case; raises ``CacheCapacityError`` when it cannot
-        fit (then nothing is held). ``staged``: its prompt will prefill in chunks (or start from
-        a stored prefix), so it also takes what staging needs (``staging_needs``) until its last
-        chunk ends."""
+        """Reserve room for a sequence's prompt and ``max_new_tokens`` new tokens (the engine's
+        worst case, or less under optimistic admission: see ``grow``); raises
+        ``CacheCapacityError`` when it cannot fit (then nothing is held). ``staged``: its prompt
+        will prefill in chunks (or start from a stored prefix), so it also takes what staging
+        needs (``staging_needs``) until its last chunk ends."""
         options = options or CacheOptions()
         adm = self._plan(prompt_len, max_new_tokens, options, staged)
         why = self._problem(prompt_len, adm)
         if why is not None:
             raise CacheCapacityError(why)
         self.prepare(adm)
-        held: dict[str, list[int]] = {}
-        try:
-            for name, num in adm.needs:
-                held[name] = self.allocators[name].alloc(num)
-        except CacheCapacityError:
-            for name, pages in held.items():
-                self.allocators[name].release(pages)
-            raise
+        held = self._take(adm.needs)
         new = self.new_tokens(prompt_len, max_new_tokens)
         rec = self.new_record(seq_id, self._free_rows.pop(), prompt_len, new, options, adm)
         rec.pages = held
         self.seqs[seq_id] = rec
         self.on_admit(rec)
+
+    def _take(self, needs: tuple[tuple[str, int], ...]) -> dict[str, list[int]]:
+        """``needs`` pages from each named allocator, all or none (raises
+        ``CacheCapacityError`` naming the short pool; then nothing is held)."""
+        held: dict[str, list[int]] = {}
+        try:
+            for name, num in needs:
+                held[name] = self.allocators[name].alloc(num)
+        except CacheCapacityError:
+            for name, pages in held.items():
+                self.allocators[name].release(pages)
+            raise
+        return held
+
+    # growth: optimistic admission (``EngineConfig.admission_reserve``) ------------------------
+    # A sequence admitted with room for fewer new tokens than it may generate grows its
+    # reservation while it decodes: the method re-plans it with the larger count
+    # (``plan_growth``), the base takes the extra pages all or none and the method extends its
+    # tables (``on_grow``). The prompt's own pages never change.
+    def reserved_tokens(self, seq_id: int) -> int:
+        """New tokens the sequence has room for (its reservation, beyond the prompt)."""
+        return self.seqs[seq_id].max_new_tokens
+
+    def plan_growth(self, rec: SeqRecord, max_new_tokens: int) -> Admission:
+        """What ``rec`` needs in all with room for ``max_new_tokens`` (within the context): by
+        default its admission re-planned. Pools it holds enough of already take nothing."""
+        return self.plan_admission(rec.prompt_len, max_new_tokens, rec.options)
+
+    def _growth(self, seq_id: int, max_new_tokens: int) -> tuple[SeqRecord, int, Admission]:
+        """``(record, new tokens within the context, extra pages per allocator)``: growth
+        never shrinks a pool's pages, and an empty ``needs`` means nothing to take."""
+        rec = self.seqs[seq_id]
+        new = max(rec.max_new_tokens, self.new_tokens(rec.prompt_len, max_new_tokens))
+        adm = self.plan_growth(rec, new)
+        extra = tuple(
+            (name, num - len(rec.pages.get(name, [])))
+            for name, num in adm.needs
+            if num > len(rec.pages.get(name, []))
+        )
+        return rec, new, replace(adm, needs=extra)
+
+    def growth_problem(self, seq_id: int, max_new_tokens: int) -> str | None:
+        """Why ``seq_id`` cannot grow to room for ``max_new_tokens`` now, or None."""
+        _, _, adm = self._growth(seq_id, max_new_tokens)
+        for name, num in adm.needs:
+            why = self.allocators[name].shortfall(num)
+            if why is not None:
+                return why
+        return adm.problem
+
+    def can_grow(self, seq_id: int, max_new_tokens: int) -> bool:
+        """Whether ``grow(seq_id, max_new_tokens)`` would succeed now (takes nothing)."""
+        return self.growth_problem(seq_id, max_new_tokens) is None
+
+    def grow(self, seq_id: int, max_new_tokens: int) -> None:
+        """Give a decoding sequence room for ``max_new_tokens`` new tokens in all (capped at the
+        context; a smaller count than it holds changes nothing). Takes the extra pages all or
+        none: raises ``CacheCapacityError`` naming the short pool, and then holds what it held."""
+        why = self.growth_problem(seq_id, max_new_tokens)
+        if why is not None:
+            raise CacheCapacityError(why)
+        rec, new, adm = self._growth(seq_id, max_new_tokens)
+        added = self._take(adm.needs)
+        for name, pages in added.items():
+            rec.pages.setdefault(name, []).extend(pages)
+        rec.max_new_tokens = new
+        self.on_grow(rec, adm, added)
+
+    def on_grow(self, rec: SeqRecord, adm: Admission, added: dict[str, list[int]]) -> None:
+        """Extend the per-sequence tables of a grown sequence: ``added`` are the pages just
+        appended to ``rec.pages``, ``adm`` its growth plan (``detail``: the method's new plan)."""
 
     def prepare(self, adm: Admission) -> None:
         """Before pages are taken: allocate memory a pool holds lazily (may raise)."""
@@ -376,13 +441,19 @@ class AttentionCache(ABC):
 
     def check_decodable(self, seq_ids: list[int]) -> None:
         """Raise unless every sequence's whole prompt is cached (a partly prefilled prompt
-        must not decode)."""
+        must not decode) and it holds room for one more token (else ``CacheCapacityError``:
+        it must ``grow`` first)."""
         for s in seq_ids:
             rec = self.seqs[s]
             if rec.length < rec.prompt_len:
                 raise ValueError(
                     f"sequence {s} has {rec.length} of its {rec.prompt_len} prompt tokens "
                     "prefilled; it cannot decode yet"
+                )
+            if rec.length >= rec.prompt_len + rec.max_new_tokens:
+                raise CacheCapacityError(
+                    f"sequence {s} generates past the {rec.max_new_tokens} new tokens reserved "
+                    "at admission and by growth; grow it first (AttentionCache.grow)"
                 )
 
     # A decode step is planned in two halves. On the host, ``decode_columns`` turns the step's

@@ -24,8 +24,9 @@ BLOCKS = "blocks"  # the allocator of K/V blocks
 class DenseCache(AttentionCache):
     """Exact K/V for every token, paged: pool ``[num_blocks, S, Hkv, D]`` per layer.
 
-    A sequence reserves its worst case (prompt + max new tokens) at admission, so it can never
-    run out mid-decode.
+    A sequence reserves its prompt + the new tokens the engine admits it with (its worst case,
+    unless ``EngineConfig.admission_reserve`` admits it optimistically: then it ``grow``s its
+    block-table row by blocks before a decode step would pass them).
     """
 
     def __init__(
@@ -99,6 +100,16 @@ class DenseCache(AttentionCache):
     def on_admit(self, rec: SeqRecord) -> None:
         blocks = rec.pages[BLOCKS]
         self.block_tables[rec.row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+
+    def on_grow(self, rec: SeqRecord, adm: Admission, added: dict[str, list[int]]) -> None:
+        """The new blocks follow the held ones in the sequence's block-table row (a window's
+        ring grows the same way, up to its ``window`` slots)."""
+        new = added.get(BLOCKS, [])
+        if new:
+            held = len(rec.pages[BLOCKS])
+            self.block_tables[rec.row, held - len(new) : held] = torch.tensor(
+                new, dtype=torch.int32
+            )
 
     def _slots(self, seq_id: int, start: int, end: int) -> torch.Tensor:
         """Flat pool rows (block * S + offset) of token positions [start, end)."""

@@ -87,6 +87,26 @@ class LayeredCache:
                 c.free_sequence(seq_id)
             raise
 
+    def reserved_tokens(self, seq_id: int) -> int:
+        return min(c.reserved_tokens(seq_id) for c in self.parts)
+
+    def growth_problem(self, seq_id: int, max_new_tokens: int) -> str | None:
+        return next(
+            (why for c in self.parts if (why := c.growth_problem(seq_id, max_new_tokens))), None
+        )
+
+    def can_grow(self, seq_id: int, max_new_tokens: int) -> bool:
+        return self.growth_problem(seq_id, max_new_tokens) is None
+
+    def grow(self, seq_id: int, max_new_tokens: int) -> None:
+        """Every part or none: each part's growth is checked before any takes a page (the parts
+        draw from their own pools, and a checked ``grow`` only takes what its check counted)."""
+        why = self.growth_problem(seq_id, max_new_tokens)
+        if why is not None:
+            raise CacheCapacityError(why)
+        for c in self.parts:
+            c.grow(seq_id, max_new_tokens)
+
     def free_sequence(self, seq_id: int) -> None:
         for c in self.parts:
             c.free_sequence(seq_id)

@@ -273,6 +273,25 @@ class ShadowKVCache(AttentionCache):
         if STAGING_GRAM in rec.pages:
             self.staging.begin(rec.pages[STAGING_GRAM][0])
 
+    def plan_growth(self, rec: SeqRecord, max_new_tokens: int) -> Admission:
+        """More generated-token rows at the buffer's end: buffer blocks only. The prompt's
+        factor, landmark and value pages, its basis and value tier stay as admitted."""
+        assert isinstance(rec, ShadowSeq)
+        lay = replace(rec.lay, max_new_tokens=max_new_tokens)
+        return Admission(((BLOCKS, cdiv(lay.buffer_rows, self.block_rows)),), (lay, rec.value_tier))
+
+    def on_grow(self, rec: SeqRecord, adm: Admission, added: dict[str, list[int]]) -> None:
+        assert isinstance(rec, ShadowSeq)
+        rec.layout = adm.detail[0]
+        new = added.get(BLOCKS, [])
+        if not new:
+            return
+        self.tables.grow(rec)
+        idx = torch.tensor(new, device=self.device)
+        for layer in range(self.num_layers):  # finite rows past the length, as at admission
+            self.k_buf[layer].index_fill_(0, idx, 0)
+            self.v_buf[layer].index_fill_(0, idx, 0)
+
     def on_free(self, rec: SeqRecord) -> None:
         self.tables.release(rec.row)
 

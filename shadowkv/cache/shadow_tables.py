@@ -146,6 +146,11 @@ class SequenceTables:
             t[rec.row, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
         self.seg_basis[rec.row, 0] = rec.basis  # one segment: the whole prompt
 
+    def grow(self, rec: ShadowSeq) -> None:
+        """A grown sequence's buffer table: the blocks it holds now, in order."""
+        blocks = rec.pages[BLOCKS]
+        self.buffer[rec.row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+
     def release(self, row: int) -> None:
         for t in (self.factor, self.store, self.buffer, self.seg_basis):
             t[row] = 0
@@ -182,7 +187,7 @@ class SequenceTables:
             if g >= lay.buffer_rows:
                 raise CacheCapacityError(
                     f"sequence {r.seq_id} generates past the {lay.max_new_tokens} new tokens "
-                    "reserved at admission"
+                    "reserved at admission and by growth (AttentionCache.grow)"
                 )
         return {
             "rows": [r.row for r in recs],

@@ -10,6 +10,12 @@ wait. All the prefill chunks a step runs go through the model in one ragged forw
 (``engine/ragged.py``: tokens packed, attention per sequence), after the decode's own forward
 (decode rows are not mixed into it); a replayed prefill (``PromptKV``) runs no layers and goes at
 its admission. The batch fills in a few steps instead of one request per two steps.
+
+With ``EngineConfig.admission_reserve`` a request is admitted with room for fewer new tokens
+than ``max_tokens`` and grows its reservation before a decode step would pass it; when the cache
+cannot grow, the newest running request is preempted: freed, requeued first, and later resumed
+by prefilling its prompt again and replaying its generated tokens as teacher-forced decode rows
+(their logits unused), so it continues with exactly the tokens of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -115,8 +121,11 @@ class Engine:
         # Prompt tokens run through the model, and samples that took a copy of another's
         # prefill: by ``cache.fork``, or by replaying the recorded prefill (caches without fork).
         # Prefill chunks run (a prompt prefilled whole is one chunk).
+        # Preemptions (optimistic admission), and the decode rows that replayed a preempted
+        # request's generated tokens to resume it.
         self.counters = {
-            "prefill_tokens": 0, "prefill_chunks": 0, "forked_samples": 0, "replayed_samples": 0
+            "prefill_tokens": 0, "prefill_chunks": 0, "forked_samples": 0, "replayed_samples": 0,
+            "preemptions": 0, "replayed_tokens": 0,
         }
         # Prefix sharing (engine/prefix.py): prefills that reused a stored prefix, and the
         # prompt tokens those prefixes spared.
@@ -127,6 +136,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._next_id = 0
+        self._admissions = 0  # admissions so far: each one's order, for choosing preemptions
         self._partial: PrefillState | None = None  # the prompt prefilled in chunks, if any
         self._did_prefill = False  # whether this step's prefill work ran anything
         # What the last step worked on: "decode", "prefill" or "mixed" (both).
@@ -266,10 +276,13 @@ class Engine:
 
     # the loop ----------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        """Decode every running request, then advance prefills FCFS within the token budget."""
-        outs = self._emit(self._decode()) if self.running else []
-        decoded = bool(outs)
-        outs += self._prefill_work(self.cfg.max_num_batched_tokens - len(outs), decoded)
+        """Decode every running request (after giving each room for its token, preempting if
+        need be), then advance prefills FCFS within the token budget."""
+        self._make_room()
+        rows = len(self.running)  # decode rows, replayed ones included
+        decoded = rows > 0
+        outs = self._emit(self._decode()) if decoded else []
+        outs += self._prefill_work(self.cfg.max_num_batched_tokens - rows, decoded)
         prefilled = self._did_prefill
         self.last_step = ("mixed" if prefilled else "decode") if decoded else (
             "prefill" if prefilled else None
@@ -366,23 +379,35 @@ class Engine:
     def _max_new(self, req: Request) -> int:
         return min(req.params.max_tokens, self.max_model_len - len(req.prompt_ids))
 
+    def _reserve(self, req: Request) -> int:
+        """New tokens of cache room ``req`` is admitted with: all it may generate, or under
+        ``admission_reserve=N`` what it has generated (a resumed request) + N, at most that.
+        A request whose worst case cannot fit even an empty cache reserves its worst case, so
+        it meets today's clear error instead of being preempted for ever."""
+        max_new, reserve = self._max_new(req), self.cfg.admission_reserve
+        if reserve is None or not self.cache.fits_empty(
+            len(req.prompt_ids), max_new, req.cache_options
+        ):
+            return max_new
+        return min(max_new, len(req.output_ids) + reserve)
+
     def _admit_next(self, may_raise: bool = True, staged: bool = False) -> PrefillState | None:
         """Admit the head request (and its samples) if decode slots and cache room are free.
         ``staged``: its prompt prefills in chunks or starts from a stored prefix, so the cache
         reserves its staging too (the samples get a copy of the whole prefill: none)."""
         req = self.waiting[0]
-        n, max_new = len(req.prompt_ids), self._max_new(req)
+        n = len(req.prompt_ids)
         opts = req.cache_options
         slots = 1 + len(req.samples)
         if len(self.running) + slots > self.cfg.max_num_seqs or not self.cache.can_add(
-            n, max_new, opts, staged
+            n, self._reserve(req), opts, staged
         ):
             return None
         group = [req, *req.samples]
         for i, r in enumerate(group):
             try:
                 self.cache.add_sequence(
-                    r.request_id, n, self._max_new(r), opts, staged=staged and i == 0
+                    r.request_id, n, self._reserve(r), opts, staged=staged and i == 0
                 )
             except CacheCapacityError:
                 # can_add said yes but an allocation failed (pinning host memory, or the room
@@ -398,7 +423,11 @@ class Engine:
                         "even when it is empty; ask for fewer samples or lower max_tokens"
                     ) from None
                 raise
-        req.prefill_start = time.perf_counter()
+        if req.prefill_start is None:  # a resumed request keeps its first prefill's start
+            req.prefill_start = time.perf_counter()
+        for r in group:
+            r.admission = self._admissions
+            self._admissions += 1
         self.waiting.popleft()
         record = req.record_prompt_kv or (req.samples and not self.cache.supports_fork)
         record = record or self._storable(n)  # stored for later prompts
@@ -457,7 +486,9 @@ class Engine:
         if use is None:
             return
         replay_prefix(use, self.cache, req.request_id, p.recording)
-        p.done = req.cached_tokens = use.num_tokens
+        p.done = use.num_tokens
+        if not req.output_ids:  # a resumed request reports its first prefill's
+            req.cached_tokens = use.num_tokens
         self.counters["prefix_hits"] += 1
         self.counters["cached_tokens"] += use.num_tokens
 
@@ -536,7 +567,9 @@ class Engine:
         p.done = end
         self.counters["prefill_tokens"] += n
         self.counters["prefill_chunks"] += 1
-        if req.params.prompt_logprobs is not None:
+        # A resumed request (it has outputs) computed its prompt logprobs at its first prefill.
+        logprobs = req.params.prompt_logprobs is not None and not req.output_ids
+        if logprobs:
             # Positions [start, end) predict tokens [start + 1, end + 1): the chunk's own slice.
             lp = prompt_logprobs(
                 lambda pos: self.model.logits(x, pos.to(dev) + offset),
@@ -549,7 +582,7 @@ class Engine:
             return []
         if self._partial is p:
             self._partial = None
-        if req.params.prompt_logprobs is not None:
+        if logprobs:
             req.prompt_logprobs = p.logprobs
         kv = None
         if p.recording is not None:
@@ -568,10 +601,13 @@ class Engine:
         for r in group[1:]:  # before any first token: the first one may finish and free its copy
             self._copy_prefill(req, r, kv)
         for r in group:
-            r.memory = self.cache.memory(r.request_id).as_dict()
+            if r.memory is None:
+                r.memory = self.cache.memory(r.request_id).as_dict()
             r.status = Status.RUNNING
             self.running.append(r)
-        return [self._first_token(r, logits) for r in group]
+        # A resumed request (preempted: it has outputs, and no samples) does not sample here:
+        # its decode rows replay the tokens it generated (``_decode``).
+        return [self._first_token(r, logits) for r in group if not r.output_ids]
 
     def _copy_prefill(self, src: Request, dst: Request, kv: PromptKV | None) -> None:
         """Give sample ``dst`` (admitted, not prefilled) the prefilled cache of ``src``."""
@@ -594,14 +630,61 @@ class Engine:
         return self._append(req, sample_requests(logits[None].clone(), [req])[0])
 
     def _decode(self) -> list[StepOutput]:
+        """One decode row per running request. A row feeds the request's output token at its
+        cached length: its last one, or while it resumes after a preemption an earlier one,
+        replayed (teacher-forced: its logits are dropped — no sampling, logit state, RNG or
+        output — so the cache is rebuilt exactly as the uninterrupted run built it)."""
         reqs = list(self.running)
         seq_ids = [r.request_id for r in reqs]
+        lengths = [self.cache.length(s) for s in seq_ids]
+        fed = [n - len(r.prompt_ids) for r, n in zip(reqs, lengths)]  # output index fed
         logits = self.runner.step(
-            seq_ids, [r.output_ids[-1] for r in reqs], [self.cache.length(s) for s in seq_ids]
+            seq_ids, [r.output_ids[i] for r, i in zip(reqs, fed)], lengths
         )
         self.cache.end_decode()
+        live = [i for i, (r, f) in enumerate(zip(reqs, fed)) if f == len(r.output_ids) - 1]
+        if len(live) < len(reqs):
+            self.counters["replayed_tokens"] += len(reqs) - len(live)
+            if not live:
+                return []
+            logits, reqs = logits[live], [reqs[i] for i in live]
         tokens = sample_requests(logits, reqs)
         return [self._append(r, t) for r, t in zip(reqs, tokens)]
+
+    # optimistic admission ----------------------------------------------------------------------
+    def _make_room(self) -> None:
+        """Before a decode step, under ``admission_reserve=N``: give every running request whose
+        next token passes its reservation room for N more new tokens (at most ``max_tokens``),
+        else for that token alone; oldest admission first. When neither fits, preempt the newest
+        running request (the one needing room, if it is the newest) and try again."""
+        reserve = self.cfg.admission_reserve
+        if reserve is None:
+            return
+        for req in sorted(self.running, key=lambda r: r.admission):
+            if req not in self.running:  # preempted for an older one's room
+                continue
+            s = req.request_id
+            need = self.cache.length(s) - len(req.prompt_ids) + 1  # new tokens cached after it
+            held = self.cache.reserved_tokens(s)
+            if need <= held:
+                continue
+            wants = (min(self._max_new(req), held + reserve), need)
+            while req in self.running:
+                fits = next((n for n in wants if self.cache.can_grow(s, n)), None)
+                if fits is not None:
+                    self.cache.grow(s, fits)
+                    break
+                self._preempt(max(self.running, key=lambda r: r.admission))
+
+    def _preempt(self, req: Request) -> None:
+        """Free a running request's cache and requeue it first; it keeps its outputs, logit
+        state and generator, and resumes at its next admission (``_end_prefill``, ``_decode``).
+        The partial prefill is never preempted: only running requests are."""
+        self.running.remove(req)
+        self.cache.free_sequence(req.request_id)
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)
+        self.counters["preemptions"] += 1
 
     def _append(self, req: Request, token: int) -> StepOutput:
         req.output_ids.append(token)

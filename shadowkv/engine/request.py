@@ -49,6 +49,8 @@ class Request:
     logit_state: LogitState | None = None  # penalties, bias, grammar: None when none is asked
     logprobs: list[Logprob] = field(default_factory=list)  # per output token, when asked
     prompt_logprobs: list[Logprob | None] | None = None  # per prompt token (first: None)
+    # Order of its latest admission (``Engine`` counts them): preemption picks the highest.
+    admission: int = -1
     # More samples of the same prompt (``Engine.add_requests``): admitted with this request,
     # they take a copy of its prefilled cache instead of a prefill of their own.
     samples: list[Request] = field(default_factory=list)

@@ -51,6 +51,17 @@ COUNTERS = (
         "prefill_chunks",
     ),
     ("engine_steps", "Engine steps (prefills and decode steps).", "steps"),
+    (
+        "preemptions",
+        "Running requests freed and requeued because the cache could not grow them "
+        "(admission_reserve); each resumes with the tokens it would have generated.",
+        "preemptions",
+    ),
+    (
+        "replayed_tokens",
+        "Decode rows spent replaying preempted requests' generated tokens to resume them.",
+        "replayed_tokens",
+    ),
     ("prefix_hits", "Prefills that reused a stored prompt prefix.", "prefix_hits"),
     (
         "cached_tokens",

@@ -118,6 +118,8 @@ class WorkerStats:
     prefill_chunks: int = 0
     forked_samples: int = 0
     replayed_samples: int = 0
+    preemptions: int = 0  # running requests freed and requeued (optimistic admission)
+    replayed_tokens: int = 0  # decode rows that replayed a preempted request's tokens
     prefix_hits: int = 0  # prefills that reused a stored prefix
     cached_tokens: int = 0  # prompt tokens those prefixes spared
     prefix_store_bytes: int = 0  # host bytes of the stored prefixes (gauge)

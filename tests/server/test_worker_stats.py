@@ -40,3 +40,23 @@ def test_queue_length_counts_requests_not_pending_aborts(tiny_checkpoint, monkey
     worker._admit(cmds[-1][1])  # type: ignore[index]
     worker._publish()
     assert worker.stats().queued == 2 and len(llm.engine.waiting) == 2
+
+
+def test_preemptions_reach_metrics(tiny_checkpoint) -> None:
+    """``/metrics`` counts preemptions and replayed tokens (optimistic admission)."""
+    from shadowkv.server.metrics import metrics_registry, render
+
+    llm = LLM(str(tiny_checkpoint("llama", num_layers=4, vocab_size=96)), device="cpu",
+              engine=EngineConfig(cache_memory_gb=0.0008, admission_reserve=2, max_num_seqs=8))
+    worker = EngineWorker(llm.engine)
+    for k, n in zip(range(5, 13), (90, 100, 84, 120, 96, 88, 110, 93)):
+        llm.engine.add_request([(k * i + k) % 90 + 3 for i in range(n)],
+                               SamplingParams(max_tokens=24, ignore_eos=True))
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    worker._publish()
+    text = render(metrics_registry(worker)).decode()
+    counters = llm.engine.counters
+    assert counters["preemptions"] > 0 and counters["replayed_tokens"] > 0
+    assert f"shadowkv_preemptions_total {float(counters['preemptions'])}" in text
+    assert f"shadowkv_replayed_tokens_total {float(counters['replayed_tokens'])}" in text
