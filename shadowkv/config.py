@@ -328,6 +328,12 @@ class EngineConfig:
         True, "prefill prompts longer than a step's token budget in chunks of tokens, one chunk "
         "per step while the others decode",
     )
+    # Off: a step with both runs the decode rows in their own forward (the decode runner: CUDA
+    # graphs on a GPU) and then the prefill chunks in a second one.
+    mixed_step: bool = knob(
+        True, "run a step's decode rows and prefill chunks in one forward (steps with only "
+        "decodes keep the decode runner's CUDA graphs)",
+    )
     cache_memory_gb: float | None = knob(
         None, "device memory for the KV cache (default: 85% of free GPU memory, 4 GiB on CPU)"
     )
