@@ -7,9 +7,11 @@ one prefills by chunks of tokens (``EngineConfig.chunked_prefill``), one chunk p
 others decode, so a step's time stays bounded whatever the prompt lengths. At most one prompt is
 partly prefilled at a time; it gets at most half a step's prefill budget while short prompts
 wait. All the prefill chunks a step runs go through the model in one ragged forward
-(``engine/ragged.py``: tokens packed, attention per sequence), after the decode's own forward
-(decode rows are not mixed into it); a replayed prefill (``PromptKV``) runs no layers and goes at
-its admission. The batch fills in a few steps instead of one request per two steps.
+(``engine/ragged.py``: tokens packed, one varlen attention call per layer), and with
+``EngineConfig.mixed_step`` the decode rows go in front of them in that same forward; a step with
+only decodes runs the decode runner (CUDA graphs on a GPU). A replayed prefill (``PromptKV``)
+runs no layers and goes at its admission. The batch fills in a few steps instead of one request
+per two steps.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from shadowkv.engine.logits import new_state, prompt_logprobs, sample_requests
 from shadowkv.engine.prefill import MIN_CHUNK, PrefillState, partial_share
 from shadowkv.engine.prefix import PrefixStore, replay_prefix, shared_tokens
 from shadowkv.engine.prompt_kv import PromptKV, RecordingCache
-from shadowkv.engine.ragged import RaggedPrefill, Segment
+from shadowkv.engine.ragged import MixedStep, RaggedPrefill, Segment
 from shadowkv.engine.request import Request, Status
 from shadowkv.engine.sampling import SamplingParams, make_generator, sample
 from shadowkv.models.llama import Hidden, LlamaModel
@@ -57,6 +59,17 @@ class StepOutput:
     new_token: int | None
     text_delta: str
     finished: bool
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """The host half of a decode step: the running requests, and per request its input token
+    (the last one sampled), its position (tokens cached) and its sequence id."""
+
+    requests: tuple[Request, ...]
+    seq_ids: list[int]
+    tokens: list[int]
+    positions: list[int]
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -266,10 +279,23 @@ class Engine:
 
     # the loop ----------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        """Decode every running request, then advance prefills FCFS within the token budget."""
-        outs = self._emit(self._decode()) if self.running else []
-        decoded = bool(outs)
-        outs += self._prefill_work(self.cfg.max_num_batched_tokens - len(outs), decoded)
+        """Decode every running request and advance prefills FCFS within the token budget: in
+        one forward when both run and ``mixed_step`` is on, else the decode's forward first."""
+        rows = self._decode_rows() if self.running else None
+        decoded = rows is not None
+        budget = self.cfg.max_num_batched_tokens - (len(rows.seq_ids) if rows else 0)
+        outs: list[StepOutput] = []
+        if rows is not None and not self.cfg.mixed_step:
+            outs, rows = self._emit(self._decode(rows)), None
+        batch, replayed = self._plan_prefills(budget, decoded)
+        if batch:
+            ran = self._run_prefills(batch, rows)  # with the decode rows, if any are left
+            n = len(rows.seq_ids) if rows is not None else 0  # its first outputs: the decode's
+            outs += ran[:n] + replayed + ran[n:]
+        else:
+            if rows is not None:
+                outs = self._emit(self._decode(rows))
+            outs += replayed
         prefilled = self._did_prefill
         self.last_step = ("mixed" if prefilled else "decode") if decoded else (
             "prefill" if prefilled else None
@@ -280,10 +306,13 @@ class Engine:
             )
         return outs
 
-    def _prefill_work(self, budget: int, decoded: bool) -> list[StepOutput]:
+    def _plan_prefills(
+        self, budget: int, decoded: bool
+    ) -> tuple[list[tuple[PrefillState, int]], list[StepOutput]]:
         """Spend ``budget`` prompt tokens on prefills: the partial one's next chunk, then waiting
-        prompts first come, first served (``engine/prefill.py``). The chunks chosen run in one
-        ragged forward (``_run_prefills``); a replayed prefill runs no layers and goes at once."""
+        prompts first come, first served (``engine/prefill.py``). Returns the chunks chosen
+        (``(prefill, tokens)``, for ``_run_prefills``' one forward) and the outputs of replayed
+        prefills, which run no layers and go at once (``decoded``: whether this step decodes)."""
         self._did_prefill = False
         chunked = self.cfg.chunked_prefill
         if chunked:
@@ -343,7 +372,7 @@ class Engine:
             for p, _ in batch:  # admitted (or partial) prefills that will not run now
                 self._drop(p)
             raise
-        return outs + (self._run_prefills(batch) if batch else [])
+        return batch, outs
 
     def _drop(self, p: PrefillState) -> None:
         """Free a prefill whose first chunk failed: it is in no queue yet, so ``abort`` (what the
@@ -465,45 +494,62 @@ class Engine:
 
         return done
 
-    def _run_prefills(self, batch: list[tuple[PrefillState, int]]) -> list[StepOutput]:
+    def _run_prefills(
+        self, batch: list[tuple[PrefillState, int]], rows: DecodeRows | None = None
+    ) -> list[StepOutput]:
         """Run this step's prefill chunks — ``n`` prompt tokens from ``p.done`` of each ``p`` —
-        through every layer in one ragged forward (``engine/ragged.py``); then each chunk's
-        prompt logprobs, and the first tokens of the prompts it completes. A failure drops
-        every prefill of the batch (its memory returns; it is in no queue, or is the partial)."""
+        through every layer in one ragged forward (``engine/ragged.py``), with the decode
+        ``rows`` in front when given (a mixed step); then the decode's tokens, each chunk's
+        prompt logprobs and the first tokens of the prompts it completes. A failure drops every
+        prefill of the batch (its memory returns; it is in no queue, or is the partial); the
+        running requests keep running, their decode not counted (lengths unchanged: the next
+        step decodes the same token again)."""
         dev = self.device
         ragged = RaggedPrefill.of(self.cache, [
             Segment(p.request.request_id, p.done, n, p.recording or self.cache)
             for p, n in batch
         ])
         done = [self._layer_done(p.request, p.done, n) for p, n in batch]
+        B = len(rows.seq_ids) if rows is not None else 0
 
         def progress(layer: int, num_layers: int) -> None:  # each segment's, after each layer
             for f in done:
                 f(layer, num_layers)
 
         try:
+            if rows is not None:
+                self.cache.begin_decode(rows.seq_ids)
             for seg in ragged.segments:
                 self.cache.begin_prefill(seg.seq_id, seg.num_tokens, seg.start)
-            ids = [t for p, n in batch for t in p.request.prompt_ids[p.done : p.done + n]]
-            x = self.model.embed(torch.tensor(ids, device=dev))  # [sum T_i, hidden]
+            ids = [*(rows.tokens if rows is not None else [])]
+            ids += [t for p, n in batch for t in p.request.prompt_ids[p.done : p.done + n]]
+            x = self.model.embed(torch.tensor(ids, device=dev))  # [B + sum T_i, hidden]
+            positions = ragged.positions(dev)
+            cache: MixedStep | RaggedPrefill = ragged
+            if rows is not None:
+                positions = torch.cat([torch.tensor(rows.positions, device=dev), positions])
+                cache = MixedStep(self.cache, B, ragged)
             ctx = self.model.context(
-                "prefill", ragged.positions(dev), self.rope, ragged,  # type: ignore[arg-type]
-                self.cfg.prefill_mlp_chunk, progress,
+                "mixed" if rows is not None else "prefill", positions, self.rope,
+                cache, self.cfg.prefill_mlp_chunk, progress,  # type: ignore[arg-type]
             )
             x = self.model.run_layers(x, ctx, 0, self.model_cfg.num_layers)
             for seg in ragged.segments:
                 self.cache.end_prefill(seg.seq_id)
-            # Every segment's last-position logits in one head call; only completed prompts'
-            # rows are used (cheaper than a host-side filter that depends on them).
-            last = self.model.logits(x, ragged.last_index(dev))  # [num_segments, vocab]
+            # The decode rows' logits and every segment's last position's in one head call;
+            # only completed prompts' rows are used (cheaper than a host-side filter).
+            index = torch.cat([torch.arange(B, device=dev), ragged.last_index(dev) + B])
+            logits = self.model.logits(x, index)  # [B + num_segments, vocab]
+            outs = self._emit(self._end_decode(rows, logits[:B])) if rows is not None else []
         except BaseException:
             for p, _ in batch:
                 self._drop(p)
             raise
-        outs: list[StepOutput] = []
         for i, (p, n) in enumerate(batch):
             try:
-                outs += self._emit(self._end_chunk(p, n, x, ragged.cu_seqlens[i], last[i]))
+                outs += self._emit(
+                    self._end_chunk(p, n, x, B + ragged.cu_seqlens[i], logits[B + i])
+                )
             except BaseException:
                 for q, _ in batch[i:]:
                     self._drop(q)
@@ -578,15 +624,26 @@ class Engine:
             return self._append(req, sample(logits, req.params, req.generator))
         return self._append(req, sample_requests(logits[None].clone(), [req])[0])
 
-    def _decode(self) -> list[StepOutput]:
-        reqs = list(self.running)
+    def _decode_rows(self) -> DecodeRows:
+        """The decode's prologue: every running request, its input token and position."""
+        reqs = tuple(self.running)
         seq_ids = [r.request_id for r in reqs]
-        logits = self.runner.step(
-            seq_ids, [r.output_ids[-1] for r in reqs], [self.cache.length(s) for s in seq_ids]
+        return DecodeRows(
+            reqs, seq_ids, [r.output_ids[-1] for r in reqs],
+            [self.cache.length(s) for s in seq_ids],
         )
+
+    def _decode(self, rows: DecodeRows) -> list[StepOutput]:
+        """A decode-only forward through the decode runner (CUDA graphs on a GPU)."""
+        logits = self.runner.step(rows.seq_ids, rows.tokens, rows.positions)
+        return self._end_decode(rows, logits)
+
+    def _end_decode(self, rows: DecodeRows, logits: torch.Tensor) -> list[StepOutput]:
+        """The decode's epilogue, after a forward gave ``logits [B, vocab]`` for ``rows``: the
+        tokens are cached, then sampled and appended (finished requests free their memory)."""
         self.cache.end_decode()
-        tokens = sample_requests(logits, reqs)
-        return [self._append(r, t) for r, t in zip(reqs, tokens)]
+        tokens = sample_requests(logits, list(rows.requests))
+        return [self._append(r, t) for r, t in zip(rows.requests, tokens)]
 
     def _append(self, req: Request, token: int) -> StepOutput:
         req.output_ids.append(token)
