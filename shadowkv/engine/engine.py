@@ -286,7 +286,7 @@ class Engine:
         budget = self.cfg.max_num_batched_tokens - (len(rows.seq_ids) if rows else 0)
         outs: list[StepOutput] = []
         if rows is not None and not self.cfg.mixed_step:
-            outs, rows = self._emit(self._decode(rows)), None
+            outs, rows = list(self._emit(self._decode(rows))), None  # a copy: emitted as is
         batch, replayed = self._plan_prefills(budget, decoded)
         if batch:
             ran = self._run_prefills(batch, rows)  # with the decode rows, if any are left
@@ -294,7 +294,7 @@ class Engine:
             outs += ran[:n] + replayed + ran[n:]
         else:
             if rows is not None:
-                outs = self._emit(self._decode(rows))
+                outs = list(self._emit(self._decode(rows)))
             outs += replayed
         prefilled = self._did_prefill
         self.last_step = ("mixed" if prefilled else "decode") if decoded else (
@@ -540,7 +540,7 @@ class Engine:
             # only completed prompts' rows are used (cheaper than a host-side filter).
             index = torch.cat([torch.arange(B, device=dev), ragged.last_index(dev) + B])
             logits = self.model.logits(x, index)  # [B + num_segments, vocab]
-            outs = self._emit(self._end_decode(rows, logits[:B])) if rows is not None else []
+            outs = list(self._emit(self._end_decode(rows, logits[:B]))) if rows is not None else []
         except BaseException:
             for p, _ in batch:
                 self._drop(p)
