@@ -178,3 +178,25 @@ def test_failure_in_a_mixed_forward_frees_the_prefills_and_keeps_the_decodes(
 
     assert run(fail=True) == run(fail=False)
 
+
+
+@pytest.mark.parametrize("method", ["dense", "shadowkv"])
+def test_mixed_steps_through_the_triton_varlen_kernel(path: Path, method: str, monkeypatch) -> None:
+    """The ragged prefill's one varlen call per layer, run by the Triton kernel (interpreted on
+    the CPU; what CUDA runs), gives the tokens of each prompt alone."""
+    import shadowkv.kernels.varlen_attention as varlen
+    from shadowkv.kernels.varlen_attention import triton as kernel
+
+    want = alone(path, cache_cfg(method))  # the reference path
+    launches = []
+    real = kernel.varlen_attention
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        launches.append(args[0].shape[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(varlen, "use_triton", lambda t, op=None: True)
+    monkeypatch.setattr(kernel, "varlen_attention", counted)
+    got, trace = staggered(make_engine(path, cache_cfg(method)), monkeypatch)
+    assert ("mixed", 1) in trace and len(launches) >= 4 * 5
+    assert got == want
