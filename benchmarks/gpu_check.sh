@@ -7,7 +7,9 @@
 #                                  its max batch, selection driven to 70 % hits (labelled) and by
 #                                  the query; 256 timed steps; ms/step, tok/s, memory of both pools
 #   kernel_tests     80 s   120 s  tests/kernels + tests/cache/test_cuda_paths.py natively (CUDA
-#                                  graphs, pinned zero-copy tier, fetch stream); cold Triton cache
+#                                  graphs, pinned zero-copy tier, fetch stream; varlen_attention's
+#                                  Triton kernel vs the reference at Llama-3.1-8B shapes, 4
+#                                  segments up to 4000 keys); cold Triton cache
 #   decode_modes     30 s    50 s  CUDA graphs vs eager step time, 4K context, batch 1 and 8
 #   kernel_bench     25 s    45 s  each kernel vs its memory roofline (rows written as measured)
 #   e2e_16k          30 s    50 s  real prefills at 16K: prefill time, TTFT, SVD share of prefill
@@ -54,7 +56,8 @@ if [ "$SMOKE" = 1 ]; then
     export TRITON_INTERPRET=1
     ARCH=tiny DEVICE="--device cpu" LONG=512 SHORT=256 STEPS=4 MODES_CTX=256 PLAN_GB=0.01
     KNOBS="--sparse-budget 64 --outlier-chunks 2 --cache-memory-gb 0.05 --max-batch 6"
-    KERNEL_TESTS="tests/cache/test_cuda_paths.py tests/kernels/test_triton_kernels.py -k dispatch"
+    KERNEL_TESTS="tests/cache/test_cuda_paths.py tests/kernels/test_varlen_attention.py"
+    KERNEL_TESTS="$KERNEL_TESTS tests/kernels/test_triton_kernels.py::test_dispatch_modes"
     BENCH_FLAGS="--smoke --ops select_chunks,gather_values"
     PACK="--prompts 4 --prompt-tokens 64 --repeats 1 --cache-memory-gb 0.05"
     MEM_TOTAL_GB=0
