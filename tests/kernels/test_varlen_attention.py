@@ -149,3 +149,13 @@ def test_dispatch_reference_equals_causal_attention_per_segment() -> None:
     want = torch.cat([causal_attention(q[:4], k[:9], v[:9], 0.2),
                       causal_attention(q[4:], k[9:], v[9:], 0.2)])
     assert torch.equal(out, want)
+
+
+def test_heads_wider_than_128_take_the_reference(monkeypatch) -> None:
+    import shadowkv.kernels.varlen_attention as varlen
+
+    monkeypatch.setattr(varlen, "use_triton", lambda t, op=None: True)
+    q, k, v, cu_q, cu_k = make_case([3, 5], [6, 5], 2, 256, 1, torch.float32)
+    q, k, v = q.cpu(), k.cpu(), v.cpu()
+    assert torch.equal(varlen_attention(q, k, v, cu_q, cu_k, 0.1),
+                       reference(q, k, v, cu_q, cu_k, 0.1))

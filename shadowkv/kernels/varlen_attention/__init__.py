@@ -9,6 +9,10 @@ import torch
 from shadowkv.kernels._dispatch import use_triton
 from shadowkv.kernels.varlen_attention.reference import varlen_attention as varlen_attention_ref
 
+# The Triton kernel is sized for head dims up to 128 (a [64, D] fp32 accumulator per program);
+# wider heads (Gemma-3's 256) take the reference, SDPA's own kernels on CUDA.
+MAX_TRITON_HEAD_DIM = 128
+
 
 def varlen_attention(
     q: torch.Tensor,
@@ -23,7 +27,7 @@ def varlen_attention(
     1])``, its queries the last of its keys' tokens -> ``[sum Tq, H, D]``. The bounds are host
     integers (``(0, T_0, T_0 + T_1, ...)``), which the caller knows without a device read."""
     check_bounds(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    if use_triton(q, "varlen_attention"):
+    if q.shape[2] <= MAX_TRITON_HEAD_DIM and use_triton(q, "varlen_attention"):
         from shadowkv.kernels.varlen_attention.triton import varlen_attention as impl
 
         cu_q, cu_k = _device_bounds(cu_seqlens_q, cu_seqlens_k, q.device)
