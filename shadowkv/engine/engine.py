@@ -521,17 +521,12 @@ class Engine:
                 self.cache.begin_decode(rows.seq_ids)
             for seg in ragged.segments:
                 self.cache.begin_prefill(seg.seq_id, seg.num_tokens, seg.start)
-            ids = [*(rows.tokens if rows is not None else [])]
-            ids += [t for p, n in batch for t in p.request.prompt_ids[p.done : p.done + n]]
-            x = self.model.embed(torch.tensor(ids, device=dev))  # [B + sum T_i, hidden]
-            positions = ragged.positions(dev)
-            cache: MixedStep | RaggedPrefill = ragged
-            if rows is not None:
-                positions = torch.cat([torch.tensor(rows.positions, device=dev), positions])
-                cache = MixedStep(self.cache, B, ragged)
+            ids, positions = self._packed_inputs(batch, ragged, rows)  # [B + sum T_i] each
+            x = self.model.embed(ids)  # [B + sum T_i, hidden]
             ctx = self.model.context(
-                "mixed" if rows is not None else "prefill", positions, self.rope,
-                cache, self.cfg.prefill_mlp_chunk, progress,  # type: ignore[arg-type]
+                "prefill" if rows is None else "mixed", positions, self.rope,
+                ragged if rows is None else MixedStep(self.cache, B, ragged),  # type: ignore[arg-type]
+                self.cfg.prefill_mlp_chunk, progress,
             )
             x = self.model.run_layers(x, ctx, 0, self.model_cfg.num_layers)
             for seg in ragged.segments:
@@ -555,6 +550,19 @@ class Engine:
                     self._drop(q)
                 raise
         return outs
+
+    def _packed_inputs(
+        self, batch: list[tuple[PrefillState, int]], ragged: RaggedPrefill, rows: DecodeRows | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A ragged forward's token ids and positions: the decode rows' (if any), then each
+        chunk's prompt tokens at their own positions."""
+        dev = self.device
+        ids = [t for p, n in batch for t in p.request.prompt_ids[p.done : p.done + n]]
+        positions = ragged.positions(dev)
+        if rows is None:
+            return torch.tensor(ids, device=dev), positions
+        decode_pos = torch.tensor(rows.positions, device=dev)
+        return torch.tensor(rows.tokens + ids, device=dev), torch.cat([decode_pos, positions])
 
     def _end_chunk(
         self, p: PrefillState, n: int, x: Hidden, offset: int, logits: torch.Tensor
