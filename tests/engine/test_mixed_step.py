@@ -200,3 +200,18 @@ def test_mixed_steps_through_the_triton_varlen_kernel(path: Path, method: str, m
     got, trace = staggered(make_engine(path, cache_cfg(method)), monkeypatch)
     assert ("mixed", 1) in trace and len(launches) >= 4 * 5
     assert got == want
+
+
+@pytest.mark.parametrize("method", ["dense", "shadowkv"])
+def test_window_layers_in_mixed_steps(tiny_checkpoint, method: str, monkeypatch) -> None:
+    """Gemma-3: sliding-window layers (a ring; their segments attend one by one) beside a global
+    layer (the method; one varlen call), decode rows in front of both."""
+    path = tiny_checkpoint(
+        "gemma3", num_layers=3, vocab_size=96, sliding_window=24, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention"] * 2 + ["full_attention"],
+    )
+    got, trace = staggered(make_engine(path, cache_cfg(method)), monkeypatch)
+    sep, _ = staggered(make_engine(path, cache_cfg(method), mixed_step=False), monkeypatch)
+    assert ("mixed", 1) in trace
+    assert got == sep == alone(path, cache_cfg(method))
+    assert len({t for out in got for t in out}) > 3
