@@ -215,3 +215,26 @@ def test_window_layers_in_mixed_steps(tiny_checkpoint, method: str, monkeypatch)
     assert ("mixed", 1) in trace
     assert got == sep == alone(path, cache_cfg(method))
     assert len({t for out in got for t in out}) > 3
+
+
+def test_prompt_logprobs_of_a_prompt_in_a_mixed_step(path: Path) -> None:
+    """The prompt's rows sit after the decode rows in the packed hidden states."""
+    params = SamplingParams(max_tokens=2, prompt_logprobs=2)
+
+    def logprobs(beside: bool) -> list:
+        engine = make_engine(path, cache_cfg("dense"), max_num_batched_tokens=64)
+        if beside:
+            for p in PROMPTS[:2]:
+                engine.add_request(p, SamplingParams(max_tokens=20))
+            engine.step()
+            engine.step()
+        req = engine.add_request(PROMPTS[3], params)
+        engine.step()
+        assert engine.last_step == ("mixed" if beside else "prefill")
+        return req.prompt_logprobs
+
+    got, want = logprobs(beside=True), logprobs(beside=False)
+    assert len(got) == len(PROMPTS[3]) and got[0] is None
+    for (g, gtop), (w, wtop) in zip(got[1:], want[1:]):
+        assert g == pytest.approx(w, abs=1e-4)
+        assert [t for t, _ in gtop] == [t for t, _ in wtop]
