@@ -55,7 +55,8 @@ class Segment:
 
 @dataclass(frozen=True)
 class RaggedPrefill:
-    """The ``ForwardContext.cache`` of a packed prefill forward (``phase="prefill"``).
+    """The ``ForwardContext.cache`` of a packed prefill forward (``phase="prefill"``; in a mixed
+    step, behind a ``MixedStep``).
 
     ``cache`` has every segment's chunk planned (``begin_prefill``) before the forward;
     ``cu_seqlens`` ``(0, T_0, T_0 + T_1, ..., sum T_i)``: the segments' bounds in the packed
