@@ -7,16 +7,21 @@
 #                                  its max batch, selection driven to 70 % hits (labelled) and by
 #                                  the query; 256 timed steps; ms/step, tok/s, memory of both pools
 #   kernel_tests     80 s   120 s  tests/kernels + tests/cache/test_cuda_paths.py natively (CUDA
-#                                  graphs, pinned zero-copy tier, fetch stream); cold Triton cache
+#                                  graphs, pinned zero-copy tier, fetch stream; varlen_attention's
+#                                  Triton kernel vs the reference at Llama-3.1-8B shapes, 4
+#                                  segments up to 4000 keys); cold Triton cache
 #   decode_modes     30 s    50 s  CUDA graphs vs eager step time, 4K context, batch 1 and 8
 #   kernel_bench     25 s    45 s  each kernel vs its memory roofline (rows written as measured)
 #   e2e_16k          30 s    50 s  real prefills at 16K: prefill time, TTFT, SVD share of prefill
 #   prefill_pack     20 s    40 s  16 prompts of 512 tokens: one ragged forward vs one forward each
 #                                  (the scheduler before), dense and ShadowKV, same run
+#   mixed_step       25 s    45 s  8 decoding requests + 16 prompts of 256 tokens, one a step:
+#                                  decode rows and prompt in one forward vs the decode's graph
+#                                  then the prompt's forward, dense and ShadowKV, same run
 #   e2e_122k_fp8     90 s   120 s  the headline again with fp8 values (value_dtype=fp8): dense
 #                                  (its baseline, same run) vs ShadowKV fp8 at its larger max
 #                                  batch, 70 % hits driven; last, so a timeout loses only itself
-#   total           405 s   625 s  (plus the machine's start, outside this script; the limits
+#   total           430 s   670 s  (plus the machine's start, outside this script; the limits
 #                                  sum past one 600 s call only if nearly every stage hangs)
 #
 # Every stage runs under `timeout -s INT` (Python stops with KeyboardInterrupt and keeps what it
@@ -45,7 +50,8 @@ export PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/shadowkv_triton_cache}"
 PY="${PYTHON:-python3}"
 SMOKE="${SMOKE:-0}"
-STAGES="${STAGES:-e2e_122k kernel_tests decode_modes kernel_bench e2e_16k prefill_pack e2e_122k_fp8}"
+ALL_STAGES="e2e_122k kernel_tests decode_modes kernel_bench e2e_16k prefill_pack mixed_step"
+STAGES="${STAGES:-$ALL_STAGES e2e_122k_fp8}"
 SUMMARY="$WORK/summary.md"
 START=$SECONDS
 
@@ -54,9 +60,11 @@ if [ "$SMOKE" = 1 ]; then
     export TRITON_INTERPRET=1
     ARCH=tiny DEVICE="--device cpu" LONG=512 SHORT=256 STEPS=4 MODES_CTX=256 PLAN_GB=0.01
     KNOBS="--sparse-budget 64 --outlier-chunks 2 --cache-memory-gb 0.05 --max-batch 6"
-    KERNEL_TESTS="tests/cache/test_cuda_paths.py tests/kernels/test_triton_kernels.py -k dispatch"
+    KERNEL_TESTS="tests/cache/test_cuda_paths.py tests/kernels/test_varlen_attention.py"
+    KERNEL_TESTS="$KERNEL_TESTS tests/kernels/test_triton_kernels.py::test_dispatch_modes"
     BENCH_FLAGS="--smoke --ops select_chunks,gather_values"
     PACK="--prompts 4 --prompt-tokens 64 --repeats 1 --cache-memory-gb 0.05"
+    MIXED="--decodes 2 --prompts 2 --prompt-tokens 64 --repeats 1 --cache-memory-gb 0.05"
     MEM_TOTAL_GB=0
 else
     unset TRITON_INTERPRET SHADOWKV_KERNELS
@@ -65,6 +73,7 @@ else
     KERNEL_TESTS="tests/kernels tests/cache/test_cuda_paths.py"
     BENCH_FLAGS=""
     PACK="--prompts 16 --prompt-tokens 512 --cache-memory-gb 8"
+    MIXED="--decodes 8 --prompts 16 --prompt-tokens 256 --repeats 3 --cache-memory-gb 8"
     MEM_TOTAL_GB=$(awk '/MemTotal/ {printf "%d", $2 / 1048576}' /proc/meminfo)
 fi
 if [ -z "${HOST_GB:-}" ]; then
@@ -153,6 +162,10 @@ show "$WORK/e2e_16k/throughput.md"
 stage prefill_pack 40 "$PY" benchmarks/prefill_pack.py --arch "$ARCH" $DEVICE $PACK \
     --out "$WORK/pack"
 show "$WORK/pack/prefill_pack.md"
+
+stage mixed_step 45 "$PY" benchmarks/mixed_step.py --arch "$ARCH" $DEVICE --methods dense,shadowkv \
+    $MIXED --out "$WORK/mixed"
+show "$WORK/mixed/mixed_step.md"
 
 stage e2e_122k_fp8 120 "$PY" benchmarks/throughput.py --arch "$ARCH" $DEVICE --contexts "$LONG" \
     --methods dense,shadowkv:value_dtype=fp8 --batch auto --decode-steps "$((STEPS / 2))" \

@@ -338,6 +338,12 @@ class EngineConfig:
         "and grow it by as many when it needs more, preempting the newest request when memory "
         "runs out (default: reserve max_tokens at admission, never preempt)",
     )
+    # Off: a step with both runs the decode rows in their own forward (the decode runner: CUDA
+    # graphs on a GPU) and then the prefill chunks in a second one.
+    mixed_step: bool = knob(
+        True, "run a step's decode rows and prefill chunks in one forward (steps with only "
+        "decodes keep the decode runner's CUDA graphs)",
+    )
     cache_memory_gb: float | None = knob(
         None, "device memory for the KV cache (default: 85% of free GPU memory, 4 GiB on CPU)"
     )

@@ -21,13 +21,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from shadowkv.cache.errors import CacheCapacityError, CacheOptionsError
 from shadowkv.cache.layout import KVLayout
 from shadowkv.cache.methods import CacheConfig
 from shadowkv.cache.pages import PageAllocator
+from shadowkv.kernels.varlen_attention.reference import causal_attention
 
 __all__ = [
     "Admission",
@@ -509,10 +508,30 @@ class AttentionCache(ABC):
 
         ``q [T, H, D]`` and ``k [T, Hkv, D]`` are post-RoPE; ``k_pre`` is the pre-RoPE key (after
         any projection bias), which low-rank methods factorise. Prefill attention is exact in
-        every method (the paper's protocol), so only what is stored differs. The earlier tokens
-        are read back (``read_prompt``) before the chunk is stored: a ring (``WindowCache``) may
-        overwrite them.
+        every method (the paper's protocol), so only what is stored differs.
         """
+        k_all, v_all = self.prefill_kv(layer, k, v, k_pre)
+        return self.prompt_attention(q, k_all, v_all)
+
+    # Whether ``prefill`` is ``prompt_attention`` = plain lower-right causal attention with
+    # ``self.scale`` over ``prefill_kv``'s keys: a ragged forward then attends every segment of
+    # such a layer in one ``varlen_attention`` call (``engine/ragged.py``). Window layers mask
+    # differently and keep their own.
+    causal_prefill = True
+
+    def prefill_scale(self, layer: int) -> float | None:
+        """The softmax scale of ``layer``'s prefill when it is plain causal (``causal_prefill``)
+        over ``prefill_kv``'s keys, else None (then only ``prefill`` attends it)."""
+        return self.scale if self.causal_prefill else None
+
+    def prefill_kv(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache a prompt chunk's keys/values (as ``prefill`` does) and return the post-RoPE keys
+        and values ``[S, Hkv, D]`` its queries attend to: the earlier tokens from
+        ``prompt_attend_from`` on, then the chunk's own ``T`` (``S >= T``). The earlier tokens
+        are read back (``read_prompt``) before the chunk is stored: a ring (``WindowCache``) may
+        overwrite them."""
         start = self._chunk.start
         lo = self.prompt_attend_from(start)
         if lo < start:
@@ -522,7 +541,7 @@ class AttentionCache(ABC):
         else:
             k_all, v_all = k, v
         self.store_prompt(layer, k, v, k_pre)
-        return self.prompt_attention(q, k_all, v_all)
+        return k_all, v_all
 
     def prompt_attend_from(self, start: int) -> int:
         """The first earlier prompt token a chunk starting at ``start`` attends to."""
@@ -606,52 +625,3 @@ def device_columns(columns: dict[str, list[int]], device: torch.device) -> dict[
     elif host.device != device:
         host = host.to(device)
     return dict(zip(columns, host.unbind(0)))
-
-
-# Off CUDA a lower-right causal bias is materialised as a float ``[T, S]`` mask: queries go in
-# blocks of rows so it holds at most this many elements (64 MiB).
-MASK_ELEMENTS = 1 << 24
-
-
-def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Exact causal attention of a prompt chunk: ``q [T, H, D]``, ``k, v [S, Hkv, D]`` with
-    ``S >= T`` (the last ``T`` keys are the queries' own tokens) -> ``[T, H, D]``.
-
-    Query ``i`` sees keys ``[0, S - T + i]`` (causal aligned to the lower right). With ``S == T``
-    SDPA's causal path runs without an explicit mask, so the CPU and CUDA flash kernels tile the
-    score matrix instead of materialising ``[H, T, T]``; with ``S > T`` a lower-right causal
-    bias, which CUDA's flash and memory-efficient kernels take without a mask tensor (elsewhere
-    it becomes a mask, bounded by blocks of query rows).
-    """
-    T, S = q.shape[0], k.shape[0]
-    if S < T:
-        raise ValueError(f"{T} queries need at least as many keys, got {S}")
-    if S == T:
-        return _sdpa(q, k, v, scale, is_causal=True)
-    rows = T if q.device.type == "cuda" else max(1, MASK_ELEMENTS // S)
-    if rows >= T:
-        return _sdpa(q, k, v, scale, attn_mask=causal_lower_right(T, S))
-    out = torch.empty_like(q)
-    off = S - T  # query row i is key i + off
-    for s in range(0, T, rows):
-        e = min(T, s + rows)  # rows [s, e) see keys [0, off + e), lower-right aligned
-        out[s:e] = _sdpa(q[s:e], k[: off + e], v[: off + e], scale,
-                         attn_mask=causal_lower_right(e - s, off + e))
-    return out
-
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **mask: Any
-          ) -> torch.Tensor:
-    # 4-D inputs: SDPA's flash kernels refuse 3-D ones and fall back to the math path, which
-    # materialises the [H, T, T] scores (128 GiB for Llama-3.1-8B at 32K).
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None],
-        k.transpose(0, 1)[None],
-        v.transpose(0, 1)[None],
-        scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
-        **mask,
-    )
-    return out[0].transpose(0, 1)

@@ -162,6 +162,14 @@ class LayeredCache:
         cache, local = self._route[layer]
         return cache.prefill(local, q, k, v, k_pre)
 
+    def prefill_kv(self, layer: int, k, v, k_pre):  # type: ignore[no-untyped-def]
+        cache, local = self._route[layer]
+        return cache.prefill_kv(local, k, v, k_pre)
+
+    def prefill_scale(self, layer: int) -> float | None:
+        cache, local = self._route[layer]
+        return cache.prefill_scale(local)
+
     def store_prompt(self, layer: int, k, v, k_pre) -> None:  # type: ignore[no-untyped-def]
         cache, local = self._route[layer]
         cache.store_prompt(local, k, v, k_pre)

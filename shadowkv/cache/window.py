@@ -17,10 +17,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from shadowkv.cache.base import CacheOptions, PrefillChunk, causal_attention
+from shadowkv.cache.base import CacheOptions, PrefillChunk
 from shadowkv.cache.dense import DenseCache
 from shadowkv.cache.layout import KVLayout
 from shadowkv.cache.methods import CacheConfig
+from shadowkv.kernels.varlen_attention.reference import causal_attention
 
 
 class WindowCache(DenseCache):
@@ -68,6 +69,8 @@ class WindowCache(DenseCache):
         # The chunk's first query sees the window - 1 tokens before it, all still in the ring
         # (``prefill`` reads them before storing the chunk over them).
         return max(0, start - self.window + 1)
+
+    causal_prefill = False  # the sliding mask: a ragged forward attends each segment alone
 
     def prompt_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

@@ -7,9 +7,11 @@ one prefills by chunks of tokens (``EngineConfig.chunked_prefill``), one chunk p
 others decode, so a step's time stays bounded whatever the prompt lengths. At most one prompt is
 partly prefilled at a time; it gets at most half a step's prefill budget while short prompts
 wait. All the prefill chunks a step runs go through the model in one ragged forward
-(``engine/ragged.py``: tokens packed, attention per sequence), after the decode's own forward
-(decode rows are not mixed into it); a replayed prefill (``PromptKV``) runs no layers and goes at
-its admission. The batch fills in a few steps instead of one request per two steps.
+(``engine/ragged.py``: tokens packed, one varlen attention call per layer), and with
+``EngineConfig.mixed_step`` the decode rows go in front of them in that same forward; a step with
+only decodes runs the decode runner (CUDA graphs on a GPU). A replayed prefill (``PromptKV``)
+runs no layers and goes at its admission. The batch fills in a few steps instead of one request
+per two steps.
 
 With ``EngineConfig.admission_reserve`` a request is admitted with room for fewer new tokens
 than ``max_tokens`` and grows its reservation before a decode step would pass it; when the cache
@@ -37,7 +39,7 @@ from shadowkv.engine.logits import new_state, prompt_logprobs, sample_requests
 from shadowkv.engine.prefill import MIN_CHUNK, PrefillState, partial_share
 from shadowkv.engine.prefix import PrefixStore, replay_prefix, shared_tokens
 from shadowkv.engine.prompt_kv import PromptKV, RecordingCache
-from shadowkv.engine.ragged import RaggedPrefill, Segment
+from shadowkv.engine.ragged import MixedStep, RaggedPrefill, Segment
 from shadowkv.engine.request import Request, Status
 from shadowkv.engine.sampling import SamplingParams, make_generator, sample
 from shadowkv.models.llama import Hidden, LlamaModel
@@ -63,6 +65,19 @@ class StepOutput:
     new_token: int | None
     text_delta: str
     finished: bool
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """The host half of a decode step: the running requests, and per request its input token
+    (the last one sampled, or an earlier one replayed after a preemption), its position (tokens
+    cached) and its sequence id; ``live``: the rows whose logits are sampled (not replayed)."""
+
+    requests: tuple[Request, ...]
+    seq_ids: list[int]
+    tokens: list[int]
+    positions: list[int]
+    live: list[int]
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -277,12 +292,24 @@ class Engine:
     # the loop ----------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         """Decode every running request (after giving each room for its token, preempting if
-        need be), then advance prefills FCFS within the token budget."""
+        need be) and advance prefills FCFS within the token budget: in one forward when both run
+        and ``mixed_step`` is on, else the decode's forward first."""
         self._make_room()
-        rows = len(self.running)  # decode rows, replayed ones included
-        decoded = rows > 0
-        outs = self._emit(self._decode()) if decoded else []
-        outs += self._prefill_work(self.cfg.max_num_batched_tokens - rows, decoded)
+        rows = self._decode_rows() if self.running else None
+        decoded = rows is not None
+        budget = self.cfg.max_num_batched_tokens - (len(rows.seq_ids) if rows else 0)
+        outs: list[StepOutput] = []
+        if rows is not None and not self.cfg.mixed_step:
+            outs, rows = list(self._emit(self._decode(rows))), None  # a copy: emitted as is
+        batch, replayed = self._plan_prefills(budget, decoded)
+        if batch:
+            ran = self._run_prefills(batch, rows)  # with the decode rows, if any are left
+            n = len(rows.live) if rows is not None else 0  # its first outputs: the decode's
+            outs += ran[:n] + replayed + ran[n:]
+        else:
+            if rows is not None:
+                outs = list(self._emit(self._decode(rows)))
+            outs += replayed
         prefilled = self._did_prefill
         self.last_step = ("mixed" if prefilled else "decode") if decoded else (
             "prefill" if prefilled else None
@@ -293,10 +320,13 @@ class Engine:
             )
         return outs
 
-    def _prefill_work(self, budget: int, decoded: bool) -> list[StepOutput]:
+    def _plan_prefills(
+        self, budget: int, decoded: bool
+    ) -> tuple[list[tuple[PrefillState, int]], list[StepOutput]]:
         """Spend ``budget`` prompt tokens on prefills: the partial one's next chunk, then waiting
-        prompts first come, first served (``engine/prefill.py``). The chunks chosen run in one
-        ragged forward (``_run_prefills``); a replayed prefill runs no layers and goes at once."""
+        prompts first come, first served (``engine/prefill.py``). Returns the chunks chosen
+        (``(prefill, tokens)``, for ``_run_prefills``' one forward) and the outputs of replayed
+        prefills, which run no layers and go at once (``decoded``: whether this step decodes)."""
         self._did_prefill = False
         chunked = self.cfg.chunked_prefill
         if chunked:
@@ -361,7 +391,7 @@ class Engine:
             for p, _ in batch:  # admitted (or partial) prefills that will not run now
                 self._drop(p)
             raise
-        return outs + (self._run_prefills(batch) if batch else [])
+        return batch, outs
 
     def _drop(self, p: PrefillState) -> None:
         """Free a prefill whose first chunk failed: it is in no queue yet, so ``abort`` (what the
@@ -511,50 +541,75 @@ class Engine:
 
         return done
 
-    def _run_prefills(self, batch: list[tuple[PrefillState, int]]) -> list[StepOutput]:
+    def _run_prefills(
+        self, batch: list[tuple[PrefillState, int]], rows: DecodeRows | None = None
+    ) -> list[StepOutput]:
         """Run this step's prefill chunks — ``n`` prompt tokens from ``p.done`` of each ``p`` —
-        through every layer in one ragged forward (``engine/ragged.py``); then each chunk's
-        prompt logprobs, and the first tokens of the prompts it completes. A failure drops
-        every prefill of the batch (its memory returns; it is in no queue, or is the partial)."""
+        through every layer in one ragged forward (``engine/ragged.py``), with the decode
+        ``rows`` in front when given (a mixed step); then the decode's tokens, each chunk's
+        prompt logprobs and the first tokens of the prompts it completes. A failure drops every
+        prefill of the batch (its memory returns; it is in no queue, or is the partial); the
+        running requests keep running, their decode not counted (lengths unchanged: the next
+        step decodes the same token again)."""
         dev = self.device
         ragged = RaggedPrefill.of(self.cache, [
             Segment(p.request.request_id, p.done, n, p.recording or self.cache)
             for p, n in batch
         ])
         done = [self._layer_done(p.request, p.done, n) for p, n in batch]
+        B = len(rows.seq_ids) if rows is not None else 0
 
         def progress(layer: int, num_layers: int) -> None:  # each segment's, after each layer
             for f in done:
                 f(layer, num_layers)
 
         try:
+            if rows is not None:
+                self.cache.begin_decode(rows.seq_ids)
             for seg in ragged.segments:
                 self.cache.begin_prefill(seg.seq_id, seg.num_tokens, seg.start)
-            ids = [t for p, n in batch for t in p.request.prompt_ids[p.done : p.done + n]]
-            x = self.model.embed(torch.tensor(ids, device=dev))  # [sum T_i, hidden]
+            ids, positions = self._packed_inputs(batch, ragged, rows)  # [B + sum T_i] each
+            x = self.model.embed(ids)  # [B + sum T_i, hidden]
             ctx = self.model.context(
-                "prefill", ragged.positions(dev), self.rope, ragged,  # type: ignore[arg-type]
+                "prefill" if rows is None else "mixed", positions, self.rope,
+                ragged if rows is None else MixedStep(self.cache, B, ragged),  # type: ignore[arg-type]
                 self.cfg.prefill_mlp_chunk, progress,
             )
             x = self.model.run_layers(x, ctx, 0, self.model_cfg.num_layers)
             for seg in ragged.segments:
                 self.cache.end_prefill(seg.seq_id)
-            # Every segment's last-position logits in one head call; only completed prompts'
-            # rows are used (cheaper than a host-side filter that depends on them).
-            last = self.model.logits(x, ragged.last_index(dev))  # [num_segments, vocab]
+            # The decode rows' logits and every segment's last position's in one head call;
+            # only completed prompts' rows are used (cheaper than a host-side filter).
+            index = torch.cat([torch.arange(B, device=dev), ragged.last_index(dev) + B])
+            logits = self.model.logits(x, index)  # [B + num_segments, vocab]
+            outs = list(self._emit(self._end_decode(rows, logits[:B]))) if rows is not None else []
         except BaseException:
             for p, _ in batch:
                 self._drop(p)
             raise
-        outs: list[StepOutput] = []
         for i, (p, n) in enumerate(batch):
             try:
-                outs += self._emit(self._end_chunk(p, n, x, ragged.cu_seqlens[i], last[i]))
+                outs += self._emit(
+                    self._end_chunk(p, n, x, B + ragged.cu_seqlens[i], logits[B + i])
+                )
             except BaseException:
                 for q, _ in batch[i:]:
                     self._drop(q)
                 raise
         return outs
+
+    def _packed_inputs(
+        self, batch: list[tuple[PrefillState, int]], ragged: RaggedPrefill, rows: DecodeRows | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A ragged forward's token ids and positions: the decode rows' (if any), then each
+        chunk's prompt tokens at their own positions."""
+        dev = self.device
+        ids = [t for p, n in batch for t in p.request.prompt_ids[p.done : p.done + n]]
+        positions = ragged.positions(dev)
+        if rows is None:
+            return torch.tensor(ids, device=dev), positions
+        decode_pos = torch.tensor(rows.positions, device=dev)
+        return torch.tensor(rows.tokens + ids, device=dev), torch.cat([decode_pos, positions])
 
     def _end_chunk(
         self, p: PrefillState, n: int, x: Hidden, offset: int, logits: torch.Tensor
@@ -629,20 +684,31 @@ class Engine:
             return self._append(req, sample(logits, req.params, req.generator))
         return self._append(req, sample_requests(logits[None].clone(), [req])[0])
 
-    def _decode(self) -> list[StepOutput]:
-        """One decode row per running request. A row feeds the request's output token at its
-        cached length: its last one, or while it resumes after a preemption an earlier one,
-        replayed (teacher-forced: its logits are dropped — no sampling, logit state, RNG or
-        output — so the cache is rebuilt exactly as the uninterrupted run built it)."""
-        reqs = list(self.running)
+    def _decode_rows(self) -> DecodeRows:
+        """The decode's prologue: one row per running request, feeding its output token at its
+        cached length — its last one, or while it resumes after a preemption an earlier one,
+        replayed (teacher-forced: ``_end_decode`` drops its logits — no sampling, logit state,
+        RNG or output — so the cache is rebuilt exactly as the uninterrupted run built it)."""
+        reqs = tuple(self.running)
         seq_ids = [r.request_id for r in reqs]
         lengths = [self.cache.length(s) for s in seq_ids]
         fed = [n - len(r.prompt_ids) for r, n in zip(reqs, lengths)]  # output index fed
-        logits = self.runner.step(
-            seq_ids, [r.output_ids[i] for r, i in zip(reqs, fed)], lengths
+        return DecodeRows(
+            reqs, seq_ids, [r.output_ids[i] for r, i in zip(reqs, fed)], lengths,
+            [i for i, (r, f) in enumerate(zip(reqs, fed)) if f == len(r.output_ids) - 1],
         )
+
+    def _decode(self, rows: DecodeRows) -> list[StepOutput]:
+        """A decode-only forward through the decode runner (CUDA graphs on a GPU)."""
+        logits = self.runner.step(rows.seq_ids, rows.tokens, rows.positions)
+        return self._end_decode(rows, logits)
+
+    def _end_decode(self, rows: DecodeRows, logits: torch.Tensor) -> list[StepOutput]:
+        """The decode's epilogue, after a forward gave ``logits [B, vocab]`` for ``rows``: the
+        tokens are cached, then sampled and appended (finished requests free their memory)."""
         self.cache.end_decode()
-        live = [i for i, (r, f) in enumerate(zip(reqs, fed)) if f == len(r.output_ids) - 1]
+        live = rows.live
+        reqs = list(rows.requests)
         if len(live) < len(reqs):
             self.counters["replayed_tokens"] += len(reqs) - len(live)
             if not live:

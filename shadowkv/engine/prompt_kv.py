@@ -50,9 +50,18 @@ class RecordingCache:
     def prefill(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
     ) -> torch.Tensor:
+        self._record(layer, k, v, k_pre)
+        return self.inner.prefill(layer, q, k, v, k_pre)
+
+    def prefill_kv(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._record(layer, k, v, k_pre)
+        return self.inner.prefill_kv(layer, k, v, k_pre)
+
+    def _record(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor) -> None:
         chunk = tuple(t.to("cpu", copy=True) for t in (k, v, k_pre))
         self.layers.setdefault(layer, []).append(chunk)
-        return self.inner.prefill(layer, q, k, v, k_pre)
 
     def result(self, token_ids: list[int], logits: torch.Tensor) -> PromptKV:
         n = len(self.layers)

@@ -11,15 +11,18 @@ import torch
 if TYPE_CHECKING:
     from shadowkv.cache.base import AttentionCache
 
-Phase = Literal["prefill", "decode"]
+# "mixed": decode rows (one per running sequence) in front of a step's packed prefill chunks;
+# the context's cache splits each layer's attention between them (``engine/ragged.py``).
+Phase = Literal["prefill", "decode", "mixed"]
 
 
 @dataclass(frozen=True)
 class ForwardContext:
-    """Built once per forward by ``LlamaModel.context`` (a decode step, or a step's prefill
-    chunks packed into one ragged forward: ``positions`` are each chunk's own, concatenated).
+    """Built once per forward by ``LlamaModel.context`` (a decode step, a step's prefill chunks
+    packed into one ragged forward — ``positions`` are each chunk's own, concatenated — or a
+    mixed step: the decode rows' positions, then the chunks').
     ``cos, sin [T, Dr/2]``: RoPE rows at ``positions [T]``, gathered once for all layers.
-    ``cache`` serves every layer (``cache.prefill`` / ``cache.decode`` by layer index).
+    ``cache`` serves every layer (``cache.decode`` in a decode step, else ``cache.prefill``).
     ``mlp_chunk``: tokens per MLP slice in long prefills; ``progress(layer, num_layers)`` is
     called after each layer. ``other_rows``: rows of the other RoPE tables
     (``RopeTables.others``) by key, for layers that rotate differently."""

@@ -75,7 +75,7 @@ class Attention(nn.Module):
         if self.spec.rotary_dims:
             cos, sin = ctx.rotary(self.spec.rope_key)
             q, k = apply_rope(q, k_pre, cos, sin, self.spec.rope_style)
-        attend = ctx.cache.prefill if ctx.phase == "prefill" else ctx.cache.decode
+        attend = ctx.cache.decode if ctx.phase == "decode" else ctx.cache.prefill
         out = attend(self.layer, q, k, v, k_pre)  # [T, H, D]
         return self.o_proj(out.reshape(T, self.H * self.D))
 

@@ -13,11 +13,12 @@ from utils import small_cache_cfg as cache_cfg
 
 from shadowkv.bench.models import arch_config, random_model
 from shadowkv.cache import group_cost, make_cache
-from shadowkv.cache.base import CacheCapacityError, causal_attention
+from shadowkv.cache.base import CacheCapacityError
 from shadowkv.cache.methods import DenseConfig, ShadowKVConfig
 from shadowkv.cache.shadow_prefill import lowrank_factors
 from shadowkv.cache.shadow_staging import STAGING, STAGING_GRAM
 from shadowkv.cache.window import sliding_window_attention
+from shadowkv.kernels.varlen_attention.reference import causal_attention
 
 CPU = torch.device("cpu")
 MAX_LEN = 256
@@ -53,12 +54,12 @@ def test_attention_over_earlier_keys_is_the_tail_of_whole_attention(S: int) -> N
 
 
 def test_attention_over_many_earlier_keys_goes_in_row_blocks(monkeypatch) -> None:
-    from shadowkv.cache import base
+    from shadowkv.kernels.varlen_attention import reference
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(40, h, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
     want = causal_attention(q[-13:], k, v, 0.3)
-    monkeypatch.setattr(base, "MASK_ELEMENTS", 40 * 3)  # blocks of 3 query rows
+    monkeypatch.setattr(reference, "MASK_ELEMENTS", 40 * 3)  # blocks of 3 query rows
     assert_close_verbose(causal_attention(q[-13:], k, v, 0.3), want, what="row blocks")
     assert_close_verbose(want, causal_attention(q, k, v, 0.3)[-13:], what="tail")
 

@@ -118,3 +118,35 @@ def test_auto_mode_captures_on_cuda(path: Path) -> None:
               engine=EngineConfig(cache_memory_gb=0.05, dtype="float32"))
     llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, ignore_eos=True))
     assert llm.engine.runner.mode == "graph" and llm.engine.runner.captures == 1
+
+
+@pytest.mark.parametrize("cache", [None, SPARSE], ids=["dense", "shadowkv"])
+def test_mixed_steps_between_graph_steps(path: Path, cache: dict | None) -> None:
+    """Prompts arrive while others decode, in 64-token chunks: mixed steps (the decode rows
+    planned eagerly, the prompt chunks through the Triton varlen kernel) between decode steps
+    replayed as CUDA graphs. fp32: the tokens of separate forwards and of the CPU."""
+
+    def run(device: str, mixed: bool) -> tuple[list[list[int]], list[str | None], object]:
+        llm = LLM(
+            str(path), device=device, cache=ShadowKVConfig(**cache) if cache else DenseConfig(),
+            engine=EngineConfig(cache_memory_gb=0.05, dtype="float32", mixed_step=mixed,
+                                max_num_batched_tokens=64),
+        )
+        engine = llm.engine
+        params = SamplingParams(max_tokens=STEPS, ignore_eos=True)
+        reqs, steps = [], []
+        for prompt in PROMPTS:
+            reqs.append(engine.add_request(prompt, params))
+            for _ in range(3):
+                engine.step()
+                steps.append(engine.last_step)
+        while engine.has_unfinished():
+            engine.step()
+            steps.append(engine.last_step)
+        return [r.output_ids for r in reqs], steps, engine.runner
+
+    gpu, steps, runner = run("cuda", True)
+    assert "mixed" in steps and "decode" in steps
+    assert runner.mode == "graph" and runner.captures >= 1  # type: ignore[attr-defined]
+    assert gpu == run("cuda", False)[0]
+    assert gpu == run("cpu", True)[0]

@@ -24,12 +24,12 @@ from utils import (  # noqa: E402
 
 from shadowkv import DenseConfig, ShadowKVConfig  # noqa: E402
 from shadowkv.bench.harness import max_batch  # noqa: E402
-from shadowkv.cache.base import causal_attention  # noqa: E402
 from shadowkv.cache.shadow import ShadowKVCache  # noqa: E402
 from shadowkv.cache.shadow_prefill import exact_token_index, summarize_chunks  # noqa: E402
 from shadowkv.cache.store import HOST, ValueLayout, ValueTier  # noqa: E402
 from shadowkv.config import ConfigError, ModelConfig  # noqa: E402
 from shadowkv.kernels.fp8 import fp8_round_trip  # noqa: E402
+from shadowkv.kernels.varlen_attention.reference import causal_attention  # noqa: E402
 from shadowkv.models.loader import load_model  # noqa: E402
 
 CPU = torch.device("cpu")

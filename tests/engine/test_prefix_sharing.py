@@ -184,14 +184,14 @@ def test_a_failure_during_a_suffix_prefill_returns_to_idle(path: Path, monkeypat
     llm = make_llm(path)
     engine = llm.engine
     answers(llm, [DOC + [1]])
-    real = RecordingCache.prefill  # the suffix's layers (a shared prefill is recorded)
+    real = RecordingCache.prefill_kv  # the suffix's layers (a shared prefill is recorded)
 
     def failing(self, layer, *args):  # type: ignore[no-untyped-def]
         if layer == 2:
             raise RuntimeError("injected")
         return real(self, layer, *args)
 
-    monkeypatch.setattr(RecordingCache, "prefill", failing)
+    monkeypatch.setattr(RecordingCache, "prefill_kv", failing)
     b = engine.add_request(DOC + [2], SamplingParams(max_tokens=4))
     with pytest.raises(RuntimeError, match="injected"):
         engine.step()

@@ -108,6 +108,16 @@ def launch_decode_attention() -> None:
     )
 
 
+def launch_varlen_attention() -> None:
+    # A packed prefill: a long prompt's later chunk next to two whole short prompts.
+    tq, tk = [1024, 100, 37], [8192, 100, 37]
+    cu_q = torch.tensor([0, 1024, 1124, 1161], **I32)
+    cu_k = torch.tensor([0, 8192, 8292, 8329], **I32)
+    q = torch.zeros(sum(tq), H, D, **BF16)
+    kv = torch.zeros(sum(tk), HKV, D, **BF16)
+    kernel_module("varlen_attention").varlen_attention(q, kv, kv, cu_q, cu_k, max(tq), D**-0.5)
+
+
 def launch_score_landmarks() -> None:
     q = torch.zeros(B, H, D, **BF16)
     lm = torch.zeros(B * 8, 64, HKV, D, **BF16)
@@ -190,6 +200,7 @@ KERNELS = {
     "_rope_kernel": ("rope", launch_rope),
     "_decode_attention_split_kernel": ("decode_attention", launch_decode_attention),
     "_decode_attention_reduce_kernel": ("decode_attention", launch_decode_attention),
+    "_varlen_attention_kernel": ("varlen_attention", launch_varlen_attention),
     "_score_landmarks_logits_kernel": ("score_landmarks", launch_score_landmarks),
     "_score_landmarks_normalize_kernel": ("score_landmarks", launch_score_landmarks),
     "_select_chunks_kernel": ("select_chunks", launch_select_chunks),
@@ -250,7 +261,7 @@ def test_compiles_for_hopper_without_spills(name: str, compiled: dict[str, dict]
 
 OPS = [
     "rope", "decode_attention", "score_landmarks", "select_chunks", "reconstruct_keys",
-    "gather_values", "rms_norm", "silu_mul",
+    "gather_values", "rms_norm", "silu_mul", "varlen_attention",
 ]
 
 
