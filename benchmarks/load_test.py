@@ -196,6 +196,8 @@ def summarise(
         "server_peak_cache_host_bytes": peaks.get("cache_host_bytes"),
         # cumulative since the server started (prefix sharing: prompt tokens served from the store)
         "server_cached_tokens_total": peaks.get("cached_tokens_total"),
+        # cumulative too: optimistic admission (--admission-reserve) preempting requests
+        "server_preemptions_total": peaks.get("preemptions_total"),
         "errors": sorted({s.error for s in samples if s.error})[:10],
     }
 

@@ -45,7 +45,10 @@ def test_command_asks_for_one_concurrent_level_of_exact_prompts(tmp_path: Path) 
 
 def test_report_maps_onto_the_own_drivers_keys() -> None:
     report = json.loads(REPORT.read_text())
-    peaks = {"running_requests": 4.0, "queue_length": 3.0, "cached_tokens_total": 64.0}
+    peaks = {
+        "running_requests": 4.0, "queue_length": 3.0, "cached_tokens_total": 64.0,
+        "preemptions_total": 2.0,
+    }
     s = guidellm_load.summarise_report(report, peaks)
     assert (s["requests_ok"], s["requests_failed"], s["requests_cut_at_time_limit"]) == (18, 0, 4)
     assert s["output_tokens_total"] == 144 and s["prompt_tokens_total"] == 1152
@@ -54,7 +57,7 @@ def test_report_maps_onto_the_own_drivers_keys() -> None:
     assert s["itl_ms"]["p90"] == pytest.approx(236.75, abs=0.01)
     assert s["latency_ms"]["p50"] == pytest.approx(1968.21, abs=0.01)  # GuideLLM reports seconds
     assert (s["server_peak_running"], s["server_peak_queue"]) == (4.0, 3.0)
-    assert s["server_cached_tokens_total"] == 64.0
+    assert s["server_cached_tokens_total"] == 64.0 and s["server_preemptions_total"] == 2.0
     # the same keys the own driver's summary has, so --compare plots either against the other
     from load_test import summarise
 
