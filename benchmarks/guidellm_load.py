@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 import httpx
-from load_test import poll_metrics
+from load_test import poll_metrics, server_summary
 
 PCTS = ("p50", "p90", "p99")
 
@@ -102,14 +102,7 @@ def summarise_report(report: dict, peaks: dict[str, float]) -> dict[str, object]
         "ttft_ms": _pcts(m["time_to_first_token_ms"]),
         "itl_ms": _pcts(m["inter_token_latency_ms"]),
         "latency_ms": _pcts(m["request_latency"], 1000.0),  # GuideLLM reports it in seconds
-        "server_peak_running": peaks.get("running_requests"),
-        "server_peak_queue": peaks.get("queue_length"),
-        "server_peak_cache_device_bytes": peaks.get("cache_device_bytes"),
-        "server_peak_cache_host_bytes": peaks.get("cache_host_bytes"),
-        # cumulative since the server started (prefix sharing: prompt tokens served from the store)
-        "server_cached_tokens_total": peaks.get("cached_tokens_total"),
-        # cumulative too: optimistic admission (--admission-reserve) preempting requests
-        "server_preemptions_total": peaks.get("preemptions_total"),
+        **server_summary(peaks),
         "errors": [],
     }
 

@@ -171,6 +171,21 @@ async def run_load(
     return samples, cut, wall, peaks
 
 
+def server_summary(peaks: dict[str, float]) -> dict[str, float | None]:
+    """What ``/metrics`` said during a level (``poll_metrics``' maxima), under the summary's
+    keys: both drivers report them alike."""
+    return {
+        "server_peak_running": peaks.get("running_requests"),
+        "server_peak_queue": peaks.get("queue_length"),
+        "server_peak_cache_device_bytes": peaks.get("cache_device_bytes"),
+        "server_peak_cache_host_bytes": peaks.get("cache_host_bytes"),
+        # cumulative since the server started (prefix sharing: prompt tokens served from the store)
+        "server_cached_tokens_total": peaks.get("cached_tokens_total"),
+        # cumulative too: optimistic admission (--admission-reserve) preempting requests
+        "server_preemptions_total": peaks.get("preemptions_total"),
+    }
+
+
 def summarise(
     samples: list[Sample], cut: int, wall: float, peaks: dict[str, float]
 ) -> dict[str, object]:
@@ -190,14 +205,7 @@ def summarise(
         "ttft_ms": percentiles([s.ttft for s in ok if s.ttft is not None]),
         "itl_ms": percentiles([g for s in ok for g in s.gaps]),
         "latency_ms": percentiles([s.latency for s in ok if s.latency is not None]),
-        "server_peak_running": peaks.get("running_requests"),
-        "server_peak_queue": peaks.get("queue_length"),
-        "server_peak_cache_device_bytes": peaks.get("cache_device_bytes"),
-        "server_peak_cache_host_bytes": peaks.get("cache_host_bytes"),
-        # cumulative since the server started (prefix sharing: prompt tokens served from the store)
-        "server_cached_tokens_total": peaks.get("cached_tokens_total"),
-        # cumulative too: optimistic admission (--admission-reserve) preempting requests
-        "server_preemptions_total": peaks.get("preemptions_total"),
+        **server_summary(peaks),
         "errors": sorted({s.error for s in samples if s.error})[:10],
     }
 

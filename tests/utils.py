@@ -169,3 +169,17 @@ def small_cache_cfg(method: str):
         return DenseConfig()
     extra = {"outlier_chunks": 2, "rank": 16} if method == "shadowkv" else {}
     return method_config(method, sparse_budget=32, **extra)
+
+
+def count_forwards(engine, monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
+    """Rows of each ``run_layers`` call of ``engine``'s model from now on: every forward that
+    runs the layers as one packed batch (prefills, mixed steps, the eager decode runner's)."""
+    calls: list[int] = []
+    real = engine.model.run_layers
+
+    def counted(hidden, ctx, start, stop):  # type: ignore[no-untyped-def]
+        calls.append(hidden[0].shape[0])
+        return real(hidden, ctx, start, stop)
+
+    monkeypatch.setattr(engine.model, "run_layers", counted)
+    return calls

@@ -744,7 +744,7 @@ class Engine:
 
     def _preempt(self, req: Request) -> None:
         """Free a running request's cache and requeue it first; it keeps its outputs, logit
-        state and generator, and resumes at its next admission (``_end_prefill``, ``_decode``).
+        state and generator, and resumes at its next admission (``_end_prefill``, ``_decode_rows``).
         The partial prefill is never preempted: only running requests are."""
         self.running.remove(req)
         self.cache.free_sequence(req.request_id)

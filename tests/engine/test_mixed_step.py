@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from utils import full_budget
+from utils import count_forwards, full_budget
 from utils import small_cache_cfg as cache_cfg
 
 from shadowkv import LLM, EngineConfig, SamplingParams, method_config
@@ -36,19 +36,6 @@ def make_engine(path: Path, cache, **engine) -> Engine:
     engine.setdefault("cache_memory_gb", 0.01)
     engine.setdefault("max_num_batched_tokens", 40)
     return LLM(str(path), cache=cache, engine=EngineConfig(**engine), device="cpu").engine
-
-
-def count_forwards(engine: Engine, monkeypatch) -> list[int]:
-    """Rows of each ``run_layers`` call (every forward: the eager decode runner's too)."""
-    calls: list[int] = []
-    real = engine.model.run_layers
-
-    def counted(hidden, ctx, start, stop):  # type: ignore[no-untyped-def]
-        calls.append(hidden[0].shape[0])
-        return real(hidden, ctx, start, stop)
-
-    monkeypatch.setattr(engine.model, "run_layers", counted)
-    return calls
 
 
 def alone(path: Path, cache) -> list[list[int]]:

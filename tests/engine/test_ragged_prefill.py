@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from utils import full_budget
+from utils import count_forwards, full_budget
 from utils import small_cache_cfg as cache_cfg
 
 from shadowkv import LLM, EngineConfig, SamplingParams, method_config
@@ -37,19 +37,6 @@ def make_engine(path: Path, cache, **engine) -> Engine:
     engine.setdefault("cache_memory_gb", 0.01)
     cfg = EngineConfig(**engine)
     return LLM(str(path), cache=cache, engine=cfg, device="cpu").engine
-
-
-def count_forwards(engine: Engine, monkeypatch) -> list[int]:
-    """Tokens of each ``run_layers`` call (a prefill forward; decode steps go elsewhere)."""
-    calls: list[int] = []
-    real = engine.model.run_layers
-
-    def counted(hidden, ctx, start, stop):  # type: ignore[no-untyped-def]
-        calls.append(hidden[0].shape[0])
-        return real(hidden, ctx, start, stop)
-
-    monkeypatch.setattr(engine.model, "run_layers", counted)
-    return calls
 
 
 def alone(path: Path, cache) -> list[list[int]]:
