@@ -37,6 +37,7 @@ __all__ = [
     "CacheOptionsError",
     "PrefillChunk",
     "SeqRecord",
+    "SharedPrefix",
 ]
 
 
@@ -117,10 +118,28 @@ class PrefillChunk:
         return self.start + self.num_tokens
 
 
+@dataclass(eq=False)
+class SharedPrefix:
+    """The cached state of the first ``num_tokens`` tokens of a prefilled prompt, kept for later
+    sequences whose prompts start with the same tokens (prefix sharing, ``engine/prefix.py``).
+
+    It holds one reference to each page in ``pages`` (by allocator) until ``release_prefix``;
+    a sequence started from it holds one more reference to the pages it uses. Nothing writes
+    those pages while a reference is held: shared state is read-only. ``detail`` is the
+    method's own (ShadowKV: its basis slot, value tier and landmark counts).
+    """
+
+    num_tokens: int
+    pages: dict[str, list[int]]
+    detail: Any = None
+    released: bool = False
+
+
 @dataclass
 class SeqRecord:
     """Everything a cache holds for one sequence: its slot row (index into per-sequence tables),
-    its sizes and options, tokens cached so far, and the pages it holds per allocator."""
+    its sizes and options, tokens cached so far, and the pages it holds per allocator (the
+    pages of a shared prefix first, then its own)."""
 
     seq_id: int
     row: int
@@ -129,6 +148,8 @@ class SeqRecord:
     options: CacheOptions
     pages: dict[str, list[int]] = field(default_factory=dict)
     length: int = 0  # tokens cached (prompt + generated)
+    prefix: SharedPrefix | None = None  # the shared prefix it started from, if any
+    prefix_tokens: int = 0  # its leading prompt tokens that prefix gave it
 
 
 class AttentionCache(ABC):
@@ -204,14 +225,22 @@ class AttentionCache(ABC):
         return adm.problem
 
     def _plan(
-        self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None, staged: bool
-    ) -> Admission:
+        self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None, staged: bool,
+        prefix: SharedPrefix | None = None, prefix_tokens: int = 0,
+    ) -> tuple[Admission, dict[str, list[int]]]:
+        """The sequence's own needs, and the pages of ``prefix`` it will hold (by allocator)."""
         new = self.new_tokens(prompt_len, max_new_tokens)
         options = options or CacheOptions()
-        adm = self.plan_admission(prompt_len, new, options)
+        shared: dict[str, list[int]] = {}
+        if prefix is not None and prefix_tokens > 0:
+            if prefix.released:
+                raise ValueError("a released shared prefix cannot start a sequence")
+            adm, shared = self.plan_shared(prompt_len, new, options, prefix, prefix_tokens)
+        else:
+            adm = self.plan_admission(prompt_len, new, options)
         if staged:
             adm = replace(adm, needs=adm.needs + self.staging_needs(prompt_len, new, options))
-        return adm
+        return adm, shared
 
     def staging_needs(
         self, prompt_len: int, max_new_tokens: int, options: CacheOptions
@@ -232,11 +261,12 @@ class AttentionCache(ABC):
 
     def can_add(
         self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None,
-        staged: bool = False,
+        staged: bool = False, prefix: SharedPrefix | None = None, prefix_tokens: int = 0,
     ) -> bool:
         """Whether a sequence of this worst-case size fits now (with ``staged``: and its
-        staging, for a prompt that will prefill in chunks)."""
-        adm = self._plan(prompt_len, max_new_tokens, options, staged)
+        staging, for a prompt that will prefill in chunks; with ``prefix``: starting from its
+        first ``prefix_tokens`` tokens, whose pages it shares rather than takes)."""
+        adm, _ = self._plan(prompt_len, max_new_tokens, options, staged, prefix, prefix_tokens)
         return self._problem(prompt_len, adm) is None
 
     def fits_empty(
@@ -252,22 +282,35 @@ class AttentionCache(ABC):
     def add_sequence(
         self, seq_id: int, prompt_len: int, max_new_tokens: int,
         options: CacheOptions | None = None, staged: bool = False,
+        prefix: SharedPrefix | None = None, prefix_tokens: int = 0,
     ) -> None:
         """Reserve room for a sequence's prompt and ``max_new_tokens`` new tokens (the engine's
         worst case, or less under optimistic admission: see ``grow``); raises
         ``CacheCapacityError`` when it cannot fit (then nothing is held). ``staged``: its prompt
         will prefill in chunks (or start from a stored prefix), so it also takes what staging
-        needs (``staging_needs``) until its last chunk ends."""
+        needs (``staging_needs``) until its last chunk ends.
+
+        ``prefix``, ``prefix_tokens``: the sequence starts from the first ``prefix_tokens``
+        tokens of a shared prefix (``prefix_start`` says how many it may): it holds one more
+        reference to the pages of the prefix it uses instead of taking its own, and its first
+        ``prefix_tokens`` prompt tokens count as cached (its prefill starts there)."""
         options = options or CacheOptions()
-        adm = self._plan(prompt_len, max_new_tokens, options, staged)
+        adm, shared = self._plan(
+            prompt_len, max_new_tokens, options, staged, prefix, prefix_tokens
+        )
         why = self._problem(prompt_len, adm)
         if why is not None:
             raise CacheCapacityError(why)
         self.prepare(adm)
         held = self._take(adm.needs)
+        for name, pages in shared.items():
+            self.allocators[name].retain(pages)
+            held[name] = pages + held.get(name, [])
         new = self.new_tokens(prompt_len, max_new_tokens)
         rec = self.new_record(seq_id, self._free_rows.pop(), prompt_len, new, options, adm)
         rec.pages = held
+        if shared or (prefix is not None and prefix_tokens > 0):
+            rec.prefix, rec.prefix_tokens, rec.length = prefix, prefix_tokens, prefix_tokens
         self.seqs[seq_id] = rec
         self.on_admit(rec)
 
@@ -283,6 +326,68 @@ class AttentionCache(ABC):
                 self.allocators[name].release(pages)
             raise
         return held
+
+    # prefix sharing: read-only pages several sequences hold ------------------------------------
+    # A prefilled sequence's first tokens can outlive it as a ``SharedPrefix`` (``share_prefix``:
+    # one more reference to their pages). A later sequence whose prompt starts with the same
+    # tokens is admitted with it (``add_sequence(..., prefix=, prefix_tokens=)``): the method
+    # says which of the prefix's pages it holds and what it needs of its own (``plan_shared``),
+    # and its prefill starts after the shared tokens. A page is freed by its last holder.
+    supports_shared_prefix = False
+    share_unit = 1  # a shared prefix is a whole number of these tokens (the page size)
+
+    def share_prefix(self, seq_id: int, num_tokens: int) -> SharedPrefix | None:
+        """Keep the state of ``seq_id``'s first ``num_tokens`` prompt tokens (rounded down to
+        whole ``share_unit``s) for later sequences; None when the method or this sequence has
+        nothing to share. Its prompt must be wholly cached."""
+        rec = self.seqs[seq_id]
+        if rec.length < rec.prompt_len:
+            raise ValueError(
+                f"sequence {seq_id} has {rec.length} of {rec.prompt_len} prompt tokens cached; "
+                "only a prefilled prompt can be shared"
+            )
+        n = min(num_tokens, rec.prompt_len) // self.share_unit * self.share_unit
+        if not self.supports_shared_prefix or n == 0:
+            return None
+        prefix = self.make_prefix(rec, n)
+        if prefix is not None:
+            for name, pages in prefix.pages.items():
+                self.allocators[name].retain(pages)
+        return prefix
+
+    def make_prefix(self, rec: SeqRecord, num_tokens: int) -> SharedPrefix | None:
+        """The pages (and method detail) of ``rec``'s first ``num_tokens`` tokens (a whole
+        number of ``share_unit``s); the base takes the references. None: nothing to share."""
+        raise NotImplementedError(f"{type(self).__name__} cannot share a prefix")
+
+    def release_prefix(self, prefix: SharedPrefix) -> None:
+        """Drop the prefix's own references (sequences started from it keep theirs)."""
+        if prefix.released:
+            return
+        prefix.released = True
+        for name, pages in prefix.pages.items():
+            self.allocators[name].release(pages)
+
+    def prefix_start(
+        self, prefix: SharedPrefix, prompt_len: int, max_new_tokens: int,
+        options: CacheOptions | None, matched: int,
+    ) -> int:
+        """Leading tokens a sequence of this size whose prompt matches ``matched`` tokens of
+        ``prefix`` may start from it: whole ``share_unit``s, leaving at least one token to
+        prefill; 0 when it cannot (it then prefills them itself)."""
+        if prefix.released or not self.supports_shared_prefix:
+            return 0
+        n = min(matched, prefix.num_tokens, prompt_len - 1)
+        return max(0, n) // self.share_unit * self.share_unit
+
+    def plan_shared(
+        self, prompt_len: int, max_new_tokens: int, options: CacheOptions,
+        prefix: SharedPrefix, prefix_tokens: int,
+    ) -> tuple[Admission, dict[str, list[int]]]:
+        """Admission of a sequence whose first ``prefix_tokens`` tokens come from ``prefix``:
+        what it takes of its own, and the prefix's pages it holds, by allocator (they go first
+        in ``rec.pages``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot start from a shared prefix")
 
     # growth: optimistic admission (``EngineConfig.admission_reserve``) ------------------------
     # A sequence admitted with room for fewer new tokens than it may generate grows its
@@ -578,24 +683,46 @@ class AttentionCache(ABC):
     # accounting ------------------------------------------------------------------------------
     def memory(self, seq_id: int | None = None) -> CacheMemory:
         """Bytes held for one sequence, or for all live sequences when ``seq_id`` is None: the
-        pages it holds (device or host, by allocator), its fixed per-sequence state, and what a
-        dense cache of its tokens would take."""
+        pages held (device or host, by allocator), fixed per-sequence state, and what a dense
+        cache of the tokens would take. A page several sequences share (a shared prefix) counts
+        in each one's own figure, and once in the total."""
         ids = [seq_id] if seq_id is not None else list(self.seqs)
-        total = CacheMemory()
+        seen: dict[str, set[int]] = {}
+        device = host = dense = 0
         for s in ids:
             rec = self.seqs.get(s)
             if rec is None:
                 continue
-            device, host = self.fixed_bytes(rec), 0
+            device += self.fixed_bytes(rec)
             for name, pages in rec.pages.items():
                 alloc = self.allocators[name]
+                held = seen.setdefault(name, set())
+                n = sum(1 for p in pages if p not in held)
+                held.update(pages)
                 if alloc.on_host:
-                    host += len(pages) * alloc.page_bytes
+                    host += n * alloc.page_bytes
                 else:
-                    device += len(pages) * alloc.page_bytes
-            dense = self.layout.dense_bytes(self.held_tokens(rec.length))
-            total = total + CacheMemory(device, host, dense)
-        return total
+                    device += n * alloc.page_bytes
+            dense += self.layout.dense_bytes(self.held_tokens(rec.length))
+        return CacheMemory(device, host, dense)
+
+    def prefix_memory(self, prefixes: list[SharedPrefix]) -> CacheMemory:
+        """Bytes of the pages ``prefixes`` hold, each page once (``dense_bytes``: what a dense
+        cache of their tokens would take)."""
+        seen: dict[str, set[int]] = {}
+        for prefix in prefixes:
+            if not prefix.released:
+                for name, pages in prefix.pages.items():
+                    seen.setdefault(name, set()).update(pages)
+        device = host = 0
+        for name, pages in seen.items():
+            alloc = self.allocators[name]
+            if alloc.on_host:
+                host += len(pages) * alloc.page_bytes
+            else:
+                device += len(pages) * alloc.page_bytes
+        dense = sum(self.layout.dense_bytes(p.num_tokens) for p in prefixes if not p.released)
+        return CacheMemory(device, host, dense)
 
     def held_tokens(self, num_tokens: int) -> int:
         """Tokens of a sequence of ``num_tokens`` whose K/V the layers must keep: all of them,
