@@ -238,7 +238,7 @@ class AttentionCache(ABC):
             adm, shared = self.plan_shared(prompt_len, new, options, prefix, prefix_tokens)
         else:
             adm = self.plan_admission(prompt_len, new, options)
-        if staged:
+        if staged and not shared:  # a sequence started from a shared prefix: plan_shared's
             adm = replace(adm, needs=adm.needs + self.staging_needs(prompt_len, new, options))
         return adm, shared
 
@@ -385,8 +385,9 @@ class AttentionCache(ABC):
         prefix: SharedPrefix, prefix_tokens: int,
     ) -> tuple[Admission, dict[str, list[int]]]:
         """Admission of a sequence whose first ``prefix_tokens`` tokens come from ``prefix``:
-        what it takes of its own, and the prefix's pages it holds, by allocator (they go first
-        in ``rec.pages``)."""
+        what it takes of its own (staging included, if its suffix needs any: ``staged`` adds
+        nothing to it), and the prefix's pages it holds, by allocator (they go first in
+        ``rec.pages``)."""
         raise NotImplementedError(f"{type(self).__name__} cannot start from a shared prefix")
 
     # growth: optimistic admission (``EngineConfig.admission_reserve``) ------------------------
