@@ -7,7 +7,9 @@ the same document followed by "What is the special magic number for <key> ...?".
 start from its stored prefix (in ShadowKV: its shared low-rank keys, landmarks and values; the
 question is prefilled attending to them); with it off every request prefills its own full prompt
 (the baseline). Both runs score every answer with the RULER metric (the value must appear) and
-count the answers that are word for word the same.
+count the answers that are word for word the same. ``--modes own`` runs the baseline alone and
+``--own-from FILE`` takes it from such a run (greedy decoding of the same prompts: its answers do
+not depend on when it ran, as long as the unshared path is unchanged).
 
     python benchmarks/prefix_accuracy.py --model qwen2.5-coder-0.5b --length 8192 --docs 4 \\
         --haystack ../shared/data/pg_essays.jsonl --out bench_out/prefix_accuracy.json
@@ -83,6 +85,9 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seqs", type=int, default=4, help="max_num_seqs")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--modes", default="own,shared", help="own (baseline), shared, or both")
+    p.add_argument("--own-from", type=Path, default=None,
+                   help="the baseline's answers from an earlier --modes own run's --out file")
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = p.parse_args()
     if args.threads:
@@ -107,11 +112,21 @@ def main() -> None:
         overrides["outlier_chunks"] = args.outlier_chunks
     cache = method_config(args.method, **overrides)
     prompts = [ids for _, _, ids, _ in items]
+    modes = args.modes.split(",")
     runs = {share: run(llm, cache, share, prompts, args.max_new_tokens, args.seqs)
-            for share in (False, True)}
+            for share in (False, True) if ("shared" if share else "own") in modes}
+    earlier = None
+    if args.own_from is not None:
+        earlier = json.loads(args.own_from.read_text())
+        if [(r["doc"], r["key"], r["prompt_tokens"]) for r in earlier["rows"]] != [
+            (d, k, len(ids)) for d, k, ids, _ in items
+        ]:
+            raise SystemExit(f"{args.own_from} holds other prompts than this run's")
     rows = []
     for i, (doc, key, ids, value) in enumerate(items):
         row = {"doc": doc, "key": key, "prompt_tokens": len(ids), "value": value}
+        if earlier is not None:
+            row.update({k: v for k, v in earlier["rows"][i].items() if k.startswith("own_")})
         for share, r in runs.items():
             res = r["results"][i]
             tag = "shared" if share else "own"
@@ -120,19 +135,28 @@ def main() -> None:
             row[f"{tag}_cached_tokens"] = res.metrics["cached_tokens"]
         rows.append(row)
         print(json.dumps(row), flush=True)
+    if "own_score" not in rows[0] or "shared_score" not in rows[0]:
+        if args.out is not None:
+            write_rows(args.out, rows, model=str(llm.path), length=args.length,
+                       method=args.method, overrides=overrides,
+                       wall_s={str(k): r["wall_s"] for k, r in runs.items()})
+        return
+    wall = {share: runs[share]["wall_s"] if share in runs else None for share in (False, True)}
+    if earlier is not None:
+        wall[False] = earlier["meta"]["wall_s"].get("False")
     own = statistics.mean(r["own_score"] for r in rows)
     shared = statistics.mean(r["shared_score"] for r in rows)
     same = sum(r["own_text"] == r["shared_text"] for r in rows)
     print(f"\n| model | method | docs x questions | own prompt | shared prefix | same answer "
-          f"| cached tokens | wall own s | wall shared s |\n|---|---|---|---:|---:|---:|---:|---:|---:|\n"
+          "| cached tokens | wall own s | wall shared s |\n"
+          "|---|---|---|---:|---:|---:|---:|---:|---:|\n"
           f"| {Path(str(llm.path)).name} | {args.method} {overrides} | {len(samples)} x 4 | "
           f"{own:.1f} | {shared:.1f} | {same}/{len(rows)} | "
-          f"{sum(r['shared_cached_tokens'] for r in rows)} | {runs[False]['wall_s']} | "
-          f"{runs[True]['wall_s']} |")
+          f"{sum(r['shared_cached_tokens'] for r in rows)} | {wall[False]} | {wall[True]} |")
     if args.out is not None:
         write_rows(args.out, rows, model=str(llm.path), length=args.length, method=args.method,
                    overrides=overrides, own_score=own, shared_score=shared, same=same,
-                   wall_own_s=runs[False]["wall_s"], wall_shared_s=runs[True]["wall_s"])
+                   wall_s={str(k): v for k, v in wall.items()})
 
 
 if __name__ == "__main__":
