@@ -18,11 +18,16 @@
 #   mixed_step       25 s    45 s  8 decoding requests + 16 prompts of 256 tokens, one a step:
 #                                  decode rows and prompt in one forward vs the decode's graph
 #                                  then the prompt's forward, dense and ShadowKV, same run
+#   shared_doc       60 s   100 s  one 122880-token document, B requests each with its own 64-token
+#                                  question (prefix sharing): dense and ShadowKV with their own
+#                                  prompts (synthetic K/V, the baseline, same run) vs each with
+#                                  the document shared (prefilled once by the model): max batch
+#                                  (up to 32), tok/s, memory; 8 timed steps
 #   e2e_122k_fp8     90 s   120 s  the headline again with fp8 values (value_dtype=fp8): dense
 #                                  (its baseline, same run) vs ShadowKV fp8 at its larger max
 #                                  batch, 70 % hits driven; last, so a timeout loses only itself
-#   total           430 s   670 s  (plus the machine's start, outside this script; the limits
-#                                  sum past one 600 s call only if nearly every stage hangs)
+#   total           490 s   770 s  (plus the machine's start, outside this script; the limits
+#                                  sum past one 600 s call only if several stages hang)
 #
 # Every stage runs under `timeout -s INT` (Python stops with KeyboardInterrupt and keeps what it
 # wrote) with PYTHONUNBUFFERED=1; the script goes on after a failure. After every stage it prints
@@ -51,6 +56,7 @@ export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/shadowkv_triton_cache}"
 PY="${PYTHON:-python3}"
 SMOKE="${SMOKE:-0}"
 ALL_STAGES="e2e_122k kernel_tests decode_modes kernel_bench e2e_16k prefill_pack mixed_step"
+ALL_STAGES="$ALL_STAGES shared_doc"
 STAGES="${STAGES:-$ALL_STAGES e2e_122k_fp8}"
 SUMMARY="$WORK/summary.md"
 START=$SECONDS
@@ -166,6 +172,12 @@ show "$WORK/pack/prefill_pack.md"
 stage mixed_step 45 "$PY" benchmarks/mixed_step.py --arch "$ARCH" $DEVICE --methods dense,shadowkv \
     $MIXED --out "$WORK/mixed"
 show "$WORK/mixed/mixed_step.md"
+
+stage shared_doc 100 "$PY" benchmarks/throughput.py --arch "$ARCH" $DEVICE --contexts "$LONG" \
+    --methods dense,shadowkv --decode-steps $((STEPS / 32 > 4 ? STEPS / 32 : 4)) \
+    --prefill synthetic --shared-document 64 --host-memory-gb "$HOST_GB" --out "$WORK/shared_doc" \
+    $KNOBS $( [ "$SMOKE" = 1 ] || echo "--max-batch 32" )
+show "$WORK/shared_doc/throughput.md"
 
 stage e2e_122k_fp8 120 "$PY" benchmarks/throughput.py --arch "$ARCH" $DEVICE --contexts "$LONG" \
     --methods dense,shadowkv:value_dtype=fp8 --batch auto --decode-steps "$((STEPS / 2))" \

@@ -17,6 +17,7 @@ import torch
 
 from shadowkv.bench.synthetic import synthetic_prompt
 from shadowkv.cache import AttentionCache, CacheCapacityError
+from shadowkv.cache.base import SharedPrefix
 from shadowkv.cache.methods import CacheConfig
 from shadowkv.cache.timing import SpanTimer
 from shadowkv.config import EngineConfig, ModelConfig
@@ -64,21 +65,31 @@ def new_tokens(decode_steps: int, batch: int, index: int) -> int:
     return 1 + WARMUP_STEPS + decode_steps + (batch - 1 - index)
 
 
-def fits(cache: AttentionCache, context: int, decode_steps: int, batch: int) -> bool:
-    """Whether ``batch`` sequences of ``context`` prompt tokens fit the empty cache together.
+def fits(
+    cache: AttentionCache, context: int, decode_steps: int, batch: int,
+    prefix: SharedPrefix | None = None,
+) -> bool:
+    """Whether ``batch`` sequences of ``context`` prompt tokens fit the cache together.
 
     Reserves them (the cache's own accounting of device and host pools), then frees them,
-    without allocating pools the cache allocates lazily (``AttentionCache.planning``).
+    without allocating pools the cache allocates lazily (``AttentionCache.planning``). With
+    ``prefix`` (a shared document every prompt starts with) each sequence holds the prefix's
+    pages instead of taking its own where the cache shares them (``prefix_start``): pages held
+    once, counted once.
     """
     added: list[int] = []
     with cache.planning():
         try:
             for i in range(batch):
                 new = new_tokens(decode_steps, batch, i)
-                if not cache.can_add(context, new):
+                n = 0
+                if prefix is not None:
+                    n = cache.prefix_start(prefix, context, new, None, prefix.num_tokens)
+                shared = prefix if n else None
+                if not cache.can_add(context, new, prefix=shared, prefix_tokens=n):
                     return False
                 seq_id = -1 - i  # engine request ids are >= 0
-                cache.add_sequence(seq_id, context, new)
+                cache.add_sequence(seq_id, context, new, prefix=shared, prefix_tokens=n)
                 added.append(seq_id)
             return True
         except CacheCapacityError:
@@ -88,21 +99,25 @@ def fits(cache: AttentionCache, context: int, decode_steps: int, batch: int) -> 
                 cache.free_sequence(seq_id)
 
 
-def max_batch(cache: AttentionCache, context: int, decode_steps: int, limit: int) -> int:
-    """The largest batch (<= ``limit``) of ``context``-token prompts the cache admits at once.
+def max_batch(
+    cache: AttentionCache, context: int, decode_steps: int, limit: int,
+    prefix: SharedPrefix | None = None,
+) -> int:
+    """The largest batch (<= ``limit``) of ``context``-token prompts the cache admits at once
+    (with ``prefix``: each starting with that shared document, ``fits``).
 
     ``fits`` is monotone in the batch size, so a doubling search then bisection finds it with
     O(log limit) reservations instead of trial allocations.
     """
-    if not fits(cache, context, decode_steps, 1):
+    if not fits(cache, context, decode_steps, 1, prefix):
         return 0
     lo, hi = 1, 2
-    while hi <= limit and fits(cache, context, decode_steps, hi):
+    while hi <= limit and fits(cache, context, decode_steps, hi, prefix):
         lo, hi = hi, hi * 2
     hi = min(hi, limit + 1)  # lo fits, hi does not (or is past the limit)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(cache, context, decode_steps, mid) else (lo, mid)
+        lo, hi = (mid, hi) if fits(cache, context, decode_steps, mid, prefix) else (lo, mid)
     return lo
 
 
@@ -159,23 +174,68 @@ class RunResult:
         }
 
 
-def timed_run(
-    engine: Engine, context: int, batch: int, decode_steps: int, seed: int = 0,
-    prefill: str = "model",
-) -> RunResult:
-    """``_timed_run`` with the engine prefilling one whole prompt per step
-    (``max_num_batched_tokens=1``, no chunking) so each prefill is timed alone and
-    ``new_tokens`` lines the requests up."""
+def bench_prompts(
+    vocab: int, context: int, batch: int, seed: int, question: int = 0
+) -> list[list[int]]:
+    """``batch`` random prompts of ``context`` tokens. With ``question`` > 0 they share one
+    document (their first ``context - question`` tokens) and each ends with its own question
+    (prompt ``i`` with question ``i + 1``: question 0 is ``prefill_document``'s)."""
+    gen = torch.Generator().manual_seed(seed)
+    if not question:
+        return torch.randint(0, vocab, (batch, context), generator=gen).tolist()
+    doc = torch.randint(0, vocab, (context - question,), generator=gen).tolist()
+    questions = torch.randint(0, vocab, (batch + 1, question), generator=gen).tolist()
+    return [doc + q for q in questions[1:]]
+
+
+def prefill_document(
+    engine: Engine, context: int, question: int, seed: int
+) -> tuple[float, SharedPrefix | None]:
+    """Prefill the shared document of ``bench_prompts(..., question)`` once, as a request of its
+    own (question 0, one token generated), so the engine's prefix store holds it. Returns the
+    prefill's seconds and the cache pages the store keeps of it (None when the cache does not
+    share its memory: then only the prefill's computation is shared)."""
+    if engine.prefix_store is None:
+        raise ValueError("a shared-document run needs EngineConfig(prefix_cache=True)")
+    gen = torch.Generator().manual_seed(seed)
+    vocab = engine.model_cfg.vocab_size
+    doc = torch.randint(0, vocab, (context - question,), generator=gen).tolist()
+    prompt = doc + torch.randint(0, vocab, (1, question), generator=gen).tolist()[0]
     cfg = engine.cfg
     engine.cfg = replace(cfg, max_num_batched_tokens=1, chunked_prefill=False)
     try:
-        return _timed_run(engine, context, batch, decode_steps, seed, prefill)
+        _sync(engine.device)
+        start = time.perf_counter()
+        engine.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+        while engine.has_unfinished():
+            engine.step()
+        _sync(engine.device)
+        seconds = time.perf_counter() - start
+    finally:
+        engine.cfg = cfg
+    use = engine.prefix_store.find_prefix(prompt, touch=False)
+    return seconds, None if use is None else use.entry.shared
+
+
+def timed_run(
+    engine: Engine, context: int, batch: int, decode_steps: int, seed: int = 0,
+    prefill: str = "model", question: int = 0,
+) -> RunResult:
+    """``_timed_run`` with the engine prefilling one whole prompt per step
+    (``max_num_batched_tokens=1``, no chunking) so each prefill is timed alone and
+    ``new_tokens`` lines the requests up. ``question`` > 0: the prompts share one document
+    (``bench_prompts``), which ``prefill_document`` has put in the prefix store."""
+    cfg = engine.cfg
+    engine.cfg = replace(cfg, max_num_batched_tokens=1, chunked_prefill=False)
+    try:
+        return _timed_run(engine, context, batch, decode_steps, seed, prefill, question)
     finally:
         engine.cfg = cfg
 
 
 def _timed_run(
-    engine: Engine, context: int, batch: int, decode_steps: int, seed: int, prefill: str
+    engine: Engine, context: int, batch: int, decode_steps: int, seed: int, prefill: str,
+    question: int = 0,
 ) -> RunResult:
     """Prefill ``batch`` random prompts and decode until each made ``decode_steps`` full steps.
 
@@ -183,9 +243,7 @@ def _timed_run(
     (``bench/synthetic.py``): decode is timed the same, prefill figures mean nothing then.
     """
     device = engine.device
-    gen = torch.Generator().manual_seed(seed)
-    vocab = engine.model_cfg.vocab_size
-    prompts = torch.randint(0, vocab, (batch, context), generator=gen).tolist()
+    prompts = bench_prompts(engine.model_cfg.vocab_size, context, batch, seed, question)
     cache = engine.cache
     if hasattr(cache, "reset_hit_rate"):
         cache.reset_hit_rate()

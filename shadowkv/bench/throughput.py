@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
-from shadowkv.bench.harness import build_engine, max_batch, timed_run
+from shadowkv.bench.harness import build_engine, max_batch, prefill_document, timed_run
 from shadowkv.bench.models import RANDOM_WEIGHTS, arch_config, random_model, weight_bytes
 from shadowkv.bench.report import markdown_table, write_plot
 from shadowkv.bench.roofline import copy_bandwidth, dense_step_bytes
+from shadowkv.cache.errors import CacheCapacityError
 from shadowkv.cache.methods import CacheConfig, DenseConfig, ShadowKVConfig
 from shadowkv.cache.shadow_drive import DrivenSelection, LandmarkSelection
 from shadowkv.config import ConfigError, EngineConfig, ModelConfig
@@ -60,6 +61,11 @@ class BenchConfig:
     # drives the selection to that hit rate (cache/shadow_drive.py), since random weights give
     # hit rates near 0 where real models keep 60-80 % of their chunks from step to step.
     hit_rates: tuple[float | None, ...] = (None,)
+    # Shared-document mode: > 0 also times every method with prompts that share one document and
+    # end with their own question of this many tokens (engine prefix sharing on): the document is
+    # prefilled once by the model (whatever ``prefill`` says: it is for the other runs), every
+    # question after it, and the largest batch counts the pages the document shares once.
+    shared_document: int = 0
 
     def __post_init__(self) -> None:
         if (self.arch is None) == (self.model_path is None):
@@ -87,6 +93,11 @@ class BenchConfig:
             )
         if self.prefill not in ("model", "synthetic"):
             raise ConfigError(f"prefill must be 'model' or 'synthetic', got {self.prefill!r}")
+        if self.shared_document < 0 or self.shared_document >= min(self.contexts):
+            raise ConfigError(
+                f"shared_document={self.shared_document} question tokens must be >= 0 and "
+                f"shorter than the shortest context ({min(self.contexts)})"
+            )
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -223,8 +234,56 @@ def run_throughput(
                         engine = engine_for(method)
                     _write(report, out_dir, final=False)
         _release(engine, device)
+        if cfg.shared_document:
+            engine = build_engine(
+                model, model_cfg, caches[method], replace(engine_cfg, prefix_cache=True),
+                device, dtype,
+            )
+            for context in cfg.contexts:
+                report["runs"].append(_shared_run(cfg, engine, method, context, say))
+                report["max_batch"].setdefault(f"{method}+shared", {})[str(context)] = (
+                    report["runs"][-1].get("max_batch")
+                )
+                _write(report, out_dir, final=False)
+            _release(engine, device)
     _write(report, out_dir, final=True, log=say)
     return report
+
+
+def _shared_run(
+    cfg: BenchConfig, engine: Engine, method: str, context: int, say: Log
+) -> dict[str, Any]:
+    """One shared-document run: prefill the document once, find the largest batch of prompts
+    that start with it (its shared pages counted once), and time that batch. The prefix store
+    is emptied afterwards, so the next context starts clean."""
+    q = cfg.shared_document
+    label = f"{method}+shared"
+    row: dict[str, Any] = {"method": label, "batch_kind": "own max", "hit_rate_driven": None,
+                           "question_tokens": q}
+    try:
+        doc_s, prefix = prefill_document(engine, context, q, cfg.seed)
+        row["document_prefill_s"] = round(doc_s, 4)
+        row["shared_tokens"] = 0 if prefix is None else prefix.num_tokens
+        if prefix is not None:
+            row["shared_prefix_bytes"] = engine.cache.prefix_memory([prefix]).as_dict()
+        best = max_batch(engine.cache, context, cfg.decode_steps, cfg.max_batch, prefix)
+        batch = max(cfg.batches) if cfg.batches else best
+        row["max_batch"] = best
+        say(f"{label} @ {context} tokens: document prefill {doc_s:.2f} s, {row['shared_tokens']} "
+            f"tokens shared, largest batch {best}; timing {batch} ...")
+        if batch > best or batch < 1:
+            raise CacheCapacityError(f"batch {batch} does not fit (max {best})")
+        result = timed_run(engine, context, batch, cfg.decode_steps, cfg.seed, question=q)
+        row.update(result.as_dict())
+        say(f"  decode {result.decode_tokens_per_s:.1f} tok/s")
+    except Exception as err:  # noqa: BLE001 - keep the other runs' results
+        row.update(context=context, batch=row.get("max_batch", 0),
+                   error=f"{type(err).__name__}: {err}")
+        say(f"  FAILED: {row['error']}")
+        for r in list(engine.running) + list(engine.waiting):
+            engine.abort(r.request_id)
+    engine.clear_prefix_cache()
+    return row
 
 
 def _write(

@@ -108,6 +108,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "instead, to time decode at long context without the prefills (hit rates then are "
         "not a model's)",
     )
+    p.add_argument(
+        "--shared-document",
+        type=int,
+        default=0,
+        metavar="Q",
+        help="also time every method with prompts that share one document (context - Q tokens) "
+        "and end with their own Q-token question, prefix sharing on: the document is prefilled "
+        "once and the largest batch counts its shared pages once (rows '<method>+shared')",
+    )
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     add_engine_flags(p.add_argument_group("engine"), skip=_ENGINE_PER_RUN)
     default_methods = tuple(c.method for c in _BENCH_DEFAULTS["caches"])
@@ -130,6 +139,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         seed=args.seed,
         prefill=args.prefill,
         hit_rates=args.hit_rates,
+        shared_document=args.shared_document,
     )
 
 

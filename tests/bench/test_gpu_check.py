@@ -14,7 +14,7 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
 STAGES = [
     "e2e_122k", "kernel_tests", "decode_modes", "kernel_bench", "e2e_16k", "prefill_pack",
-    "mixed_step", "e2e_122k_fp8",
+    "mixed_step", "shared_doc", "e2e_122k_fp8",
 ]
 
 
@@ -47,7 +47,7 @@ def test_smoke_runs_every_stage_and_returns_one_archive(tmp_path: Path) -> None:
         headline = json.load(tar.extractfile("./e2e_122k/throughput.json"))  # type: ignore[arg-type]
     for name in ("env.txt", "summary.md", "kernel_tests.xml", "modes/decode_modes.json",
                  "kernels/rows.jsonl", "e2e_16k/throughput.json", "e2e_122k_fp8/throughput.json",
-                 "pack/prefill_pack.json", "mixed/mixed_step.json",
+                 "pack/prefill_pack.json", "mixed/mixed_step.json", "shared_doc/throughput.json",
                  *(f"{s}.log" for s in STAGES)):
         assert name in names, name
     assert "gguf: missing" in env_txt and "fastapi: missing" in env_txt
