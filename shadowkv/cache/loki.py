@@ -33,7 +33,14 @@ def principal_basis(k: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 class LokiCache(SparseCache):
-    """Projected prompt keys in per-layer pools ``[num_blocks, S, Hkv, r]``; bases per sequence."""
+    """Projected prompt keys in per-layer pools ``[num_blocks, S, Hkv, r]``; bases per sequence.
+
+    No prefix sharing: a block's projected keys are in its sequence's basis (the whole prompt's
+    PCA), which a sequence with another suffix does not share; the engine keeps host copies of
+    prefixes for it instead.
+    """
+
+    supports_shared_prefix = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
