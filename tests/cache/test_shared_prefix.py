@@ -57,7 +57,7 @@ def joined(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
             for (k, v), (k2, v2) in zip(keys(100, 0), keys(n, 1))]
 
 
-@pytest.mark.parametrize("method", ["dense", "quest", "streaming", "oracle"])
+@pytest.mark.parametrize("method", ["dense", "quest", "loki", "streaming", "oracle"])
 def test_a_shared_prefix_is_held_once_and_freed_by_its_last_holder(method: str) -> None:
     cache = make(method)
     cache.add_sequence(0, 100, 10)
@@ -69,13 +69,17 @@ def test_a_shared_prefix_is_held_once_and_freed_by_its_last_holder(method: str) 
     assert n == 96 and cache.prefix_start(prefix, 50, 10, None, 48) == 48
     assert cache.prefix_start(prefix, 96, 10, None, 96) == 80  # one token left to prefill
     used = cache.blocks.num_used  # 7 blocks: the sequence's (prefix's 6 among them)
+    pages = sum(a.num_used * a.page_bytes for a in cache.allocators.values())
     cache.add_sequence(1, 130, 10, prefix=prefix, prefix_tokens=96)
     own = cache.blocks_for(140) - 6
     assert cache.blocks.num_used == used + own  # the shared blocks are not taken again
     assert cache.seqs[1].pages[BLOCKS][:6] == prefix.pages[BLOCKS] and cache.length(1) == 96
+    low = cache.allocators.get("low")  # Loki: projected keys of the whole prompt, its own
+    low_bytes = cache.blocks_for(130) * low.page_bytes if low is not None else 0
     total = cache.memory()
-    assert total.device_bytes == (used + own) * cache.blocks.page_bytes  # counted once
-    assert cache.memory(1).device_bytes == cache.blocks_for(140) * cache.blocks.page_bytes
+    assert total.device_bytes == pages + own * cache.blocks.page_bytes + low_bytes  # once
+    mine = cache.blocks_for(140) * cache.blocks.page_bytes + low_bytes
+    assert cache.memory(1).device_bytes == mine
     suffix = joined(130)
     prefill(cache, 1, suffix, start=96)
     assert torch.equal(rows(cache, 1, 130), suffix[0][0])  # prefix rows read through the share
@@ -85,7 +89,7 @@ def test_a_shared_prefix_is_held_once_and_freed_by_its_last_holder(method: str) 
     assert cache.blocks.num_used == cache.blocks_for(140)  # sequence 1 keeps the prefix's blocks
     assert torch.equal(rows(cache, 1, 130), suffix[0][0])
     cache.free_sequence(1)
-    assert cache.blocks.num_used == 0
+    assert all(a.num_used == 0 for a in cache.allocators.values())
     with pytest.raises(ValueError, match="released"):
         cache.can_add(130, 10, None, prefix=prefix, prefix_tokens=96)
 
@@ -119,7 +123,7 @@ def test_quest_leaves_the_shared_blocks_bounds_alone() -> None:
     assert torch.equal(cache.page_min[0][own[:2]], want)
 
 
-@pytest.mark.parametrize("method", ["dense", "quest"])
+@pytest.mark.parametrize("method", ["dense", "quest", "loki"])
 def test_a_fork_shares_the_prefix_and_copies_its_own_blocks(method: str) -> None:
     cache = make(method)
     cache.add_sequence(0, 100, 10)
@@ -135,21 +139,46 @@ def test_a_fork_shares_the_prefix_and_copies_its_own_blocks(method: str) -> None
     assert cache.length(2) == 130 and torch.equal(rows(cache, 2, 130), kv[0][0])
     if method == "quest":
         assert torch.equal(cache.page_min[0][two[6:8]], cache.page_min[0][one[6:8]])
+    if method == "loki":
+        low = [cache.seqs[s].pages["low"] for s in (1, 2)]
+        one, two = (cache.k_low[0][pages].flatten(0, 1)[:130] for pages in low)
+        assert torch.equal(one, two)
     for seq in (0, 1, 2):
         cache.free_sequence(seq)
     cache.release_prefix(prefix)
-    assert cache.blocks.num_used == 0
+    assert all(a.num_used == 0 for a in cache.allocators.values())
 
 
-def test_a_ring_and_loki_do_not_share() -> None:
+def test_loki_projects_a_shared_prefix_in_its_own_basis() -> None:
+    """A sequence started from a shared prefix holds its K/V blocks, but its projected keys and
+    basis are those of its own whole prompt: what an unshared sequence of it builds."""
+    cache = make("loki")
+    cache.add_sequence(0, 100, 10)
+    prefill(cache, 0, keys(100, 0))
+    prefix = cache.share_prefix(0, 100)
+    kv = joined(130)
+    cache.add_sequence(1, 130, 10, prefix=prefix, prefix_tokens=96)
+    prefill(cache, 1, kv, start=96)
+    cache.add_sequence(2, 130, 10)  # the same prompt, unshared
+    prefill(cache, 2, kv)
+    assert cache.seqs[1].pages[BLOCKS][:6] == prefix.pages[BLOCKS]
+    low = [cache.seqs[s].pages["low"] for s in (0, 1, 2)]
+    assert not set(low[0]) & set(low[1])  # projections are never shared
+    for layer in range(LAYERS):
+        r1, r2 = cache.seqs[1].row, cache.seqs[2].row
+        assert torch.equal(cache.basis[layer][r1], cache.basis[layer][r2])
+        one, two = (cache.k_low[layer][low[s]].flatten(0, 1)[:130] for s in (1, 2))
+        assert torch.equal(one, two)  # the prompt's rows (the last page's tail is unused)
+    assert not torch.equal(cache.k_low[0][low[0][:6]], cache.k_low[0][low[1][:6]])  # 0's basis
+
+
+def test_a_ring_does_not_share() -> None:
     layout = KVLayout(replace(SPEC, sliding_window=32), LAYERS, torch.float32)
     window = WindowCache(DenseConfig(), layout, CPU, 2, MAX_LEN, 2**20)
-    loki = make("loki")
-    for cache in (window, loki):
-        assert not cache.supports_shared_prefix
-        cache.add_sequence(0, 100, 4)
-        prefill(cache, 0, keys(100, 0))
-        assert cache.share_prefix(0, 100) is None
+    assert not window.supports_shared_prefix
+    window.add_sequence(0, 100, 4)
+    prefill(window, 0, keys(100, 0))
+    assert window.share_prefix(0, 100) is None
 
 
 def test_a_layered_cache_shares_when_every_part_does() -> None:

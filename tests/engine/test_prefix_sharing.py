@@ -26,7 +26,7 @@ from shadowkv.engine.prompt_kv import RecordingCache
 DOC = [(7 * i) % 90 + 3 for i in range(200)]  # 200 tokens: 12 whole blocks
 QUESTIONS = [[5, 6, 7], [8, 9, 10, 11], [12]]
 METHODS = ["dense", "shadowkv", "quest", "loki", "streaming", "oracle"]
-PAGED = ["dense", "quest", "streaming", "oracle"]  # the store holds their cache pages
+PAGED = ["dense", "quest", "loki", "streaming", "oracle"]  # the store holds their cache pages
 
 
 # --- the store ------------------------------------------------------------------------------
@@ -143,7 +143,7 @@ def test_shared_prefills_answer_as_unshared_ones(path: Path, method: str) -> Non
     idle(llm.engine)
 
 
-@pytest.mark.parametrize("method", PAGED + ["loki"])
+@pytest.mark.parametrize("method", PAGED)
 def test_a_conversation_reuses_the_previous_turn(path: Path, method: str) -> None:
     llm, plain = make_llm(path, method), make_llm(path, method, on=False)
     prompt, previous = DOC[:150], 0
@@ -174,7 +174,7 @@ def test_window_layers_share_prefixes(tiny_checkpoint) -> None:
     assert [c for _, c in runs[1]] == [0, 192, 192]
 
 
-@pytest.mark.parametrize("method", ["shadowkv", "dense", "quest", "oracle"])
+@pytest.mark.parametrize("method", ["shadowkv", "dense", "quest", "loki", "oracle"])
 def test_samples_of_a_shared_prompt(path: Path, method: str) -> None:
     # ShadowKV cannot fork: samples replay the whole prompt. The dense pool forks: each sample
     # holds the stored prefix's blocks too and gets a copy of the rest.
