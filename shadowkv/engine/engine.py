@@ -500,7 +500,7 @@ class Engine:
         for i, r in enumerate(group):
             try:
                 self.cache.add_sequence(
-                    r.request_id, n, self._reserve(r), opts, staged and i == 0, **shared
+                    r.request_id, n, self._reserve(r), opts, staged=staged and i == 0, **shared
                 )
             except CacheCapacityError as e:
                 for added in group[:i]:
