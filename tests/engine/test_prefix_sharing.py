@@ -174,7 +174,7 @@ def test_window_layers_share_prefixes(tiny_checkpoint) -> None:
     assert [c for _, c in runs[1]] == [0, 192, 192]
 
 
-@pytest.mark.parametrize("method", ["shadowkv", "dense", "quest", "loki", "oracle"])
+@pytest.mark.parametrize("method", ["shadowkv", *PAGED])
 def test_samples_of_a_shared_prompt(path: Path, method: str) -> None:
     # ShadowKV cannot fork: samples replay the whole prompt. The dense pool forks: each sample
     # holds the stored prefix's blocks too and gets a copy of the rest.
