@@ -399,3 +399,10 @@ def test_a_prefix_evicted_while_its_request_decodes_changes_nothing(path: Path) 
         engine.step()
     assert req.output_ids == plain
     idle(engine)
+
+
+def test_cache_page_entries_do_not_count_against_the_host_budget(path: Path) -> None:
+    llm = make_llm(path, prefix_cache_gb=1e-9)  # no room for any host copy
+    got = answers(llm, [DOC + [1], DOC + [2]])
+    assert [c for _, c in got] == [0, 192] and llm.engine.prefix_store.nbytes == 0
+    idle(llm.engine)
