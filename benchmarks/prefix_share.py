@@ -2,9 +2,13 @@
 
 (a) ``B`` questions (1, 4, 16 by default) about one document, submitted together: wall time until
 all are answered, time to first token (mean and max), prompt tokens run through the model, peak
-cache bytes (device / host) and the prefix store's bytes — with ``EngineConfig.prefix_cache`` off
-(the baseline) and on, for each cache method. (b) A 4-turn conversation over the document, each
-turn = previous prompt + answer + a new question: time to first token per turn, off and on.
+cache bytes (device / host) and what the prefix store holds after — with
+``EngineConfig.prefix_cache`` off (the baseline) and on, for each cache method. The cache's bytes
+are its pages in use (each once, whoever holds them: requests or, for a cache that shares its own
+pages, the store) plus per-sequence state; the store's are its cache pages (device / host) and
+its host copies of prefixes' K/V (caches that do not share pages). (b) A 4-turn conversation
+over the document, each turn = previous prompt + answer + a new question: time to first token
+per turn, off and on.
 Every configuration runs in one process on the same weights, so they share the machine's load.
 
     python benchmarks/prefix_share.py --haystack ../shared/data/pg_essays.jsonl \\
@@ -24,6 +28,7 @@ from bench_io import write_rows
 
 from shadowkv import LLM, EngineConfig, SamplingParams, method_config
 from shadowkv.cache.methods import CacheConfig
+from shadowkv.engine.engine import Engine
 from shadowkv.eval.haystack import Haystack
 
 QUESTIONS = [
@@ -55,6 +60,20 @@ def questions(llm: LLM, doc: list[int], n: int) -> list[list[int]]:
             for i in range(n)]
 
 
+def cache_bytes(engine: Engine) -> tuple[int, int]:
+    """Device and host bytes of the cache's pages in use (each once, whether requests or the
+    prefix store hold them) and of its live sequences' fixed state."""
+    device = host = 0
+    for c in getattr(engine.cache, "parts", [engine.cache]):
+        for a in c.allocators.values():
+            if a.on_host:
+                host += a.num_used * a.page_bytes
+            else:
+                device += a.num_used * a.page_bytes
+        device += sum(c.fixed_bytes(rec) for rec in c.seqs.values())
+    return device, host
+
+
 def run_batch(llm: LLM, method: str, share: bool, prompts: list[list[int]], new: int) -> dict:
     """All ``prompts`` submitted at once; step until every one is answered."""
     llm.set_cache(cache_for(method), engine_for(llm, share, len(prompts)))
@@ -65,11 +84,14 @@ def run_batch(llm: LLM, method: str, share: bool, prompts: list[list[int]], new:
     device = host = 0
     while engine.has_unfinished():
         engine.step()
-        mem = engine.cache.memory()
-        device, host = max(device, mem.device_bytes), max(host, mem.host_bytes)
+        now = cache_bytes(engine)
+        device, host = max(device, now[0]), max(host, now[1])
     wall = time.perf_counter() - t0
     ttft = [r.first_token - r.arrival for r in reqs]
-    store = engine.prefix_store
+    store, kept = engine.prefix_store, engine.prefix_memory()
+    after = cache_bytes(engine)  # every request ended: the store's pages alone
+    engine.clear_prefix_cache()
+    assert cache_bytes(engine) == (0, 0), "the cache did not return to idle"
     return {
         "part": "questions", "method": method, "sharing": share, "requests": len(prompts),
         "prompt_tokens": len(prompts[0]),
@@ -80,6 +102,10 @@ def run_batch(llm: LLM, method: str, share: bool, prompts: list[list[int]], new:
         "cached_tokens": sum(r.cached_tokens for r in reqs),
         "peak_device_bytes": device,
         "peak_host_bytes": host,
+        "idle_device_bytes": after[0],
+        "idle_host_bytes": after[1],
+        "prefix_shared_device_bytes": kept.device_bytes,
+        "prefix_shared_host_bytes": kept.host_bytes,
         "prefix_store_bytes": store.nbytes if store is not None else 0,
     }
 
@@ -129,16 +155,18 @@ def main() -> None:
             rows.append(run_conversation(llm, method, share, doc, args.turns, args.new_tokens))
             print(json.dumps(rows[-1]), flush=True)
     print("\n| method | requests | sharing | wall s | TTFT mean s | TTFT max s | prefilled tokens "
-          "| peak device MiB | peak host MiB | prefix store MiB |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| peak device MiB | peak host MiB | store: cache device MiB | store: cache host MiB "
+          "| store: host copies MiB |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     mib = 2**20
     for r in rows:
         if r["part"] != "questions":
             continue
         print(f"| {r['method']} | {r['requests']} | {'on' if r['sharing'] else 'off'} | "
               f"{r['wall_s']} | {r['ttft_mean_s']} | {r['ttft_max_s']} | {r['prefilled_tokens']} "
-              f"| {r['peak_device_bytes'] / mib:.0f} | {r['peak_host_bytes'] / mib:.0f} | "
-              f"{r['prefix_store_bytes'] / mib:.0f} |")
+              f"| {r['peak_device_bytes'] / mib:.1f} | {r['peak_host_bytes'] / mib:.1f} | "
+              f"{r['prefix_shared_device_bytes'] / mib:.1f} | "
+              f"{r['prefix_shared_host_bytes'] / mib:.1f} | {r['prefix_store_bytes'] / mib:.1f} |")
     print("\n| method | sharing | TTFT per turn s | cached tokens per turn |")
     print("|---|---|---|---|")
     for r in rows:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from shadowkv.cache.base import (
@@ -11,6 +13,7 @@ from shadowkv.cache.base import (
     CacheOptionsError,
     PrefillChunk,
     SeqRecord,
+    SharedPrefix,
     bucket,
 )
 from shadowkv.cache.layout import KVLayout
@@ -27,6 +30,10 @@ class DenseCache(AttentionCache):
     A sequence reserves its prompt + the new tokens the engine admits it with (its worst case,
     unless ``EngineConfig.admission_reserve`` admits it optimistically: then it ``grow``s its
     block-table row by blocks before a decode step would pass them).
+
+    A shared prefix (``SharedPrefix``) is the first whole blocks of a prefilled prompt: a
+    sequence started from it holds those blocks first in its block-table row and writes only
+    its own (its prefill starts after them, its tokens land after its prompt).
     """
 
     def __init__(
@@ -51,6 +58,7 @@ class DenseCache(AttentionCache):
         )
         self.allocators[BLOCKS] = self.blocks
         self.block_size = S
+        self.share_unit = S  # a shared prefix is whole blocks
         # One block past the pool is scratch: padding entries of fixed-shape steps write there.
         L = layout.num_layers
         self.k_cache = [self._pool(num_blocks + 1) for _ in range(L)]
@@ -96,6 +104,34 @@ class DenseCache(AttentionCache):
     ) -> bool:
         total = min(prompt_len + max_new_tokens, self.max_model_len)
         return self.blocks_for(self.held_tokens(total)) <= self.blocks.capacity
+
+    # prefix sharing: the prefix's whole blocks, read-only -------------------------------------
+    supports_shared_prefix = True
+
+    def make_prefix(self, rec: SeqRecord, num_tokens: int) -> SharedPrefix:
+        return SharedPrefix(num_tokens, {BLOCKS: rec.pages[BLOCKS][: self.blocks_for(num_tokens)]})
+
+    def plan_shared(
+        self, prompt_len: int, max_new_tokens: int, options: CacheOptions,
+        prefix: SharedPrefix, prefix_tokens: int,
+    ) -> tuple[Admission, dict[str, list[int]]]:
+        """The prefix's first ``prefix_tokens // S`` blocks, and own blocks for the rest."""
+        S = self.block_size
+        if prefix_tokens % S or prefix_tokens > prefix.num_tokens or prefix_tokens >= prompt_len:
+            raise ValueError(
+                f"a sequence of {prompt_len} prompt tokens cannot start from {prefix_tokens} "
+                f"tokens of a {prefix.num_tokens}-token prefix: use prefix_start's count"
+            )
+        adm = self.plan_admission(prompt_len, max_new_tokens, options)
+        shared = prefix.pages[BLOCKS][: prefix_tokens // S]
+        needs = tuple(
+            (name, num - len(shared) if name == BLOCKS else num) for name, num in adm.needs
+        )
+        return replace(adm, needs=needs), {BLOCKS: shared}
+
+    def shared_blocks(self, rec: SeqRecord) -> int:
+        """Leading blocks of ``rec`` that came from a shared prefix (read-only)."""
+        return rec.prefix_tokens // self.block_size
 
     def on_admit(self, rec: SeqRecord) -> None:
         blocks = rec.pages[BLOCKS]
@@ -163,8 +199,10 @@ class DenseCache(AttentionCache):
             raise ValueError(f"fork: sequence {dst_seq} was not admitted for this prompt length")
         n = self.blocks_for(src.length)  # a partial last block is copied whole: rows past the
         # prompt are written before they are read
-        src_blocks = torch.tensor(src.pages[BLOCKS][:n], device=self.device)
-        dst_blocks = torch.tensor(dst.pages[BLOCKS][:n], device=self.device)
+        # Blocks both hold (a shared prefix both started from) are the same memory: not copied.
+        pairs = [(s, d) for s, d in zip(src.pages[BLOCKS][:n], dst.pages[BLOCKS][:n]) if s != d]
+        src_blocks = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=self.device)
+        dst_blocks = torch.tensor([d for _, d in pairs], dtype=torch.long, device=self.device)
         for layer in range(self.num_layers):
             for pool in (self.k_cache[layer], self.v_cache[layer]):
                 pool[dst_blocks] = pool[src_blocks]

@@ -14,7 +14,13 @@ from typing import Any
 
 import torch
 
-from shadowkv.cache.base import AttentionCache, CacheCapacityError, CacheMemory, CacheOptions
+from shadowkv.cache.base import (
+    AttentionCache,
+    CacheCapacityError,
+    CacheMemory,
+    CacheOptions,
+    SharedPrefix,
+)
 
 
 class LayeredCache:
@@ -41,6 +47,7 @@ class LayeredCache:
         self.supports_static_decode = all(c.supports_static_decode for c in self.parts)
         self.supports_fork = all(c.supports_fork for c in self.parts)
         self.stages_prompts = any(c.stages_prompts for c in self.parts)
+        self.supports_shared_prefix = all(c.supports_shared_prefix for c in self.parts)
 
     @property
     def step_epoch(self) -> int:
@@ -59,9 +66,12 @@ class LayeredCache:
 
     def can_add(
         self, prompt_len: int, max_new: int, options: CacheOptions | None = None,
-        staged: bool = False,
+        staged: bool = False, prefix: SharedPrefix | None = None, prefix_tokens: int = 0,
     ) -> bool:
-        return all(c.can_add(prompt_len, max_new, options, staged) for c in self.parts)
+        return all(
+            c.can_add(prompt_len, max_new, options, staged, part, prefix_tokens)
+            for c, part in zip(self.parts, self._split(prefix))
+        )
 
     def can_stage(
         self, prompt_len: int, max_new: int, options: CacheOptions | None = None
@@ -75,17 +85,69 @@ class LayeredCache:
 
     def add_sequence(
         self, seq_id: int, prompt_len: int, max_new: int, options: CacheOptions | None = None,
-        staged: bool = False,
+        staged: bool = False, prefix: SharedPrefix | None = None, prefix_tokens: int = 0,
     ) -> None:
         added = []
         try:
-            for c in self.parts:
-                c.add_sequence(seq_id, prompt_len, max_new, options, staged)
+            for c, part in zip(self.parts, self._split(prefix)):
+                shared = {"prefix": part, "prefix_tokens": prefix_tokens} if part else {}
+                c.add_sequence(seq_id, prompt_len, max_new, options, staged, **shared)
                 added.append(c)
         except CacheCapacityError:
             for c in added:
                 c.free_sequence(seq_id)
             raise
+
+    # prefix sharing: one SharedPrefix per part, bundled in ``detail`` -------------------------
+    def _split(self, prefix: SharedPrefix | None) -> list[SharedPrefix | None]:
+        """Each part's prefix of a bundle (None for every part when there is none)."""
+        if prefix is None:
+            return [None] * len(self.parts)
+        return list(prefix.detail)
+
+    def share_prefix(self, seq_id: int, num_tokens: int) -> SharedPrefix | None:
+        """Every part's prefix of ``seq_id``, bundled; None unless every part has one. The
+        bundle's ``num_tokens`` is the fewest any part keeps."""
+        parts: list[SharedPrefix] = []
+        for c in self.parts:
+            part = c.share_prefix(seq_id, num_tokens)
+            if part is None:
+                for done, kept in zip(self.parts, parts):
+                    done.release_prefix(kept)
+                return None
+            parts.append(part)
+        return SharedPrefix(min(p.num_tokens for p in parts), {}, tuple(parts))
+
+    def release_prefix(self, prefix: SharedPrefix) -> None:
+        if prefix.released:
+            return
+        prefix.released = True
+        for c, part in zip(self.parts, self._split(prefix)):
+            c.release_prefix(part)  # type: ignore[arg-type]
+
+    def prefix_start(
+        self, prefix: SharedPrefix, prompt_len: int, max_new_tokens: int,
+        options: CacheOptions | None, matched: int,
+    ) -> int:
+        """The most tokens every part may start from: each part's count of the last one's,
+        until they agree (counts only fall, so this ends)."""
+        if prefix.released:
+            return 0
+        n = matched
+        while True:
+            agreed = min(
+                c.prefix_start(part, prompt_len, max_new_tokens, options, n)  # type: ignore[arg-type]
+                for c, part in zip(self.parts, self._split(prefix))
+            )
+            if agreed == n or agreed == 0:
+                return agreed
+            n = agreed
+
+    def prefix_memory(self, prefixes: list[SharedPrefix]) -> CacheMemory:
+        total = CacheMemory()
+        for i, c in enumerate(self.parts):
+            total = total + c.prefix_memory([p.detail[i] for p in prefixes])
+        return total
 
     def reserved_tokens(self, seq_id: int) -> int:
         return min(c.reserved_tokens(seq_id) for c in self.parts)

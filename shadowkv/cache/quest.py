@@ -38,14 +38,19 @@ class QuestCache(SparseCache):
         return 2 * self.num_layers * self.layout.kv_dim * self.layout.elem_size
 
     def summarise(self, layer: int, k: torch.Tensor) -> None:
-        T, Hkv, D = k.shape
+        rec = self.seqs[self._chunk.seq_id]
+        # Blocks of a shared prefix are read-only: the sequence that shared them wrote their
+        # bounds, from the same keys. Only the sequence's own blocks get bounds here.
+        first = self.shared_blocks(rec)
         S = self.unit
+        k = k[first * S :]
+        T, Hkv, D = k.shape
         num_pages = -(-T // S)
         pad = num_pages * S - T
         # Padding rows must not widen the bounds: +inf for the min, -inf for the max.
         lo = torch.cat([k, k.new_full((pad, Hkv, D), float("inf"))]).view(num_pages, S, Hkv, D)
         hi = torch.cat([k, k.new_full((pad, Hkv, D), float("-inf"))]).view(num_pages, S, Hkv, D)
-        blocks = self.block_tables[self.seqs[self._chunk.seq_id].row, :num_pages].long()
+        blocks = self.block_tables[rec.row, first : first + num_pages].long()
         self.page_min[layer][blocks] = lo.amin(dim=1)
         self.page_max[layer][blocks] = hi.amax(dim=1)
 

@@ -144,11 +144,15 @@ class SparseCache(DenseCache):
         blocks = self._tables.long().gather(1, flat // S)
         return (blocks * S + flat % S).view_as(pos)
 
-    def gather_prefix(self, pool: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """First ``num_tokens`` rows of each sequence from a paged pool ``[blocks, S, ...]``."""
+    def gather_prefix(
+        self, pool: torch.Tensor, num_tokens: int, tables: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """First ``num_tokens`` rows of each sequence from a paged pool ``[pages, S, ...]``
+        through ``tables [B, >= pages used]`` (default: the step's block tables)."""
         S = self.block_size
         nb = -(-num_tokens // S)
-        rows = pool[self._tables[:, :nb].long()]  # [B, nb, S, ...]
+        tables = self._tables if tables is None else tables
+        rows = pool[tables[:, :nb].long()]  # [B, nb, S, ...]
         return rows.flatten(1, 2)[:, :num_tokens]
 
     def top_units(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,10 @@ from shadowkv.kernels.varlen_attention.reference import causal_attention
 class WindowCache(DenseCache):
     """Per sequence a ring of ``min(window, tokens)`` K/V slots in the dense cache's blocks."""
 
+    # The ring overwrites a prompt's first tokens once it passes the window: no block of it stays
+    # read-only, so nothing is shared (the engine keeps host copies of prefixes instead).
+    supports_shared_prefix = False
+
     def __init__(
         self,
         cfg: CacheConfig,

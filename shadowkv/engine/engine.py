@@ -30,14 +30,21 @@ from dataclasses import dataclass
 import torch
 
 from shadowkv.cache import CacheCapacityError, make_cache
-from shadowkv.cache.base import CacheOptions
+from shadowkv.cache.base import CacheMemory, CacheOptions, SharedPrefix
 from shadowkv.cache.methods import CacheConfig
 from shadowkv.config import EngineConfig, ModelConfig
 from shadowkv.engine.decode_runner import DecodeRunner
 from shadowkv.engine.grammar import Grammars
 from shadowkv.engine.logits import new_state, prompt_logprobs, sample_requests
 from shadowkv.engine.prefill import MIN_CHUNK, PrefillState, partial_share
-from shadowkv.engine.prefix import PrefixStore, replay_prefix, shared_tokens
+from shadowkv.engine.prefix import (
+    PrefixEntry,
+    PrefixStore,
+    PrefixUse,
+    frees_pages,
+    replay_prefix,
+    shared_tokens,
+)
 from shadowkv.engine.prompt_kv import PromptKV, RecordingCache
 from shadowkv.engine.ragged import MixedStep, RaggedPrefill, Segment
 from shadowkv.engine.request import Request, Status
@@ -143,11 +150,15 @@ class Engine:
             "preemptions": 0, "replayed_tokens": 0,
         }
         # Prefix sharing (engine/prefix.py): prefills that reused a stored prefix, and the
-        # prompt tokens those prefixes spared.
+        # prompt tokens those prefixes spared. A cache that shares its own pages stores them
+        # (``SharedPrefix``); any other gets host copies of the prefixes' K/V.
         self.prefix_store: PrefixStore | None = None
         if engine_cfg.prefix_cache:
-            self.prefix_store = PrefixStore(prefix_budget(engine_cfg, cache_bytes))
+            self.prefix_store = PrefixStore(
+                prefix_budget(engine_cfg, cache_bytes), release=self.cache.release_prefix
+            )
             self.counters.update(prefix_hits=0, cached_tokens=0)
+        self.shares_pages = self.prefix_store is not None and self.cache.supports_shared_prefix
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._next_id = 0
@@ -188,7 +199,7 @@ class Engine:
             )
         max_new = min(params.max_tokens, self.max_model_len - n)
         idle = not self.running and not self.waiting
-        if idle and not self.cache.can_add(n, max_new, cache_options):
+        if idle and not self._fits_idle(n, max_new, cache_options):
             raise CacheCapacityError(
                 f"a request of {n} prompt + {max_new} new tokens cannot fit in the cache even when "
                 "it is empty; lower max_tokens or give the cache more memory"
@@ -336,7 +347,8 @@ class Engine:
         p = self._partial
         partial = p is not None  # whether a prompt stays partly prefilled after this step
         # Caches that stage a chunked prompt (ShadowKV) take at most one prompt per step that
-        # starts from a stored prefix: it stages from its admission to the forward's end.
+        # starts from a replayed host copy of a prefix: it stages from its admission to the
+        # forward's end (a prefix of shared pages is planned with its sequence's admission).
         shared = False
         stored: list[list[int]] = []  # prompts this step completes: the store gets them after
         if p is not None:
@@ -352,7 +364,8 @@ class Engine:
             while self.waiting:
                 req = self.waiting[0]
                 cached = self._cached_tokens(req)
-                if (cached and shared and self.cache.stages_prompts) or self._gains_by_waiting(
+                staging = self.cache.stages_prompts and not self.shares_pages
+                if (cached and shared and staging) or self._gains_by_waiting(
                     req, cached, stored
                 ):
                     break
@@ -424,44 +437,50 @@ class Engine:
     def _admit_next(self, may_raise: bool = True, staged: bool = False) -> PrefillState | None:
         """Admit the head request (and its samples) if decode slots and cache room are free.
         ``staged``: its prompt prefills in chunks or starts from a stored prefix, so the cache
-        reserves its staging too (the samples get a copy of the whole prefill: none)."""
+        reserves its staging too (the samples get a copy of the whole prefill: none). With a
+        stored prefix of cache pages, every sequence of the group starts from it (holding its
+        pages, taking pages only for the rest); when the cache is short, the store's other
+        entries of cache pages are evicted, least recently used first, before giving up."""
         req = self.waiting[0]
         n = len(req.prompt_ids)
         opts = req.cache_options
         slots = 1 + len(req.samples)
-        if len(self.running) + slots > self.cfg.max_num_seqs or not self.cache.can_add(
-            n, self._reserve(req), opts, staged
-        ):
+        if len(self.running) + slots > self.cfg.max_num_seqs:
             return None
+        use = self._stored_prefix(req, touch=True) if staged and self.shares_pages else None
+        keep = use.entry if use is not None else None
+        prefix = keep.shared if keep is not None else None
+        k = use.num_tokens if use is not None else 0
+        while not self.cache.can_add(n, self._reserve(req), opts, staged, prefix, k):
+            if not self._evict_shared(keep):
+                return None
         group = [req, *req.samples]
-        for i, r in enumerate(group):
-            try:
-                self.cache.add_sequence(
-                    r.request_id, n, self._reserve(r), opts, staged=staged and i == 0
-                )
-            except CacheCapacityError:
-                # can_add said yes but an allocation failed (pinning host memory, or the room
-                # for the other samples): the request stays queued and is retried once running
-                # requests have freed memory.
-                for added in group[:i]:
-                    self.cache.free_sequence(added.request_id)
-                if self.running or not may_raise:
-                    return None
-                if i:
-                    raise CacheCapacityError(
-                        f"{len(group)} samples of a {n}-token prompt cannot fit in the cache "
-                        "even when it is empty; ask for fewer samples or lower max_tokens"
-                    ) from None
-                raise
+        while (failed := self._add_group(group, staged, prefix, k)) is not None:
+            if self._evict_shared(keep):
+                continue
+            # can_add said yes but an allocation failed (pinning host memory, or the room for
+            # the other samples): the request stays queued and is retried once running
+            # requests have freed memory.
+            i, error = failed
+            if self.running or not may_raise:
+                return None
+            if i:
+                raise CacheCapacityError(
+                    f"{len(group)} samples of a {n}-token prompt cannot fit in the cache "
+                    "even when it is empty; ask for fewer samples or lower max_tokens"
+                ) from None
+            raise error
         if req.prefill_start is None:  # a resumed request keeps its first prefill's start
             req.prefill_start = time.perf_counter()
         for r in group:
             r.admission = self._admissions
             self._admissions += 1
         self.waiting.popleft()
-        record = req.record_prompt_kv or (req.samples and not self.cache.supports_fork)
-        record = record or self._storable(n)  # stored for later prompts
+        record = self._records(req) or self._storable(n)  # stored for later prompts
         p = PrefillState(req, RecordingCache(self.cache) if record else None)
+        if use is not None:
+            self._started_from(p, use.num_tokens)
+            return p
         try:
             if staged:  # a prefix replayed is a first chunk: only a staged prompt has one
                 self._reuse_prefix(p)
@@ -470,11 +489,51 @@ class Engine:
             raise
         return p
 
+    def _add_group(
+        self, group: list[Request], staged: bool, prefix: SharedPrefix | None, k: int
+    ) -> tuple[int, CacheCapacityError] | None:
+        """Add every sequence of a prompt's group (the first staged, if ``staged``), each
+        starting from ``k`` tokens of ``prefix`` if given; all or none. None when all were
+        added, else the index of the one that did not fit and why."""
+        n, opts = len(group[0].prompt_ids), group[0].cache_options
+        shared = {"prefix": prefix, "prefix_tokens": k} if prefix is not None else {}
+        for i, r in enumerate(group):
+            try:
+                self.cache.add_sequence(
+                    r.request_id, n, self._reserve(r), opts, staged=staged and i == 0, **shared
+                )
+            except CacheCapacityError as e:
+                for added in group[:i]:
+                    self.cache.free_sequence(added.request_id)
+                return i, e
+        return None
+
+    def _fits_idle(self, prompt_len: int, max_new: int, options: CacheOptions | None) -> bool:
+        """Whether a request fits the cache no request holds: now, or once the store gives up
+        its prefixes of cache pages (admission evicts them as it needs their room; the caches
+        that share pages tell ``fits_empty`` exactly)."""
+        if self.cache.can_add(prompt_len, max_new, options):
+            return True
+        held = self.shares_pages and self.prefix_store.shared_prefixes()  # type: ignore[union-attr]
+        return bool(held) and self.cache.fits_empty(prompt_len, max_new, options)
+
+    def _evict_shared(self, keep: PrefixEntry | None) -> bool:
+        """Evict the least recently used stored prefix of cache pages, other than ``keep``,
+        whose eviction frees memory now; says whether there was one."""
+        store = self.prefix_store
+        return store is not None and store.evict_shared(
+            lambda prefix: frees_pages(self.cache, prefix), keep
+        )
+
+    def _records(self, req: Request) -> bool:
+        """Whether ``req``'s prefill is recorded for itself or for its samples (not the store)."""
+        return bool(req.record_prompt_kv or (req.samples and not self.cache.supports_fork))
+
     def _storable(self, prompt_len: int) -> bool:
         """Whether the prefix store could keep a prompt this long: only then is its K/V recorded
         to host memory for it (a 122K-token prompt of an 8B model is ~24 GiB of k, v, k_pre)."""
         store = self.prefix_store
-        if store is None or prompt_len < store.block:
+        if store is None or self.shares_pages or prompt_len < store.block:
             return False
         c = self.model_cfg
         per_token = c.num_layers * 3 * c.num_kv_heads * c.head_dim * self.dtype.itemsize
@@ -486,17 +545,33 @@ class Engine:
 
     def _shares_prefix(self, req: Request) -> bool:
         # Prompt logprobs need every prompt position's logits; a replay runs no model at all;
-        # a stored prefix is a first chunk, so the prompt must be able to stage.
+        # a stored prefix is a first chunk, so the prompt must be able to stage. A recorded
+        # prompt would miss the K/V of a prefix of cache pages (nothing replays it).
         return (
             self.prefix_store is not None and req.prompt_kv is None
             and req.params.prompt_logprobs is None and self._can_stage(req)
+            and not (self.shares_pages and self._records(req))
         )
+
+    def _stored_prefix(self, req: Request, touch: bool = False) -> PrefixUse | None:
+        """The stored prefix ``req`` would start from now and how many tokens of it: all it
+        matches of a host copy, what the cache allows (``prefix_start``) of cache pages.
+        ``touch``: the entry becomes the most recently used."""
+        if not self._shares_prefix(req):
+            return None
+        use = self.prefix_store.find_prefix(req.prompt_ids, touch)  # type: ignore[union-attr]
+        if use is None or use.entry.shared is None:
+            return use
+        n = self.cache.prefix_start(
+            use.entry.shared, len(req.prompt_ids), self._reserve(req), req.cache_options,
+            use.num_tokens,
+        )
+        return PrefixUse(use.entry, n) if n > 0 else None
 
     def _cached_tokens(self, req: Request) -> int:
         """Leading prompt tokens of ``req`` a stored prefix would give it now."""
-        if not self._shares_prefix(req):
-            return 0
-        return self.prefix_store.cached_tokens(req.prompt_ids)  # type: ignore[union-attr]
+        use = self._stored_prefix(req)
+        return use.num_tokens if use is not None else 0
 
     def _gains_by_waiting(self, req: Request, cached: int, stored: list[list[int]]) -> bool:
         """Whether ``req`` would find more of its prompt stored after this step than its
@@ -516,11 +591,15 @@ class Engine:
         if use is None:
             return
         replay_prefix(use, self.cache, req.request_id, p.recording)
-        p.done = use.num_tokens
-        if not req.output_ids:  # a resumed request reports its first prefill's
-            req.cached_tokens = use.num_tokens
+        self._started_from(p, use.num_tokens)
+
+    def _started_from(self, p: PrefillState, num_tokens: int) -> None:
+        """``p``'s first ``num_tokens`` prompt tokens came from a stored prefix."""
+        p.done = num_tokens
+        if not p.request.output_ids:  # a resumed request reports its first prefill's
+            p.request.cached_tokens = num_tokens
         self.counters["prefix_hits"] += 1
-        self.counters["cached_tokens"] += use.num_tokens
+        self.counters["cached_tokens"] += num_tokens
 
     def _replay(self, p: PrefillState) -> list[StepOutput]:
         """A newly admitted replayed prefill (``PromptKV``): all its tokens, running no layers."""
@@ -644,9 +723,34 @@ class Engine:
             kv = p.recording.result(req.prompt_ids, logits)
             if req.record_prompt_kv:
                 req.prompt_kv = kv
-            if self.prefix_store is not None:
+            if self.prefix_store is not None and not self.shares_pages:
                 self.prefix_store.put(req.prompt_ids, kv.layers)
+        if self.shares_pages:
+            self._store_pages(req)
         return self._end_prefill(p, logits, kv)
+
+    def _store_pages(self, req: Request) -> None:
+        """Keep the cache pages of ``req``'s prefilled prompt's whole blocks in the store."""
+        store = self.prefix_store
+        assert store is not None
+        whole = len(req.prompt_ids) // store.block * store.block
+        if whole == 0 or store.holds(req.prompt_ids):
+            return
+        prefix = self.cache.share_prefix(req.request_id, whole)
+        if prefix is not None:
+            store.put_shared(req.prompt_ids, prefix)
+
+    def prefix_memory(self) -> CacheMemory:
+        """Cache bytes the stored prefixes of cache pages hold (each page once; sequences may
+        hold them too)."""
+        if not self.shares_pages:
+            return CacheMemory()
+        return self.cache.prefix_memory(self.prefix_store.shared_prefixes())  # type: ignore[union-attr]
+
+    def clear_prefix_cache(self) -> None:
+        """Evict every stored prefix (their cache pages are freed unless a sequence holds them)."""
+        if self.prefix_store is not None:
+            self.prefix_store.clear()
 
     def _end_prefill(
         self, p: PrefillState, logits: torch.Tensor, kv: PromptKV | None
@@ -721,8 +825,9 @@ class Engine:
     def _make_room(self) -> None:
         """Before a decode step, under ``admission_reserve=N``: give every running request whose
         next token passes its reservation room for N more new tokens (at most ``max_tokens``),
-        else for that token alone; oldest admission first. When neither fits, preempt the newest
-        running request (the one needing room, if it is the newest) and try again."""
+        else for that token alone; oldest admission first. When neither fits, evict a stored
+        prefix of cache pages (least recently used first) or, when none is left, preempt the
+        newest running request (the one needing room, if it is the newest) and try again."""
         reserve = self.cfg.admission_reserve
         if reserve is None:
             return
@@ -740,7 +845,8 @@ class Engine:
                 if fits is not None:
                     self.cache.grow(s, fits)
                     break
-                self._preempt(max(self.running, key=lambda r: r.admission))
+                if not self._evict_shared(None):
+                    self._preempt(max(self.running, key=lambda r: r.admission))
 
     def _preempt(self, req: Request) -> None:
         """Free a running request's cache and requeue it first; it keeps its outputs, logit

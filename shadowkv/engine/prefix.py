@@ -17,20 +17,32 @@ copied into the cache when its request is admitted (``PrefixUse``, read at once)
 evicted while a request waits is simply not found when it is admitted (it prefills the prefix
 again), and one evicted later takes nothing from a prefill already under way.
 
-What is shared is the prefill computation (time to first token), not the cache's memory: each
-sequence still stores its own copy of the prompt in its method's representation.
+With a cache that shares its own pages (``AttentionCache.supports_shared_prefix``: dense and
+the sparse baselines' paged pool) an entry holds a ``SharedPrefix`` instead of a host copy: one
+reference to the cache pages of the prompt's first whole blocks, kept when its prefill ends
+(``put_shared``). A later prompt is admitted holding those pages too and prefills only its
+suffix, so the prefix's memory is shared as well as its computation. Such entries take no host
+memory and do not count against ``budget_bytes``: the cache pool bounds them, and the engine
+evicts them, least recently used first, whenever it needs their pages for a sequence
+(``evict_shared``). Evicting one drops the store's reference alone: sequences started from it
+hold their own, so a page is never read after it is freed.
+
+Without such a cache (ShadowKV, window layers) what is shared is the prefill computation (time
+to first token), not the cache's memory: each sequence stores its own copy of the prompt in its
+method's representation.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from shadowkv.cache.base import AttentionCache
+from shadowkv.cache.base import AttentionCache, SharedPrefix
+from shadowkv.cache.layered import LayeredCache
 from shadowkv.engine.prompt_kv import RecordingCache
 
 BLOCK = 16  # tokens per hashed block: the granularity of a match
@@ -59,12 +71,14 @@ def shared_tokens(tokens: Sequence[int], other: Sequence[int], block: int = BLOC
 
 @dataclass(eq=False)
 class PrefixEntry:
-    """One stored prompt prefix: its tokens (whole blocks), block hashes and per-layer K/V."""
+    """One stored prompt prefix: its tokens (whole blocks), block hashes, and either its
+    per-layer K/V (host copies, ``nbytes``) or the cache's own pages of it (``shared``)."""
 
     tokens: tuple[int, ...]
     hashes: list[int]
     layers: tuple[KV, ...]
     nbytes: int
+    shared: SharedPrefix | None = None
 
 
 @dataclass(frozen=True)
@@ -84,10 +98,14 @@ class PrefixUse:
 
 
 class PrefixStore:
-    """Stored prompt prefixes, least recently used first, within ``budget_bytes``."""
+    """Stored prompt prefixes, least recently used first, host copies within ``budget_bytes``.
+    ``release`` drops an evicted entry's reference to shared cache pages."""
 
-    def __init__(self, budget_bytes: int, block: int = BLOCK) -> None:
-        self.budget_bytes, self.block = budget_bytes, block
+    def __init__(
+        self, budget_bytes: int, block: int = BLOCK,
+        release: Callable[[SharedPrefix], None] | None = None,
+    ) -> None:
+        self.budget_bytes, self.block, self.release = budget_bytes, block, release
         self._entries: OrderedDict[int, PrefixEntry] = OrderedDict()  # by id, LRU first
         self._index: dict[int, PrefixEntry] = {}  # block hash -> an entry holding that chain
         self._ids = itertools.count()
@@ -118,33 +136,69 @@ class PrefixStore:
         scheduler charges a prompt only its other tokens)."""
         return self._match(tokens)[1]
 
-    def find_prefix(self, tokens: Sequence[int]) -> PrefixUse | None:
+    def find_prefix(self, tokens: Sequence[int], touch: bool = True) -> PrefixUse | None:
         """The longest stored whole-block prefix of ``tokens`` that leaves at least one token to
-        prefill (the entry becomes the most recently used); None when none matches."""
+        prefill (with ``touch``, the entry becomes the most recently used); None when none
+        matches."""
         best, n = self._match(tokens)
         if best is None:
             return None
-        self._entries.move_to_end(self._id_of[id(best)])
+        if touch:
+            self._entries.move_to_end(self._id_of[id(best)])
         return PrefixUse(best, n)
+
+    def holds(self, tokens: Sequence[int]) -> bool:
+        """Whether an entry holds exactly the whole blocks of ``tokens`` (it is then the most
+        recently used: storing them again would add nothing)."""
+        n = len(tokens) // self.block * self.block
+        if n == 0:
+            return False
+        held = self._index.get(block_hashes(tokens[:n], self.block)[-1])
+        if held is None or len(held.tokens) != n or held.tokens != tuple(tokens[:n]):
+            return False
+        self._entries.move_to_end(self._id_of[id(held)])
+        return True
 
     def put(self, tokens: Sequence[int], layers: Sequence[KV]) -> bool:
         """Store a prefilled prompt's whole blocks (``layers``: per layer ``(k, v, k_pre)``
         ``[T, Hkv, D]``, kept by reference); evicts entries, least recently used first, to
         fit. Says whether it was stored."""
         n = len(tokens) // self.block * self.block
-        if n == 0:
+        if n == 0 or self.holds(tokens):
             return False
-        hashes = block_hashes(tokens[:n], self.block)
-        held = self._index.get(hashes[-1])
-        if held is not None and len(held.tokens) == n and held.tokens == tuple(tokens[:n]):
-            self._entries.move_to_end(self._id_of[id(held)])
-            return False  # already stored
         kept = tuple(tuple(t[:n] for t in kv) for kv in layers)
         nbytes = sum(t.numel() * t.element_size() for kv in kept for t in kv)
         if nbytes > self.budget_bytes:
             return False
         self._make_room(nbytes)
-        entry = PrefixEntry(tuple(tokens[:n]), hashes, kept, nbytes)  # type: ignore[arg-type]
+        self._add(self._entry(tokens[:n], kept, nbytes))
+        return True
+
+    def put_shared(self, tokens: Sequence[int], prefix: SharedPrefix) -> bool:
+        """Store ``prefix`` (the cache's pages of the first ``prefix.num_tokens`` of
+        ``tokens``; the store takes over its reference) under its whole blocks. Says whether it
+        was stored; when not, the reference is released at once."""
+        n = min(len(tokens), prefix.num_tokens) // self.block * self.block
+        if n == 0 or self.holds(tokens[:n]):
+            self._release(prefix)
+            return False
+        self._add(self._entry(tokens[:n], (), 0, prefix))
+        return True
+
+    def _entry(
+        self, tokens: Sequence[int], layers: tuple[KV, ...], nbytes: int,
+        shared: SharedPrefix | None = None,
+    ) -> PrefixEntry:
+        return PrefixEntry(tuple(tokens), block_hashes(tokens, self.block), layers, nbytes, shared)
+
+    def _release(self, prefix: SharedPrefix) -> None:
+        if self.release is None:
+            raise RuntimeError("a PrefixStore holding shared cache pages needs release=")
+        self.release(prefix)
+
+    def _add(self, entry: PrefixEntry) -> None:
+        """Index a new entry (the most recently used); drop entries it makes redundant."""
+        hashes, nbytes = entry.hashes, entry.nbytes
         key = next(self._ids)
         self._entries[key] = entry
         self._id_of[id(entry)] = key
@@ -156,7 +210,6 @@ class PrefixStore:
         for old in list(self._entries.values()):
             if old is not entry and self._index.get(old.hashes[-1]) is entry:
                 self.evict(old)
-        return True
 
     def _make_room(self, nbytes: int) -> None:
         """Evict least recently used entries until ``nbytes`` more fit the budget."""
@@ -172,6 +225,8 @@ class PrefixStore:
             return
         del self._entries[key]
         self.nbytes -= entry.nbytes
+        if entry.shared is not None:
+            self._release(entry.shared)
         for h in entry.hashes:
             if self._index.get(h) is entry:
                 other = next((e for e in reversed(self._entries.values()) if h in e.hashes), None)
@@ -180,10 +235,44 @@ class PrefixStore:
                 else:
                     self._index[h] = other
 
+    def evict_shared(
+        self, frees: Callable[[SharedPrefix], bool], keep: PrefixEntry | None = None
+    ) -> bool:
+        """Evict the least recently used entry of cache pages whose eviction ``frees`` memory
+        now (pages no sequence or other entry holds; evicting an entry whose pages running
+        sequences hold gains nothing), other than ``keep`` (the one a waiting request is about
+        to start from); says whether there was one."""
+        old = next(
+            (
+                e for e in self._entries.values()
+                if e.shared is not None and e is not keep and frees(e.shared)
+            ),
+            None,
+        )
+        if old is None:
+            return False
+        self.evict(old)
+        return True
+
+    def shared_prefixes(self) -> list[SharedPrefix]:
+        """The cache pages every entry holds (``AttentionCache.prefix_memory`` counts them)."""
+        return [e.shared for e in self._entries.values() if e.shared is not None]
+
     def clear(self) -> None:
         """Evict everything."""
         for e in list(self._entries.values()):
             self.evict(e)
+
+
+def frees_pages(cache: AttentionCache | LayeredCache, prefix: SharedPrefix) -> bool:
+    """Whether releasing ``prefix`` would free a page now: one it alone holds."""
+    if isinstance(cache, LayeredCache):
+        return any(frees_pages(c, part) for c, part in zip(cache.parts, prefix.detail))
+    return any(
+        cache.allocators[name].refcount(page) == 1
+        for name, pages in prefix.pages.items()
+        for page in pages
+    )
 
 
 def replay_prefix(

@@ -33,8 +33,20 @@ GAUGES = (
     ("cache_host_bytes", "Attention-cache bytes held in host memory.", "cache_host_bytes"),
     (
         "prefix_store_bytes",
-        "Host bytes of the stored prompt prefixes that later prompts share (prefix sharing).",
+        "Host bytes of the stored prompt prefixes' K/V copies that later prompts share (prefix "
+        "sharing, caches that do not share their own pages).",
         "prefix_store_bytes",
+    ),
+    (
+        "prefix_shared_device_bytes",
+        "Device bytes of the cache pages the stored prompt prefixes hold (prefix sharing of "
+        "cache memory; running requests started from them hold the same pages).",
+        "prefix_shared_device_bytes",
+    ),
+    (
+        "prefix_shared_host_bytes",
+        "Host bytes of the cache pages the stored prompt prefixes hold.",
+        "prefix_shared_host_bytes",
     ),
 )
 COUNTERS = (

@@ -122,7 +122,11 @@ class WorkerStats:
     replayed_tokens: int = 0  # decode rows that replayed a preempted request's tokens
     prefix_hits: int = 0  # prefills that reused a stored prefix
     cached_tokens: int = 0  # prompt tokens those prefixes spared
-    prefix_store_bytes: int = 0  # host bytes of the stored prefixes (gauge)
+    prefix_store_bytes: int = 0  # host bytes of the stored prefixes' K/V copies (gauge)
+    # Cache bytes the stored prefixes of cache pages hold (gauges; running requests may hold
+    # the same pages: they are counted in the cache's bytes too).
+    prefix_shared_device_bytes: int = 0
+    prefix_shared_host_bytes: int = 0
 
 
 _STOP = object()
@@ -430,9 +434,13 @@ class EngineWorker:
             self._recent.popleft()
         try:
             mem = self.engine.cache.memory()
+            shared = self.engine.prefix_memory()
         except Exception:  # noqa: BLE001 - accounting must not stop serving
             log.exception("cache.memory() failed; keeping the last published bytes")
             mem = CacheMemory(self._stats.cache_device_bytes, self._stats.cache_host_bytes)
+            shared = CacheMemory(
+                self._stats.prefix_shared_device_bytes, self._stats.prefix_shared_host_bytes
+            )
         c = self._counts
         store = getattr(self.engine, "prefix_store", None)
         self._stats = WorkerStats(
@@ -450,5 +458,7 @@ class EngineWorker:
             failed=c["failed"],
             steps=c["steps"],
             prefix_store_bytes=store.nbytes if store is not None else 0,
+            prefix_shared_device_bytes=shared.device_bytes,
+            prefix_shared_host_bytes=shared.host_bytes,
             **self.engine.counters,
         )

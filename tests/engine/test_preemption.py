@@ -18,6 +18,7 @@ from utils import small_cache_cfg as cache_cfg
 from shadowkv import LLM, EngineConfig, SamplingParams
 from shadowkv.cache import CacheCapacityError
 from shadowkv.engine.engine import Engine
+from shadowkv.engine.prefix import frees_pages
 from shadowkv.engine.request import Request, Status
 
 METHODS = ["dense", "shadowkv", "quest", "loki", "streaming", "oracle"]
@@ -264,7 +265,9 @@ def test_admission_reserve_must_be_positive() -> None:
 @pytest.mark.parametrize("method", ["dense", "shadowkv"])
 def test_resumption_through_chunked_prefill_and_the_prefix_store(path: Path, method: str) -> None:
     """Prompts prefill in 48-token chunks and are stored: a resumed request finds its own prompt
-    in the prefix store and prefills only its last block (ShadowKV stages the chunks)."""
+    in the prefix store and prefills only its last block (ShadowKV stages the chunks). Dense
+    stores its cache pages: the store gives up every entry it alone holds before a request is
+    preempted, so here (every page is needed) a resumed request finds its prompt evicted."""
     params = base_params()
     want = run(make_engine(path, method), params, one_by_one=True)
     # ShadowKV: a staging pool for one prompt (128 tokens), out of a budget that still preempts.
@@ -273,8 +276,21 @@ def test_resumption_through_chunked_prefill_and_the_prefix_store(path: Path, met
         path, method, staging, cache_memory_gb=memory, admission_reserve=RESERVE,
         max_num_batched_tokens=48, prefix_cache=True,
     )
+    store, preempt = engine.prefix_store, engine._preempt
+    reclaimable = []  # per preemption: stored prefixes whose eviction would have freed pages
+
+    def preempting(req: Request) -> None:
+        reclaimable.append(
+            [p for p in store.shared_prefixes() if frees_pages(engine.cache, p)]  # type: ignore[union-attr]
+        )
+        preempt(req)
+
+    engine._preempt = preempting  # type: ignore[method-assign]
     assert run(engine, params) == want
-    assert engine.counters["preemptions"] > 0 and engine.counters["prefix_hits"] > 0
+    assert engine.counters["preemptions"] > 0 and reclaimable == [[]] * len(reclaimable)
+    assert engine.shares_pages == (method == "dense")
+    if method == "shadowkv":
+        assert engine.counters["prefix_hits"] > 0
     assert engine.counters["prefill_chunks"] > len(PROMPTS)
     idle(engine)
 

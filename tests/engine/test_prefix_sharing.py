@@ -2,7 +2,10 @@
 
 Shared prefills must give the tokens unshared ones do (prefill attention is exact in every
 method, so for every method), a conversation's next turn must reuse the previous prompt, and the
-cache must return to idle whatever happens to a request that reads a stored prefix.
+cache must return to idle whatever happens to a request that reads a stored prefix. Caches of the
+dense pool (``PAGED``) share the prefix's cache pages themselves: their requests must hold the
+prefix once, and the store must give its pages up before an admission fails or a request is
+preempted.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import torch
 from utils import small_cache_cfg as cache_cfg
 
 from shadowkv import LLM, EngineConfig, SamplingParams
+from shadowkv.cache.base import AttentionCache
+from shadowkv.cache.dense import BLOCKS
 from shadowkv.engine.engine import Engine
 from shadowkv.engine.prefix import BLOCK, PrefixStore, block_hashes
 from shadowkv.engine.prompt_kv import RecordingCache
@@ -21,6 +26,7 @@ from shadowkv.engine.prompt_kv import RecordingCache
 DOC = [(7 * i) % 90 + 3 for i in range(200)]  # 200 tokens: 12 whole blocks
 QUESTIONS = [[5, 6, 7], [8, 9, 10, 11], [12]]
 METHODS = ["dense", "shadowkv", "quest", "loki", "streaming", "oracle"]
+PAGED = ["dense", "quest", "loki", "streaming", "oracle"]  # the store holds their cache pages
 
 
 # --- the store ------------------------------------------------------------------------------
@@ -90,7 +96,7 @@ def path(tiny_checkpoint) -> Path:
 
 
 def make_llm(path: Path, method: str = "dense", on: bool = True, **engine) -> LLM:
-    cfg = EngineConfig(cache_memory_gb=0.01, prefix_cache=on, **engine)
+    cfg = EngineConfig(**{"cache_memory_gb": 0.01, "prefix_cache": on, **engine})
     return LLM(str(path), cache=cache_cfg(method), engine=cfg, device="cpu")
 
 
@@ -102,10 +108,19 @@ def answers(llm: LLM, prompts: list[list[int]], n: int = 8) -> list[tuple[list[i
     return out
 
 
+def allocators(engine: Engine) -> list:
+    parts = getattr(engine.cache, "parts", [engine.cache])
+    return [a for c in parts for a in c.allocators.values()]
+
+
 def idle(engine: Engine) -> None:
+    """No request holds memory; once the store lets its entries go, no page is in use."""
     assert not engine.has_unfinished()
     assert engine.cache.memory().device_bytes == 0 and engine.cache.memory().host_bytes == 0
     assert engine.prefix_store is not None
+    engine.clear_prefix_cache()
+    assert len(engine.prefix_store) == 0 and engine.prefix_memory().device_bytes == 0
+    assert all(a.num_used == 0 for a in allocators(engine))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -120,11 +135,17 @@ def test_shared_prefills_answer_as_unshared_ones(path: Path, method: str) -> Non
     c = llm.engine.counters
     assert c["prefix_hits"] == 2 and c["cached_tokens"] == 384
     assert c["prefill_tokens"] == sum(map(len, prompts)) - 384
+    assert llm.engine.shares_pages == (method in PAGED)
+    if method in PAGED:  # the store holds the last prompt's 12 whole blocks, in cache pages
+        block = llm.engine.cache.blocks.page_bytes
+        assert llm.engine.prefix_memory().device_bytes == 12 * block
+        assert llm.engine.prefix_store.nbytes == 0  # no host copies
     idle(llm.engine)
 
 
-def test_a_conversation_reuses_the_previous_turn(path: Path) -> None:
-    llm, plain = make_llm(path), make_llm(path, on=False)
+@pytest.mark.parametrize("method", PAGED)
+def test_a_conversation_reuses_the_previous_turn(path: Path, method: str) -> None:
+    llm, plain = make_llm(path, method), make_llm(path, method, on=False)
     prompt, previous = DOC[:150], 0
     for turn in range(3):
         want = plain.generate(prompt, SamplingParams(max_tokens=6))[0]
@@ -153,17 +174,29 @@ def test_window_layers_share_prefixes(tiny_checkpoint) -> None:
     assert [c for _, c in runs[1]] == [0, 192, 192]
 
 
-def test_samples_of_a_shared_prompt(path: Path) -> None:
-    llm = make_llm(path, "shadowkv")  # ShadowKV cannot fork: samples replay the whole prompt
+@pytest.mark.parametrize("method", ["shadowkv", *PAGED])
+def test_samples_of_a_shared_prompt(path: Path, method: str) -> None:
+    # ShadowKV cannot fork: samples replay the whole prompt. The dense pool forks: each sample
+    # holds the stored prefix's blocks too and gets a copy of the rest.
+    llm = make_llm(path, method)
+    engine = llm.engine
     answers(llm, [DOC + [1]])
     params = [SamplingParams(max_tokens=5, temperature=0)] * 2
-    reqs = llm.engine.add_requests(DOC + [2, 3], params)
-    while llm.engine.has_unfinished():
-        llm.engine.step()
-    plain = answers(make_llm(path, "shadowkv", on=False), [DOC + [2, 3]], 5)[0][0]
+    reqs = engine.add_requests(DOC + [2, 3], params)
+    engine.step()
+    if method != "shadowkv":
+        (entry,) = engine.prefix_store._entries.values()
+        shared = entry.shared.pages[BLOCKS]
+        tables = [engine.cache.seqs[r.request_id].pages[BLOCKS] for r in reqs]
+        assert tables[0][:12] == tables[1][:12] == shared
+        assert not set(tables[0][12:]) & set(tables[1][12:])
+        assert engine.counters["forked_samples"] == 1
+    while engine.has_unfinished():
+        engine.step()
+    plain = answers(make_llm(path, method, on=False), [DOC + [2, 3]], 5)[0][0]
     assert [r.output_ids for r in reqs] == [plain, plain]
     assert reqs[0].cached_tokens == 192
-    idle(llm.engine)
+    idle(engine)
 
 
 def test_abort_during_a_shared_prefill_returns_to_idle(path: Path) -> None:
@@ -184,21 +217,24 @@ def test_a_failure_during_a_suffix_prefill_returns_to_idle(path: Path, monkeypat
     llm = make_llm(path)
     engine = llm.engine
     answers(llm, [DOC + [1]])
-    real = RecordingCache.prefill_kv  # the suffix's layers (a shared prefill is recorded)
+    assert engine.shares_pages
+    real = AttentionCache.prefill_kv  # the suffix's layers
 
     def failing(self, layer, *args):  # type: ignore[no-untyped-def]
         if layer == 2:
             raise RuntimeError("injected")
         return real(self, layer, *args)
 
-    monkeypatch.setattr(RecordingCache, "prefill_kv", failing)
+    monkeypatch.setattr(AttentionCache, "prefill_kv", failing)
     b = engine.add_request(DOC + [2], SamplingParams(max_tokens=4))
     with pytest.raises(RuntimeError, match="injected"):
         engine.step()
     engine.abort(b.request_id)  # what the server's worker does when a step fails
-    idle(engine)
+    assert not engine.has_unfinished() and engine.cache.memory().device_bytes == 0
+    assert engine.cache.blocks.num_used == 12  # the store's entry alone
     monkeypatch.undo()
     assert answers(llm, [DOC + [2]])[0][1] == 192  # the store still serves
+    idle(engine)
 
 
 def test_a_prefix_evicted_while_a_request_waits_is_recomputed(path: Path) -> None:
@@ -235,7 +271,8 @@ def test_a_prompt_the_store_cannot_keep_is_not_recorded(path: Path, monkeypatch)
     probe = make_llm(path).engine
     c = probe.model_cfg
     per_token = c.num_layers * 3 * c.num_kv_heads * c.head_dim * 4  # fp32 on the CPU
-    llm = make_llm(path, prefix_cache_gb=100 * per_token / 2**30)  # room for 96 tokens' K/V
+    # ShadowKV keeps host copies (room for 96 tokens' K/V); the dense pool's pages take none.
+    llm = make_llm(path, "shadowkv", prefix_cache_gb=100 * per_token / 2**30)
     engine = llm.engine
     recorded: list[int] = []
     real = RecordingCache.result
@@ -251,3 +288,121 @@ def test_a_prompt_the_store_cannot_keep_is_not_recorded(path: Path, monkeypatch)
     assert answers(llm, [short + [1], short + [2]])[1][1] == 80  # 80 tokens fit: stored, shared
     assert recorded == [81, 81]
     idle(engine)
+
+
+# --- the cache's own pages (the dense pool) ----------------------------------------------------
+
+
+def sized_llm(path: Path, blocks: int, method: str = "dense", on: bool = True, **engine) -> LLM:
+    """An engine whose cache holds exactly ``blocks`` blocks of 16 tokens."""
+    per_block = make_llm(path, method).engine.cache.block_bytes()
+    gb = (blocks + 1) * per_block / 2**30
+    llm = make_llm(path, method, on, **{**engine, "cache_memory_gb": gb})
+    assert llm.engine.cache.blocks.capacity == blocks
+    return llm
+
+
+def run(engine: Engine, prompts: list[list[int]], n: int = 8) -> list:
+    reqs = [engine.add_request(p, SamplingParams(max_tokens=n)) for p in prompts]
+    while engine.has_unfinished():
+        engine.step()
+    return reqs
+
+
+def test_live_requests_hold_a_shared_prefix_once(path: Path) -> None:
+    prompts = [DOC + q for q in QUESTIONS[:2]]  # 203 and 204 tokens + 8 new: 14 blocks each
+    used = {}
+    for on in (False, True):
+        engine = make_llm(path, on=on).engine
+        run(engine, [DOC + [1]])  # stores DOC's 12 blocks (with sharing on)
+        reqs = [engine.add_request(p, SamplingParams(max_tokens=8)) for p in prompts]
+        engine.step()  # both prefilled: each holds its blocks
+        assert all(r in engine.running for r in reqs)
+        used[on] = (engine.cache.blocks.num_used, engine.cache.memory().device_bytes)
+        while engine.has_unfinished():
+            engine.step()
+    idle(engine)
+    block = engine.cache.blocks.page_bytes
+    assert used[False] == (28, 28 * block)
+    # The store's 12 blocks, which both requests hold too, and 2 blocks of each one's own.
+    assert used[True] == (12 + 2 + 2, (12 + 2 + 2) * block)
+
+
+def test_admission_counts_the_shared_blocks_once(path: Path) -> None:
+    prompts = [DOC + q for q in QUESTIONS[:2]]
+    plain = [r.output_ids for r in run(make_llm(path, on=False).engine, prompts)]
+    engine = sized_llm(path, 20).engine  # 14 blocks each: only one fits unshared
+    run(engine, [DOC + [1]])
+    reqs = [engine.add_request(p, SamplingParams(max_tokens=8)) for p in prompts]
+    engine.step()
+    assert all(r in engine.running for r in reqs)  # both admitted at once: 16 blocks
+    assert engine.cache.blocks.num_used == 16 and len(engine.prefix_store) == 1
+    while engine.has_unfinished():
+        engine.step()
+    assert [r.output_ids for r in reqs] == plain
+    assert [r.cached_tokens for r in reqs] == [192, 192]
+    idle(engine)
+
+
+def test_the_store_gives_its_pages_up_for_an_admission(path: Path) -> None:
+    other = [(5 * i) % 90 + 3 for i in range(200)]  # another document: 14 blocks with its answer
+    plain = run(make_llm(path, on=False).engine, [other + [1]])[0].output_ids
+    engine = sized_llm(path, 20).engine
+    run(engine, [DOC + [1]])
+    assert engine.cache.blocks.num_used == 12  # the store's entry: 8 blocks free
+    (req,) = run(engine, [other + [1]])
+    assert req.output_ids == plain and req.cached_tokens == 0
+    assert engine.counters["preemptions"] == 0
+    # DOC's entry was evicted to admit it; its own prompt is stored now.
+    assert engine.prefix_store.cached_tokens(DOC + [1]) == 0
+    assert engine.prefix_store.cached_tokens(other + [2]) == 192
+    idle(engine)
+
+
+def test_the_store_gives_its_pages_up_before_a_preemption(path: Path) -> None:
+    prompt = [(5 * i) % 90 + 3 for i in range(100)]  # grows to 200 tokens: 13 blocks
+    plain = run(make_llm(path, on=False).engine, [prompt], 100)[0].output_ids
+    engine = sized_llm(path, 20, admission_reserve=1).engine
+    run(engine, [DOC + [1]], 2)  # the store keeps 12 blocks
+    (req,) = run(engine, [prompt], 100)
+    assert req.output_ids == plain and req.finish_reason == "length"
+    assert engine.counters["preemptions"] == 0 and len(engine.prefix_store) == 1
+    assert engine.prefix_store.cached_tokens(DOC + [1]) == 0  # evicted for the growth
+    idle(engine)
+
+
+def test_an_abort_mid_decode_returns_to_idle(path: Path) -> None:
+    engine = make_llm(path).engine
+    run(engine, [DOC + [1]])
+    req = engine.add_request(DOC + [2], SamplingParams(max_tokens=20))
+    for _ in range(3):
+        engine.step()
+    assert req in engine.running and req.cached_tokens == 192
+    engine.abort(req.request_id)
+    assert engine.cache.blocks.num_used == 12  # the store's entry alone
+    idle(engine)
+
+
+def test_a_prefix_evicted_while_its_request_decodes_changes_nothing(path: Path) -> None:
+    plain = run(make_llm(path, on=False).engine, [DOC + [2]], 12)[0].output_ids
+    engine = make_llm(path).engine
+    run(engine, [DOC + [1]])
+    req = engine.add_request(DOC + [2], SamplingParams(max_tokens=12))
+    for _ in range(3):
+        engine.step()
+    assert req in engine.running and req.cached_tokens == 192
+    blocks = engine.cache.seqs[req.request_id].pages[BLOCKS]
+    engine.clear_prefix_cache()  # forced eviction: the request keeps its own references
+    assert all(engine.cache.blocks.refcount(b) == 1 for b in blocks)
+    assert engine.cache.blocks.num_used == len(blocks)
+    while engine.has_unfinished():
+        engine.step()
+    assert req.output_ids == plain
+    idle(engine)
+
+
+def test_cache_page_entries_do_not_count_against_the_host_budget(path: Path) -> None:
+    llm = make_llm(path, prefix_cache_gb=1e-9)  # no room for any host copy
+    got = answers(llm, [DOC + [1], DOC + [2]])
+    assert [c for _, c in got] == [0, 192] and llm.engine.prefix_store.nbytes == 0
+    idle(llm.engine)
