@@ -85,11 +85,11 @@ def fits(
                 n = 0
                 if prefix is not None:
                     n = cache.prefix_start(prefix, context, new, None, prefix.num_tokens)
-                shared = prefix if n else None
-                if not cache.can_add(context, new, prefix=shared, prefix_tokens=n):
+                start = {"prefix": prefix, "prefix_tokens": n} if n else {}
+                if not cache.can_add(context, new, **start):
                     return False
                 seq_id = -1 - i  # engine request ids are >= 0
-                cache.add_sequence(seq_id, context, new, prefix=shared, prefix_tokens=n)
+                cache.add_sequence(seq_id, context, new, **start)
                 added.append(seq_id)
             return True
         except CacheCapacityError:

@@ -73,6 +73,25 @@ def markdown_table(report: dict[str, Any]) -> str:
             "Prefill: synthetic (generated low-rank K/V stored through each cache's prefill "
             "path; no prefill timed; hit rates are not a model's).",
         ]
+    shared = [r for r in report["runs"] if "document_prefill_s" in r]
+    if shared:
+        lines += [
+            "",
+            "'+shared' rows: every prompt is one document and its own "
+            f"{shared[0]['question_tokens']}-token question, the document prefilled once "
+            "before the run (prefix sharing); their prefill and TTFT are the questions'.",
+            "",
+            "| run | context | document prefill s | tokens shared | shared pages device GiB "
+            "| shared pages host GiB | largest batch |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in shared:
+            mem = r.get("shared_prefix_bytes") or {}
+            lines.append(
+                f"| {r['method']} | {r['context']} | {_secs(r['document_prefill_s'])} "
+                f"| {r['shared_tokens']} | {_gib(mem.get('device_bytes'))} "
+                f"| {_gib(mem.get('host_bytes'))} | {r.get('max_batch', '-')} |"
+            )
     if meta["weights"].startswith("random"):
         lines += ["", "Random weights: the timings are real, the generated tokens are meaningless."]
     if meta["device"] == "cpu":

@@ -23,7 +23,13 @@ from typing import Any
 
 import torch
 
-from shadowkv.bench.harness import build_engine, max_batch, prefill_document, timed_run
+from shadowkv.bench.harness import (
+    build_engine,
+    max_batch,
+    new_tokens,
+    prefill_document,
+    timed_run,
+)
 from shadowkv.bench.models import RANDOM_WEIGHTS, arch_config, random_model, weight_bytes
 from shadowkv.bench.report import markdown_table, write_plot
 from shadowkv.bench.roofline import copy_bandwidth, dense_step_bytes
@@ -263,7 +269,10 @@ def _shared_run(
     try:
         doc_s, prefix = prefill_document(engine, context, q, cfg.seed)
         row["document_prefill_s"] = round(doc_s, 4)
-        row["shared_tokens"] = 0 if prefix is None else prefix.num_tokens
+        # What a request starts from: the document's whole shared units (its question differs).
+        row["shared_tokens"] = 0 if prefix is None else engine.cache.prefix_start(
+            prefix, context, new_tokens(cfg.decode_steps, 1, 0), None, context - q
+        )
         if prefix is not None:
             row["shared_prefix_bytes"] = engine.cache.prefix_memory([prefix]).as_dict()
         best = max_batch(engine.cache, context, cfg.decode_steps, cfg.max_batch, prefix)
