@@ -16,6 +16,7 @@ from shadowkv.cache.shadow import ShadowKVCache
 from shadowkv.cache.shadow_tables import BASIS, BLOCKS, FACTOR, VALUE_POOLS
 from shadowkv.cache.store import DEVICE, HOST
 from shadowkv.config import ModelConfig
+from shadowkv.kernels.fp8 import fp8_round_trip
 from shadowkv.kernels.rope import apply_rope
 from shadowkv.kernels.varlen_attention.reference import causal_attention
 
@@ -186,6 +187,21 @@ def test_both_value_tiers_serve_a_prefix(tier: int) -> None:
     assert cache.record(0).value_tier == tier and cache.record(1).value_tier == tier
     for g, w in zip(got, want):
         assert_close_verbose(g, w, atol=1e-9, rtol=1e-7, what=f"tier {tier}")
+
+
+def test_fp8_values_are_read_back_as_the_store_keeps_them() -> None:
+    """fp8 values: the suffix prefill attends over the prefix's values as stored (fp8 round
+    trip), and the exact suffix; keys exact at full rank."""
+    cache = make_cache(value_dtype="fp8")
+    p, prefix = shared_prompt(cache)
+    toks = p[:SHARED] + tokens(cache, 35, seed=35)
+    start_shared(cache, 1, prefix, toks)
+    got = prefill(cache, 1, toks[SHARED:], SHARED, [35])
+    stored = Tokens(toks.q, toks.k_pre, toks.v.clone())
+    stored.v[:, :SHARED] = torch.stack([fp8_round_trip(v) for v in toks.v[:, :SHARED]])
+    assert not torch.equal(stored.v, toks.v)
+    assert_close_verbose(got, dense_prefill(cache, stored, SHARED), atol=1e-9, rtol=1e-7,
+                         what="fp8 prefix values")
 
 
 # the default rank: close to an unshared prefill ------------------------------------------------
