@@ -446,7 +446,8 @@ class ShadowKVCache(AttentionCache):
             tok = chunks[:, None, :] * C + torch.arange(C, device=dev)[:, None]  # [k, C, Hkv]
             a = self.a_pages[layer].view(-1, self.rank)[table[tok // P] * P + tok % P]
             cos, sin = self.rope.rows(tok)
-            keys = rebuild_keys(a, self.w_t[layer][rec.basis], cos, sin, self.rope.style)
+            w_t = self.w_t[layer][rec.basis]
+            keys = rebuild_keys(a, w_t, Hkv, cos, sin, self.rope.style)  # [k, C, Hkv, D]
             vals = self.store.read(rec.value_tier, layer, pages, chunks, dev)  # [k, C, Hkv, D]
             is_copy = outlier[:, None, :, None]
             keys = torch.where(is_copy, self._exact_rows(self.k_buf[layer], copy), keys)
@@ -468,8 +469,7 @@ class ShadowKVCache(AttentionCache):
         a = self.a_pages[layer].view(-1, self.rank)[plan.factor_rows[:n]]  # [n, R]
         cos, sin = self.rope.rows(torch.arange(n, device=dev))
         w_t = self.w_t[layer][plan.basis]
-        every_head = a[:, None].expand(-1, Hkv, -1)  # [n, Hkv, R]: one row for every head
-        k = rebuild_keys(every_head, w_t, cos[:, None], sin[:, None], self.rope.style)
+        k = rebuild_keys(a, w_t, Hkv, cos[:, None], sin[:, None], self.rope.style)  # [n, Hkv, D]
         pages = torch.tensor(plan.store_pages, dtype=torch.int64, device=dev)
         chunks = torch.arange(n // C, device=dev)[:, None].expand(-1, Hkv)
         v = self.store.read(plan.value_tier, layer, pages, chunks, dev).reshape(n, Hkv, D)

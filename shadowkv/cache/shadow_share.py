@@ -105,17 +105,18 @@ def exact_chunks(
 
 
 def rebuild_keys(
-    a: torch.Tensor, w_t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str
+    a: torch.Tensor, w_t: torch.Tensor, num_kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+    style: str,
 ) -> torch.Tensor:
-    """Post-RoPE keys ``[..., Hkv, D]`` rebuilt from factor rows ``a [..., Hkv, R]`` (head ``h``
-    times its columns of the basis ``w_t [R, Hkv*D]``), rotated by ``cos, sin [..., Hkv or 1,
-    Dr/2]``. Float32 accumulate and rotation, as ``reconstruct_keys`` computes them; the caller
-    casts. (A row shared by every head may come as a stride-0 expanded view.)"""
-    R, Hkv = w_t.shape[0], a.shape[-2]
+    """Post-RoPE keys ``[..., Hkv, D]`` rebuilt from factors and the basis ``w_t [R, Hkv*D]``,
+    rotated by ``cos, sin [..., Hkv or 1, Dr/2]``: ``a [..., R]`` is one row for every head
+    (times the whole basis), ``a [..., Hkv, R]`` a row per head (head ``h`` times its
+    columns). Float32 accumulate and rotation, as ``reconstruct_keys`` computes them; the caller
+    casts."""
     acc = torch.promote_types(a.dtype, torch.float32)
-    w = w_t.to(acc).view(R, Hkv, -1)
-    if a.stride(-2) == 0:  # one row for every head: one matmul with the whole basis
-        k = (a.select(-2, 0).to(acc) @ w.view(R, -1)).view(*a.shape[:-1], -1)
+    w = w_t.to(acc).view(w_t.shape[0], num_kv_heads, -1)  # [R, Hkv, D]
+    if a.dim() < cos.dim():  # every head: [..., R] @ [R, Hkv*D]
+        k = (a.to(acc) @ w.flatten(1)).unflatten(-1, w.shape[1:])
     else:
         k = torch.einsum("...hr,rhd->...hd", a.to(acc), w)
     return rotate(k, cos, sin, style)

@@ -151,14 +151,18 @@ def shared_prompt(cache: ShadowKVCache, seed: int = 0, spectrum: bool = False):
     return p, prefix
 
 
-def run_shared_vs_dense(cache: ShadowKVCache, suffix: int, chunks: list[int], steps: int = 3):
-    """A sequence from the shared prefix: (shared outputs, dense outputs) of its suffix
-    prefill and of ``steps`` decode steps."""
+def run_shared_vs_dense(
+    cache: ShadowKVCache, suffix: int, chunks: list[int], steps: int = 3, keep: int = SHARED
+):
+    """A sequence from the first ``keep`` tokens of the shared prefix: (shared outputs, dense
+    outputs) of its suffix prefill and of ``steps`` decode steps."""
     p, prefix = shared_prompt(cache)
-    toks = p[:SHARED] + tokens(cache, suffix, seed=suffix)
-    start_shared(cache, 1, prefix, toks, new=steps)
-    got = [prefill(cache, 1, toks[SHARED:], SHARED, chunks)]
-    want = [dense_prefill(cache, toks, SHARED)]
+    toks = p[:keep] + tokens(cache, suffix, seed=suffix)
+    n = cache.prefix_start(prefix, toks.num, steps, None, keep)
+    assert n == keep
+    cache.add_sequence(1, toks.num, steps, prefix=prefix, prefix_tokens=n)
+    got = [prefill(cache, 1, toks[keep:], keep, chunks)]
+    want = [dense_prefill(cache, toks, keep)]
     for i in range(steps):
         step = tokens(cache, 1, seed=100 + i)
         got.append(decode(cache, [1], step)[:, 0])
@@ -169,12 +173,19 @@ def run_shared_vs_dense(cache: ShadowKVCache, suffix: int, chunks: list[int], st
 
 # exact at full rank and full budget ------------------------------------------------------------
 @pytest.mark.parametrize("group", [1, 4])
-@pytest.mark.parametrize("suffix,chunks", [(37, [37]), (61, [13, 40, 8]), (33, [1, 31, 1])])
-def test_full_rank_full_budget_equals_dense(group: int, suffix: int, chunks: list[int]) -> None:
+@pytest.mark.parametrize(
+    "suffix,chunks,keep",
+    [(37, [37], SHARED), (61, [13, 40, 8], SHARED), (33, [1, 31, 1], SHARED),
+     (165, [100, 65], P)],  # the last from one page of the two-page prefix
+)
+def test_full_rank_full_budget_equals_dense(
+    group: int, suffix: int, chunks: list[int], keep: int
+) -> None:
     cache = make_cache(group)
-    got, want = run_shared_vs_dense(cache, suffix, chunks)
+    got, want = run_shared_vs_dense(cache, suffix, chunks, keep=keep)
     lay = cache.record(1).lay
     assert lay.num_select == lay.num_landmarks and lay.local_len == suffix
+    assert len(cache.seqs[1].pages[FACTOR]) == keep // P
     assert lay.outlier_rows > 0, "some outliers of p lie in the prefix: the copy is exercised"
     for i, (g, w) in enumerate(zip(got, want)):
         assert_close_verbose(g, w, atol=1e-9, rtol=1e-7, what=f"prefill/decode step {i}")
