@@ -11,7 +11,7 @@ import pytest
 import torch
 from utils import assert_close_verbose, cache_for
 
-from shadowkv.cache.base import CacheOptions, SharedPrefix
+from shadowkv.cache.base import CacheOptions, SharedPrefix, device_columns
 from shadowkv.cache.shadow import ShadowKVCache
 from shadowkv.cache.shadow_tables import BASIS, BLOCKS, FACTOR, VALUE_POOLS
 from shadowkv.cache.store import DEVICE, HOST
@@ -434,3 +434,41 @@ def test_exact_rows_hold_every_prefix_chunk_not_a_landmark() -> None:
                                          what="rebuilt")
             assert sorted(chunks) == want
     assert rebuilt > 0, "some landmark chunk of p is exact here: the rebuild is exercised"
+
+
+def test_mixed_static_batch_of_shared_unshared_and_dense_sequences() -> None:
+    """p itself, two sequences from its prefix (different suffixes) and a dense one decode in
+    one padded fixed-shape step (the CUDA-graph path's plan); at full rank and a budget that
+    selects every landmark each equals dense attention over its own tokens."""
+    cache = make_cache(sparse_budget=264)  # 33 chunks: p's every landmark too
+    p, prefix = shared_prompt(cache)
+    seqs = {0: p}
+    for sid, suffix in ((1, 40), (2, 57)):
+        seqs[sid] = p[:SHARED] + tokens(cache, suffix, seed=suffix)
+        start_shared(cache, sid, prefix, seqs[sid])
+        prefill(cache, sid, seqs[sid][SHARED:], SHARED, [suffix])
+    seqs[3] = tokens(cache, 50, seed=3)
+    cache.add_sequence(3, 50, 4)
+    prefill(cache, 3, seqs[3], 0, [50])
+    assert cache.record(3).lay.dense and not cache.record(1).lay.dense
+    ids = list(seqs)
+    for i in range(2):
+        step = tokens(cache, len(ids), seed=20 + i)
+        cols, widths = cache.begin_static_decode(ids)
+        pad = cache.pad_columns()
+        cols = {name: vals + [pad[name]] * 2 for name, vals in cols.items()}
+        cache.plan_decode(device_columns(cols, torch.device("cpu")), widths)
+        padded = Tokens(*(torch.cat([t, torch.zeros_like(t[:, :2])], 1) for t in step.tensors))
+        pos = [cache.length(s) for s in ids] + [0, 0]
+        out = torch.stack([
+            cache.decode(layer, padded.q[layer],
+                         torch.cat([rotated(cache, padded.k_pre[layer, b : b + 1], x)
+                                    for b, x in enumerate(pos)]),
+                         padded.v[layer], padded.k_pre[layer])
+            for layer in range(cache.num_layers)
+        ])
+        cache.end_decode()
+        for b, sid in enumerate(ids):
+            seqs[sid] = seqs[sid] + step[b : b + 1]
+            want = dense_prefill(cache, seqs[sid], seqs[sid].num - 1)[:, 0]
+            assert_close_verbose(out[:, b], want, atol=1e-9, rtol=1e-7, what=f"seq {sid}, step {i}")
