@@ -5,13 +5,16 @@ prefix's pages once, and leaves every pool empty when all is freed."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
-from utils import assert_close_verbose, cache_for
+from utils import assert_close_verbose, cache_for, greedy_with_logits, run_model
 
+from shadowkv.bench.models import arch_config, random_model
+from shadowkv.cache import make_cache as build
 from shadowkv.cache.base import CacheOptions, SharedPrefix, device_columns
+from shadowkv.cache.methods import DenseConfig, ShadowKVConfig
 from shadowkv.cache.shadow import ShadowKVCache
 from shadowkv.cache.shadow_tables import BASIS, BLOCKS, FACTOR, VALUE_POOLS
 from shadowkv.cache.store import DEVICE, HOST
@@ -32,8 +35,6 @@ FULL = {"sparse_budget": 256, "outlier_chunks": 2, "local_chunks": 2, "rank": 1.
 def make_cache(
     group: int = 1, layers: int = 2, dtype=torch.float64, head_dim: int = D, **knobs
 ) -> ShadowKVCache:
-    from shadowkv.cache.methods import ShadowKVConfig
-
     mcfg = ModelConfig(
         "llama", 64, HKV * group * head_dim, 64, layers, HKV * group, HKV, head_dim
     )
@@ -472,3 +473,49 @@ def test_mixed_static_batch_of_shared_unshared_and_dense_sequences() -> None:
             seqs[sid] = seqs[sid] + step[b : b + 1]
             want = dense_prefill(cache, seqs[sid], seqs[sid].num - 1)[:, 0]
             assert_close_verbose(out[:, b], want, atol=1e-9, rtol=1e-7, what=f"seq {sid}, step {i}")
+
+
+# through a model's layers -------------------------------------------------------------------
+def test_through_a_model_greedy_tokens_and_logits_equal_dense() -> None:
+    """A random tiny model (float64) prefills p, shares its prefix, and a prompt starting with
+    it prefills its suffix in two chunks and decodes greedily: at full rank and full budget the
+    same tokens and logits as a dense cache running the prompt from scratch."""
+    cpu, dt = torch.device("cpu"), torch.float64
+    model = random_model(replace(arch_config("tiny"), vocab_size=96), cpu, dt, seed=1, std=0.08)
+    rope = model.rope_tables(MAX_LEN, cpu, dt)
+
+    def cache(cfg):
+        return build(model.attention_specs(), cfg, rope, cpu, dt, 4, MAX_LEN, 2**25)
+
+    shadow = cache(ShadowKVConfig(**FULL))
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randint(3, 96, (PROMPT,), generator=gen).tolist()
+    prompt = p[:SHARED] + torch.randint(3, 96, (45,), generator=gen).tolist()
+
+    def forward(sid: int, ids: list[int], start: int, phase: str) -> torch.Tensor:
+        pos = torch.arange(start, start + len(ids))
+        last = torch.tensor([len(ids) - 1]) if phase == "prefill" else None
+        return run_model(model, torch.tensor(ids), pos, rope, shadow, phase, logits_index=last)[0]
+
+    shadow.add_sequence(0, PROMPT, 1)
+    shadow.begin_prefill(0, PROMPT, 0)
+    forward(0, p, 0, "prefill")
+    shadow.end_prefill()
+    prefix = shadow.share_prefix(0, PROMPT)
+    n = shadow.prefix_start(prefix, len(prompt), 6, None, SHARED)
+    assert n == SHARED
+    shadow.add_sequence(1, len(prompt), 6, prefix=prefix, prefix_tokens=n)
+    assert not shadow.record(1).lay.dense
+    for start, end in ((SHARED, SHARED + 20), (SHARED + 20, len(prompt))):
+        shadow.begin_prefill(1, end - start, start)
+        out = forward(1, prompt[start:end], start, "prefill")
+        shadow.end_prefill()
+    logits = [out]
+    for _ in range(5):
+        shadow.begin_decode([1])
+        logits.append(forward(1, [int(logits[-1].argmax())], shadow.length(1), "decode"))
+        shadow.end_decode()
+    got = torch.stack(logits)
+    want_tokens, want = greedy_with_logits(model, rope, cache(DenseConfig()), prompt, 5)
+    assert got.argmax(-1).tolist() == want_tokens and len(set(want_tokens)) > 1
+    assert_close_verbose(got, want, atol=1e-9, rtol=1e-7, what="logits")
