@@ -334,25 +334,14 @@ class ShadowKVCache(AttentionCache):
         n = min(num_tokens, lay.num_candidates * C) // P * P  # p's local window is not shared
         if lay.dense or rec.prefix is not None or n == 0:
             return None
-        order = [sorted_outliers(rec.outlier_ids[i].cpu(), n // C) for i in range(self.num_layers)]
-        ids = torch.stack([i for i, _ in order])  # [L, O, Hkv]
+        layers = [sorted_outliers(rec.outlier_ids[i].cpu(), n // C) for i in range(self.num_layers)]
+        ids = torch.stack([x for x, _ in layers])  # [L, O, Hkv]
         Kc = int((ids < n // C).sum(1).max()) if ids.shape[1] else 0
         try:
             blocks = self.allocators[BLOCKS].alloc(cdiv(Kc * C, self.block_rows))
         except CacheCapacityError:
             return None  # no room for the exact copy: nothing to share now
-        S = self.block_rows
-        pos = torch.arange(Kc * C, device=self.device)
-        table = torch.tensor(blocks, dtype=torch.int64, device=self.device)
-        copy_rows = table[pos // S] * S + pos % S
-        src = self.tables.buffer_rows(rec.row, lay.local_len, lay.select_start).view(-1, C)
-        heads = torch.arange(self.layout.num_kv_heads, device=self.device)[None, :, None]
-        for layer, (_, perm) in enumerate(order):
-            # Sorted outlier slot i of head h is that head's buffer rows src[perm[i, h]].
-            rows = src[perm[:Kc].to(self.device)]  # [Kc, Hkv, C]
-            for buf in (self.k_buf[layer], self.v_buf[layer]):
-                flat = buf.view(-1, *buf.shape[2:])  # [rows, Hkv, D]
-                flat[copy_rows] = flat[rows, heads].transpose(1, 2).flatten(0, 1)
+        copy_rows = self._copy_outliers(rec, blocks, [order[:Kc] for _, order in layers])
         pages = {
             FACTOR: rec.pages[FACTOR][: n // P],
             VALUE_POOLS[rec.value_tier]: rec.value_pages[: n // P],
@@ -362,6 +351,24 @@ class ShadowKVCache(AttentionCache):
             pages[BLOCKS] = blocks
         detail = ShadowPrefix(rec.basis, rec.value_tier, ids[:, :Kc].contiguous(), copy_rows)
         return SharedPrefix(n, pages, detail)
+
+    def _copy_outliers(
+        self, rec: ShadowSeq, blocks: list[int], orders: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Copy ``rec``'s outlier rows into ``blocks``: per layer, slot ``i`` of head ``h`` gets
+        the head's outlier chunk ``orders[layer][i, h]`` (an index into its buffer's outlier
+        chunks; ``[Kc, Hkv]``). Returns the copy's flat buffer rows ``[Kc*C]``."""
+        lay, C, S, dev = rec.lay, self.cfg.chunk_size, self.block_rows, self.device
+        pos = torch.arange(orders[0].shape[0] * C, device=dev)
+        copy_rows = torch.tensor(blocks, dtype=torch.int64, device=dev)[pos // S] * S + pos % S
+        src = self.tables.buffer_rows(rec.row, lay.local_len, lay.select_start).view(-1, C)
+        heads = torch.arange(self.layout.num_kv_heads, device=dev)[None, :, None]
+        for layer, order in enumerate(orders):
+            rows = src[order.to(dev)]  # [Kc, Hkv, C]
+            for buf in (self.k_buf[layer], self.v_buf[layer]):
+                flat = buf.view(-1, *buf.shape[2:])  # [rows, Hkv, D]
+                flat[copy_rows] = flat[rows, heads].transpose(1, 2).flatten(0, 1)
+        return copy_rows
 
     def share_prefix(self, seq_id: int, num_tokens: int) -> SharedPrefix | None:
         prefix = super().share_prefix(seq_id, num_tokens)

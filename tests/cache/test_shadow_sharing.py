@@ -201,6 +201,14 @@ def test_both_value_tiers_serve_a_prefix(tier: int) -> None:
         assert_close_verbose(g, w, atol=1e-9, rtol=1e-7, what=f"tier {tier}")
 
 
+def test_without_outliers_the_prefix_holds_no_copy() -> None:
+    cache = make_cache(outlier_chunks=0)
+    got, want = run_shared_vs_dense(cache, 40, [40])
+    assert BLOCKS not in cache.seqs[1].prefix.pages and cache.record(1).lay.outlier_rows == 0
+    for g, w in zip(got, want):
+        assert_close_verbose(g, w, atol=1e-9, rtol=1e-7, what="no outliers")
+
+
 def test_fp8_values_are_read_back_as_the_store_keeps_them() -> None:
     """fp8 values: the suffix prefill attends over the prefix's values as stored (fp8 round
     trip), and the exact suffix; keys exact at full rank."""
