@@ -342,6 +342,27 @@ def test_two_sequences_hold_the_prefix_pages_once(release_first: bool) -> None:
     )
 
 
+def test_a_sequence_from_a_prefix_grows_by_buffer_blocks_only() -> None:
+    cache = make_cache()
+    p, prefix = shared_prompt(cache)
+    toks = p[:SHARED] + tokens(cache, 45, seed=45)
+    start_shared(cache, 1, prefix, toks, new=1)
+    prefill(cache, 1, toks[SHARED:], SHARED, [45])
+    held = {name: list(pages) for name, pages in cache.seqs[1].pages.items()}
+    cache.grow(1, 40)  # 40 generated rows: past the first buffer block's room
+    pages = cache.seqs[1].pages
+    assert len(pages[BLOCKS]) > len(held[BLOCKS])
+    assert {name: pages[name] for name in held if name != BLOCKS} == {
+        name: held[name] for name in held if name != BLOCKS
+    }
+    for i in range(20):
+        step = tokens(cache, 1, seed=300 + i)
+        out = decode(cache, [1], step)[:, 0]
+        toks = toks + step
+        want = dense_prefill(cache, toks, toks.num - 1)[:, 0]
+        assert_close_verbose(out, want, atol=1e-9, rtol=1e-7, what=f"grown, step {i}")
+
+
 # when a sequence cannot start from a prefix ---------------------------------------------------
 def test_prefix_start_is_zero_when_the_sequence_would_not_run_sparse_from_it() -> None:
     cache = make_cache(shared_suffix_tokens=200)
