@@ -71,7 +71,7 @@ def tokens(cache: ShadowKVCache, n: int, seed: int, spectrum: bool = False) -> T
     """Random tokens; ``spectrum``: keys with decaying singular values (real keys are
     low-rank-ish, which a default-rank test needs to be meaningful)."""
     g = torch.Generator().manual_seed(seed)
-    L, H = cache.num_layers, cache.layout.spec.num_heads
+    L, H, Hkv = cache.num_layers, cache.layout.spec.num_heads, cache.layout.num_kv_heads
     W = cache.layout.kv_dim
     k = torch.randn(L, n, W, generator=g, dtype=torch.float64)
     if spectrum:
@@ -79,8 +79,8 @@ def tokens(cache: ShadowKVCache, n: int, seed: int, spectrum: bool = False) -> T
     dt = cache.dtype
     return Tokens(
         torch.randn(L, n, H, cache.layout.head_dim, generator=g, dtype=torch.float64).to(dt),
-        k.view(L, n, HKV, -1).to(dt),
-        torch.randn(L, n, HKV, cache.layout.head_dim, generator=g, dtype=torch.float64).to(dt),
+        k.view(L, n, Hkv, -1).to(dt),
+        torch.randn(L, n, Hkv, cache.layout.head_dim, generator=g, dtype=torch.float64).to(dt),
     )
 
 
