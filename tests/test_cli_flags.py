@@ -52,6 +52,7 @@ NON_DEFAULT: dict[str, tuple[str, Any]] = {
     "value_dtype": ("fp8", "fp8"),
     "landmark_dtype": ("fp8", "fp8"),
     "staging_tokens": ("4096", 4096),
+    "shared_suffix_tokens": ("512", 512),
     "max_num_seqs": ("3", 3),
     "max_model_len": ("512", 512),
     "prefill_mlp_chunk": ("128", 128),

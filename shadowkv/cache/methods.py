@@ -119,6 +119,11 @@ class ShadowKVConfig(SparseConfig):
     (``shadow_staging.py``), in tokens of all staged prompts together; ``None`` is
     ``max_model_len`` (one full-context prompt can stage), ``0`` turns staging off (every
     sparse prompt then prefills whole).
+
+    ``shared_suffix_tokens``: a prompt that starts from a shared prefix (prefix sharing of
+    memory, ``engine/prefix.py``) keeps its own tokens after the prefix exact in its buffer, like
+    generated tokens; a longer suffix than this prefills from scratch instead (it would need a
+    key basis of its own, which is not built).
     """
 
     method: ClassVar[str] = "shadowkv"
@@ -147,6 +152,10 @@ class ShadowKVConfig(SparseConfig):
         None, "device memory, in prompt tokens within the cache budget, for staging the chunks "
         "of sparse prompts prefilled in chunks (default: max_model_len; 0: prefill them whole)",
     )
+    shared_suffix_tokens: int = knob(
+        2048, "most prompt tokens after a shared prefix a request keeps exact while it shares "
+        "the prefix's memory (longer: it prefills from scratch; 0: never share memory)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -163,6 +172,11 @@ class ShadowKVConfig(SparseConfig):
             raise ConfigError(
                 f"staging_tokens={self.staging_tokens} must be >= 0 (0 turns chunked-prefill "
                 "staging off; None sizes it for one max_model_len prompt)"
+            )
+        if self.shared_suffix_tokens < 0:
+            raise ConfigError(
+                f"shared_suffix_tokens={self.shared_suffix_tokens} must be >= 0 (0: a request "
+                "never shares a prefix's memory)"
             )
         for name in ("host_memory_gb", "device_value_memory_gb"):
             gb = getattr(self, name)

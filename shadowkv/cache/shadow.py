@@ -29,6 +29,7 @@ from shadowkv.cache.base import (
     CacheOptions,
     PrefillChunk,
     SeqRecord,
+    SharedPrefix,
 )
 from shadowkv.cache.layout import KVLayout
 from shadowkv.cache.methods import ShadowKVConfig
@@ -36,6 +37,13 @@ from shadowkv.cache.pages import PageAllocator
 from shadowkv.cache.shadow_drive import LandmarkSelection, SelectionPolicy
 from shadowkv.cache.shadow_layout import PAGE_CHUNKS, SeqLayout, cdiv, plan_sequence
 from shadowkv.cache.shadow_prefill import exact_token_index, lowrank_factors, summarize_chunks
+from shadowkv.cache.shadow_share import (
+    ShadowPrefix,
+    exact_chunks,
+    rebuild_keys,
+    shared_layout,
+    sorted_outliers,
+)
 from shadowkv.cache.shadow_sizing import size_shadowkv
 from shadowkv.cache.shadow_staging import STAGING, STAGING_GRAM, PromptStaging
 from shadowkv.cache.shadow_tables import (
@@ -65,11 +73,14 @@ from shadowkv.kernels.select_chunks import select_chunks_inplace
 class ShadowChunk:
     """ShadowKV's plan of a prefill chunk (``PrefillChunk.detail``): the sequence's row plan,
     and for a prompt that stages its chunks until the last one (a sparse prompt admitted with
-    ``staged=True``) the staging pool rows of its tokens ``[0, end)`` and its Gram slot."""
+    ``staged=True``) the staging pool rows of its tokens ``[0, end)`` and its Gram slot; for a
+    sequence started from a shared prefix, the prefix's tokens (its suffix's chunks go to its
+    exact rows ``[0, T - prefix_tokens)``)."""
 
     plan: PrefillPlan
     stage_rows: torch.Tensor | None  # [end] int64
     gram: int = 0
+    prefix_tokens: int = 0
 
     @property
     def staged(self) -> bool:
@@ -105,6 +116,7 @@ class ShadowKVCache(AttentionCache):
         L, Hkv, D, dtype = layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype
         self.rank = R = sz.rank
         self.page_tokens = P = sz.page_tokens
+        self.share_unit = P  # a shared prefix is whole factor (and value) pages
         self.block_rows = S = sz.block_rows
         self.max_slots = sz.max_slots
         fix = "raise EngineConfig.cache_memory_gb, lower max_tokens, or wait for running requests"
@@ -236,14 +248,16 @@ class ShadowKVCache(AttentionCache):
     def add_sequence(
         self, seq_id: int, prompt_len: int, max_new_tokens: int,
         options: CacheOptions | None = None, staged: bool = False,
+        prefix: SharedPrefix | None = None, prefix_tokens: int = 0,
     ) -> None:
+        args = (seq_id, prompt_len, max_new_tokens, options, staged, prefix, prefix_tokens)
         try:
-            super().add_sequence(seq_id, prompt_len, max_new_tokens, options, staged)
+            super().add_sequence(*args)
         except TierUnavailable as err:
             # The host arena could not be had (the store turned the host tier off and warned):
             # place the sequence again, in the device tier if it has room.
             try:
-                super().add_sequence(seq_id, prompt_len, max_new_tokens, options, staged)
+                super().add_sequence(*args)
             except CacheCapacityError:
                 raise err from None
 
@@ -272,6 +286,8 @@ class ShadowKVCache(AttentionCache):
             self.selection[layer][rec.row] = -1
         if STAGING_GRAM in rec.pages:
             self.staging.begin(rec.pages[STAGING_GRAM][0])
+        if rec.prefix is not None and rec.prefix_tokens:
+            self._write_shared_exact(rec)
 
     def plan_growth(self, rec: SeqRecord, max_new_tokens: int) -> Admission:
         """More generated-token rows at the buffer's end: buffer blocks only. The prompt's
@@ -303,10 +319,178 @@ class ShadowKVCache(AttentionCache):
         assert isinstance(rec, ShadowSeq)
         return rec
 
+    # prefix sharing (``shadow_share.py``) -------------------------------------------------------
+    # A sparse prefilled prompt shares its first ``n`` tokens (whole factor pages inside its
+    # candidate region) as segment 0 of later prompts: factor pages (A rows and landmarks),
+    # value pages, basis slot, and an exact copy of its outlier chunks there (buffer blocks the
+    # prefix holds). A sequence started from it keeps its suffix exact, like generated tokens.
+    # A sequence that itself started from a prefix shares nothing (``make_prefix`` says None):
+    # its segment 0 is that prefix, which is the one to keep.
+    supports_shared_prefix = True
+
+    def make_prefix(self, rec: SeqRecord, num_tokens: int) -> SharedPrefix | None:
+        assert isinstance(rec, ShadowSeq)
+        lay, C, P = rec.lay, self.cfg.chunk_size, self.page_tokens
+        n = min(num_tokens, lay.num_candidates * C) // P * P  # p's local window is not shared
+        if lay.dense or rec.prefix is not None or n == 0:
+            return None
+        layers = [sorted_outliers(rec.outlier_ids[i].cpu(), n // C) for i in range(self.num_layers)]
+        ids = torch.stack([x for x, _ in layers])  # [L, O, Hkv]
+        Kc = int((ids < n // C).sum(1).max()) if ids.shape[1] else 0
+        try:
+            blocks = self.allocators[BLOCKS].alloc(cdiv(Kc * C, self.block_rows))
+        except CacheCapacityError:
+            return None  # no room for the exact copy: nothing to share now
+        copy_rows = self._copy_outliers(rec, blocks, [order[:Kc] for _, order in layers])
+        pages = {
+            FACTOR: rec.pages[FACTOR][: n // P],
+            VALUE_POOLS[rec.value_tier]: rec.value_pages[: n // P],
+            BASIS: rec.pages[BASIS],
+        }
+        if blocks:
+            pages[BLOCKS] = blocks
+        detail = ShadowPrefix(rec.basis, rec.value_tier, ids[:, :Kc].contiguous(), copy_rows)
+        return SharedPrefix(n, pages, detail)
+
+    def _copy_outliers(
+        self, rec: ShadowSeq, blocks: list[int], orders: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Copy ``rec``'s outlier rows into ``blocks``: per layer, slot ``i`` of head ``h`` gets
+        the head's outlier chunk ``orders[layer][i, h]`` (an index into its buffer's outlier
+        chunks; ``[Kc, Hkv]``). Returns the copy's flat buffer rows ``[Kc*C]``."""
+        lay, C, S, dev = rec.lay, self.cfg.chunk_size, self.block_rows, self.device
+        pos = torch.arange(orders[0].shape[0] * C, device=dev)
+        copy_rows = torch.tensor(blocks, dtype=torch.int64, device=dev)[pos // S] * S + pos % S
+        src = self.tables.buffer_rows(rec.row, lay.local_len, lay.select_start).view(-1, C)
+        heads = torch.arange(self.layout.num_kv_heads, device=dev)[None, :, None]
+        for layer, order in enumerate(orders):
+            rows = src[order.to(dev)]  # [Kc, Hkv, C]
+            for buf in (self.k_buf[layer], self.v_buf[layer]):
+                flat = buf.view(-1, *buf.shape[2:])  # [rows, Hkv, D]
+                flat[copy_rows] = flat[rows, heads].transpose(1, 2).flatten(0, 1)
+        return copy_rows
+
+    def share_prefix(self, seq_id: int, num_tokens: int) -> SharedPrefix | None:
+        prefix = super().share_prefix(seq_id, num_tokens)
+        if prefix is not None and BLOCKS in prefix.pages:
+            # make_prefix allocated the exact copy (one reference) and the base took the
+            # prefix's: the prefix is its only holder.
+            self.allocators[BLOCKS].release(prefix.pages[BLOCKS])
+        return prefix
+
+    def _shared_layout(
+        self, prefix: SharedPrefix, prompt_len: int, max_new_tokens: int,
+        options: CacheOptions | None, prefix_tokens: int,
+    ) -> SeqLayout | None:
+        options = options or CacheOptions()
+        if options.exact or not isinstance(prefix.detail, ShadowPrefix):
+            return None
+        full = self._layout(prompt_len, max_new_tokens, options)
+        return shared_layout(full, prefix.detail, prefix_tokens, self.cfg.shared_suffix_tokens)
+
+    def prefix_start(
+        self, prefix: SharedPrefix, prompt_len: int, max_new_tokens: int,
+        options: CacheOptions | None, matched: int,
+    ) -> int:
+        """Whole factor pages of the prefix, when the sequence would run sparse with its suffix
+        exact (at most ``shared_suffix_tokens``) and keep a landmark; else 0 (it prefills from
+        scratch)."""
+        n = super().prefix_start(prefix, prompt_len, max_new_tokens, options, matched)
+        new = self.new_tokens(prompt_len, max_new_tokens)
+        if n and self._shared_layout(prefix, prompt_len, new, options, n) is not None:
+            return n
+        return 0
+
+    def plan_shared(
+        self, prompt_len: int, max_new_tokens: int, options: CacheOptions,
+        prefix: SharedPrefix, prefix_tokens: int,
+    ) -> tuple[Admission, dict[str, list[int]]]:
+        """Its own buffer blocks (suffix, the prefix's extra exact chunks, selection slots,
+        generated tokens); it holds the prefix's factor and value pages of its tokens and its
+        basis slot, and stages nothing."""
+        lay = None
+        if prefix_tokens <= prefix.num_tokens and prefix_tokens % self.page_tokens == 0:
+            lay = self._shared_layout(prefix, prompt_len, max_new_tokens, options, prefix_tokens)
+        if lay is None:
+            raise ValueError(
+                f"a prompt of {prompt_len} tokens cannot start from {prefix_tokens} tokens of "
+                f"this {prefix.num_tokens}-token ShadowKV prefix; start it from prefix_start's "
+                "count (0: prefill it from scratch)"
+            )
+        detail: ShadowPrefix = prefix.detail
+        pages = prefix_tokens // self.page_tokens
+        tier = VALUE_POOLS[detail.value_tier]
+        shared = {
+            FACTOR: prefix.pages[FACTOR][:pages],
+            tier: prefix.pages[tier][:pages],
+            BASIS: prefix.pages[BASIS],
+        }
+        needs = ((BLOCKS, cdiv(lay.buffer_rows, self.block_rows)),)
+        return Admission(needs, (lay, detail.value_tier)), shared
+
+    def _write_shared_exact(self, rec: ShadowSeq) -> None:
+        """A sequence started from a prefix: its exact chunks of the prefix (``exact_chunks``)
+        into buffer rows ``[local_len, select_start)``, outliers from the prefix's exact copy,
+        the other chunks' keys rebuilt low-rank and their values read from the store."""
+        assert rec.prefix is not None
+        detail: ShadowPrefix = rec.prefix.detail
+        lay, C, dev = rec.lay, self.cfg.chunk_size, self.device
+        k = lay.outlier_rows // C
+        if k == 0:
+            return
+        Hkv = self.layout.num_kv_heads
+        rows = self.tables.buffer_rows(rec.row, lay.local_len, lay.select_start)
+        table = self.tables.factor[rec.row].long()
+        pages = self.tables.store[rec.row].long()
+        lm = torch.arange(lay.num_landmarks + k, device=dev)
+        lm_rows = table[lm // PAGE_CHUNKS] * PAGE_CHUNKS + lm % PAGE_CHUNKS
+        P, n = self.page_tokens, rec.prefix_tokens
+        copy = detail.copy_rows[: k * C]
+        for layer in range(self.num_layers):
+            lm_ids = self.landmark_ids[layer].view(-1, Hkv)[lm_rows]  # [N' + k, Hkv]
+            outliers = detail.outlier_ids[layer, :k].to(dev)
+            chunks, outlier = exact_chunks(outliers, lm_ids, n // C, lay.num_landmarks)
+            tok = chunks[:, None, :] * C + torch.arange(C, device=dev)[:, None]  # [k, C, Hkv]
+            a = self.a_pages[layer].view(-1, self.rank)[table[tok // P] * P + tok % P]
+            cos, sin = self.rope.rows(tok)
+            w_t = self.w_t[layer][rec.basis]
+            keys = rebuild_keys(a, w_t, Hkv, cos, sin, self.rope.style)  # [k, C, Hkv, D]
+            vals = self.store.read(rec.value_tier, layer, pages, chunks, dev)  # [k, C, Hkv, D]
+            is_copy = outlier[:, None, :, None]
+            keys = torch.where(is_copy, self._exact_rows(self.k_buf[layer], copy), keys)
+            vals = torch.where(is_copy, self._exact_rows(self.v_buf[layer], copy), vals)
+            self._write_exact(layer, rows, keys.flatten(0, 1), vals.flatten(0, 1))
+
+    def _exact_rows(self, buf: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Buffer ``rows [k*C]`` of one layer's ``buf`` as ``[k, C, Hkv, D]``."""
+        return buf.view(-1, *buf.shape[2:])[rows].view(-1, self.cfg.chunk_size, *buf.shape[2:])
+
+    def _read_shared(
+        self, layer: int, plan: PrefillPlan, prefix_tokens: int, start: int, end: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt tokens ``[start, end)`` of a sequence started from a prefix: the prefix's keys
+        rebuilt low-rank (the method's own representation of them; exact at full rank) and its
+        values from the store, then the suffix's exact rows."""
+        n, C, dev = prefix_tokens, self.cfg.chunk_size, self.device
+        Hkv, D = self.layout.num_kv_heads, self.layout.head_dim
+        a = self.a_pages[layer].view(-1, self.rank)[plan.factor_rows[:n]]  # [n, R]
+        cos, sin = self.rope.rows(torch.arange(n, device=dev))
+        w_t = self.w_t[layer][plan.basis]
+        k = rebuild_keys(a, w_t, Hkv, cos[:, None], sin[:, None], self.rope.style)  # [n, Hkv, D]
+        pages = torch.tensor(plan.store_pages, dtype=torch.int64, device=dev)
+        chunks = torch.arange(n // C, device=dev)[:, None].expand(-1, Hkv)
+        v = self.store.read(plan.value_tier, layer, pages, chunks, dev).reshape(n, Hkv, D)
+        rows = plan.exact_rows[: max(0, end - n)]
+        k_all = torch.cat([k.to(self.dtype), self.k_buf[layer].view(-1, Hkv, D)[rows]])
+        v_all = torch.cat([v.to(self.dtype), self.v_buf[layer].view(-1, Hkv, D)[rows]])
+        return k_all[start:end], v_all[start:end]
+
     # steps -------------------------------------------------------------------------------------
     def plan_chunk(self, chunk: PrefillChunk) -> ShadowChunk:
         rec = self.record(chunk.seq_id)
         plan = self.tables.plan_prefill(rec)
+        if rec.prefix_tokens:  # its suffix is exact rows, written as it comes
+            return ShadowChunk(plan, None, prefix_tokens=rec.prefix_tokens)
         # A sparse prompt admitted to stage keeps its chunks in its staging pages until its last
         # (``shadow_staging.py``); a whole prompt, or one running dense, is stored as it comes.
         if STAGING not in rec.pages:
@@ -358,6 +542,10 @@ class ShadowKVCache(AttentionCache):
         if plan.layout.dense:
             self._write_exact(layer, plan.exact_rows[start:end], k, v)
             return
+        if chunk.detail.prefix_tokens:  # suffix token t is exact row t - prefix_tokens
+            n = chunk.detail.prefix_tokens
+            self._write_exact(layer, plan.exact_rows[start - n : end - n], k, v)
+            return
         if not chunk.detail.staged:
             T = k.shape[0]
             self._store_sparse(layer, plan, k, v, k_pre.reshape(T, -1), None)
@@ -376,6 +564,8 @@ class ShadowKVCache(AttentionCache):
             Hkv, D = self.layout.num_kv_heads, self.layout.head_dim
             k, v = self.k_buf[layer].view(-1, Hkv, D), self.v_buf[layer].view(-1, Hkv, D)
             return k[rows], v[rows]
+        if self._chunk.detail.prefix_tokens:
+            return self._read_shared(layer, plan, self._chunk.detail.prefix_tokens, start, end)
         k_pre, v = self.staging.read(layer, self._chunk.detail.stage_rows[start:end])
         k_pre = k_pre.view(v.shape)
         # Rotated by the model's own op and table rows: the keys its layer produced, bit for bit.
@@ -395,6 +585,7 @@ class ShadowKVCache(AttentionCache):
         self.a_pages[layer].view(-1, self.rank)[plan.factor_rows] = f.a.to(self.dtype)
         self.w_t[layer][plan.basis] = f.w_t.to(self.dtype)
         s = summarize_chunks(k, self.cfg.chunk_size, self.cfg.local_chunks, self.cfg.outlier_chunks)
+        self.record(self._chunk.seq_id).outlier_ids[layer] = s.outlier_ids
         if self.landmark_scales is None:
             self.landmarks[layer].view(-1, Hkv, D)[plan.landmark_rows] = s.landmarks.to(self.dtype)
         else:  # quantised from the fp32 means, not from their model-dtype rounding

@@ -6,7 +6,7 @@ per-layer work only launches ops (no host round trips between layers).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,13 +24,16 @@ NO_SEGMENT = torch.iinfo(torch.int32).max
 @dataclass
 class ShadowSeq(SeqRecord):
     """A ShadowKV sequence: its rows (``layout``), the value tier its values live in, the slot
-    of its key basis ``W^T`` (its prompt's segment; ``pad_row`` when it runs dense), and whether
-    its selection slots hold a previous step's chunks (``primed``)."""
+    of its key basis ``W^T`` (its prompt's segment; ``pad_row`` when it runs dense), whether
+    its selection slots hold a previous step's chunks (``primed``), and per layer the outlier
+    chunk ids ``[O, Hkv]`` of its prefilled sparse prompt in the order of its buffer rows
+    (``outlier_ids``: what sharing its prefix copies, ``shadow_share.py``)."""
 
     layout: SeqLayout | None = None
     value_tier: int = 0
     basis: int = 0
     primed: bool = False
+    outlier_ids: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def lay(self) -> SeqLayout:

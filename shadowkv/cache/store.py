@@ -29,7 +29,7 @@ import torch
 from shadowkv.cache.errors import CacheCapacityError
 from shadowkv.cache.layout import elem_size
 from shadowkv.cache.pages import PageAllocator
-from shadowkv.kernels.fp8 import CODE_DTYPE, SCALE_DTYPE, quantize_fp8
+from shadowkv.kernels.fp8 import CODE_DTYPE, SCALE_DTYPE, fp8_to_float, quantize_fp8
 
 HOST, DEVICE = 0, 1  # tier indices, in admission order
 
@@ -189,6 +189,24 @@ class ValueTier:
                 dst = store[first : first + count].view(-1, Hkv, C * W)[: end - chunk]
                 dst.copy_(rows[chunk:end], non_blocking=True)
 
+    def read(
+        self, layer: int, pages: torch.Tensor, chunks: torch.Tensor, device: torch.device
+    ) -> torch.Tensor:
+        """Stored values ``[K, C, Hkv, D]`` (float32 for fp8 codes, else the store dtype) of
+        chunk ``chunks[k, h]`` of KV head ``h``, for a sequence whose ``pages [n]`` (int64, on
+        ``device``) hold its chunks in order: what ``gather_values`` fetches, read whole."""
+        assert self._data is not None, "a tier is allocated before its first page is handed out"
+        K, Hkv = chunks.shape
+        Pc, C = self.layout.page_chunks, self.layout.chunk_size
+        src = pages[chunks // Pc] * Pc + chunks % Pc  # [K, Hkv] store rows
+        at = (src.to(self._data.device), torch.arange(Hkv, device=self._data.device)[None, :])
+        vals = self._data[layer].reshape(-1, Hkv, self._data.shape[-1])[at].to(device)
+        vals = vals.view(K, Hkv, C, -1)
+        if self._scales is not None:  # fp8 codes times each token's scale
+            s = self._scales[layer].reshape(-1, Hkv, C)[at].to(device)  # [K, Hkv, C]
+            vals = fp8_to_float(vals) * s[..., None]
+        return vals.transpose(1, 2)
+
     def disable(self) -> None:
         """Hand out no pages from now on (the arena could not be allocated)."""
         self.pages.retire()
@@ -305,3 +323,9 @@ class ValueStore:
 
     def write(self, tier: int, layer: int, pages: Sequence[int], values: torch.Tensor) -> None:
         self.tiers[tier].write(layer, pages, values)
+
+    def read(
+        self, tier: int, layer: int, pages: torch.Tensor, chunks: torch.Tensor,
+        device: torch.device,
+    ) -> torch.Tensor:
+        return self.tiers[tier].read(layer, pages, chunks, device)
