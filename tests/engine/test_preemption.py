@@ -264,10 +264,10 @@ def test_admission_reserve_must_be_positive() -> None:
 
 @pytest.mark.parametrize("method", ["dense", "shadowkv"])
 def test_resumption_through_chunked_prefill_and_the_prefix_store(path: Path, method: str) -> None:
-    """Prompts prefill in 48-token chunks and are stored: a resumed request finds its own prompt
-    in the prefix store and prefills only its last block (ShadowKV stages the chunks). Dense
-    stores its cache pages: the store gives up every entry it alone holds before a request is
-    preempted, so here (every page is needed) a resumed request finds its prompt evicted."""
+    """Prompts prefill in 48-token chunks (ShadowKV stages them) and are stored as cache pages:
+    the store gives up every entry it alone holds before a request is preempted, so here (every
+    page is needed) a resumed request may find its prompt evicted and prefill it again; either
+    way it answers as it did alone."""
     params = base_params()
     want = run(make_engine(path, method), params, one_by_one=True)
     # ShadowKV: a staging pool for one prompt (128 tokens), out of a budget that still preempts.
@@ -288,9 +288,7 @@ def test_resumption_through_chunked_prefill_and_the_prefix_store(path: Path, met
     engine._preempt = preempting  # type: ignore[method-assign]
     assert run(engine, params) == want
     assert engine.counters["preemptions"] > 0 and reclaimable == [[]] * len(reclaimable)
-    assert engine.shares_pages == (method == "dense")
-    if method == "shadowkv":
-        assert engine.counters["prefix_hits"] > 0
+    assert engine.shares_pages  # both store their cache pages
     assert engine.counters["prefill_chunks"] > len(PROMPTS)
     idle(engine)
 
