@@ -396,8 +396,8 @@ class ShadowKVCache(AttentionCache):
             full, prefix.detail, prefix_tokens, cfg.shared_suffix_tokens, cfg.local_chunks,
             cfg.outlier_chunks,
         )
-        if lay is not None and lay.segment_start:  # its suffix stages until its last chunk
-            needs = self.staging.needs(prompt_len - prefix_tokens)
+        if lay is not None and lay.segment_start:  # its own pages must fit the empty pools
+            needs = self._segment_needs(lay, prefix.detail.value_tier)
             if any(num > self.allocators[name].capacity for name, num in needs):
                 return None
         return lay
@@ -408,7 +408,8 @@ class ShadowKVCache(AttentionCache):
     ) -> int:
         """Whole factor pages of the prefix, when the sequence would run sparse and keep a
         landmark, with its suffix exact (at most ``shared_suffix_tokens``) or as segment 1 (long
-        enough to be sparse on its own, and stageable); else 0 (it prefills from scratch)."""
+        enough to be sparse on its own, its own pages and staging within the pools' sizes);
+        else 0 (it prefills from scratch)."""
         n = super().prefix_start(prefix, prompt_len, max_new_tokens, options, matched)
         new = self.new_tokens(prompt_len, max_new_tokens)
         if n and self._shared_layout(prefix, prompt_len, new, options, n) is not None:
