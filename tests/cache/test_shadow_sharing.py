@@ -790,3 +790,40 @@ def test_segment1_prefix_start() -> None:
     never = make_cache(shared_suffix_tokens=0)
     _, prefix = shared_prompt(never)
     assert never.prefix_start(prefix, SHARED + 40, 4, None, SHARED) == 0
+
+
+def test_segment1_in_a_padded_static_step_with_p_and_an_exact_suffix() -> None:
+    """p, a sequence with a segment 1, one with an exact suffix from the same prefix, and two
+    padding entries decode in one fixed-shape step (the CUDA-graph path's plan: widths bucketed,
+    the landmark table read at its bucketed width); every landmark selected, full rank: each
+    equals dense attention over its own tokens."""
+    cache = make_cache(**{**SEG, "shared_suffix_tokens": 40})
+    p, prefix = segment_prompt(cache)
+    seqs = {0: p, 1: p[:SHARED] + tokens(cache, 201, seed=201)}
+    start_segment(cache, 1, prefix, seqs[1])
+    prefill(cache, 1, seqs[1][SHARED:], SHARED, [201])
+    seqs[2] = p[:SHARED] + tokens(cache, 32, seed=32)
+    start_shared(cache, 2, prefix, seqs[2], options=every_landmark(SHARED + 32))
+    prefill(cache, 2, seqs[2][SHARED:], SHARED, [32])
+    assert not cache.record(2).lay.segment_start and cache.record(2).lay.local_len == 32
+    ids = list(seqs)
+    for i in range(2):
+        step = tokens(cache, len(ids), seed=40 + i)
+        cols, widths = cache.begin_static_decode(ids)
+        pad = cache.pad_columns()
+        cols = {name: vals + [pad[name]] * 2 for name, vals in cols.items()}
+        cache.plan_decode(device_columns(cols, torch.device("cpu")), widths)
+        padded = Tokens(*(torch.cat([t, torch.zeros_like(t[:, :2])], 1) for t in step.tensors))
+        pos = [cache.length(s) for s in ids] + [0, 0]
+        out = torch.stack([
+            cache.decode(layer, padded.q[layer],
+                         torch.cat([rotated(cache, padded.k_pre[layer, b : b + 1], x)
+                                    for b, x in enumerate(pos)]),
+                         padded.v[layer], padded.k_pre[layer])
+            for layer in range(cache.num_layers)
+        ])
+        cache.end_decode()
+        for b, sid in enumerate(ids):
+            seqs[sid] = seqs[sid] + step[b : b + 1]
+            want = dense_prefill(cache, seqs[sid], seqs[sid].num - 1)[:, 0]
+            assert_close_verbose(out[:, b], want, atol=1e-9, rtol=1e-7, what=f"seq {sid}, step {i}")
