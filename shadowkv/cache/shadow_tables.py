@@ -24,7 +24,8 @@ NO_SEGMENT = torch.iinfo(torch.int32).max
 @dataclass
 class ShadowSeq(SeqRecord):
     """A ShadowKV sequence: its rows (``layout``), the value tier its values live in, the slot
-    of its key basis ``W^T`` (its prompt's segment; ``pad_row`` when it runs dense), whether
+    of its key basis ``W^T`` (its prompt's segment 0: a shared prefix's, if it started from one;
+    a segment 1's is its second ``BASIS`` page; ``pad_row`` when it runs dense), whether
     its selection slots hold a previous step's chunks (``primed``), and per layer the outlier
     chunk ids ``[O, Hkv]`` of its prefilled sparse prompt in the order of its buffer rows
     (``outlier_ids``: what sharing its prefix copies, ``shadow_share.py``)."""
