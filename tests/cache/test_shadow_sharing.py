@@ -827,3 +827,25 @@ def test_segment1_in_a_padded_static_step_with_p_and_an_exact_suffix() -> None:
             seqs[sid] = seqs[sid] + step[b : b + 1]
             want = dense_prefill(cache, seqs[sid], seqs[sid].num - 1)[:, 0]
             assert_close_verbose(out[:, b], want, atol=1e-9, rtol=1e-7, what=f"seq {sid}, step {i}")
+
+
+def test_segment1_without_outliers_equals_dense() -> None:
+    """``outlier_chunks=0``: no exact copy, no seg-0 exact chunks, no suffix outliers; segment
+    1 still has its own basis and landmarks (every landmark selected, full rank)."""
+    cache = make_cache(outlier_chunks=0, **SEG)
+    p, prefix = segment_prompt(cache)
+    toks = p[:SHARED] + tokens(cache, 187, seed=187)
+    every = CacheOptions(sparse_budget=(toks.num // C - 2) * C)
+    start_shared(cache, 1, prefix, toks, 2, every)
+    lay = cache.record(1).lay
+    assert lay.segment_start == SHARED and lay.outlier_rows == 0
+    assert lay.num_select == lay.num_landmarks == toks.num // C - 2
+    got = prefill(cache, 1, toks[SHARED:], SHARED, [87, 100])
+    assert_close_verbose(got, dense_prefill(cache, toks, SHARED), atol=1e-9, rtol=1e-7,
+                         what="prefill")
+    for i in range(2):
+        step = tokens(cache, 1, seed=60 + i)
+        out = decode(cache, [1], step)[:, 0]
+        toks = toks + step
+        assert_close_verbose(out, dense_prefill(cache, toks, toks.num - 1)[:, 0], atol=1e-9,
+                             rtol=1e-7, what=f"decode {i}")
