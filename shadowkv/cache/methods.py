@@ -121,9 +121,10 @@ class ShadowKVConfig(SparseConfig):
     sparse prompt then prefills whole).
 
     ``shared_suffix_tokens``: a prompt that starts from a shared prefix (prefix sharing of
-    memory, ``engine/prefix.py``) keeps its own tokens after the prefix exact in its buffer, like
-    generated tokens; a longer suffix than this prefills from scratch instead (it would need a
-    key basis of its own, which is not built).
+    memory, ``engine/prefix.py``) keeps up to this many of its own tokens after the prefix exact
+    in its buffer, like generated tokens; a longer suffix is factorised as a segment of its own
+    (its own key basis, landmarks and outliers, competing with the prefix's landmarks for one
+    budget), or prefills from scratch when it is too short to be sparse on its own.
     """
 
     method: ClassVar[str] = "shadowkv"
@@ -154,7 +155,8 @@ class ShadowKVConfig(SparseConfig):
     )
     shared_suffix_tokens: int = knob(
         2048, "most prompt tokens after a shared prefix a request keeps exact while it shares "
-        "the prefix's memory (longer: it prefills from scratch; 0: never share memory)",
+        "the prefix's memory (longer: factorised as a low-rank segment of its own; 0: never "
+        "share memory)",
     )
 
     def __post_init__(self) -> None:

@@ -75,7 +75,8 @@ class ShadowChunk:
     and for a prompt that stages its chunks until the last one (a sparse prompt admitted with
     ``staged=True``) the staging pool rows of its tokens ``[0, end)`` and its Gram slot; for a
     sequence started from a shared prefix, the prefix's tokens (its suffix's chunks go to its
-    exact rows ``[0, T - prefix_tokens)``)."""
+    exact rows ``[0, T - prefix_tokens)``, or, a segment 1, are staged: ``stage_rows [end -
+    prefix_tokens]`` then hold its suffix's tokens)."""
 
     plan: PrefillPlan
     stage_rows: torch.Tensor | None  # [end] int64
@@ -287,6 +288,8 @@ class ShadowKVCache(AttentionCache):
         if STAGING_GRAM in rec.pages:
             self.staging.begin(rec.pages[STAGING_GRAM][0])
         if rec.prefix is not None and rec.prefix_tokens:
+            if rec.lay.segment_start:
+                self._copy_landmark_page(rec)
             self._write_shared_exact(rec)
 
     def plan_growth(self, rec: SeqRecord, max_new_tokens: int) -> Admission:
@@ -385,16 +388,28 @@ class ShadowKVCache(AttentionCache):
         options = options or CacheOptions()
         if options.exact or not isinstance(prefix.detail, ShadowPrefix):
             return None
+        if self.cfg.shared_suffix_tokens == 0:  # never share memory
+            return None
         full = self._layout(prompt_len, max_new_tokens, options)
-        return shared_layout(full, prefix.detail, prefix_tokens, self.cfg.shared_suffix_tokens)
+        cfg = self.cfg
+        lay = shared_layout(
+            full, prefix.detail, prefix_tokens, cfg.shared_suffix_tokens, cfg.local_chunks,
+            cfg.outlier_chunks,
+        )
+        if lay is not None and lay.segment_start:  # its own pages must fit the empty pools
+            needs = self._segment_needs(lay, prefix.detail.value_tier)
+            if any(num > self.allocators[name].capacity for name, num in needs):
+                return None
+        return lay
 
     def prefix_start(
         self, prefix: SharedPrefix, prompt_len: int, max_new_tokens: int,
         options: CacheOptions | None, matched: int,
     ) -> int:
-        """Whole factor pages of the prefix, when the sequence would run sparse with its suffix
-        exact (at most ``shared_suffix_tokens``) and keep a landmark; else 0 (it prefills from
-        scratch)."""
+        """Whole factor pages of the prefix, when the sequence would run sparse and keep a
+        landmark, with its suffix exact (at most ``shared_suffix_tokens``) or as segment 1 (long
+        enough to be sparse on its own, its own pages and staging within the pools' sizes);
+        else 0 (it prefills from scratch)."""
         n = super().prefix_start(prefix, prompt_len, max_new_tokens, options, matched)
         new = self.new_tokens(prompt_len, max_new_tokens)
         if n and self._shared_layout(prefix, prompt_len, new, options, n) is not None:
@@ -407,7 +422,8 @@ class ShadowKVCache(AttentionCache):
     ) -> tuple[Admission, dict[str, list[int]]]:
         """Its own buffer blocks (suffix, the prefix's extra exact chunks, selection slots,
         generated tokens); it holds the prefix's factor and value pages of its tokens and its
-        basis slot, and stages nothing."""
+        basis slot. With a segment 1 also (``_segment_needs``): the suffix's factor pages and a
+        landmark copy page, a basis slot, value pages in the prefix's tier, and staging."""
         lay = None
         if prefix_tokens <= prefix.num_tokens and prefix_tokens % self.page_tokens == 0:
             lay = self._shared_layout(prefix, prompt_len, max_new_tokens, options, prefix_tokens)
@@ -426,30 +442,60 @@ class ShadowKVCache(AttentionCache):
             BASIS: prefix.pages[BASIS],
         }
         needs = ((BLOCKS, cdiv(lay.buffer_rows, self.block_rows)),)
+        if lay.segment_start:
+            needs += self._segment_needs(lay, detail.value_tier)
         return Admission(needs, (lay, detail.value_tier)), shared
 
+    def _segment_needs(self, lay: SeqLayout, tier: int) -> tuple[tuple[str, int], ...]:
+        """A segment 1's own pages: factor pages for its suffix's ``A`` rows plus one landmark
+        copy page (first), a basis slot, value pages after the shared ones (the prefix's tier:
+        a sequence's pages are in one tier), and staging for its suffix's tokens."""
+        n, P = lay.segment_start, self.page_tokens
+        values = self.store.layout.pages_for(lay.num_chunks) - n // P
+        return (
+            (FACTOR, 1 + cdiv(lay.prompt_len, P) - n // P),
+            (BASIS, 1),
+            (VALUE_POOLS[tier], values),
+            *self.staging.needs(lay.prompt_len - n),
+        )
+
+    def _copy_landmark_page(self, rec: ShadowSeq) -> None:
+        """A segment 1's copy page: the partial last page of segment 0's landmarks (``N' % 16``
+        of them, with ids and fp8 scales) copied from the shared factor page, which stays
+        read-only; the suffix's landmarks follow them there."""
+        lay = rec.lay
+        src = rec.pages[FACTOR][lay.seg0_landmarks // PAGE_CHUNKS]
+        dst = rec.pages[FACTOR][lay.segment_start // self.page_tokens]
+        num = lay.seg0_landmarks % PAGE_CHUNKS
+        pools = [self.landmarks, self.landmark_ids]
+        for pool in pools + ([self.landmark_scales] if self.landmark_scales else []):
+            for t in pool:
+                t[dst, :num] = t[src, :num]
+
     def _write_shared_exact(self, rec: ShadowSeq) -> None:
-        """A sequence started from a prefix: its exact chunks of the prefix (``exact_chunks``)
-        into buffer rows ``[local_len, select_start)``, outliers from the prefix's exact copy,
-        the other chunks' keys rebuilt low-rank and their values read from the store."""
+        """A sequence started from a prefix: its ``k`` exact chunks of the prefix
+        (``exact_chunks``) into buffer rows ``[local_len, local_len + k*C)``, outliers from the
+        prefix's exact copy, the other chunks' keys rebuilt low-rank and their values read from
+        the store. Landmarks ``[0, N' + k)`` lie in the shared factor pages."""
         assert rec.prefix is not None
         detail: ShadowPrefix = rec.prefix.detail
         lay, C, dev = rec.lay, self.cfg.chunk_size, self.device
-        k = lay.outlier_rows // C
+        k = (lay.outlier_rows - lay.suffix_outlier_rows) // C
         if k == 0:
             return
         Hkv = self.layout.num_kv_heads
-        rows = self.tables.buffer_rows(rec.row, lay.local_len, lay.select_start)
+        rows = self.tables.buffer_rows(rec.row, lay.local_len, lay.local_len + k * C)
         table = self.tables.factor[rec.row].long()
         pages = self.tables.store[rec.row].long()
-        lm = torch.arange(lay.num_landmarks + k, device=dev)
+        num_landmarks = lay.seg0_landmarks
+        lm = torch.arange(num_landmarks + k, device=dev)
         lm_rows = table[lm // PAGE_CHUNKS] * PAGE_CHUNKS + lm % PAGE_CHUNKS
         P, n = self.page_tokens, rec.prefix_tokens
         copy = detail.copy_rows[: k * C]
         for layer in range(self.num_layers):
             lm_ids = self.landmark_ids[layer].view(-1, Hkv)[lm_rows]  # [N' + k, Hkv]
             outliers = detail.outlier_ids[layer, :k].to(dev)
-            chunks, outlier = exact_chunks(outliers, lm_ids, n // C, lay.num_landmarks)
+            chunks, outlier = exact_chunks(outliers, lm_ids, n // C, num_landmarks)
             tok = chunks[:, None, :] * C + torch.arange(C, device=dev)[:, None]  # [k, C, Hkv]
             a = self.a_pages[layer].view(-1, self.rank)[table[tok // P] * P + tok % P]
             cos, sin = self.rope.rows(tok)
@@ -473,24 +519,34 @@ class ShadowKVCache(AttentionCache):
         values from the store, then the suffix's exact rows."""
         n, C, dev = prefix_tokens, self.cfg.chunk_size, self.device
         Hkv, D = self.layout.num_kv_heads, self.layout.head_dim
-        a = self.a_pages[layer].view(-1, self.rank)[plan.factor_rows[:n]]  # [n, R]
+        a = self.a_pages[layer].view(-1, self.rank)[plan.factor_rows[:n]]  # [n, R]: seg 0
         cos, sin = self.rope.rows(torch.arange(n, device=dev))
         w_t = self.w_t[layer][plan.basis]
         k = rebuild_keys(a, w_t, Hkv, cos[:, None], sin[:, None], self.rope.style)  # [n, Hkv, D]
         pages = torch.tensor(plan.store_pages, dtype=torch.int64, device=dev)
         chunks = torch.arange(n // C, device=dev)[:, None].expand(-1, Hkv)
         v = self.store.read(plan.value_tier, layer, pages, chunks, dev).reshape(n, Hkv, D)
-        rows = plan.exact_rows[: max(0, end - n)]
-        k_all = torch.cat([k.to(self.dtype), self.k_buf[layer].view(-1, Hkv, D)[rows]])
-        v_all = torch.cat([v.to(self.dtype), self.v_buf[layer].view(-1, Hkv, D)[rows]])
+        rest = max(0, end - n)
+        if self._chunk.detail.staged:  # a segment 1: its suffix's staged tokens
+            k_s, v_s = self._read_staged(layer, n, n + rest, n)
+        else:
+            rows = plan.exact_rows[:rest]
+            k_s = self.k_buf[layer].view(-1, Hkv, D)[rows]
+            v_s = self.v_buf[layer].view(-1, Hkv, D)[rows]
+        k_all = torch.cat([k.to(self.dtype), k_s.to(self.dtype)])
+        v_all = torch.cat([v.to(self.dtype), v_s.to(self.dtype)])
         return k_all[start:end], v_all[start:end]
 
     # steps -------------------------------------------------------------------------------------
     def plan_chunk(self, chunk: PrefillChunk) -> ShadowChunk:
         rec = self.record(chunk.seq_id)
         plan = self.tables.plan_prefill(rec)
-        if rec.prefix_tokens:  # its suffix is exact rows, written as it comes
-            return ShadowChunk(plan, None, prefix_tokens=rec.prefix_tokens)
+        n = rec.prefix_tokens
+        if n and not rec.lay.segment_start:  # its suffix is exact rows, written as it comes
+            return ShadowChunk(plan, None, prefix_tokens=n)
+        if n:  # a segment 1 stages its suffix's tokens until its last chunk
+            rows = self.staging.rows(rec.pages[STAGING], chunk.end - n, self.device)
+            return ShadowChunk(plan, rows, rec.pages[STAGING_GRAM][0], n)
         # A sparse prompt admitted to stage keeps its chunks in its staging pages until its last
         # (``shadow_staging.py``); a whole prompt, or one running dense, is stored as it comes.
         if STAGING not in rec.pages:
@@ -542,8 +598,11 @@ class ShadowKVCache(AttentionCache):
         if plan.layout.dense:
             self._write_exact(layer, plan.exact_rows[start:end], k, v)
             return
-        if chunk.detail.prefix_tokens:  # suffix token t is exact row t - prefix_tokens
-            n = chunk.detail.prefix_tokens
+        n = chunk.detail.prefix_tokens
+        if n and chunk.detail.staged:
+            self._stage_suffix(layer, k, v, k_pre)
+            return
+        if n:  # suffix token t is exact row t - n
             self._write_exact(layer, plan.exact_rows[start - n : end - n], k, v)
             return
         if not chunk.detail.staged:
@@ -566,12 +625,35 @@ class ShadowKVCache(AttentionCache):
             return k[rows], v[rows]
         if self._chunk.detail.prefix_tokens:
             return self._read_shared(layer, plan, self._chunk.detail.prefix_tokens, start, end)
-        k_pre, v = self.staging.read(layer, self._chunk.detail.stage_rows[start:end])
+        return self._read_staged(layer, start, end)
+
+    def _read_staged(
+        self, layer: int, start: int, end: int, first: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Staged tokens ``[start, end)`` of the current chunk's sequence (its staging row 0 is
+        token ``first``: a segment 1 stages its suffix only), keys rotated."""
+        rows = self._chunk.detail.stage_rows[start - first : end - first]
+        k_pre, v = self.staging.read(layer, rows)
         k_pre = k_pre.view(v.shape)
         # Rotated by the model's own op and table rows: the keys its layer produced, bit for bit.
         cos, sin = self.rope.rows(torch.arange(start, end, device=self.device))
         k = apply_rope(k_pre, k_pre, cos, sin, self.rope.style)[1]
         return k, v
+
+    def _stage_suffix(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor
+    ) -> None:
+        """Stage a segment 1's chunk; at its last, store its whole suffix (``_store_suffix``)."""
+        chunk = self._chunk
+        detail: ShadowChunk = chunk.detail
+        n, rows = detail.prefix_tokens, detail.stage_rows
+        assert rows is not None
+        self.staging.add(layer, rows[chunk.start - n : chunk.end - n], detail.gram, k_pre, v)
+        if self.prefill_completes():
+            k_old = self._read_staged(layer, n, chunk.start, n)[0]
+            k_pre_all, v_all = self.staging.read(layer, rows)
+            gram = self.staging.gram[layer][detail.gram]
+            self._store_suffix(layer, detail.plan, torch.cat([k_old, k]), v_all, k_pre_all, gram)
 
     def _store_sparse(
         self, layer: int, plan: PrefillPlan, k: torch.Tensor, v: torch.Tensor,
@@ -580,23 +662,58 @@ class ShadowKVCache(AttentionCache):
         """Factorise, summarise and store a whole sparse prompt's layer: ``k, v [T, Hkv, D]``,
         ``k_pre [T, Hkv*D]``, ``gram``: its ``KᵀK`` when summed chunk by chunk."""
         T, Hkv, D = k.shape
-        with timed(self.svd_timer):
-            f = lowrank_factors(k_pre, self.rank, gram)
-        self.a_pages[layer].view(-1, self.rank)[plan.factor_rows] = f.a.to(self.dtype)
-        self.w_t[layer][plan.basis] = f.w_t.to(self.dtype)
+        self._write_factors(layer, plan.factor_rows, plan.basis, k_pre, gram)
         s = summarize_chunks(k, self.cfg.chunk_size, self.cfg.local_chunks, self.cfg.outlier_chunks)
         self.record(self._chunk.seq_id).outlier_ids[layer] = s.outlier_ids
-        if self.landmark_scales is None:
-            self.landmarks[layer].view(-1, Hkv, D)[plan.landmark_rows] = s.landmarks.to(self.dtype)
-        else:  # quantised from the fp32 means, not from their model-dtype rounding
-            codes, scales = quantize_fp8(s.landmarks)
-            self.landmarks[layer].view(-1, Hkv, D)[plan.landmark_rows] = codes
-            self.landmark_scales[layer].view(-1, Hkv)[plan.landmark_rows] = scales
-        self.landmark_ids[layer].view(-1, Hkv)[plan.landmark_rows] = s.landmark_ids.to(torch.int32)
+        self._write_landmarks(layer, plan.landmark_rows, s.landmarks, s.landmark_ids)
         idx = exact_token_index(T, self.cfg.chunk_size, s.num_candidates, s.outlier_ids)
         idx = idx[..., None].expand(-1, -1, D)  # [E, Hkv, D]
         self._write_exact(layer, plan.exact_rows, k.gather(0, idx), v.gather(0, idx))
         self.store.write(plan.value_tier, layer, plan.store_pages, v)
+
+    def _store_suffix(
+        self, layer: int, plan: PrefillPlan, k: torch.Tensor, v: torch.Tensor,
+        k_pre: torch.Tensor, gram: torch.Tensor,
+    ) -> None:
+        """Store a segment 1 (suffix ``[n, T)``) as ``_store_sparse`` stores a prompt, in its own
+        pages: ``k, v [T - n, Hkv, D]``, ``k_pre [T - n, Hkv*D]`` and its Gram. Its chunk ids
+        (landmarks, outliers) count from ``n/C``; its landmarks follow segment 0's ``N'``."""
+        lay, C = plan.layout, self.cfg.chunk_size
+        n, D = lay.segment_start, k.shape[2]
+        self._write_factors(layer, plan.factor_rows[n:], plan.suffix_basis, k_pre, gram)
+        s = summarize_chunks(k, C, self.cfg.local_chunks, self.cfg.outlier_chunks)
+        self.record(self._chunk.seq_id).outlier_ids[layer] = s.outlier_ids + n // C
+        rows = plan.landmark_rows[lay.seg0_landmarks :]
+        self._write_landmarks(layer, rows, s.landmarks, s.landmark_ids + n // C)
+        idx = exact_token_index(k.shape[0], C, s.num_candidates, s.outlier_ids)
+        idx = idx[..., None].expand(-1, -1, D)  # [E, Hkv, D]: local window, then outliers
+        self._write_exact(layer, plan.exact_rows, k.gather(0, idx), v.gather(0, idx))
+        self.store.write(plan.value_tier, layer, plan.store_pages[n // self.page_tokens :], v)
+
+    def _write_factors(
+        self, layer: int, factor_rows: torch.Tensor, basis: int, k_pre: torch.Tensor,
+        gram: torch.Tensor | None,
+    ) -> None:
+        """Factorise one segment's pre-RoPE keys ``[T, Hkv*D]``: ``A`` to ``factor_rows [T]``,
+        ``Wᵀ`` to basis slot ``basis``."""
+        with timed(self.svd_timer):
+            f = lowrank_factors(k_pre, self.rank, gram)
+        self.a_pages[layer].view(-1, self.rank)[factor_rows] = f.a.to(self.dtype)
+        self.w_t[layer][basis] = f.w_t.to(self.dtype)
+
+    def _write_landmarks(
+        self, layer: int, rows: torch.Tensor, landmarks: torch.Tensor, ids: torch.Tensor
+    ) -> None:
+        """Landmarks ``[N, Hkv, D]`` (fp32 means) and their chunk ids ``[N, Hkv]`` to landmark
+        ``rows [N]``."""
+        Hkv, D = landmarks.shape[1:]
+        if self.landmark_scales is None:
+            self.landmarks[layer].view(-1, Hkv, D)[rows] = landmarks.to(self.dtype)
+        else:  # quantised from the fp32 means, not from their model-dtype rounding
+            codes, scales = quantize_fp8(landmarks)
+            self.landmarks[layer].view(-1, Hkv, D)[rows] = codes
+            self.landmark_scales[layer].view(-1, Hkv)[rows] = scales
+        self.landmark_ids[layer].view(-1, Hkv)[rows] = ids.to(torch.int32)
 
     def decode(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor

@@ -2,6 +2,9 @@
 
 A sequence's exact-attention buffer is ``[local | outliers | selected | generated]`` rows (or
 ``[prompt | generated]`` when its prompt is too short for sparsity and it falls back to dense).
+A sequence whose long suffix is its own low-rank segment 1 (``segment_start > 0``, prefix
+sharing: ``shadow_share.py``) has two groups of outlier rows: segment 0's exact chunks, then the
+suffix's outliers (the last ``suffix_outlier_rows``); its local window is the suffix's.
 """
 
 from __future__ import annotations
@@ -29,11 +32,22 @@ class SeqLayout:
     outlier_rows: int = 0  # O * C
     num_landmarks: int = 0  # N per KV head
     num_select: int = 0  # K chunks selected per KV head
+    segment_start: int = 0  # first token of segment 1 (its own basis); 0: one segment
+    suffix_outlier_rows: int = 0  # segment 1's outlier rows, the last of ``outlier_rows``
 
     @property
     def num_candidates(self) -> int:
         """Chunks before the local window (landmarks + outliers)."""
         return (self.prompt_len - self.local_len) // self.chunk_size if not self.dense else 0
+
+    @property
+    def seg0_landmarks(self) -> int:
+        """``N'``: the landmarks of segment 0, the first of each head's list (all of them when
+        the prompt is one segment)."""
+        if not self.segment_start:
+            return self.num_landmarks
+        shared_exact = (self.outlier_rows - self.suffix_outlier_rows) // self.chunk_size
+        return self.segment_start // self.chunk_size - shared_exact
 
     @property
     def select_start(self) -> int:

@@ -13,7 +13,14 @@ sequence started from it (``T`` tokens) gets, per KV head ``h`` with ``k_h`` out
 - ``k`` exact chunks ("outlier" rows): the head's ``k_h`` outliers, copied exactly, and its
   next ``k - k_h`` landmark chunks, keys rebuilt low-rank (``A Wᵀ`` then RoPE) and values read
   from the store — together every chunk of ``[0, n)`` not among the ``N'``;
-- its suffix ``[n, T)`` exact in the buffer, like generated tokens (the "local" rows).
+- its suffix ``[n, T)`` exact in the buffer, like generated tokens (the "local" rows), when
+  it has at most ``shared_suffix_tokens``; a longer suffix is segment 1, factorised with its
+  own basis (its ``A`` rows in its own factor pages after the shared ones), with its own local
+  window, outliers and ``N_s`` landmarks (chunk ids from ``n/C``): one landmark list per head,
+  segment 0's ``N'`` then the suffix's, under one budget. Landmark ``i`` is at page ``i // 16``
+  of the sequence's landmark table: the shared factor pages holding whole seg-0 landmark pages,
+  then one own page copying the partial last one (and continuing with the suffix's), then the
+  suffix's own factor pages (their landmark slots).
 
 Shapes: ``L`` layers, ``Hkv`` KV heads, ``D`` head dim, ``C`` chunk size, ``P`` tokens per
 factor page, ``R`` rank, ``K`` chunks.
@@ -55,18 +62,25 @@ class ShadowPrefix:
 
 
 def shared_layout(
-    full: SeqLayout, prefix: ShadowPrefix, prefix_tokens: int, max_suffix: int
+    full: SeqLayout, prefix: ShadowPrefix, prefix_tokens: int, max_suffix: int,
+    local_chunks: int, outlier_chunks: int,
 ) -> SeqLayout | None:
     """The rows of a sequence started from ``prefix_tokens`` tokens of ``prefix``, given the
     layout it would have prefilled from scratch (``full``: its budget); None when it cannot
-    (it runs dense, its suffix is longer than ``max_suffix``, or no landmark is left)."""
+    (it runs dense, no landmark is left, or its suffix is longer than ``max_suffix`` but too
+    short to be sparse on its own: under ``local_chunks + outlier_chunks + 1`` chunks).
+
+    A suffix of at most ``max_suffix`` tokens is exact (the local rows); a longer one is
+    segment 1 (``suffix_layout``)."""
     T, C = full.prompt_len, full.chunk_size
-    if full.dense or T - prefix_tokens > max_suffix:
+    if full.dense:
         return None
     k = prefix.num_exact(prefix_tokens // C)
     num_landmarks = prefix_tokens // C - k
     if num_landmarks < 1:
         return None
+    if T - prefix_tokens > max_suffix:
+        return suffix_layout(full, prefix_tokens, k, local_chunks, outlier_chunks)
     return SeqLayout(
         T,
         full.max_new_tokens,
@@ -76,6 +90,33 @@ def shared_layout(
         outlier_rows=k * C,
         num_landmarks=num_landmarks,
         num_select=min(full.num_select, num_landmarks),
+    )
+
+
+def suffix_layout(
+    full: SeqLayout, prefix_tokens: int, k: int, local_chunks: int, outlier_chunks: int
+) -> SeqLayout | None:
+    """The rows of a sequence whose suffix ``[n, T)`` is segment 1: its local window (the
+    suffix's last ``local_chunks`` chunks and ``T mod C`` tail), segment 0's ``k`` exact
+    chunks, the suffix's ``outlier_chunks`` outliers; ``N' = n/C - k`` landmarks of segment 0
+    then the suffix's ``N_s``, one budget over both. None when the suffix has fewer than
+    ``local_chunks + outlier_chunks + 1`` chunks."""
+    T, C, n = full.prompt_len, full.chunk_size, prefix_tokens
+    candidates = (T - n) // C - local_chunks
+    if candidates < outlier_chunks + 1:
+        return None
+    num_landmarks = n // C - k + candidates - outlier_chunks
+    return SeqLayout(
+        T,
+        full.max_new_tokens,
+        C,
+        dense=False,
+        local_len=T - n - candidates * C,
+        outlier_rows=(k + outlier_chunks) * C,
+        num_landmarks=num_landmarks,
+        num_select=min(full.num_select, num_landmarks),
+        segment_start=n,
+        suffix_outlier_rows=outlier_chunks * C,
     )
 
 

@@ -15,16 +15,17 @@ from shadowkv.cache.shadow_layout import PAGE_CHUNKS, SeqLayout, cdiv
 
 FACTOR, BLOCKS, BASIS = "factor", "blocks", "basis"  # allocator names (values: VALUE_POOLS)
 VALUE_POOLS = ("host values", "device values")  # by tier index
-# Prompt segments per sequence, each factorised with its own key basis (prefix sharing will make
-# two: a shared prefix and the request's own continuation); unused ones start past every token.
-MAX_SEGMENTS = 1
+# Prompt segments per sequence, each factorised with its own key basis (prefix sharing makes two:
+# a shared prefix and a long suffix of the request's own); unused ones start past every token.
+MAX_SEGMENTS = 2
 NO_SEGMENT = torch.iinfo(torch.int32).max
 
 
 @dataclass
 class ShadowSeq(SeqRecord):
     """A ShadowKV sequence: its rows (``layout``), the value tier its values live in, the slot
-    of its key basis ``W^T`` (its prompt's segment; ``pad_row`` when it runs dense), whether
+    of its key basis ``W^T`` (its prompt's segment 0: a shared prefix's, if it started from one;
+    a segment 1's is its second ``BASIS`` page; ``pad_row`` when it runs dense), whether
     its selection slots hold a previous step's chunks (``primed``), and per layer the outlier
     chunk ids ``[O, Hkv]`` of its prefilled sparse prompt in the order of its buffer rows
     (``outlier_ids``: what sharing its prefix copies, ``shadow_share.py``)."""
@@ -54,12 +55,13 @@ class PrefillPlan:
     landmark_rows: torch.Tensor  # [N] rows of the landmark pages
     store_pages: tuple[int, ...]  # value-store pages in chunk order (host ints: copy plans)
     value_tier: int  # the store tier those pages belong to
+    suffix_basis: int = 0  # the w_t row of segment 1's basis (``layout.segment_start > 0``)
 
 
 @dataclass(frozen=True)
 class SparsePlan:
     factor_tables: torch.Tensor  # [B, max factor pages] int32
-    landmark_tables: torch.Tensor  # [B, max landmark pages] int32 (a prefix of factor_tables)
+    landmark_tables: torch.Tensor  # [B, max landmark pages] int32
     store_tables: torch.Tensor  # [B, max store pages] int32
     num_landmarks: torch.Tensor  # [B] int32
     num_select: torch.Tensor  # [B] int32
@@ -103,8 +105,13 @@ class StepWidths:
 
 
 class SequenceTables:
-    """Device page tables of the sequence slots (factor, value-store, buffer) and the step plans
-    built from them and the sequences' records.
+    """Device page tables of the sequence slots (factor, landmark, value-store, buffer) and the
+    step plans built from them and the sequences' records.
+
+    Landmark ``i`` of a sequence is slot ``i % 16`` of page ``landmark[row, i // 16]``. The
+    landmark table equals the factor table, except for a sequence with a segment 1 (prefix
+    sharing): the shared factor pages holding whole pages of segment 0's landmarks, then its own
+    copy page, then its suffix's factor pages (``admit``).
 
     Value-store page numbers index the arena of the sequence's tier (``value_tier``). Row
     ``pad_row`` (past the ``max_num_seqs`` slots) belongs to the padding entries of fixed-shape
@@ -129,6 +136,7 @@ class SequenceTables:
             return torch.zeros(max_num_seqs + 1, width, dtype=torch.int32, device=device)
 
         self.factor = table(cdiv(max_model_len, page_tokens))
+        self.landmark = table(cdiv(max_model_len, page_tokens) + 1)  # + a segment-1 copy page
         self.store = table(cdiv(cdiv(max_model_len, chunk_size), PAGE_CHUNKS))
         self.buffer = table(cdiv(max_model_len, block_rows))
         self.seg_basis = table(MAX_SEGMENTS)
@@ -140,14 +148,24 @@ class SequenceTables:
         self.buffer[self.pad_row] = scratch_block
 
     def admit(self, rec: ShadowSeq) -> None:
-        """Fill a newly admitted sequence's tables."""
+        """Fill a newly admitted sequence's tables. One segment: the whole prompt, its landmarks
+        on its factor pages. With a segment 1 from token ``n``, its factor pages are ``n/P``
+        shared ones, then its own copy page, then its suffix's (``segment_pages``)."""
+        factor = rec.pages.get(FACTOR, [])
+        landmark = factor
+        lay = rec.layout
+        if lay is not None and lay.segment_start:
+            factor, landmark = segment_pages(factor, lay, self.page_tokens)
+            self.seg_basis[rec.row, 1] = rec.pages[BASIS][1]
+            self.seg_starts[rec.row, 1] = lay.segment_start
         for t, pages in (
-            (self.factor, rec.pages.get(FACTOR, [])),
+            (self.factor, factor),
+            (self.landmark, landmark),
             (self.store, rec.value_pages),
             (self.buffer, rec.pages[BLOCKS]),
         ):
             t[rec.row, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        self.seg_basis[rec.row, 0] = rec.basis  # one segment: the whole prompt
+        self.seg_basis[rec.row, 0] = rec.basis
 
     def grow(self, rec: ShadowSeq) -> None:
         """A grown sequence's buffer table: the blocks it holds now, in order."""
@@ -155,8 +173,9 @@ class SequenceTables:
         self.buffer[rec.row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
 
     def release(self, row: int) -> None:
-        for t in (self.factor, self.store, self.buffer, self.seg_basis):
+        for t in (self.factor, self.landmark, self.store, self.buffer, self.seg_basis):
             t[row] = 0
+        self.seg_starts[row, 1:] = NO_SEGMENT
 
     def buffer_rows(self, row: int, start: int, end: int) -> torch.Tensor:
         """Flat rows (``block * S + offset``) of slot ``row``'s buffer rows ``[start, end)``."""
@@ -169,17 +188,22 @@ class SequenceTables:
         lay, row = rec.lay, rec.row
         P, dev = self.page_tokens, self.device
         exact_end = lay.prompt_len if lay.dense else lay.select_start
-        table = self.factor[row].long()
+        exact = self.buffer_rows(row, 0, exact_end)
+        if lay.segment_start:  # the suffix's: its local window, then its outliers
+            outliers = exact[exact_end - lay.suffix_outlier_rows :]
+            exact = torch.cat([exact[: lay.local_len], outliers])
+        table, lm_table = self.factor[row].long(), self.landmark[row].long()
         tok = torch.arange(0 if lay.dense else lay.prompt_len, device=dev)
         lm = torch.arange(lay.num_landmarks, device=dev)
         return PrefillPlan(
             rec.basis,
             lay,
-            exact_rows=self.buffer_rows(row, 0, exact_end),
+            exact_rows=exact,
             factor_rows=table[tok // P] * P + tok % P,
-            landmark_rows=table[lm // PAGE_CHUNKS] * PAGE_CHUNKS + lm % PAGE_CHUNKS,
+            landmark_rows=lm_table[lm // PAGE_CHUNKS] * PAGE_CHUNKS + lm % PAGE_CHUNKS,
             store_pages=tuple(rec.value_pages),
             value_tier=rec.value_tier,
+            suffix_basis=rec.pages[BASIS][1] if lay.segment_start else 0,
         )
 
     def decode_columns(self, recs: list[ShadowSeq]) -> dict[str, list[int]]:
@@ -230,7 +254,7 @@ class SequenceTables:
             return bucket(need, table.shape[1]) if static else need
 
         factor = width(max(cdiv(x.prompt_len, P) for x in sparse), self.factor)
-        landmark = width(max(cdiv(x.num_landmarks, PAGE_CHUNKS) for x in sparse), self.factor)
+        landmark = width(max(cdiv(x.num_landmarks, PAGE_CHUNKS) for x in sparse), self.landmark)
         select = max(x.num_select for x in sparse)
         if static:
             select = min(bucket(select, self.max_select), landmark * PAGE_CHUNKS)
@@ -274,7 +298,7 @@ class SequenceTables:
             groups = tuple((u, cols["tier"] == u) for u in widths.tiers)
         return SparsePlan(
             factor_tables=factor,
-            landmark_tables=factor[:, : widths.landmark],
+            landmark_tables=self.landmark[rows, : widths.landmark],
             store_tables=self.store[rows, : widths.store],
             num_landmarks=cols["num_landmarks"].to(torch.int32),
             num_select=num_select,
@@ -282,3 +306,16 @@ class SequenceTables:
             primed=cols["primed"].bool(),
             value_groups=groups,
         )
+
+
+def segment_pages(
+    pages: list[int], lay: SeqLayout, page_tokens: int
+) -> tuple[list[int], list[int]]:
+    """(factor, landmark) tables of a sequence with a segment 1 from its factor ``pages``:
+    ``n/P`` shared, its copy page, then its suffix's. Factor: the shared and suffix pages in
+    token order; landmark: the shared pages holding whole pages of segment 0's landmarks
+    (``N' // 16``), the copy page (the partial last one, then the suffix's), the suffix's."""
+    shared = lay.segment_start // page_tokens
+    factor = pages[:shared] + pages[shared + 1 :]
+    landmark = pages[: lay.seg0_landmarks // PAGE_CHUNKS] + pages[shared:]
+    return factor, landmark

@@ -13,9 +13,11 @@ from utils import assert_close_verbose, cache_for, greedy_with_logits, run_model
 
 from shadowkv.bench.models import arch_config, random_model
 from shadowkv.cache import make_cache as build
-from shadowkv.cache.base import CacheOptions, SharedPrefix, device_columns
+from shadowkv.cache.base import CacheCapacityError, CacheOptions, SharedPrefix, device_columns
 from shadowkv.cache.methods import DenseConfig, ShadowKVConfig
 from shadowkv.cache.shadow import ShadowKVCache
+from shadowkv.cache.shadow_layout import cdiv
+from shadowkv.cache.shadow_staging import STAGING, STAGING_GRAM
 from shadowkv.cache.shadow_tables import BASIS, BLOCKS, FACTOR, VALUE_POOLS
 from shadowkv.cache.store import DEVICE, HOST
 from shadowkv.config import ModelConfig
@@ -375,9 +377,8 @@ def test_prefix_start_is_zero_when_the_sequence_would_not_run_sparse_from_it() -
     assert start(40, matched=200) == P, "whole pages of what matches (suffix 168)"
     assert start(40, CacheOptions(exact=True)) == 0, "exact: it runs dense"
     assert start(1) == 0, "257 tokens run dense at this budget"
-    assert start(200) == SHARED and start(201) == 0, "a suffix over shared_suffix_tokens"
-    with pytest.raises(ValueError, match="prefix_start"):
-        cache.add_sequence(1, SHARED + 201, 4, prefix=prefix, prefix_tokens=SHARED)
+    assert start(200) == SHARED and start(201) == SHARED, "a longer suffix is segment 1"
+    assert cache._shared_layout(prefix, SHARED + 201, 4, None, SHARED).segment_start == SHARED
     with pytest.raises(ValueError, match="prefix_start"):
         cache.add_sequence(1, SHARED + 40, 4, prefix=prefix, prefix_tokens=P + 8)
     assert 1 not in cache.seqs
@@ -548,3 +549,303 @@ def test_through_a_model_greedy_tokens_and_logits_equal_dense() -> None:
     want_tokens, want = greedy_with_logits(model, rope, cache(DenseConfig()), prompt, 5)
     assert got.argmax(-1).tolist() == want_tokens and len(set(want_tokens)) > 1
     assert_close_verbose(got, want, atol=1e-9, rtol=1e-7, what="logits")
+
+
+# segment 1: a long suffix factorised as its own low-rank segment --------------------------------
+SEG = {"shared_suffix_tokens": 16, "sparse_budget": 472}  # a suffix over 16 tokens: segment 1
+P_OPTIONS = CacheOptions(sparse_budget=264)  # p's own budget: 33 chunks, every landmark of p
+
+
+def every_landmark(num_tokens: int) -> CacheOptions:
+    """The largest budget a sparse prompt of ``num_tokens`` can have (2 local and 2 outlier
+    chunks): at least every landmark of both segments of a sequence with a segment 1."""
+    return CacheOptions(sparse_budget=(num_tokens // C - 4) * C)
+
+
+def segment_prompt(cache: ShadowKVCache, seed: int = 0, spectrum: bool = False):
+    """Prefill p (sequence 0, at ``P_OPTIONS``) and share its first ``SHARED`` tokens."""
+    p = tokens(cache, PROMPT, seed, spectrum)
+    cache.add_sequence(0, PROMPT, 4, P_OPTIONS)
+    prefill(cache, 0, p, 0, [PROMPT])
+    prefix = cache.share_prefix(0, PROMPT)
+    assert prefix is not None and prefix.num_tokens == SHARED
+    return p, prefix
+
+
+def start_segment(
+    cache: ShadowKVCache, sid: int, prefix: SharedPrefix, toks: Tokens, new: int = 4,
+    options: CacheOptions | None = None,
+) -> None:
+    """Admit ``sid`` from ``prefix`` with its suffix as segment 1 (every landmark selected
+    unless ``options`` says otherwise)."""
+    start_shared(cache, sid, prefix, toks, new, options or every_landmark(toks.num))
+    lay = cache.record(sid).lay
+    assert lay.segment_start == SHARED and lay.suffix_outlier_rows == 2 * C
+    shared_exact = (lay.outlier_rows - lay.suffix_outlier_rows) // C
+    suffix_landmarks = (toks.num - SHARED) // C - 4
+    assert lay.num_landmarks == SHARED // C - shared_exact + suffix_landmarks
+    assert lay.local_len == toks.num - SHARED - (suffix_landmarks + 2) * C
+
+
+def run_segment_vs_dense(cache: ShadowKVCache, suffix: int, chunks: list[int], steps: int = 3):
+    """A sequence whose ``suffix`` is segment 1, every landmark selected: (its outputs, dense
+    outputs) of its suffix prefill in ``chunks`` and of ``steps`` decode steps."""
+    p, prefix = segment_prompt(cache)
+    toks = p[:SHARED] + tokens(cache, suffix, seed=suffix)
+    start_segment(cache, 1, prefix, toks, steps)
+    lay = cache.record(1).lay
+    assert lay.num_select == lay.num_landmarks
+    got = [prefill(cache, 1, toks[SHARED:], SHARED, chunks)]
+    want = [dense_prefill(cache, toks, SHARED)]
+    for i in range(steps):
+        step = tokens(cache, 1, seed=100 + i)
+        got.append(decode(cache, [1], step)[:, 0])
+        toks = toks + step
+        want.append(dense_prefill(cache, toks, toks.num - 1)[:, 0])
+    return got, want
+
+
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("suffix,chunks", [(201, [201]), (203, [50, 100, 53]), (185, [1, 183, 1])])
+def test_segment1_full_rank_full_budget_equals_dense(
+    group: int, suffix: int, chunks: list[int]
+) -> None:
+    cache = make_cache(group, **SEG)
+    got, want = run_segment_vs_dense(cache, suffix, chunks)
+    rec = cache.record(1)
+    assert rec.pages[BASIS][0] == cache.record(0).basis and len(rec.pages[BASIS]) == 2
+    assert cache.tables.seg_starts[rec.row].tolist() == [0, SHARED]
+    assert STAGING not in rec.pages and cache.allocators[STAGING].num_used == 0, "released"
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close_verbose(g, w, atol=1e-9, rtol=1e-7, what=f"prefill/decode step {i}")
+
+
+@pytest.mark.parametrize("tier", [HOST, DEVICE])
+def test_segment1_in_both_value_tiers(tier: int) -> None:
+    cache = make_cache(offload_values=tier == HOST, **SEG)
+    got, want = run_segment_vs_dense(cache, 195, [95, 100])
+    assert cache.record(0).value_tier == tier and cache.record(1).value_tier == tier
+    assert cache.allocators[VALUE_POOLS[1 - tier]].num_used == 0
+    for g, w in zip(got, want):
+        assert_close_verbose(g, w, atol=1e-9, rtol=1e-7, what=f"tier {tier}")
+
+
+def test_segment1_default_rank_is_close_to_an_unshared_prefill() -> None:
+    """Segment 1 in its own basis and segment 0 in p's, both at the default rank, against the
+    same tokens prefilled whole (one basis), at a budget of about half the landmarks; errors
+    relative to each other and to dense attention."""
+    cache = make_cache(head_dim=64, rank=None, dtype=torch.float32, **SEG)
+    assert cache.rank == 64 < cache.layout.kv_dim
+    p, prefix = segment_prompt(cache, spectrum=True)
+    toks = p[:SHARED] + tokens(cache, 190, seed=7, spectrum=True)
+    half = CacheOptions(sparse_budget=224)
+    start_segment(cache, 1, prefix, toks, new=3, options=half)
+    shared = prefill(cache, 1, toks[SHARED:], SHARED, [90, 100])
+    cache.add_sequence(2, toks.num, 3, half, staged=True)  # the staging pool is free again
+    assert cache.record(1).lay.num_select == cache.record(2).lay.num_select == 28
+    whole = prefill(cache, 2, toks, 0, [200, toks.num - 200])[:, SHARED:]
+    dense = dense_prefill(cache, toks, SHARED)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    errors = {"prefill": rel(shared, whole), "prefill vs dense": rel(shared, dense)}
+    for i in range(3):
+        step = tokens(cache, 2, seed=50 + i, spectrum=True)
+        step = Tokens(*(t[:, :1].expand(-1, 2, *t.shape[2:]) for t in step.tensors))
+        out = decode(cache, [1, 2], step)
+        toks = toks + step[0:1]
+        want = dense_prefill(cache, toks, toks.num - 1)[:, 0]
+        errors[f"decode {i} vs dense (segment 1, unshared)"] = (
+            rel(out[:, 0], want), rel(out[:, 1], want)
+        )
+    print("relative errors:", errors)
+    assert errors["prefill"] < 0.05, errors
+    for i in range(3):
+        seg_err, whole_err = errors[f"decode {i} vs dense (segment 1, unshared)"]
+        assert seg_err < max(2 * whole_err, 0.05), errors
+
+
+def shared_state(cache: ShadowKVCache, prefix: SharedPrefix) -> list[torch.Tensor]:
+    """Copies of everything the prefix's factor pages hold, every layer."""
+    pages = torch.tensor(prefix.pages[FACTOR])
+    pools = [cache.a_pages, cache.landmarks, cache.landmark_ids]
+    if cache.landmark_scales is not None:
+        pools.append(cache.landmark_scales)
+    return [t[pages].clone() for pool in pools for t in pool]
+
+
+@pytest.mark.parametrize("landmark_dtype", ["auto", "fp8"])
+def test_segment1_landmark_copy_page_and_read_only_shared_pages(landmark_dtype: str) -> None:
+    """Segment 0's landmarks read through the landmark table equal those of the shared pages
+    (the partial last page from the copy page, with its ids and fp8 scales); the suffix's
+    follow with ids from ``n/C``; nothing writes the shared pages."""
+    cache = make_cache(landmark_dtype=landmark_dtype, **SEG)
+    p, prefix = segment_prompt(cache)
+    before = shared_state(cache, prefix)
+    toks = p[:SHARED] + tokens(cache, 201, seed=1)
+    start_segment(cache, 1, prefix, toks)
+    prefill(cache, 1, toks[SHARED:], SHARED, [150, 51])
+    decode(cache, [1], tokens(cache, 1, seed=2))
+    rec = cache.record(1)
+    lay, own = rec.lay, rec.pages[FACTOR][SHARED // P :]
+    n0 = lay.seg0_landmarks
+    assert 0 < n0 % 16, "a partial last page of segment 0's landmarks: the copy is exercised"
+    lm_table = cache.tables.landmark[rec.row].long()
+    factor = cache.tables.factor[rec.row].long()
+    assert lm_table[n0 // 16].item() == own[0] and own[0] not in factor.tolist()
+    i = torch.arange(lay.num_landmarks)
+    through = lm_table[i // 16] * 16 + i % 16
+    in_shared = factor[i[:n0] // 16] * 16 + i[:n0] % 16  # p's pages, read directly
+    pools = [cache.landmarks, cache.landmark_ids]
+    if cache.landmark_scales is not None:
+        pools.append(cache.landmark_scales)
+    for pool in pools:
+        for t in pool:
+            flat = t.view(-1, *t.shape[2:])
+            assert torch.equal(flat[through[:n0]], flat[in_shared])
+    for t in cache.landmark_ids:
+        ids = t.view(-1, HKV)[through]
+        assert (ids[:n0] < SHARED // C).all() and (ids[n0:] >= SHARED // C).all()
+        assert (ids[1:] > ids[:-1]).all(), "ascending per head"
+    after = shared_state(cache, prefix)
+    assert all(torch.equal(a, b) for a, b in zip(before, after)), "shared pages are read-only"
+
+
+def pool_use(cache: ShadowKVCache) -> dict[str, int]:
+    return {name: a.num_used for name, a in cache.allocators.items()}
+
+
+@pytest.mark.parametrize("release_first", [True, False])
+def test_segment1_pages_held_once_and_all_freed(release_first: bool) -> None:
+    cache = make_cache(**SEG)
+    p, prefix = segment_prompt(cache)
+    toks = p[:SHARED] + tokens(cache, 201, seed=3)
+    used = pool_use(cache)
+    start_segment(cache, 1, prefix, toks)
+    rec, tier = cache.record(1), VALUE_POOLS[HOST]
+    own = {name: len(pages) for name, pages in rec.pages.items()}
+    shared = SHARED // P
+    assert own[FACTOR] == shared + 1 + cdiv(toks.num, P) - shared, "suffix pages + the copy"
+    assert own[BASIS] == 2 and own[tier] == cdiv(cdiv(toks.num, C), 16)
+    assert own[STAGING] == cdiv(toks.num - SHARED, P) and own[STAGING_GRAM] == 1
+    taken = {name: pool_use(cache)[name] - used[name] for name in used}
+    assert taken[FACTOR] == own[FACTOR] - shared and taken[tier] == own[tier] - shared
+    assert taken[BASIS] == 1
+    prefill(cache, 1, toks[SHARED:], SHARED, [201])
+    assert STAGING not in rec.pages and pool_use(cache)[STAGING] == 0
+    # The total counts the shared pages once; sequence 1's own figure counts them.
+    mems = [cache.memory(s) for s in (0, 1)]
+    dev, host = memory_parts(cache, {FACTOR: prefix.pages[FACTOR], tier: prefix.pages[tier]})
+    total = cache.memory()
+    assert total.device_bytes == sum(m.device_bytes for m in mems) - dev
+    assert total.host_bytes == sum(m.host_bytes for m in mems) - host
+    assert cache.share_prefix(1, toks.num) is None, "a sequence from a prefix shares nothing"
+    if release_first:
+        cache.release_prefix(prefix)
+    for sid in (0, 1):
+        cache.free_sequence(sid)
+    cache.release_prefix(prefix)
+    assert pool_use(cache) == dict.fromkeys(cache.allocators, 0)
+    assert cache.tables.seg_starts[rec.row, 1].item() == torch.iinfo(torch.int32).max
+
+
+@pytest.mark.parametrize("pool", [FACTOR, BASIS, VALUE_POOLS[HOST], STAGING, STAGING_GRAM])
+def test_segment1_admission_takes_all_or_nothing(pool: str) -> None:
+    """With one pool short of what segment 1 needs, the admission fails naming it and holds
+    nothing; with the pool back, it succeeds."""
+    cache = make_cache(**SEG)
+    p, prefix = segment_prompt(cache)
+    toks = p[:SHARED] + tokens(cache, 201, seed=3)
+    opts = every_landmark(toks.num)
+    n = cache.prefix_start(prefix, toks.num, 4, opts, SHARED)
+    assert n == SHARED
+    alloc = cache.allocators[pool]
+    hog = alloc.alloc(alloc.capacity - alloc.num_used)
+    used = pool_use(cache)
+    assert not cache.can_add(toks.num, 4, opts, prefix=prefix, prefix_tokens=n)
+    with pytest.raises(CacheCapacityError, match=alloc.name):
+        cache.add_sequence(1, toks.num, 4, opts, prefix=prefix, prefix_tokens=n)
+    assert pool_use(cache) == used and 1 not in cache.seqs
+    alloc.release(hog)
+    cache.add_sequence(1, toks.num, 4, opts, prefix=prefix, prefix_tokens=n)
+
+
+def test_segment1_prefix_start() -> None:
+    """A suffix over ``shared_suffix_tokens``: segment 1 when it has at least local + outlier
+    + 1 = 5 chunks, else 0; ``shared_suffix_tokens=0`` never shares."""
+    cache = make_cache(**SEG)
+    _, prefix = segment_prompt(cache)
+    opts = CacheOptions(sparse_budget=64)
+
+    def start(suffix: int) -> int:
+        return cache.prefix_start(prefix, SHARED + suffix, 4, opts, SHARED)
+
+    assert start(16) == SHARED and cache._shared_layout(prefix, SHARED + 16, 4, opts, SHARED)
+    assert start(39) == 0 and start(40) == SHARED
+    lay = cache._shared_layout(prefix, SHARED + 40, 4, opts, SHARED)
+    assert lay is not None and lay.segment_start == SHARED and lay.local_len == 2 * C
+    with pytest.raises(ValueError, match="prefix_start"):
+        cache.add_sequence(1, SHARED + 39, 4, opts, prefix=prefix, prefix_tokens=SHARED)
+    never = make_cache(shared_suffix_tokens=0)
+    _, prefix = shared_prompt(never)
+    assert never.prefix_start(prefix, SHARED + 40, 4, None, SHARED) == 0
+
+
+def test_segment1_in_a_padded_static_step_with_p_and_an_exact_suffix() -> None:
+    """p, a sequence with a segment 1, one with an exact suffix from the same prefix, and two
+    padding entries decode in one fixed-shape step (the CUDA-graph path's plan: widths bucketed,
+    the landmark table read at its bucketed width); every landmark selected, full rank: each
+    equals dense attention over its own tokens."""
+    cache = make_cache(**{**SEG, "shared_suffix_tokens": 40})
+    p, prefix = segment_prompt(cache)
+    seqs = {0: p, 1: p[:SHARED] + tokens(cache, 201, seed=201)}
+    start_segment(cache, 1, prefix, seqs[1])
+    prefill(cache, 1, seqs[1][SHARED:], SHARED, [201])
+    seqs[2] = p[:SHARED] + tokens(cache, 32, seed=32)
+    start_shared(cache, 2, prefix, seqs[2], options=every_landmark(SHARED + 32))
+    prefill(cache, 2, seqs[2][SHARED:], SHARED, [32])
+    assert not cache.record(2).lay.segment_start and cache.record(2).lay.local_len == 32
+    ids = list(seqs)
+    for i in range(2):
+        step = tokens(cache, len(ids), seed=40 + i)
+        cols, widths = cache.begin_static_decode(ids)
+        pad = cache.pad_columns()
+        cols = {name: vals + [pad[name]] * 2 for name, vals in cols.items()}
+        cache.plan_decode(device_columns(cols, torch.device("cpu")), widths)
+        padded = Tokens(*(torch.cat([t, torch.zeros_like(t[:, :2])], 1) for t in step.tensors))
+        pos = [cache.length(s) for s in ids] + [0, 0]
+        out = torch.stack([
+            cache.decode(layer, padded.q[layer],
+                         torch.cat([rotated(cache, padded.k_pre[layer, b : b + 1], x)
+                                    for b, x in enumerate(pos)]),
+                         padded.v[layer], padded.k_pre[layer])
+            for layer in range(cache.num_layers)
+        ])
+        cache.end_decode()
+        for b, sid in enumerate(ids):
+            seqs[sid] = seqs[sid] + step[b : b + 1]
+            want = dense_prefill(cache, seqs[sid], seqs[sid].num - 1)[:, 0]
+            assert_close_verbose(out[:, b], want, atol=1e-9, rtol=1e-7, what=f"seq {sid}, step {i}")
+
+
+def test_segment1_without_outliers_equals_dense() -> None:
+    """``outlier_chunks=0``: no exact copy, no seg-0 exact chunks, no suffix outliers; segment
+    1 still has its own basis and landmarks (every landmark selected, full rank)."""
+    cache = make_cache(outlier_chunks=0, **SEG)
+    p, prefix = segment_prompt(cache)
+    toks = p[:SHARED] + tokens(cache, 187, seed=187)
+    every = CacheOptions(sparse_budget=(toks.num // C - 2) * C)
+    start_shared(cache, 1, prefix, toks, 2, every)
+    lay = cache.record(1).lay
+    assert lay.segment_start == SHARED and lay.outlier_rows == 0
+    assert lay.num_select == lay.num_landmarks == toks.num // C - 2
+    got = prefill(cache, 1, toks[SHARED:], SHARED, [87, 100])
+    assert_close_verbose(got, dense_prefill(cache, toks, SHARED), atol=1e-9, rtol=1e-7,
+                         what="prefill")
+    for i in range(2):
+        step = tokens(cache, 1, seed=60 + i)
+        out = decode(cache, [1], step)[:, 0]
+        toks = toks + step
+        assert_close_verbose(out, dense_prefill(cache, toks, toks.num - 1)[:, 0], atol=1e-9,
+                             rtol=1e-7, what=f"decode {i}")

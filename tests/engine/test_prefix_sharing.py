@@ -428,3 +428,44 @@ def test_cache_page_entries_do_not_count_against_the_host_budget(path: Path) -> 
     got = answers(llm, [DOC + [1], DOC + [2]])
     assert [c for _, c in got] == [0, 192] and llm.engine.prefix_store.nbytes == 0
     idle(llm.engine)
+
+
+@pytest.mark.parametrize("batched", [2048, 48])  # the suffix prefilled whole, or in chunks
+def test_shadowkv_conversation_turns_keep_their_suffix_as_segment_1(
+    path: Path, batched: int, monkeypatch
+) -> None:
+    """ShadowKV at full rank, with ``shared_suffix_tokens`` small: turns 2 and 3 start from
+    turn 1's 128 shared tokens and store their 81- and 90-token suffixes as segment 1 (own
+    basis). A per-request budget selecting every landmark of both segments gives dense's
+    greedy tokens."""
+    from shadowkv.cache.base import CacheOptions
+    from shadowkv.cache.methods import DenseConfig, ShadowKVConfig
+    from shadowkv.cache.shadow import ShadowKVCache
+
+    suffixes: list[int] = []
+    real = ShadowKVCache._store_suffix
+
+    def counted(self, layer, plan, k, *args):  # type: ignore[no-untyped-def]
+        if layer == 0:
+            suffixes.append(k.shape[0])
+        return real(self, layer, plan, k, *args)
+
+    monkeypatch.setattr(ShadowKVCache, "_store_suffix", counted)
+    shadow = ShadowKVConfig(
+        sparse_budget=1024, local_chunks=2, outlier_chunks=2, rank=1.0, shared_suffix_tokens=16
+    )
+    engine = {"cache_memory_gb": 0.01, "max_num_batched_tokens": batched}
+    llm = LLM(str(path), cache=shadow, engine=EngineConfig(prefix_cache=True, **engine),
+              device="cpu")
+    plain = LLM(str(path), cache=DenseConfig(), engine=EngineConfig(**engine), device="cpu")
+    prompt = DOC[:200]
+    cached = []
+    for turn in range(3):
+        want = plain.generate(prompt, SamplingParams(max_tokens=6))[0]
+        every = CacheOptions(sparse_budget=(len(prompt) // 8 - 4) * 8)  # 2 + 2 chunks exact
+        got = llm.generate(prompt, SamplingParams(max_tokens=6), cache_options=every)[0]
+        assert got.token_ids == want.token_ids, turn
+        cached.append(got.metrics["cached_tokens"])
+        prompt = prompt + got.token_ids + [40 + turn, 41, 42]
+    assert cached == [0, 128, 128] and suffixes == [81, 90]
+    idle(llm.engine)

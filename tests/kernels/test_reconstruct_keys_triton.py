@@ -162,6 +162,9 @@ SHAPES = [
                 [130, 200, 64], 1, 24, 5, 8, 96, 32, 48, "interleaved",
                 [[0, 64, 96], [0, 100, 101], [0]],
             ),
+            # ShadowKV's two segments (a shared prefix, a suffix of its own from token 256 on
+            # 128-token pages) beside a one-segment sequence padded to the same two columns.
+            ([457, 300], 2, 20, 8, 24, 16, 128, 16, "neox", [[0, 256], [0]]),
         ]
     )
 ]
