@@ -403,20 +403,26 @@ def test_the_benchmark_gives_shadowkv_no_staging_pool_unless_sized() -> None:
     assert without_staging(DenseConfig()) == DenseConfig()
 
 
-def test_shared_document_mode_counts_the_shared_pages_once() -> None:
+@pytest.mark.parametrize("method", ["dense", "shadowkv"])
+def test_shared_document_mode_counts_the_shared_pages_once(method: str) -> None:
     """``shared_document=Q``: every method is also timed with prompts that share one document
-    and end with their own Q-token question. The dense pool shares the document's blocks, so its
-    largest batch exceeds the unshared one's in the same small cache, and every run decodes."""
-    cfg = tiny_config(methods=("dense",), shared_document=16, max_batch=32)
+    and end with their own Q-token question. The cache shares the document's pages (dense: its
+    16-token blocks; ShadowKV: its 128-token factor and value pages), so the largest batch is at
+    least the unshared one's in the same small cache (dense: larger), and every run decodes."""
+    cfg = tiny_config(methods=(method,), shared_document=16, max_batch=32)
     data = run_throughput(cfg, None)
-    own = next(r for r in data["runs"] if r["method"] == "dense")
-    shared = next(r for r in data["runs"] if r["method"] == "dense+shared")
+    own = next(r for r in data["runs"] if r["method"] == method)
+    shared = next(r for r in data["runs"] if r["method"] == f"{method}+shared")
     assert "error" not in own and "error" not in shared, shared
-    assert shared["shared_tokens"] == (CONTEXT - 16) // 16 * 16  # whole blocks of the document
-    assert shared["max_batch"] > own["max_batch"]
+    unit = 16 if method == "dense" else 128  # whole blocks / factor pages of the document
+    assert shared["shared_tokens"] > 0 and shared["shared_tokens"] % unit == 0
+    assert shared["max_batch"] >= own["max_batch"]
+    if method == "dense":
+        assert shared["shared_tokens"] == (CONTEXT - 16) // 16 * 16
+        assert shared["max_batch"] > own["max_batch"]
     assert shared["batch"] == shared["max_batch"] and shared["decode_steps"] == STEPS
     assert shared["document_prefill_s"] > 0
-    assert data["max_batch"]["dense+shared"][str(CONTEXT)] == shared["max_batch"]
+    assert data["max_batch"][f"{method}+shared"][str(CONTEXT)] == shared["max_batch"]
     # The shared blocks: one copy, held by the store (and the batch) while the run lasts.
     assert shared["shared_prefix_bytes"]["device_bytes"] > 0
 
