@@ -482,27 +482,7 @@ def test_mixed_static_batch_of_shared_unshared_and_dense_sequences() -> None:
     cache.add_sequence(3, 50, 4)
     prefill(cache, 3, seqs[3], 0, [50])
     assert cache.record(3).lay.dense and not cache.record(1).lay.dense
-    ids = list(seqs)
-    for i in range(2):
-        step = tokens(cache, len(ids), seed=20 + i)
-        cols, widths = cache.begin_static_decode(ids)
-        pad = cache.pad_columns()
-        cols = {name: vals + [pad[name]] * 2 for name, vals in cols.items()}
-        cache.plan_decode(device_columns(cols, torch.device("cpu")), widths)
-        padded = Tokens(*(torch.cat([t, torch.zeros_like(t[:, :2])], 1) for t in step.tensors))
-        pos = [cache.length(s) for s in ids] + [0, 0]
-        out = torch.stack([
-            cache.decode(layer, padded.q[layer],
-                         torch.cat([rotated(cache, padded.k_pre[layer, b : b + 1], x)
-                                    for b, x in enumerate(pos)]),
-                         padded.v[layer], padded.k_pre[layer])
-            for layer in range(cache.num_layers)
-        ])
-        cache.end_decode()
-        for b, sid in enumerate(ids):
-            seqs[sid] = seqs[sid] + step[b : b + 1]
-            want = dense_prefill(cache, seqs[sid], seqs[sid].num - 1)[:, 0]
-            assert_close_verbose(out[:, b], want, atol=1e-9, rtol=1e-7, what=f"seq {sid}, step {i}")
+    padded_static_steps_equal_dense(cache, seqs, seed=20)
 
 
 # through a model's layers -------------------------------------------------------------------
@@ -806,27 +786,7 @@ def test_segment1_in_a_padded_static_step_with_p_and_an_exact_suffix() -> None:
     start_shared(cache, 2, prefix, seqs[2], options=every_landmark(SHARED + 32))
     prefill(cache, 2, seqs[2][SHARED:], SHARED, [32])
     assert not cache.record(2).lay.segment_start and cache.record(2).lay.local_len == 32
-    ids = list(seqs)
-    for i in range(2):
-        step = tokens(cache, len(ids), seed=40 + i)
-        cols, widths = cache.begin_static_decode(ids)
-        pad = cache.pad_columns()
-        cols = {name: vals + [pad[name]] * 2 for name, vals in cols.items()}
-        cache.plan_decode(device_columns(cols, torch.device("cpu")), widths)
-        padded = Tokens(*(torch.cat([t, torch.zeros_like(t[:, :2])], 1) for t in step.tensors))
-        pos = [cache.length(s) for s in ids] + [0, 0]
-        out = torch.stack([
-            cache.decode(layer, padded.q[layer],
-                         torch.cat([rotated(cache, padded.k_pre[layer, b : b + 1], x)
-                                    for b, x in enumerate(pos)]),
-                         padded.v[layer], padded.k_pre[layer])
-            for layer in range(cache.num_layers)
-        ])
-        cache.end_decode()
-        for b, sid in enumerate(ids):
-            seqs[sid] = seqs[sid] + step[b : b + 1]
-            want = dense_prefill(cache, seqs[sid], seqs[sid].num - 1)[:, 0]
-            assert_close_verbose(out[:, b], want, atol=1e-9, rtol=1e-7, what=f"seq {sid}, step {i}")
+    padded_static_steps_equal_dense(cache, seqs, seed=40)
 
 
 def test_segment1_without_outliers_equals_dense() -> None:
@@ -849,3 +809,30 @@ def test_segment1_without_outliers_equals_dense() -> None:
         toks = toks + step
         assert_close_verbose(out, dense_prefill(cache, toks, toks.num - 1)[:, 0], atol=1e-9,
                              rtol=1e-7, what=f"decode {i}")
+
+
+def padded_static_steps_equal_dense(cache, seqs: dict, seed: int, steps: int = 2) -> None:  # type: ignore[no-untyped-def]
+    """Decode every sequence of ``seqs`` (id -> its tokens so far) ``steps`` times in one
+    fixed-shape step padded with two padding entries; each output equals dense attention over
+    its tokens (float64)."""
+    ids = list(seqs)
+    for i in range(steps):
+        step = tokens(cache, len(ids), seed=seed + i)
+        cols, widths = cache.begin_static_decode(ids)
+        pad = cache.pad_columns()
+        cols = {name: vals + [pad[name]] * 2 for name, vals in cols.items()}
+        cache.plan_decode(device_columns(cols, torch.device("cpu")), widths)
+        padded = Tokens(*(torch.cat([t, torch.zeros_like(t[:, :2])], 1) for t in step.tensors))
+        pos = [cache.length(s) for s in ids] + [0, 0]
+        out = torch.stack([
+            cache.decode(layer, padded.q[layer],
+                         torch.cat([rotated(cache, padded.k_pre[layer, b : b + 1], x)
+                                    for b, x in enumerate(pos)]),
+                         padded.v[layer], padded.k_pre[layer])
+            for layer in range(cache.num_layers)
+        ])
+        cache.end_decode()
+        for b, sid in enumerate(ids):
+            seqs[sid] = seqs[sid] + step[b : b + 1]
+            want = dense_prefill(cache, seqs[sid], seqs[sid].num - 1)[:, 0]
+            assert_close_verbose(out[:, b], want, atol=1e-9, rtol=1e-7, what=f"seq {sid}, step {i}")
