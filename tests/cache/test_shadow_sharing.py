@@ -753,7 +753,8 @@ def test_segment1_admission_takes_all_or_nothing(pool: str) -> None:
 
 def test_segment1_prefix_start() -> None:
     """A suffix over ``shared_suffix_tokens``: segment 1 when it has at least local + outlier
-    + 1 = 5 chunks, else 0; ``shared_suffix_tokens=0`` never shares."""
+    + 1 = 5 chunks and is no longer than the prefix, else 0; ``shared_suffix_tokens=0`` never
+    shares."""
     cache = make_cache(**SEG)
     _, prefix = segment_prompt(cache)
     opts = CacheOptions(sparse_budget=64)
@@ -770,6 +771,9 @@ def test_segment1_prefix_start() -> None:
     never = make_cache(shared_suffix_tokens=0)
     _, prefix = shared_prompt(never)
     assert never.prefix_start(prefix, SHARED + 40, 4, None, SHARED) == 0
+    # A suffix past shared_suffix_tokens and longer than the prefix: from scratch (its prompt
+    # can then be shared in turn); as long as the prefix: segment 1.
+    assert start(SHARED) == SHARED and start(SHARED + C) == 0
 
 
 def test_segment1_in_a_padded_static_step_with_p_and_an_exact_suffix() -> None:
