@@ -10,6 +10,9 @@ all-reduce) and the call raises ``TPRankError`` naming the rank and its error; a
 from __future__ import annotations
 
 import io
+import os
+import pickle
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -63,10 +66,14 @@ def run_ranks(
                     "(a rank may be stuck in a collective the others never reached); killed them"
                 )
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+        failures = _failures(procs, err.error_index)
+        first, others = failures[0], "".join(f"\n\nthen {text}" for _, text in failures[1:])
         raise TPRankError(
-            f"tensor-parallel rank {err.error_index} of {world} failed, so every rank was "
-            f"stopped:\n{err}"
+            f"tensor-parallel rank {first[0]} of {world} failed, so every rank was stopped:\n"
+            f"{first[1]}{others}"
         ) from None
+    finally:
+        _remove_error_files(procs)
     _drain(results, out)
     missing = sorted(set(range(world)) - set(out))
     if missing:
@@ -83,13 +90,38 @@ def _rank_main(
         backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
         timeout=timedelta(seconds=timeout_s),
     )
-    try:
-        value = fn(TPGroup(rank, world), *args)
-        buf = io.BytesIO()
-        torch.save(value, buf)  # bytes, not shared tensors: this process exits next
-        results.put((rank, buf.getvalue()))
-    finally:
-        dist.destroy_process_group()
+    # On an error the group is left to the process's exit: its traceback is then written (by
+    # torch's spawn wrapper) before the other ranks see the connection close (``_failures``).
+    value = fn(TPGroup(rank, world), *args)
+    buf = io.BytesIO()
+    torch.save(value, buf)  # bytes, not shared tensors: this process exits next
+    results.put((rank, buf.getvalue()))
+    dist.destroy_process_group()
+
+
+def _failures(procs: mp.ProcessContext, reported: int) -> list[tuple[int, str]]:
+    """``(rank, what happened)`` of every failed rank, the first failure first.
+
+    When one rank fails, the others usually fail too, in the collective it never joins
+    ("Connection reset by peer"), and torch may report any of them first. A rank that died
+    without a traceback (killed, ``os._exit``) caused it; otherwise the earliest traceback did
+    (torch writes it before the process exits and closes its sockets). Ranks stopped by the
+    clean-up (SIGTERM, no traceback, not the one torch reported) are left out."""
+    dead, raised = [], []
+    for rank, (proc, path) in enumerate(zip(procs.processes, procs.error_files)):
+        if os.path.exists(path) and os.path.getsize(path):
+            with open(path, "rb") as fh:
+                text = f"rank {rank} raised:\n{pickle.load(fh)}"
+            raised.append((os.path.getmtime(path), rank, text))
+        elif proc.exitcode not in (0, None, -signal.SIGTERM) or rank == reported:
+            dead.append((rank, f"rank {rank} exited with code {proc.exitcode} (no traceback)"))
+    return dead + [(rank, text) for _, rank, text in sorted(raised)]
+
+
+def _remove_error_files(procs: mp.ProcessContext) -> None:
+    for path in procs.error_files:
+        if os.path.exists(path):
+            os.unlink(path)
 
 
 def _drain(results: Any, out: dict[int, Any]) -> None:
