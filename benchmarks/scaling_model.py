@@ -115,12 +115,14 @@ def report(case: Case) -> None:
     print(f"| dense max batch | {dense_batch} |")
     print(f"| ShadowKV max batch | {batch} (bound by the {bound}) |")
     # Decode step, memory-bound: every GPU reads its weights once and each sequence's KV.
-    budget_tokens = scfg.budget_tokens(ref.prompt_len) + (scfg.local_chunks + scfg.outlier_chunks
-                                                          ) * scfg.chunk_size
-    sparse_read = 2 * layout.num_layers * budget_tokens * layout.kv_dim * 2
+    # Tokens attended per step: the sparse budget (values fetched from the host tier) plus the
+    # exact outlier and local chunks (on the device); K and V of each, model dtype.
+    selected = scfg.budget_tokens(ref.prompt_len)
+    exact = (scfg.local_chunks + scfg.outlier_chunks) * scfg.chunk_size
+    token_kv = 2 * layout.num_layers * layout.kv_dim * layout.elem_size  # K and V, all layers
     dense_step = (weights + dense_batch * dense_seq) / HBM_BPS
-    shadow_hbm = (weights + batch * sparse_read) / HBM_BPS
-    fetch = batch * sparse_read / 2 / PCIE_BPS  # values of every selected token, no cache hits
+    shadow_hbm = (weights + batch * (selected + exact) * token_kv) / HBM_BPS
+    fetch = batch * selected * token_kv / 2 / PCIE_BPS  # the selected values, no cache hits
     print(f"| dense step (HBM roofline, batch {dense_batch}) | {dense_step * 1e3:.1f} ms |")
     print(f"| ShadowKV step, HBM part (batch {batch}) | {shadow_hbm * 1e3:.1f} ms |")
     print(f"| ShadowKV value fetch over PCIe, 0% hits | {fetch * 1e3:.1f} ms |")
