@@ -28,7 +28,7 @@ import torch
 
 from shadowkv.config import ConfigError, ModelConfig
 from shadowkv.distributed.group import TPGroup
-from shadowkv.distributed.layers import block_rows, column_linear, row_linear
+from shadowkv.distributed.layers import RowParallelLinear, block_rows, column_linear, row_linear
 from shadowkv.models.llama import MLP, Attention, LlamaModel
 
 
@@ -58,6 +58,8 @@ def shard_model(model: LlamaModel, tp: TPGroup) -> LlamaModel:
     """``model`` (full weights, on this rank's device) as rank ``tp.rank`` of ``tp.world``."""
     if tp.world == 1:
         return model
+    if any(isinstance(layer.self_attn.o_proj, RowParallelLinear) for layer in model.layers):
+        raise ValueError("the model is already sharded; shard a freshly loaded model")
     check_divisible(model.cfg, tp.world)
     for layer in model.layers:
         _shard_attention(layer.self_attn, tp)

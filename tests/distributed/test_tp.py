@@ -138,3 +138,7 @@ def test_heads_must_divide(tiny_checkpoint) -> None:
         check_divisible(replace(cfg, intermediate_size=201), 2)
     check_divisible(cfg, 2)
     assert shard_model(model, TPGroup()) is model  # TP=1: nothing changes
+    shard_model(model, TPGroup(1, 2))  # no collective until a forward: no process group needed
+    assert model.attention_specs()[0].num_kv_heads == 1
+    with pytest.raises(ValueError, match="already sharded"):
+        shard_model(model, TPGroup(1, 2))
