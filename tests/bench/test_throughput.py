@@ -267,6 +267,7 @@ def test_named_architectures_match_their_checkpoints() -> None:
         }
     assert counts["llama-3.1-8b"] == 8_030_261_248  # Meta's published parameter count
     assert counts["llama-3-8b"] == 8_030_261_248
+    assert counts["llama-3.1-70b"] == 70_553_706_496  # Meta's published parameter count
     assert counts["qwen2.5-7b"] == 7_615_616_512  # Qwen2.5-7B's published count
     assert counts["phi-3-mini-128k"] == 3_821_079_552  # Phi-3-mini's published count
     assert counts["glm-4-9b"] == 9_399_951_360  # GLM-4-9B-chat's
