@@ -153,6 +153,11 @@ class ShadowKVConfig(SparseConfig):
         None, "device memory, in prompt tokens within the cache budget, for staging the chunks "
         "of sparse prompts prefilled in chunks (default: max_model_len; 0: prefill them whole)",
     )
+    share_prefix_memory: bool = knob(
+        True, "prefix sharing holds a stored prompt's own pages (low-rank keys, landmarks, "
+        "values) once, the suffix prefilled against its rebuilt keys (an approximation); off: "
+        "each request stores its own copy, prefilled exactly from the store's host copy",
+    )
     shared_suffix_tokens: int = knob(
         2048, "most prompt tokens after a shared prefix a request keeps exact while it shares "
         "the prefix's memory (longer: factorised as a low-rank segment of its own; 0: never "

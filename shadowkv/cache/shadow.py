@@ -112,6 +112,8 @@ class ShadowKVCache(AttentionCache):
                 f"{layout.spec.rotary_dims} rotary dims"
             )
         self.rope = rope
+        # Prefix sharing of this cache's own pages (below), or host copies (the engine's store).
+        self.supports_shared_prefix = cfg.share_prefix_memory
         sz = size_shadowkv(cfg, layout, device, max_num_seqs, max_model_len, memory_bytes)
         self.sizing = sz
         L, Hkv, D, dtype = layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype

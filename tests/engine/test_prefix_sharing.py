@@ -10,6 +10,7 @@ preempted.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -290,10 +291,12 @@ def test_a_prompt_the_store_cannot_keep_is_not_recorded(path: Path, monkeypatch)
     probe = make_llm(path).engine
     c = probe.model_cfg
     per_token = c.num_layers * 3 * c.num_kv_heads * c.head_dim * 4  # fp32 on the CPU
-    # A cache that cannot share its pages (window layers; ShadowKV with its sharing turned off
-    # here) keeps host copies (room for 96 tokens' K/V); page entries take none.
-    monkeypatch.setattr(ShadowKVCache, "supports_shared_prefix", False)
-    llm = make_llm(path, "shadowkv", prefix_cache_gb=100 * per_token / 2**30)
+    # A cache that does not share its pages (window layers; ShadowKV with share_prefix_memory
+    # off) keeps host copies (room for 96 tokens' K/V); page entries take none.
+    cfg = EngineConfig(cache_memory_gb=0.01, prefix_cache=True,
+                       prefix_cache_gb=100 * per_token / 2**30)
+    shadow = replace(cache_cfg("shadowkv"), share_prefix_memory=False)
+    llm = LLM(str(path), cache=shadow, engine=cfg, device="cpu")
     assert not llm.engine.shares_pages
     engine = llm.engine
     recorded: list[int] = []
@@ -440,7 +443,6 @@ def test_shadowkv_conversation_turns_keep_their_suffix_as_segment_1(
     greedy tokens."""
     from shadowkv.cache.base import CacheOptions
     from shadowkv.cache.methods import DenseConfig, ShadowKVConfig
-    from shadowkv.cache.shadow import ShadowKVCache
 
     suffixes: list[int] = []
     real = ShadowKVCache._store_suffix
@@ -468,4 +470,20 @@ def test_shadowkv_conversation_turns_keep_their_suffix_as_segment_1(
         cached.append(got.metrics["cached_tokens"])
         prompt = prompt + got.token_ids + [40 + turn, 41, 42]
     assert cached == [0, 128, 128] and suffixes == [81, 90]
+    idle(llm.engine)
+
+
+def test_shadowkv_without_shared_memory_prefills_exactly_from_host_copies(path: Path) -> None:
+    """``share_prefix_memory=False``: ShadowKV's store keeps host copies and a request replays
+    its prefix (every sequence storing its own copy), so shared prefills answer exactly as
+    unshared ones, at any rank and budget."""
+    prompts = [DOC + q for q in QUESTIONS]
+    plain = answers(make_llm(path, "shadowkv", on=False), prompts)
+    cfg = EngineConfig(cache_memory_gb=0.01, prefix_cache=True)
+    shadow = replace(cache_cfg("shadowkv"), share_prefix_memory=False)
+    llm = LLM(str(path), cache=shadow, engine=cfg, device="cpu")
+    shared = answers(llm, prompts)
+    assert not llm.engine.shares_pages and llm.engine.prefix_store.nbytes > 0
+    assert [t for t, _ in shared] == [t for t, _ in plain]
+    assert [c for _, c in shared] == [0, 192, 192]
     idle(llm.engine)

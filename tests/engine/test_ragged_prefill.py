@@ -8,6 +8,7 @@ generated alone, for every method (the short ones run ShadowKV's dense fallback)
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,7 @@ from utils import count_forwards, full_budget
 from utils import small_cache_cfg as cache_cfg
 
 from shadowkv import LLM, EngineConfig, SamplingParams, method_config
-from shadowkv.cache.methods import DenseConfig
-from shadowkv.cache.shadow import ShadowKVCache
+from shadowkv.cache.methods import DenseConfig, ShadowKVConfig
 from shadowkv.engine.engine import Engine
 
 METHODS = ["dense", "shadowkv", "quest", "loki", "streaming", "oracle"]
@@ -52,17 +52,18 @@ def alone(path: Path, cache) -> list[list[int]]:
     return out
 
 
-def host_copies(monkeypatch) -> None:
+def host_copies(cache):  # type: ignore[no-untyped-def]
     """ShadowKV shares whole 128-token pages of sparse prompts, none of FIRST's 37 tokens: its
-    runs here store host copies of the prefix instead, as a cache that cannot share its pages
-    does (Gemma-3's window layers beside ShadowKV), so SHARED starts from a replayed prefix."""
-    monkeypatch.setattr(ShadowKVCache, "supports_shared_prefix", False)
+    runs here store host copies of the prefix instead (``share_prefix_memory=False``, as a cache
+    that cannot share its pages does), so SHARED starts from a replayed prefix."""
+    if isinstance(cache, ShadowKVConfig):
+        return replace(cache, share_prefix_memory=False)
+    return cache
 
 
 def packed(path: Path, cache, monkeypatch) -> list[list[int]]:
     """FIRST runs (and is stored); LONG's first chunk; then the packed step of four segments."""
-    host_copies(monkeypatch)
-    engine = make_engine(path, cache, max_num_batched_tokens=96, prefix_cache=True)
+    engine = make_engine(path, host_copies(cache), max_num_batched_tokens=96, prefix_cache=True)
     params = [SamplingParams(max_tokens=n) for n in MAX_TOKENS]
     first = engine.add_request(FIRST, params[0])
     while engine.has_unfinished():
@@ -108,8 +109,8 @@ def test_a_step_with_k_prefills_runs_the_layers_once(path: Path, chunked: bool, 
 
 @pytest.mark.parametrize("method", ["dense", "shadowkv"])
 def test_failure_mid_forward_frees_every_segment(path: Path, method: str, monkeypatch) -> None:
-    host_copies(monkeypatch)
-    engine = make_engine(path, cache_cfg(method), max_num_batched_tokens=96, prefix_cache=True)
+    cfg = host_copies(cache_cfg(method))
+    engine = make_engine(path, cfg, max_num_batched_tokens=96, prefix_cache=True)
     first = engine.add_request(FIRST, SamplingParams(max_tokens=2))
     while engine.has_unfinished():
         engine.step()
@@ -142,14 +143,11 @@ def test_failure_mid_forward_frees_every_segment(path: Path, method: str, monkey
 
 
 @pytest.mark.parametrize("method", ["dense", "shadowkv"])
-def test_one_prefix_shared_prompt_per_step_when_the_cache_stages(
-    path: Path, method: str, monkeypatch
-) -> None:
+def test_one_prefix_shared_prompt_per_step_when_the_cache_stages(path: Path, method: str) -> None:
     """A prompt starting from a stored host copy stages in ShadowKV from its admission: a step
     packs one such prompt (with the partial one); the next waits for the next step. Dense packs
     both."""
-    host_copies(monkeypatch)
-    cfg = cache_cfg(method)
+    cfg = host_copies(cache_cfg(method))
     engine = make_engine(path, cfg, max_num_batched_tokens=96, prefix_cache=True)
     engine.add_request(FIRST, SamplingParams(max_tokens=2))
     while engine.has_unfinished():
