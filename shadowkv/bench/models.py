@@ -29,34 +29,27 @@ _LLAMA3_8B: dict[str, Any] = {
     "bos_token_id": 128000,
 }
 
-ARCHITECTURES: dict[str, ModelConfig] = {
-    "llama-3.1-8b": ModelConfig(
-        **_LLAMA3_8B,
-        rope=RopeConfig(
-            theta=500000.0,
-            kind="llama3",
-            factor=8.0,
-            original_max_position=8192,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-        ),
-        max_position_embeddings=131072,
-        eos_token_ids=(128001, 128008, 128009),
+# Llama-3.1's 128K context: llama3 RoPE scaling of an 8K-trained model, and its stop tokens.
+_LLAMA31_LONG = dict(
+    rope=RopeConfig(
+        theta=500000.0,
+        kind="llama3",
+        factor=8.0,
+        original_max_position=8192,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
     ),
+    max_position_embeddings=131072,
+    eos_token_ids=(128001, 128008, 128009),
+)
+
+ARCHITECTURES: dict[str, ModelConfig] = {
+    "llama-3.1-8b": ModelConfig(**_LLAMA3_8B, **_LLAMA31_LONG),
     # Llama-3.1-70B(-Instruct): the tensor-parallel case of docs/scaling.md.
     "llama-3.1-70b": ModelConfig(
         **{**_LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_layers": 80,
            "num_heads": 64},
-        rope=RopeConfig(
-            theta=500000.0,
-            kind="llama3",
-            factor=8.0,
-            original_max_position=8192,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-        ),
-        max_position_embeddings=131072,
-        eos_token_ids=(128001, 128008, 128009),
+        **_LLAMA31_LONG,
     ),
     "llama-3-8b": ModelConfig(
         **_LLAMA3_8B,
