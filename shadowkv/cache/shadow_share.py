@@ -67,8 +67,8 @@ def shared_layout(
 ) -> SeqLayout | None:
     """The rows of a sequence started from ``prefix_tokens`` tokens of ``prefix``, given the
     layout it would have prefilled from scratch (``full``: its budget); None when it cannot
-    (it runs dense, no landmark is left, or its suffix is longer than ``max_suffix`` and either
-    longer than the prefix or too short to be sparse on its own: under ``local_chunks +
+    (it runs dense, no landmark is left, its suffix is longer than the prefix, or longer than
+    ``max_suffix`` but too short to be sparse on its own: under ``local_chunks +
     outlier_chunks + 1`` chunks).
 
     A suffix of at most ``max_suffix`` tokens is exact (the local rows); a longer one is
@@ -80,12 +80,12 @@ def shared_layout(
     num_landmarks = prefix_tokens // C - k
     if num_landmarks < 1:
         return None
+    # A shared start shorter than the rest of the prompt (a common system prompt, another
+    # document that begins with the same text) is not worth it: the prompt prefills from
+    # scratch, and then it can itself be shared (a sequence started from a prefix cannot).
+    if T - prefix_tokens > prefix_tokens:
+        return None
     if T - prefix_tokens > max_suffix:
-        # A shared start shorter than the rest of the prompt is not worth a second basis: the
-        # prompt prefills from scratch, and then it can itself be shared (a sequence started
-        # from a prefix cannot), e.g. another document that begins with the same text.
-        if T - prefix_tokens > prefix_tokens:
-            return None
         return suffix_layout(full, prefix_tokens, k, local_chunks, outlier_chunks)
     return SeqLayout(
         T,

@@ -177,14 +177,16 @@ def run_shared_vs_dense(
 # exact at full rank and full budget ------------------------------------------------------------
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize(
-    "suffix,chunks,keep",
-    [(37, [37], SHARED), (61, [13, 40, 8], SHARED), (33, [1, 31, 1], SHARED),
-     (165, [100, 65], P)],  # the last from one page of the two-page prefix
+    "suffix,chunks,keep,budget",
+    [(37, [37], SHARED, 256), (61, [13, 40, 8], SHARED, 256), (33, [1, 31, 1], SHARED, 256),
+     # From one page of the two-page prefix: a suffix no longer than that page, and a budget
+     # of its 16 chunks (so the 248-token prompt runs sparse and selects every landmark).
+     (120, [70, 50], P, 128)],
 )
 def test_full_rank_full_budget_equals_dense(
-    group: int, suffix: int, chunks: list[int], keep: int
+    group: int, suffix: int, chunks: list[int], keep: int, budget: int
 ) -> None:
-    cache = make_cache(group)
+    cache = make_cache(group, sparse_budget=budget)
     got, want = run_shared_vs_dense(cache, suffix, chunks, keep=keep)
     lay = cache.record(1).lay
     assert lay.num_select == lay.num_landmarks and lay.local_len == suffix
@@ -374,7 +376,8 @@ def test_prefix_start_is_zero_when_the_sequence_would_not_run_sparse_from_it() -
         return cache.prefix_start(prefix, SHARED + suffix, 4, options, matched)
 
     assert start(40) == SHARED and start(37, CacheOptions(sparse_budget=64)) == SHARED
-    assert start(40, matched=200) == P, "whole pages of what matches (suffix 168)"
+    # Whole pages of what matches: one page, but then the suffix (168) outweighs it.
+    assert start(40, matched=200) == 0, "a suffix longer than the shared start: from scratch"
     assert start(40, CacheOptions(exact=True)) == 0, "exact: it runs dense"
     assert start(1) == 0, "257 tokens run dense at this budget"
     assert start(200) == SHARED and start(201) == SHARED, "a longer suffix is segment 1"
