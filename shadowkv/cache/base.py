@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -688,42 +689,35 @@ class AttentionCache(ABC):
         cache of the tokens would take. A page several sequences share (a shared prefix) counts
         in each one's own figure, and once in the total."""
         ids = [seq_id] if seq_id is not None else list(self.seqs)
-        seen: dict[str, set[int]] = {}
-        device = host = dense = 0
-        for s in ids:
-            rec = self.seqs.get(s)
-            if rec is None:
-                continue
-            device += self.fixed_bytes(rec)
-            for name, pages in rec.pages.items():
-                alloc = self.allocators[name]
-                held = seen.setdefault(name, set())
-                n = sum(1 for p in pages if p not in held)
-                held.update(pages)
-                if alloc.on_host:
-                    host += n * alloc.page_bytes
-                else:
-                    device += n * alloc.page_bytes
-            dense += self.layout.dense_bytes(self.held_tokens(rec.length))
+        recs = [self.seqs[s] for s in ids if s in self.seqs]
+        device, host = self._page_bytes(rec.pages for rec in recs)
+        device += sum(self.fixed_bytes(rec) for rec in recs)
+        dense = sum(self.layout.dense_bytes(self.held_tokens(rec.length)) for rec in recs)
         return CacheMemory(device, host, dense)
 
     def prefix_memory(self, prefixes: list[SharedPrefix]) -> CacheMemory:
         """Bytes of the pages ``prefixes`` hold, each page once (``dense_bytes``: what a dense
         cache of their tokens would take)."""
+        live = [p for p in prefixes if not p.released]
+        device, host = self._page_bytes(p.pages for p in live)
+        dense = sum(self.layout.dense_bytes(p.num_tokens) for p in live)
+        return CacheMemory(device, host, dense)
+
+    def _page_bytes(self, holdings: Iterable[dict[str, list[int]]]) -> tuple[int, int]:
+        """(device, host) bytes of the pages in ``holdings`` (per-allocator page lists), each
+        page counted once however many hold it."""
         seen: dict[str, set[int]] = {}
-        for prefix in prefixes:
-            if not prefix.released:
-                for name, pages in prefix.pages.items():
-                    seen.setdefault(name, set()).update(pages)
+        for pages in holdings:
+            for name, held in pages.items():
+                seen.setdefault(name, set()).update(held)
         device = host = 0
-        for name, pages in seen.items():
+        for name, held in seen.items():
             alloc = self.allocators[name]
             if alloc.on_host:
-                host += len(pages) * alloc.page_bytes
+                host += len(held) * alloc.page_bytes
             else:
-                device += len(pages) * alloc.page_bytes
-        dense = sum(self.layout.dense_bytes(p.num_tokens) for p in prefixes if not p.released)
-        return CacheMemory(device, host, dense)
+                device += len(held) * alloc.page_bytes
+        return device, host
 
     def held_tokens(self, num_tokens: int) -> int:
         """Tokens of a sequence of ``num_tokens`` whose K/V the layers must keep: all of them,
