@@ -151,19 +151,22 @@ class Ingress:
         self.loads[i] += 1
         self.dispatched[i] += 1
         parts = self.engines[i].options(stream=True).forward.remote(req)
+        relayed = False  # from then on _relay owns the load count and the handle
         try:
             _, status, raw_headers = await parts.__anext__()
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw_headers}
             headers["x-shadowkv-replica"] = self.names[i]
             if any(k.lower() == b"content-type" and v.startswith(SSE) for k, v in raw_headers):
+                relayed = True
                 return StreamingResponse(self._relay(i, parts), status_code=status,
                                          headers=headers)
             body = b"".join([part[1] async for part in parts])
         except Exception as err:
-            self.loads[i] -= 1
-            parts.cancel()
             return self._failed(i, err)
-        self.loads[i] -= 1
+        finally:  # also on cancellation (the client left): the replica's app sees a disconnect
+            if not relayed:
+                self.loads[i] -= 1
+                parts.cancel()
         headers["content-length"] = str(len(body))
         return Response(body, status_code=status, headers=headers)
 

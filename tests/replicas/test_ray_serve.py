@@ -157,6 +157,25 @@ def test_requests_sharing_a_prefix_stay_on_one_replica(cluster: Cluster) -> None
     assert after["shadowkv_prefix_hits_total"] - before["shadowkv_prefix_hits_total"] >= 3
 
 
+def test_a_client_that_leaves_mid_stream_aborts_its_request(cluster: Cluster) -> None:
+    key = 'shadowkv_requests_total{outcome="aborted"}'
+    before = cluster.metrics()[key]
+    body = {"model": "smollm2", "prompt": "Count slowly: one, two,", "max_tokens": 500,
+            "stream": True, "temperature": 0}
+    with cluster.client.stream("POST", "/v1/completions", json=body) as r:
+        chunks = 0
+        for line in r.iter_lines():
+            chunks += line.startswith("data: ")
+            if chunks == 3:
+                break  # closing the response drops the connection
+    deadline = time.monotonic() + 60
+    while cluster.metrics()[key] == before:
+        assert time.monotonic() < deadline, "the engine request was not aborted"
+        time.sleep(0.5)
+    assert cluster.metrics()["shadowkv_running_requests"] == 0
+    assert all(rep["in_flight"] == 0 for rep in cluster.health()["replicas"])
+
+
 def test_a_killed_replica_loses_no_request_silently_and_comes_back(cluster: Cluster) -> None:
     victim = cluster.health()["replicas"][0]
     with ThreadPoolExecutor(16) as pool:
