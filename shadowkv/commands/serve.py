@@ -127,13 +127,20 @@ def run(args: argparse.Namespace) -> int:
 def _run_replicas(args: argparse.Namespace, name: str, settings: dict[str, object]) -> int:
     from shadowkv.replicas import deploy
 
-    replica = deploy.ReplicaSettings(args.replicas, num_gpus=1.0 if _wants_gpu(args) else 0.0)
+    gpu = _wants_gpu(args)
+    # Ray sets a replica's OMP_NUM_THREADS to its num_cpus: a CPU replica of a local cluster
+    # gets its share of this machine's cores (torch's threads), a GPU replica one core.
+    cpus = 1 if gpu or args.ray_address else max(1, (os.cpu_count() or 1) // args.replicas)
+    replica = deploy.ReplicaSettings(args.replicas, num_gpus=1.0 if gpu else 0.0, num_cpus=cpus)
     where = args.ray_address or "a local Ray cluster"
     print(f"shadowkv serve: starting {args.replicas} replica(s) of {name!r} on {where}",
           file=sys.stderr)
     deploy.start(args, name, settings, replica, args.host, args.port, args.ray_address)
     print(f"shadowkv serve: {name!r}, {args.replicas} replica(s), on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr)
+    if args.ray_address is None:
+        print("shadowkv serve: replica logs under /tmp/ray/session_latest/logs/serve/",
+              file=sys.stderr)
     deploy.run_until_stopped(stop_ray=args.ray_address is None)
     return 0
 
