@@ -21,7 +21,7 @@ rebuild) and to the exact keys; the error is the mean over heads of the relative
 attention output. ``attn``: every prompt key rebuilt; ``kept``: the tokens a ShadowKV cache keeps
 exact anyway (the local window and each head's outlier chunks, default ``ShadowKVConfig``
 settings) taken exact, as the cache attends to them. ``attn`` is dominated by the attention-sink
-tokens, which ShadowKV never rebuilds (their chunks are outliers).
+tokens at the start of the prompt, whose chunk ShadowKV mostly keeps exact as an outlier.
 
 The prompt is ``--length`` tokens of the Paul Graham essays. Each ``--ranks`` value is spelled
 as ``ShadowKVConfig.rank`` (``default``, a fraction of ``Hkv*D`` or a column count) and resolved
