@@ -209,7 +209,9 @@ def with_exact(rebuilt: torch.Tensor, keys: torch.Tensor, exact: torch.Tensor) -
     return out
 
 
-def rope(k_pre: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: AttentionSpec):
+def rope(
+    k_pre: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: AttentionSpec
+) -> torch.Tensor:
     """Post-RoPE keys of pre-RoPE ``k_pre [T, Hkv, D]``."""
     return apply_rope(k_pre, k_pre, cos, sin, spec.rope_style)[1] if spec.rotary_dims else k_pre
 
@@ -286,6 +288,7 @@ COLUMNS = tuple(f"{m}_{o}" for m in ("key", "attn", "kept") for o in ("one", "sp
 
 
 def engine_cell(setting: dict) -> str:
+    """The table's "engine TP" cell: the rank each TP rank resolves and which option it is."""
     r = setting["engine_rank_per_rank"]
     return setting["engine_option"] if r is None else f"{r} = {setting['engine_option']}"
 
