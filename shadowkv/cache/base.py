@@ -174,6 +174,9 @@ class AttentionCache(ABC):
         self.scale = layout.spec.scale
         self.seqs: dict[int, SeqRecord] = {}
         self.allocators: dict[str, PageAllocator] = {}  # every pool a sequence draws pages from
+        # Page-list names that draw from another pool (``pool``): a record keeps such pages
+        # apart from that pool's own (ShadowKV's exact key copies are host value-tier pages).
+        self.pool_aliases: dict[str, str] = {}
         # Slot rows of per-sequence tables; row ``pad_row`` belongs to padding entries of
         # fixed-shape steps.
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
@@ -220,7 +223,7 @@ class AttentionCache(ABC):
         if not self._free_rows:
             return f"all {self.max_num_seqs} sequence slots are in use"
         for name, num in adm.needs:
-            why = self.allocators[name].shortfall(num)
+            why = self.pool(name).shortfall(num)
             if why is not None:
                 return why
         return adm.problem
@@ -258,7 +261,7 @@ class AttentionCache(ABC):
         (otherwise it must prefill whole). Reads only fixed sizes."""
         new = self.new_tokens(prompt_len, max_new_tokens)
         needs = self.staging_needs(prompt_len, new, options or CacheOptions())
-        return all(num <= self.allocators[name].capacity for name, num in needs)
+        return all(num <= self.pool(name).capacity for name, num in needs)
 
     def can_add(
         self, prompt_len: int, max_new_tokens: int, options: CacheOptions | None = None,
@@ -305,7 +308,7 @@ class AttentionCache(ABC):
         self.prepare(adm)
         held = self._take(adm.needs)
         for name, pages in shared.items():
-            self.allocators[name].retain(pages)
+            self.pool(name).retain(pages)
             held[name] = pages + held.get(name, [])
         new = self.new_tokens(prompt_len, max_new_tokens)
         rec = self.new_record(seq_id, self._free_rows.pop(), prompt_len, new, options, adm)
@@ -321,10 +324,10 @@ class AttentionCache(ABC):
         held: dict[str, list[int]] = {}
         try:
             for name, num in needs:
-                held[name] = self.allocators[name].alloc(num)
+                held[name] = self.pool(name).alloc(num)
         except CacheCapacityError:
             for name, pages in held.items():
-                self.allocators[name].release(pages)
+                self.pool(name).release(pages)
             raise
         return held
 
@@ -336,6 +339,10 @@ class AttentionCache(ABC):
     # and its prefill starts after the shared tokens. A page is freed by its last holder.
     supports_shared_prefix = False
     share_unit = 1  # a shared prefix is a whole number of these tokens (the page size)
+
+    def pool(self, name: str) -> PageAllocator:
+        """The allocator of page list ``name`` (an entry of ``allocators``, or an alias of one)."""
+        return self.allocators[self.pool_aliases.get(name, name)]
 
     def will_share_prefixes(self) -> None:
         """The engine will keep prefixes of this cache's pages (its prefix store is on): a
@@ -358,7 +365,7 @@ class AttentionCache(ABC):
         prefix = self.make_prefix(rec, n)
         if prefix is not None:
             for name, pages in prefix.pages.items():
-                self.allocators[name].retain(pages)
+                self.pool(name).retain(pages)
         return prefix
 
     def make_prefix(self, rec: SeqRecord, num_tokens: int) -> SharedPrefix | None:
@@ -372,7 +379,7 @@ class AttentionCache(ABC):
             return
         prefix.released = True
         for name, pages in prefix.pages.items():
-            self.allocators[name].release(pages)
+            self.pool(name).release(pages)
 
     def prefix_start(
         self, prefix: SharedPrefix, prompt_len: int, max_new_tokens: int,
@@ -427,7 +434,7 @@ class AttentionCache(ABC):
         """Why ``seq_id`` cannot grow to room for ``max_new_tokens`` now, or None."""
         _, _, adm = self._growth(seq_id, max_new_tokens)
         for name, num in adm.needs:
-            why = self.allocators[name].shortfall(num)
+            why = self.pool(name).shortfall(num)
             if why is not None:
                 return why
         return adm.problem
@@ -475,7 +482,7 @@ class AttentionCache(ABC):
         self._chunks.pop(seq_id, None)  # a chunk planned but never ended (a failed forward)
         self.on_free(rec)
         for name, pages in rec.pages.items():
-            self.allocators[name].release(pages)
+            self.pool(name).release(pages)
         self._free_rows.append(rec.row)
 
     def on_free(self, rec: SeqRecord) -> None:
@@ -717,7 +724,7 @@ class AttentionCache(ABC):
                 seen.setdefault(name, set()).update(held)
         device = host = 0
         for name, held in seen.items():
-            alloc = self.allocators[name]
+            alloc = self.pool(name)
             if alloc.on_host:
                 host += len(held) * alloc.page_bytes
             else:

@@ -139,10 +139,9 @@ class ShadowKVCache(AttentionCache):
         self.store = ValueStore(sz.values, sz.host_value_bytes, sz.device_value_bytes, device)
         for tier, name in enumerate(VALUE_POOLS):
             self.allocators[name] = self.store.tiers[tier].pages
-        # Exact key copies are host-tier pages too (one pool of host memory): the same allocator
-        # under a second name, so a record's key pages are told from its values. Summing
-        # over ``allocators.values()`` counts that pool twice: count pages by name.
-        self.allocators[KEYS] = self.store.tiers[HOST].pages
+        # Exact key copies are host-tier pages too (one pool of host memory), listed in a record
+        # under their own name (an alias of the host pool) so they are told from its values.
+        self.pool_aliases[KEYS] = VALUE_POOLS[HOST]
         self.keeps_prefix_keys = False  # will_share_prefixes() turns it on
         # Sparse prompts prefilling in chunks, from admission until their last chunk
         # (``shadow_staging.py``).
@@ -242,7 +241,7 @@ class ShadowKVCache(AttentionCache):
         pages = lay.num_candidates * self.cfg.chunk_size // self.page_tokens
         if not self.keeps_prefix_keys or tier != HOST or pages == 0:
             return ()
-        if values + pages > self.allocators[KEYS].num_free:
+        if values + pages > self.pool(KEYS).num_free:
             return ()
         return ((KEYS, pages),)
 
@@ -429,7 +428,7 @@ class ShadowKVCache(AttentionCache):
         )
         if lay is not None and lay.segment_start:  # its own pages must fit the empty pools
             needs = self._segment_needs(lay, prefix.detail.value_tier)
-            if any(num > self.allocators[name].capacity for name, num in needs):
+            if any(num > self.pool(name).capacity for name, num in needs):
                 return None
         return lay
 
@@ -615,7 +614,7 @@ class ShadowKVCache(AttentionCache):
             rec = self.record(self._chunk.seq_id)
             for name in (STAGING, STAGING_GRAM):
                 if name in rec.pages:
-                    self.allocators[name].release(rec.pages.pop(name))
+                    self.pool(name).release(rec.pages.pop(name))
 
     supports_static_decode = True
 
@@ -640,7 +639,7 @@ class ShadowKVCache(AttentionCache):
             if KEYS in rec.pages:
                 # Only a prefill reads key copies: a decoding sequence holds none (a prefix
                 # shared from it keeps its own reference; the engine shares at prefill end).
-                self.allocators[KEYS].release(rec.pages.pop(KEYS))
+                self.pool(KEYS).release(rec.pages.pop(KEYS))
 
     # per layer -------------------------------------------------------------------------------
     def store_prompt(

@@ -269,7 +269,7 @@ def frees_pages(cache: AttentionCache | LayeredCache, prefix: SharedPrefix) -> b
     if isinstance(cache, LayeredCache):
         return any(frees_pages(c, part) for c, part in zip(cache.parts, prefix.detail))
     return any(
-        cache.allocators[name].refcount(page) == 1
+        cache.pool(name).refcount(page) == 1
         for name, pages in prefix.pages.items()
         for page in pages
     )

@@ -627,8 +627,8 @@ def test_key_copies_are_counted_held_by_the_prefix_and_freed(release_first: bool
     still does (``prefix_memory``), and everything returns when all is freed."""
     cache, prefix, before, after = run_with_key_copies(True)
     _, _, plain_before, plain_after = run_with_key_copies(False)
-    page = cache.allocators[KEYS].page_bytes
-    assert cache.allocators[KEYS] is cache.allocators[VALUE_POOLS[HOST]], "one host pool"
+    page = cache.pool(KEYS).page_bytes
+    assert cache.pool(KEYS) is cache.allocators[VALUE_POOLS[HOST]], "one host pool"
     num = 35 * C // P  # p's 35 candidate chunks: 2 whole pages (its local window is not kept)
     assert len(prefix.pages[KEYS]) == SHARED // P == num
     assert before[1].host_bytes == plain_before[1].host_bytes + num * page  # p's own copy
@@ -638,7 +638,7 @@ def test_key_copies_are_counted_held_by_the_prefix_and_freed(release_first: bool
     assert KEYS not in cache.record(0).pages and KEYS not in cache.record(1).pages
     held = after[3].host_bytes - plain_after[3].host_bytes
     assert held == before[3].host_bytes - plain_before[3].host_bytes == num * page
-    keys = cache.allocators[KEYS]
+    keys = cache.pool(KEYS)
     assert [keys.refcount(x) for x in prefix.pages[KEYS]] == [1] * num, "the prefix's alone"
     if release_first:
         cache.release_prefix(prefix)
