@@ -97,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
         f"http://{args.host}:{args.port}/v1",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        llm.close()  # stops tensor-parallel workers
     return 0
 
 

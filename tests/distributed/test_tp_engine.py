@@ -1,0 +1,169 @@
+"""The engine tensor-parallel (``EngineConfig.tensor_parallel``): ``LLM`` spawns rank 1 on gloo and
+drives it through ``TPEngine``; every rank runs the same steps on its shard and its own cache.
+
+TP=2 gives TP=1's tokens for a batch of prompts of different lengths, two samples of one prompt
+(``add_requests``), seeded samples, dense and ShadowKV at full rank and full budget, with and
+without prefix sharing; an unseeded sample runs without the ranks diverging; a killed worker
+ends ``generate`` with ``TPRankError``; a world size that does not divide the heads fails before
+any process starts; ``shadowkv generate --tensor-parallel 2`` prints TP=1's text.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+import torch
+from utils import full_budget
+
+from shadowkv import LLM
+from shadowkv.cache.methods import CacheConfig, DenseConfig, ShadowKVConfig
+from shadowkv.cli import main
+from shadowkv.config import ConfigError, EngineConfig
+from shadowkv.distributed import TPRankError, TPShapeError
+from shadowkv.distributed import engine as tp_engine
+from shadowkv.distributed.engine import TPEngine
+from shadowkv.engine.sampling import SamplingParams
+
+_rng = torch.Generator().manual_seed(11)
+# Different lengths: two long enough for ShadowKV to run sparse with every chunk selected by
+# FULL's budget (120 tokens of 168..175-token prompts), one short (ShadowKV's dense fallback).
+PROMPTS = [torch.randint(3, 512, (n,), generator=_rng).tolist() for n in (173, 170, 21)]
+SAMPLED = PROMPTS[1]  # the prompt sampled twice
+STEPS = 6
+GREEDY = SamplingParams(max_tokens=STEPS)
+SEEDED = SamplingParams(max_tokens=STEPS, temperature=0.8, top_k=20, seed=1234)
+FULL = ShadowKVConfig(sparse_budget=full_budget(173), outlier_chunks=2, rank=1.0)
+METHODS: dict[str, CacheConfig] = {"dense": DenseConfig(), "shadowkv-full": FULL}
+CASES = {"llama": ("llama", dict(num_heads=6, num_kv_heads=2)),
+         "qwen2": ("qwen2", dict(num_heads=4, num_kv_heads=2))}
+ENGINE = dict(max_model_len=256, cache_memory_gb=0.05)
+
+
+@pytest.fixture(autouse=True)
+def short_timeout(monkeypatch) -> None:
+    """A collective (or the group's start) that waits 60 s fails the test instead of hanging."""
+    monkeypatch.setattr(tp_engine, "TIMEOUT_S", 60.0)
+
+
+def checkpoint(tiny_checkpoint, case: str) -> str:
+    family, kw = CASES[case]
+    return str(tiny_checkpoint(family, **kw))
+
+
+def run_batch(llm: LLM) -> list[list[int]]:
+    """One continuously batched run: the prompts through ``generate`` (greedy, the last one
+    seeded-sampled) while two samples of ``SAMPLED`` (greedy and seeded) run beside them."""
+    engine = llm.engine
+    pair = engine.add_requests(SAMPLED, [GREEDY, SEEDED])
+    outs = llm.generate(PROMPTS, [GREEDY, GREEDY, SEEDED])
+    while engine.has_unfinished():
+        engine.step()
+    return [r.token_ids for r in outs] + [r.output_ids for r in pair]
+
+
+def run_prefix(llm: LLM) -> list[list[int]]:
+    """A prompt, then one that starts with it (prefix sharing reuses the first's prefill)."""
+    first = PROMPTS[0]
+    longer = first + PROMPTS[2]
+    a = llm.generate(first, GREEDY)[0]
+    b = llm.generate(longer, GREEDY)[0]
+    return [a.token_ids, b.token_ids]
+
+
+def runs(llm: LLM, cfg: EngineConfig) -> dict[str, list[list[int]]]:
+    """Every method's batch, then every method's prefix pair with prefix sharing on (the engine
+    rebuilt by ``set_cache``, as eval does); the prefix hits seen."""
+    out: dict[str, list[list[int]]] = {}
+    for method, cache in METHODS.items():
+        llm.set_cache(cache, cfg)
+        out[method] = run_batch(llm)
+    shared = EngineConfig(**{**ENGINE, "tensor_parallel": cfg.tensor_parallel,
+                             "prefix_cache": True})
+    for method, cache in METHODS.items():
+        llm.set_cache(cache, shared)
+        out[f"{method}+prefix"] = run_prefix(llm)
+        out[f"{method}+prefix hits"] = [[llm.engine.counters["prefix_hits"]]]
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_tp2_engine_matches_tp1(tiny_checkpoint, case: str) -> None:
+    path = checkpoint(tiny_checkpoint, case)
+    one = EngineConfig(**ENGINE)
+    ref = runs(LLM(path, engine=one, device="cpu"), one)
+    two = EngineConfig(**ENGINE, tensor_parallel=2)
+    start = time.monotonic()
+    with LLM(path, engine=two, device="cpu") as llm:
+        assert isinstance(llm.engine, TPEngine)
+        got = runs(llm, two)
+        # An unseeded sample: rank 0 draws its seed and sends it; without that, rank 1 would
+        # sample other tokens and the next step's fingerprint check would stop it.
+        sample = SamplingParams(max_tokens=STEPS, temperature=1.0)
+        out = llm.generate(PROMPTS[0], sample)[0]
+        assert len(out.token_ids) == STEPS
+        llm.generate(PROMPTS[2], GREEDY)  # a step after the sampled ones: the ranks agree
+        workers = llm.engine.workers
+    print(f"{case}: TP=2 engine, {len(got)} runs: {time.monotonic() - start:.1f} s")
+    assert all(not p.is_alive() for p in workers.procs.processes), "close() stops the workers"
+    for name, tokens in ref.items():
+        assert got[name] == tokens, name
+    for method in METHODS:
+        assert ref[f"{method}+prefix hits"] == [[1]], "the second prompt reused the first"
+        assert len(ref[method]) == 5 and all(len(t) == STEPS for t in ref[method])
+    # ShadowKV at full rank and full budget attends as dense: its greedy tokens are dense's.
+    greedy = [0, 1, 3]  # the greedy rows of run_batch
+    assert [got["shadowkv-full"][i] for i in greedy] == [ref["dense"][i] for i in greedy]
+
+
+def test_killed_worker_ends_generate(tiny_checkpoint) -> None:
+    path = checkpoint(tiny_checkpoint, "llama")
+    llm = LLM(path, engine=EngineConfig(**ENGINE, tensor_parallel=2), device="cpu")
+    worker = llm.engine.workers.procs.processes[0]
+    steps = []
+
+    def kill_after_three(outs) -> None:  # runs on rank 0 inside each step
+        steps.append(len(outs))
+        if len(steps) == 3:
+            os.kill(worker.pid, signal.SIGKILL)
+
+    llm.engine.on_outputs = kill_after_three
+    start = time.monotonic()
+    try:
+        with pytest.raises(TPRankError, match=r"rank 1 exited with code -9"):
+            llm.generate(PROMPTS[0], SamplingParams(max_tokens=100))
+        assert time.monotonic() - start < 60, "ended by the failure, not a timeout"
+        assert len(steps) == 3
+        with pytest.raises(TPRankError, match="failed earlier"):  # the engine stays failed
+            llm.generate(PROMPTS[0], GREEDY)
+    finally:
+        llm.close()
+    assert not worker.is_alive()
+
+
+def test_bad_world_size_fails_before_spawning(tiny_checkpoint) -> None:
+    path = checkpoint(tiny_checkpoint, "llama")
+    start = time.monotonic()
+    match = r"tensor_parallel=4 .*num_heads.*=6.*use one of \[1, 2\]"
+    with pytest.raises(TPShapeError, match=match):
+        LLM(path, engine=EngineConfig(tensor_parallel=4), device="cpu")
+    assert time.monotonic() - start < 5 and not multiprocessing.active_children()
+    with pytest.raises(ConfigError, match="tensor_parallel must be >= 1"):
+        EngineConfig(tensor_parallel=0)
+
+
+def test_cli_generate_tensor_parallel(tiny_checkpoint, capsys) -> None:
+    path = checkpoint(tiny_checkpoint, "llama")  # its word-level tokenizer reads "w<id>" text
+    texts = []
+    for tp in (1, 2):
+        argv = ["generate", "w5 w17 w33 w100 w7 w42", "--model", path, "--device", "cpu",
+                "--max-new-tokens", "8", "--json", "--quiet", "--tensor-parallel", str(tp)]
+        assert main(argv) == 0
+        texts.append(json.loads(capsys.readouterr().out))
+    assert texts[1]["token_ids"] == texts[0]["token_ids"]
+    assert texts[1]["text"] == texts[0]["text"] and texts[0]["metrics"]["generated_tokens"] == 8
+    assert not multiprocessing.active_children(), "generate closed its workers"
