@@ -14,12 +14,17 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
 from utils import full_budget
 
+import shadowkv
 from shadowkv import LLM
 from shadowkv.cache.methods import CacheConfig, DenseConfig, ShadowKVConfig
 from shadowkv.cli import main
@@ -167,3 +172,42 @@ def test_cli_generate_tensor_parallel(tiny_checkpoint, capsys) -> None:
     assert texts[1]["token_ids"] == texts[0]["token_ids"]
     assert texts[1]["text"] == texts[0]["text"] and texts[0]["metrics"]["generated_tokens"] == 8
     assert not multiprocessing.active_children(), "generate closed its workers"
+    # The same under torchrun: rank 1 follows rank 0 instead of running the command.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+           "shadowkv", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(shadowkv.__file__).parents[1]),
+                                          os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)  # rank 0 prints; rank 1 prints nothing
+    assert out["token_ids"] == texts[0]["token_ids"]
+
+
+def test_server_tensor_parallel(tiny_checkpoint) -> None:
+    """The OpenAI server's engine thread drives a TP=2 engine: concurrent requests (one with
+    n=2 seeded samples) get TP=1's answers."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from tests.server.live import serve
+
+    path = checkpoint(tiny_checkpoint, "llama")
+    bodies = [
+        {"prompt": "w5 w6 w7", "max_tokens": 12, "temperature": 0},
+        {"prompt": " ".join(f"w{i}" for i in range(100, 160)), "max_tokens": 7,
+         "temperature": 0},
+        {"prompt": "w40 w41 w42", "max_tokens": 9, "temperature": 0.9, "seed": 5, "n": 2},
+    ]
+
+    def answers(tp: int) -> list[list[str]]:
+        llm = LLM(path, engine=EngineConfig(**ENGINE, tensor_parallel=tp), device="cpu")
+        try:
+            with serve(llm, "tiny") as live, ThreadPoolExecutor(len(bodies)) as pool:
+                posted = pool.map(lambda b: live.client.post("/v1/completions", json=b), bodies)
+                return [[c["text"] for c in r.json()["choices"]] for r in posted]
+        finally:
+            llm.close()
+
+    one, two = answers(1), answers(2)
+    assert two == one and all(t for choices in one for t in choices)
+    assert len(one[2]) == 2
