@@ -416,6 +416,11 @@ def open_tp_engine(spec: RankSpec, timeout_s: float | None = None) -> tuple[Mode
 
 def launched_group(spec: RankSpec, world: int, timeout_s: float) -> tuple[Workers, TPGroup]:
     """Rank 0's group: joined through torchrun's environment if set, else with spawned workers."""
+    if dist.is_initialized():
+        raise ConfigError(
+            "this process already belongs to a process group (another tensor-parallel LLM?); "
+            "close() that LLM before making a new one"
+        )
     if torchrun_world() is None:
         return spawn_workers(serve_rank, world, spec, device=spec.device, timeout_s=timeout_s)
     _init_from_env(spec, world, timeout_s)

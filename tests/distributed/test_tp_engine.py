@@ -211,3 +211,36 @@ def test_server_tensor_parallel(tiny_checkpoint) -> None:
     one, two = answers(1), answers(2)
     assert two == one and all(t for choices in one for t in choices)
     assert len(one[2]) == 2
+
+
+@pytest.mark.slow
+def test_qwen_05b_tp2(pg_essays, monkeypatch) -> None:
+    """Qwen2.5-Coder-0.5B (14 query heads, 2 KV heads: one KV head per rank): TP=2 greedy gives
+    TP=1's tokens on a short prompt, and ShadowKV at its default settings (each rank its own
+    basis over its one KV head) finds a ~4K-token passkey as TP=1 does."""
+    from utils import PASSKEY_ANSWER, passkey_prompt, read_essays
+
+    from shadowkv.cache.methods import ShadowKVConfig
+    from shadowkv.models.loader import resolve_model
+
+    try:
+        path = str(resolve_model("qwen2.5-coder-0.5b"))
+    except Exception as err:  # noqa: BLE001 - the optional package is missing
+        pytest.skip(f"qwen2.5-coder-0.5b is not installed: {err}")
+    # A 4K-token CPU prefill takes minutes on busy cores: rank 0 may wait that long.
+    monkeypatch.setattr(tp_engine, "TIMEOUT_S", 1800.0)
+    short = "def fibonacci(n):\n    "
+    params = SamplingParams(max_tokens=8)
+    results = {}
+    for tp in (1, 2):
+        engine = EngineConfig(max_model_len=4608, tensor_parallel=tp)
+        with LLM(path, engine=engine, device="cpu") as llm:
+            text = llm.generate(short, SamplingParams(max_tokens=12))[0]
+            llm.set_cache(ShadowKVConfig(), engine)
+            prompt = passkey_prompt(read_essays(pg_essays), llm.tokenizer, 4096)
+            passkey = llm.generate(prompt, params)[0]
+        results[tp] = (text.token_ids, passkey.text)
+        print(f"TP={tp}: {text.text!r}, passkey answer {passkey.text!r}")
+    assert results[2][0] == results[1][0]
+    assert PASSKEY_ANSWER in results[1][1], "TP=1 must find the passkey for the test to mean much"
+    assert PASSKEY_ANSWER in results[2][1]
