@@ -244,3 +244,29 @@ def test_qwen_05b_tp2(pg_essays, monkeypatch) -> None:
     assert results[2][0] == results[1][0]
     assert PASSKEY_ANSWER in results[1][1], "TP=1 must find the passkey for the test to mean much"
     assert PASSKEY_ANSWER in results[2][1]
+
+
+def test_eval_tensor_parallel(tiny_checkpoint, tmp_path) -> None:
+    """``run_eval`` with TP=2 (the engine rebuilt per method on every rank, each method
+    prefilling itself) records TP=1's predictions, and closes the LLM it made."""
+    from shadowkv.cache.methods import method_config
+    from shadowkv.eval.runner import EvalConfig, run_eval
+
+    path = checkpoint(tiny_checkpoint, "llama")
+
+    def predictions(tp: int) -> list[tuple]:
+        cfg = EvalConfig(
+            tasks=("niah_single_1",), lengths=(256,), out=tmp_path / f"tp{tp}.jsonl",
+            caches=(method_config("dense"), method_config("streaming", local_chunks=1)),
+            num_samples=2, budgets=(32,), batch_size=2, chat_template="base", max_new_tokens=3,
+            engine=EngineConfig(**ENGINE, tensor_parallel=tp), model=path, device="cpu",
+        )
+        records = run_eval(cfg, progress=False)
+        assert not any(r["prefill_replayed"] for r in records) or tp == 1
+        return sorted((r["method"], r["index"], r["prediction"]) for r in records)
+
+    one, two = predictions(1), predictions(2)
+    assert two == one and len(one) == 4
+    tp1 = (tmp_path / "tp1.jsonl").read_text().splitlines()
+    assert any(json.loads(line)["prefill_replayed"] for line in tp1)  # TP=1 replays; TP=2 not
+    assert not multiprocessing.active_children(), "run_eval closed the LLM it made"
