@@ -270,3 +270,14 @@ def test_eval_tensor_parallel(tiny_checkpoint, tmp_path) -> None:
     tp1 = (tmp_path / "tp1.jsonl").read_text().splitlines()
     assert any(json.loads(line)["prefill_replayed"] for line in tp1)  # TP=1 replays; TP=2 not
     assert not multiprocessing.active_children(), "run_eval closed the LLM it made"
+
+
+def test_diverged_rank_ends_generate(tiny_checkpoint) -> None:
+    """A worker whose last step differs from rank 0's stops with "ranks diverged" (here rank 0's
+    fingerprint is falsified), and ``generate`` raises ``TPRankError`` carrying that."""
+    path = checkpoint(tiny_checkpoint, "llama")
+    with LLM(path, engine=EngineConfig(**ENGINE, tensor_parallel=2), device="cpu") as llm:
+        llm.generate(PROMPTS[2], GREEDY)  # agreed steps pass the check
+        object.__setattr__(llm.engine, "_last", ((), (99,)))
+        with pytest.raises(TPRankError, match=r"(?s)rank 1 raised.*ranks diverged after step"):
+            llm.generate(PROMPTS[2], GREEDY)
