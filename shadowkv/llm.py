@@ -51,7 +51,6 @@ class LLM:
         self.path = resolve_model(model)
         self.dtype = pick_dtype(engine.dtype, self.device)
         self.cache_config = cache or DenseConfig()
-        self.tokenizer = Tokenizer(self.path)
         if engine.tensor_parallel > 1:
             self._open_tp(engine)
             return
@@ -59,6 +58,7 @@ class LLM:
             self.model_config, model_obj = load_model(self.path, self.device, self.dtype)
         except ConfigError as err:
             raise ModelLoadError(f"{self.path}: {err}") from err
+        self.tokenizer = Tokenizer(self.path)
         self.engine: Engine | TPEngine = Engine(
             model_obj,
             self.model_config,
@@ -78,6 +78,7 @@ class LLM:
         if torchrun_rank(spec):
             sys.exit(0)  # a worker rank of torchrun: it followed rank 0 to the end
         self.model_config, self.engine = open_tp_engine(spec)
+        self.tokenizer = self.engine.tokenizer
         self.device = self.engine.device  # rank 0's own: cuda:0 on CUDA
         atexit.register(self.engine.close)  # never leave workers behind
 
