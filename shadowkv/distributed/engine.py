@@ -30,6 +30,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -56,6 +58,7 @@ from shadowkv.models.tokenizer import Tokenizer
 IDLE_TIMEOUT = timedelta(days=30)
 # How long rank 0 waits for a worker that failed in a collective to exit (and say why).
 EXIT_GRACE_S = 5.0
+STOP_TIMEOUT_S = 10.0  # how long ``close`` waits for the workers to take its stop message
 
 Command = tuple[Any, ...]
 Fingerprint = tuple[Any, ...]
@@ -191,12 +194,17 @@ class TPEngine:
 
     def __init__(
         self, engine: Engine, workers: Workers, commands: dist.ProcessGroup,
-        on_close: Callable[[], None] | None = None,
+        on_close: Callable[[], None] | None = None, timeout_s: float = 600.0,
     ) -> None:
         object.__setattr__(self, "engine", engine)
         object.__setattr__(self, "workers", workers)
         object.__setattr__(self, "_commands", commands)
         object.__setattr__(self, "_on_close", on_close)
+        object.__setattr__(self, "_timeout_s", timeout_s)
+        # gloo's broadcast returns on rank 0 only once every worker received it, and the
+        # command group never times out (workers wait out an idle frontend): rank 0 sends from
+        # this thread and gives up after ``timeout_s`` (a stuck worker) instead of hanging.
+        object.__setattr__(self, "_sender", ThreadPoolExecutor(1, "shadowkv-tp-send"))
         object.__setattr__(self, "_pending", [])
         object.__setattr__(self, "_last", None)
         object.__setattr__(self, "_failed", None)
@@ -303,11 +311,12 @@ class TPEngine:
         object.__setattr__(self, "closed", True)
         try:
             if self._failed is None and self.workers.failure() is None:
-                dist.broadcast_object_list([StepMessage(stop=True)], src=0, group=self._commands)
-        except Exception:  # noqa: BLE001 - a worker died meanwhile: it is killed below
+                self._broadcast(StepMessage(stop=True), min(timeout_s, STOP_TIMEOUT_S))
+        except Exception:  # noqa: BLE001 - a worker died or is stuck: it is killed below
             pass
         finally:
-            self.workers.join(timeout_s)
+            self.workers.join(timeout_s)  # killing a stuck worker also ends a stuck send
+            self._sender.shutdown(wait=False)
             if self._on_close is not None:
                 self._on_close()
 
@@ -319,15 +328,27 @@ class TPEngine:
 
     def _send(self, msg: StepMessage) -> None:
         try:
-            dist.broadcast_object_list([msg], src=0, group=self._commands)
+            self._broadcast(msg, self._timeout_s)
         except Exception as err:
             self._raise_if_ranks_failed(err)
             raise
 
+    def _broadcast(self, msg: StepMessage, timeout_s: float) -> None:
+        sent = self._sender.submit(
+            lambda: dist.broadcast_object_list([msg], src=0, group=self._commands)
+        )
+        try:
+            sent.result(timeout=timeout_s)
+        except FutureTimeout:
+            raise SendTimeout(
+                f"a worker did not take rank 0's commands within {timeout_s:.0f} s (stuck, or "
+                "stopped)"
+            ) from None
+
     def _raise_if_ranks_failed(self, err: BaseException) -> None:
         """After ``err``: a ``TPRankError`` if a worker died (waiting a little for one that is
         exiting) or a collective failed; otherwise ``err`` is rank 0's own and stays as is."""
-        collective = isinstance(err, dist.DistError) or _looks_collective(err)
+        collective = isinstance(err, (dist.DistError, SendTimeout)) or _looks_collective(err)
         deadline = time.monotonic() + (EXIT_GRACE_S if collective else 0.0)
         failure = self.workers.failure()
         while failure is None and time.monotonic() < deadline:
@@ -335,12 +356,16 @@ class TPEngine:
             failure = self.workers.failure()
         if failure is None and not collective:
             return
-        text = failure or f"a collective failed with every worker running: {err}"
+        text = failure or f"every worker is still running, but (stuck?): {err}"
         object.__setattr__(self, "_failed", text)
         self.close(timeout_s=0)
         raise TPRankError(
             f"a tensor-parallel rank of {self.world} failed, so the engine stopped:\n{text}"
         ) from err
+
+
+class SendTimeout(RuntimeError):
+    """Rank 0's step message was not taken by every worker in time."""
 
 
 def _looks_collective(err: BaseException) -> bool:
@@ -411,7 +436,8 @@ def open_tp_engine(spec: RankSpec, timeout_s: float | None = None) -> tuple[Mode
         raise TPRankError(
             f"a tensor-parallel worker failed while the engines were built:\n{failure}"
         ) from err
-    return model_cfg, TPEngine(engine, workers, commands, on_close=dist.destroy_process_group)
+    return model_cfg, TPEngine(engine, workers, commands, on_close=dist.destroy_process_group,
+                               timeout_s=timeout)
 
 
 def launched_group(spec: RankSpec, world: int, timeout_s: float) -> tuple[Workers, TPGroup]:

@@ -150,6 +150,33 @@ def test_killed_worker_ends_generate(tiny_checkpoint) -> None:
     assert not worker.is_alive()
 
 
+def test_stuck_worker_times_out(tiny_checkpoint, monkeypatch) -> None:
+    """A worker that stops answering (SIGSTOP) mid-generation: rank 0's next step message is not
+    taken within the timeout and ``generate`` raises ``TPRankError`` instead of hanging; ``close``
+    kills the worker."""
+    monkeypatch.setattr(tp_engine, "TIMEOUT_S", 20.0)
+    path = checkpoint(tiny_checkpoint, "llama")
+    llm = LLM(path, engine=EngineConfig(**ENGINE, tensor_parallel=2), device="cpu")
+    worker = llm.engine.workers.procs.processes[0]
+    steps = []
+
+    def stop_after_three(outs) -> None:
+        steps.append(len(outs))
+        if len(steps) == 3:
+            os.kill(worker.pid, signal.SIGSTOP)
+
+    llm.engine.on_outputs = stop_after_three
+    start = time.monotonic()
+    try:
+        stuck = r"(?s)still running.*did not take rank 0's commands within 20 s"
+        with pytest.raises(TPRankError, match=stuck):
+            llm.generate(PROMPTS[0], SamplingParams(max_tokens=100))
+        assert time.monotonic() - start < 60
+    finally:
+        llm.close()
+    assert not worker.is_alive()
+
+
 def test_bad_world_size_fails_before_spawning(tiny_checkpoint) -> None:
     path = checkpoint(tiny_checkpoint, "llama")
     start = time.monotonic()
