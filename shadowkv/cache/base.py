@@ -337,6 +337,11 @@ class AttentionCache(ABC):
     supports_shared_prefix = False
     share_unit = 1  # a shared prefix is a whole number of these tokens (the page size)
 
+    def will_share_prefixes(self) -> None:
+        """The engine will keep prefixes of this cache's pages (its prefix store is on): a
+        method may then keep, per prompt, what only a sequence started from one of its prefixes
+        reads (ShadowKV: exact keys for the suffix prefill). Called once, before admissions."""
+
     def share_prefix(self, seq_id: int, num_tokens: int) -> SharedPrefix | None:
         """Keep the state of ``seq_id``'s first ``num_tokens`` prompt tokens (rounded down to
         whole ``share_unit``s) for later sequences; None when the method or this sequence has

@@ -105,6 +105,10 @@ class LayeredCache:
             return [None] * len(self.parts)
         return list(prefix.detail)
 
+    def will_share_prefixes(self) -> None:
+        for c in self.parts:
+            c.will_share_prefixes()
+
     def share_prefix(self, seq_id: int, num_tokens: int) -> SharedPrefix | None:
         """Every part's prefix of ``seq_id``, bundled; None unless every part has one. The
         bundle's ``num_tokens`` is the fewest any part keeps."""

@@ -125,6 +125,13 @@ class ShadowKVConfig(SparseConfig):
     in its buffer, like generated tokens; a longer suffix is factorised as a segment of its own
     (its own key basis, landmarks and outliers, competing with the prefix's landmarks for one
     budget), or prefills from scratch when it is too short to be sparse on its own.
+
+    ``exact_prefix_keys``: when the engine keeps prefixes of this cache's pages (its prefix
+    store on), a sparse prompt in the host value tier also stores its exact post-RoPE keys there
+    (the candidate region's whole pages, the values' layout and dtype), held by the prefixes
+    shared from it and read only by the suffix prefill of a prompt started from one: that
+    prefill then attends to exact keys, as an unshared one does. Off: it attends to the prefix's
+    keys rebuilt low-rank (less host memory, less accurate). Decode reads no key copy.
     """
 
     method: ClassVar[str] = "shadowkv"
@@ -162,6 +169,11 @@ class ShadowKVConfig(SparseConfig):
         2048, "most prompt tokens after a shared prefix a request keeps exact while it shares "
         "the prefix's memory (longer: factorised as a low-rank segment of its own; 0: never "
         "share memory)",
+    )
+    exact_prefix_keys: bool = knob(
+        True, "with prefix sharing, keep a stored prompt's exact keys in the host value tier "
+        "for the suffix prefills started from it (off: they attend to its keys rebuilt low-rank, "
+        "less host memory)",
     )
 
     def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -50,6 +51,7 @@ from shadowkv.cache.shadow_tables import (
     BASIS,
     BLOCKS,
     FACTOR,
+    KEYS,
     VALUE_POOLS,
     DecodePlan,
     PrefillPlan,
@@ -137,6 +139,11 @@ class ShadowKVCache(AttentionCache):
         self.store = ValueStore(sz.values, sz.host_value_bytes, sz.device_value_bytes, device)
         for tier, name in enumerate(VALUE_POOLS):
             self.allocators[name] = self.store.tiers[tier].pages
+        # Exact key copies are host-tier pages too (one pool of host memory): the same allocator
+        # under a second name, so a record's key pages are told from its values. Summing
+        # over ``allocators.values()`` counts that pool twice: count pages by name.
+        self.allocators[KEYS] = self.store.tiers[HOST].pages
+        self.keeps_prefix_keys = False  # will_share_prefixes() turns it on
         # Sparse prompts prefilling in chunks, from admission until their last chunk
         # (``shadow_staging.py``).
         self.staging = PromptStaging(
@@ -187,6 +194,11 @@ class ShadowKVCache(AttentionCache):
         self.selector: SelectionPolicy = LandmarkSelection()
         self.svd_timer: SpanTimer | None = None  # benchmarks: time the prompt factorisations
 
+    def will_share_prefixes(self) -> None:
+        """Sparse prompts keep exact key copies for suffix prefills from their prefixes
+        (``exact_prefix_keys``; ``_key_needs``)."""
+        self.keeps_prefix_keys = self.cfg.exact_prefix_keys and self.supports_shared_prefix
+
     def set_selection(self, selector: SelectionPolicy) -> None:
         """Swap how chunks are scored (benchmarks: ``shadow_drive.DrivenSelection``)."""
         self.selector = selector
@@ -216,8 +228,23 @@ class ShadowKVCache(AttentionCache):
         tier = self.store.placement(lay.num_chunks)
         if tier is None:
             return Admission(tuple(needs), (lay, HOST), self.store.shortfall(lay.num_chunks))
-        needs.append((VALUE_POOLS[tier], self.store.layout.pages_for(lay.num_chunks)))
-        return Admission(tuple(needs), (lay, tier))
+        values = self.store.layout.pages_for(lay.num_chunks)
+        needs.append((VALUE_POOLS[tier], values))
+        return Admission(tuple(needs) + self._key_needs(lay, tier, values), (lay, tier))
+
+    def _key_needs(self, lay: SeqLayout, tier: int, values: int) -> tuple[tuple[str, int], ...]:
+        """Host pages for the exact post-RoPE keys of the prompt's shareable tokens (its
+        candidate region's whole pages: a prefix never reaches its local window), when prefixes
+        are kept (``will_share_prefixes``) and the values are in the host tier. Best effort:
+        none when the host tier lacks room for them beside the values (a prefix of that prompt
+        then has its keys rebuilt), and none for values in the device tier (the copy would take
+        device memory)."""
+        pages = lay.num_candidates * self.cfg.chunk_size // self.page_tokens
+        if not self.keeps_prefix_keys or tier != HOST or pages == 0:
+            return ()
+        if values + pages > self.allocators[KEYS].num_free:
+            return ()
+        return ((KEYS, pages),)
 
     def staging_needs(
         self, prompt_len: int, max_new_tokens: int, options: CacheOptions
@@ -352,6 +379,8 @@ class ShadowKVCache(AttentionCache):
             VALUE_POOLS[rec.value_tier]: rec.value_pages[: n // P],
             BASIS: rec.pages[BASIS],
         }
+        if KEYS in rec.pages:  # exact keys (released once the sequence decodes: end_decode)
+            pages[KEYS] = rec.pages[KEYS][: n // P]
         if blocks:
             pages[BLOCKS] = blocks
         detail = ShadowPrefix(rec.basis, rec.value_tier, ids[:, :Kc].contiguous(), copy_rows)
@@ -443,6 +472,8 @@ class ShadowKVCache(AttentionCache):
             tier: prefix.pages[tier][:pages],
             BASIS: prefix.pages[BASIS],
         }
+        if KEYS in prefix.pages:  # held while its suffix prefills (released in end_decode)
+            shared[KEYS] = prefix.pages[KEYS][:pages]
         needs = ((BLOCKS, cdiv(lay.buffer_rows, self.block_rows)),)
         if lay.segment_start:
             needs += self._segment_needs(lay, detail.value_tier)
@@ -478,7 +509,8 @@ class ShadowKVCache(AttentionCache):
         """A sequence started from a prefix: its ``k`` exact chunks of the prefix
         (``exact_chunks``) into buffer rows ``[local_len, local_len + k*C)``, outliers from the
         prefix's exact copy, the other chunks' keys rebuilt low-rank and their values read from
-        the store. Landmarks ``[0, N' + k)`` lie in the shared factor pages."""
+        the store; with the prefix's key copy (``exact_prefix_keys``) those keys are exact too.
+        Landmarks ``[0, N' + k)`` lie in the shared factor pages."""
         assert rec.prefix is not None
         detail: ShadowPrefix = rec.prefix.detail
         lay, C, dev = rec.lay, self.cfg.chunk_size, self.device
@@ -498,11 +530,14 @@ class ShadowKVCache(AttentionCache):
             lm_ids = self.landmark_ids[layer].view(-1, Hkv)[lm_rows]  # [N' + k, Hkv]
             outliers = detail.outlier_ids[layer, :k].to(dev)
             chunks, outlier = exact_chunks(outliers, lm_ids, n // C, num_landmarks)
-            tok = chunks[:, None, :] * C + torch.arange(C, device=dev)[:, None]  # [k, C, Hkv]
-            a = self.a_pages[layer].view(-1, self.rank)[table[tok // P] * P + tok % P]
-            cos, sin = self.rope.rows(tok)
-            w_t = self.w_t[layer][rec.basis]
-            keys = rebuild_keys(a, w_t, Hkv, cos, sin, self.rope.style)  # [k, C, Hkv, D]
+            if KEYS in rec.pages:
+                keys = self._stored_keys(layer, rec.pages[KEYS], chunks)  # [k, C, Hkv, D]
+            else:
+                tok = chunks[:, None, :] * C + torch.arange(C, device=dev)[:, None]  # [k, C, Hkv]
+                a = self.a_pages[layer].view(-1, self.rank)[table[tok // P] * P + tok % P]
+                cos, sin = self.rope.rows(tok)
+                w_t = self.w_t[layer][rec.basis]
+                keys = rebuild_keys(a, w_t, Hkv, cos, sin, self.rope.style)  # [k, C, Hkv, D]
             vals = self.store.read(rec.value_tier, layer, pages, chunks, dev)  # [k, C, Hkv, D]
             is_copy = outlier[:, None, :, None]
             keys = torch.where(is_copy, self._exact_rows(self.k_buf[layer], copy), keys)
@@ -516,17 +551,21 @@ class ShadowKVCache(AttentionCache):
     def _read_shared(
         self, layer: int, plan: PrefillPlan, prefix_tokens: int, start: int, end: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt tokens ``[start, end)`` of a sequence started from a prefix: the prefix's keys
-        rebuilt low-rank (the method's own representation of them; exact at full rank) and its
+        """Prompt tokens ``[start, end)`` of a sequence started from a prefix: the prefix's
+        exact keys from its key copy when it has one (``exact_prefix_keys``), else its keys
+        rebuilt low-rank (the method's own representation of them; exact at full rank), and its
         values from the store, then the suffix's exact rows."""
         n, C, dev = prefix_tokens, self.cfg.chunk_size, self.device
         Hkv, D = self.layout.num_kv_heads, self.layout.head_dim
-        a = self.a_pages[layer].view(-1, self.rank)[plan.factor_rows[:n]]  # [n, R]: seg 0
-        cos, sin = self.rope.rows(torch.arange(n, device=dev))
-        w_t = self.w_t[layer][plan.basis]
-        k = rebuild_keys(a, w_t, Hkv, cos[:, None], sin[:, None], self.rope.style)  # [n, Hkv, D]
-        pages = torch.tensor(plan.store_pages, dtype=torch.int64, device=dev)
         chunks = torch.arange(n // C, device=dev)[:, None].expand(-1, Hkv)
+        if plan.key_pages:
+            k = self._stored_keys(layer, plan.key_pages, chunks).reshape(n, Hkv, D)
+        else:
+            a = self.a_pages[layer].view(-1, self.rank)[plan.factor_rows[:n]]  # [n, R]: seg 0
+            cos, sin = self.rope.rows(torch.arange(n, device=dev))
+            w_t = self.w_t[layer][plan.basis]
+            k = rebuild_keys(a, w_t, Hkv, cos[:, None], sin[:, None], self.rope.style)
+        pages = torch.tensor(plan.store_pages, dtype=torch.int64, device=dev)
         v = self.store.read(plan.value_tier, layer, pages, chunks, dev).reshape(n, Hkv, D)
         rest = max(0, end - n)
         if self._chunk.detail.staged:  # a segment 1: its suffix's staged tokens
@@ -538,6 +577,14 @@ class ShadowKVCache(AttentionCache):
         k_all = torch.cat([k.to(self.dtype), k_s.to(self.dtype)])
         v_all = torch.cat([v.to(self.dtype), v_s.to(self.dtype)])
         return k_all[start:end], v_all[start:end]
+
+    def _stored_keys(
+        self, layer: int, key_pages: Sequence[int], chunks: torch.Tensor
+    ) -> torch.Tensor:
+        """Exact post-RoPE keys ``[K, C, Hkv, D]`` of chunk ``chunks[k, h]`` of KV head ``h``
+        from a prompt's key copy (``key_pages``, host tier; fp8 decoded, as values are)."""
+        pages = torch.tensor(key_pages, dtype=torch.int64, device=self.device)
+        return self.store.read(HOST, layer, pages, chunks, self.device)
 
     # steps -------------------------------------------------------------------------------------
     def plan_chunk(self, chunk: PrefillChunk) -> ShadowChunk:
@@ -588,7 +635,12 @@ class ShadowKVCache(AttentionCache):
     def end_decode(self) -> None:
         super().end_decode()
         for s in self._decode_seqs:
-            self.record(s).primed = True
+            rec = self.record(s)
+            rec.primed = True
+            if KEYS in rec.pages:
+                # Only a prefill reads key copies: a decoding sequence holds none (a prefix
+                # shared from it keeps its own reference; the engine shares at prefill end).
+                self.allocators[KEYS].release(rec.pages.pop(KEYS))
 
     # per layer -------------------------------------------------------------------------------
     def store_prompt(
@@ -672,6 +724,9 @@ class ShadowKVCache(AttentionCache):
         idx = idx[..., None].expand(-1, -1, D)  # [E, Hkv, D]
         self._write_exact(layer, plan.exact_rows, k.gather(0, idx), v.gather(0, idx))
         self.store.write(plan.value_tier, layer, plan.store_pages, v)
+        if plan.key_pages:  # exact keys of the shareable tokens (``_key_needs``)
+            num = len(plan.key_pages) * self.page_tokens
+            self.store.write(HOST, layer, plan.key_pages, k[:num])
 
     def _store_suffix(
         self, layer: int, plan: PrefillPlan, k: torch.Tensor, v: torch.Tensor,

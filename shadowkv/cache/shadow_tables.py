@@ -15,6 +15,10 @@ from shadowkv.cache.shadow_layout import PAGE_CHUNKS, SeqLayout, cdiv
 
 FACTOR, BLOCKS, BASIS = "factor", "blocks", "basis"  # allocator names (values: VALUE_POOLS)
 VALUE_POOLS = ("host values", "device values")  # by tier index
+# Exact post-RoPE key copies of a prompt, for suffix prefills from its prefixes: pages of the
+# host value tier (the same allocator, registered under this name too, so a record tells its key
+# pages from its value pages; ``ShadowKVCache.will_share_prefixes``).
+KEYS = "host key copies"
 # Prompt segments per sequence, each factorised with its own key basis (prefix sharing makes two:
 # a shared prefix and a long suffix of the request's own); unused ones start past every token.
 MAX_SEGMENTS = 2
@@ -56,6 +60,9 @@ class PrefillPlan:
     store_pages: tuple[int, ...]  # value-store pages in chunk order (host ints: copy plans)
     value_tier: int  # the store tier those pages belong to
     suffix_basis: int = 0  # the w_t row of segment 1's basis (``layout.segment_start > 0``)
+    # Host-tier pages of exact post-RoPE keys, chunk order (``KEYS``): where a prompt's are
+    # written, or, for a sequence from a prefix, where the prefix's are read; () when none.
+    key_pages: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -204,6 +211,7 @@ class SequenceTables:
             store_pages=tuple(rec.value_pages),
             value_tier=rec.value_tier,
             suffix_basis=rec.pages[BASIS][1] if lay.segment_start else 0,
+            key_pages=tuple(rec.pages.get(KEYS, ())),
         )
 
     def decode_columns(self, recs: list[ShadowSeq]) -> dict[str, list[int]]:

@@ -159,6 +159,8 @@ class Engine:
             )
             self.counters.update(prefix_hits=0, cached_tokens=0)
         self.shares_pages = self.prefix_store is not None and self.cache.supports_shared_prefix
+        if self.shares_pages:  # the cache may keep what suffix prefills from a prefix read
+            self.cache.will_share_prefixes()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._next_id = 0

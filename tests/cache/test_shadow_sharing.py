@@ -18,7 +18,7 @@ from shadowkv.cache.methods import DenseConfig, ShadowKVConfig
 from shadowkv.cache.shadow import ShadowKVCache
 from shadowkv.cache.shadow_layout import cdiv
 from shadowkv.cache.shadow_staging import STAGING, STAGING_GRAM
-from shadowkv.cache.shadow_tables import BASIS, BLOCKS, FACTOR, VALUE_POOLS
+from shadowkv.cache.shadow_tables import BASIS, BLOCKS, FACTOR, KEYS, VALUE_POOLS
 from shadowkv.cache.store import DEVICE, HOST
 from shadowkv.config import ModelConfig
 from shadowkv.kernels.fp8 import fp8_round_trip
@@ -532,6 +532,181 @@ def test_through_a_model_greedy_tokens_and_logits_equal_dense() -> None:
     want_tokens, want = greedy_with_logits(model, rope, cache(DenseConfig()), prompt, 5)
     assert got.argmax(-1).tolist() == want_tokens and len(set(want_tokens)) > 1
     assert_close_verbose(got, want, atol=1e-9, rtol=1e-7, what="logits")
+
+
+# exact prefix keys (``exact_prefix_keys``, on once the engine keeps prefixes) -------------------
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize(
+    "knobs,suffix,chunks",
+    [({}, 45, [45]), ({}, 45, [20, 25]),
+     ({"shared_suffix_tokens": 16}, 120, [50, 70])],  # a segment 1
+)
+def test_exact_prefix_keys_make_the_suffix_prefill_exact(
+    exact: bool, knobs: dict, suffix: int, chunks: list[int]
+) -> None:
+    """At the default rank (64 of 128 key columns) and a budget of half the landmarks, a
+    suffix prefill from a prefix with its key copy equals the unshared prefill of the same
+    tokens (and dense attention) to float tolerance: it reads the exact keys p stored, bit for
+    bit. Without the copy (the knob off) it attends to rebuilt keys and is not exact."""
+    cache = make_cache(
+        head_dim=64, rank=None, sparse_budget=264, exact_prefix_keys=exact, **knobs
+    )
+    cache.will_share_prefixes()
+    assert cache.rank == 64 < cache.layout.kv_dim
+    p, prefix = shared_prompt(cache, spectrum=True)
+    assert (KEYS in prefix.pages) == exact
+    toks = p[:SHARED] + tokens(cache, suffix, seed=7, spectrum=True)
+    start_shared(cache, 1, prefix, toks, new=3)
+    assert bool(cache.record(1).lay.segment_start) == ("shared_suffix_tokens" in knobs)
+    cache.add_sequence(2, toks.num, 3)
+    shared = prefill(cache, 1, toks[SHARED:], SHARED, chunks)
+    whole = prefill(cache, 2, toks, 0, [toks.num])[:, SHARED:]
+    if not exact:
+        assert rel(shared, whole) > 1e-3, "rebuilt rank-64 keys are not exact"
+        return
+    chunk_ids = torch.arange(SHARED // C)[:, None].expand(-1, HKV)
+    for layer in range(cache.num_layers):  # the copy holds p's post-RoPE keys as prefilled
+        stored = cache._stored_keys(layer, prefix.pages[KEYS], chunk_ids).flatten(0, 1)
+        assert torch.equal(stored, rotated(cache, p.k_pre[layer, :SHARED], 0))
+    assert_close_verbose(shared, whole, atol=1e-9, rtol=1e-7, what="shared vs unshared")
+    assert_close_verbose(shared, dense_prefill(cache, toks, SHARED), atol=1e-9, rtol=1e-7,
+                         what="shared vs dense")
+
+
+def test_exact_prefix_keys_fill_the_extra_exact_chunks() -> None:
+    """A sequence from a prefix holds the prefix chunks that are not among its landmarks
+    exact in its buffer: with the key copy, their keys are p's exact keys (not rebuilt)."""
+    cache = make_cache(head_dim=64, rank=None)
+    cache.will_share_prefixes()
+    p, prefix = shared_prompt(cache, spectrum=True)
+    toks = p[:SHARED] + tokens(cache, 40, seed=4, spectrum=True)
+    start_shared(cache, 1, prefix, toks)
+    rec, hd = cache.record(1), cache.layout.head_dim
+    lay = rec.lay
+    rows = cache.tables.buffer_rows(rec.row, lay.local_len, lay.select_start).view(-1, C)
+    not_outliers = 0
+    for layer in range(cache.num_layers):
+        keys = rotated(cache, p.k_pre[layer, :SHARED], 0).view(-1, C, HKV, hd)  # [chunks, C, ...]
+        outliers = prefix.detail.outlier_ids[layer]
+        for h in range(HKV):
+            held = cache.k_buf[layer].view(-1, HKV, hd)[rows, h]  # [k, C, D]
+            values = cache.v_buf[layer].view(-1, HKV, hd)[rows, h]
+            for slot in range(held.shape[0]):
+                chunk = next(c for c in range(SHARED // C)
+                             if torch.equal(values[slot], p.v[layer, c * C : c * C + C, h]))
+                not_outliers += chunk not in outliers[:, h].tolist()
+                assert torch.equal(held[slot], keys[chunk, :, h]), (layer, h, slot)
+    assert not_outliers > 0, "some exact chunk is a landmark chunk of p: the copy is read"
+
+
+def run_with_key_copies(exact: bool):
+    """p, a sequence from its prefix, one decode step of both; returns the cache, the prefix
+    and the memory figures after the prefills and after the step."""
+    cache = make_cache(exact_prefix_keys=exact)
+    cache.will_share_prefixes()
+    p, prefix = shared_prompt(cache)
+    toks = p[:SHARED] + tokens(cache, 40, seed=40)
+    start_shared(cache, 1, prefix, toks)
+    prefill(cache, 1, toks[SHARED:], SHARED, [40])
+    before = (cache.memory(), cache.memory(0), cache.memory(1), cache.prefix_memory([prefix]))
+    step = tokens(cache, 1, seed=9)
+    decode(cache, [0, 1], Tokens(*(t.expand(-1, 2, *t.shape[2:]) for t in step.tensors)))
+    after = (cache.memory(), cache.memory(0), cache.memory(1), cache.prefix_memory([prefix]))
+    return cache, prefix, before, after
+
+
+@pytest.mark.parametrize("release_first", [True, False])
+def test_key_copies_are_counted_held_by_the_prefix_and_freed(release_first: bool) -> None:
+    """p takes key pages for its candidate region's whole pages beside its values (host tier);
+    the prefix holds those of its tokens, a sequence from it holds them while it prefills;
+    once decoding, neither sequence holds any (host memory as with the knob off), the prefix
+    still does (``prefix_memory``), and everything returns when all is freed."""
+    cache, prefix, before, after = run_with_key_copies(True)
+    _, _, plain_before, plain_after = run_with_key_copies(False)
+    page = cache.allocators[KEYS].page_bytes
+    assert cache.allocators[KEYS] is cache.allocators[VALUE_POOLS[HOST]], "one host pool"
+    num = 35 * C // P  # p's 35 candidate chunks: 2 whole pages (its local window is not kept)
+    assert len(prefix.pages[KEYS]) == SHARED // P == num
+    assert before[1].host_bytes == plain_before[1].host_bytes + num * page  # p's own copy
+    assert before[2].host_bytes == plain_before[2].host_bytes + num * page  # held to prefill
+    assert before[0].host_bytes == plain_before[0].host_bytes + num * page  # the same pages
+    assert after[:3] == plain_after[:3], "decoding sequences hold no key copy"
+    assert KEYS not in cache.record(0).pages and KEYS not in cache.record(1).pages
+    held = after[3].host_bytes - plain_after[3].host_bytes
+    assert held == before[3].host_bytes - plain_before[3].host_bytes == num * page
+    keys = cache.allocators[KEYS]
+    assert [keys.refcount(x) for x in prefix.pages[KEYS]] == [1] * num, "the prefix's alone"
+    if release_first:
+        cache.release_prefix(prefix)
+    for sid in (1, 0):
+        cache.free_sequence(sid)
+    cache.release_prefix(prefix)
+    assert all(a.num_used == 0 for a in cache.allocators.values())
+
+
+def test_a_prefix_released_while_its_sequence_prefills_keeps_the_keys_readable() -> None:
+    """The sequence holds the prefix's key pages until it decodes: the prefix evicted after
+    its admission changes nothing, even when a new prompt takes every freed page."""
+    cache = make_cache(head_dim=64, rank=None, sparse_budget=264)
+    cache.will_share_prefixes()
+    p, prefix = shared_prompt(cache, spectrum=True)
+    toks = p[:SHARED] + tokens(cache, 45, seed=7, spectrum=True)
+    start_shared(cache, 1, prefix, toks, new=3)
+    cache.release_prefix(prefix)
+    cache.free_sequence(0)
+    cache.add_sequence(3, PROMPT, 4)
+    prefill(cache, 3, tokens(cache, PROMPT, seed=3), 0, [PROMPT])
+    shared = prefill(cache, 1, toks[SHARED:], SHARED, [20, 25])
+    assert_close_verbose(shared, dense_prefill(cache, toks, SHARED), atol=1e-9, rtol=1e-7,
+                         what="after release")
+
+
+def test_no_key_copy_unless_prefixes_are_kept_and_the_host_tier_has_room() -> None:
+    """No copy without ``will_share_prefixes`` (an engine without a prefix store), for values
+    in the device tier, for a prompt running dense, or when the host tier has room for the
+    values only (best effort: that prompt's prefixes rebuild their keys)."""
+    plain = make_cache()
+    plain.add_sequence(0, PROMPT, 4)
+    assert KEYS not in plain.record(0).pages
+    device = make_cache(offload_values=False)
+    device.will_share_prefixes()
+    device.add_sequence(0, PROMPT, 4)
+    assert device.record(0).value_tier == DEVICE and KEYS not in device.record(0).pages
+    cache = make_cache()
+    cache.will_share_prefixes()
+    cache.add_sequence(0, 40, 4)  # under local + outliers + budget: dense
+    assert cache.record(0).lay.dense and KEYS not in cache.record(0).pages
+    host = cache.allocators[VALUE_POOLS[HOST]]
+    values = len(cache.store.layout.pages_for(cdiv(PROMPT, C)) * [0])
+    taken = host.alloc(host.num_free - values)  # room for p's values, not its keys
+    cache.add_sequence(1, PROMPT, 4)
+    assert cache.record(1).value_tier == HOST and KEYS not in cache.record(1).pages
+    host.release(taken)
+    cache.add_sequence(2, PROMPT, 4)
+    assert len(cache.record(2).pages[KEYS]) == 2
+
+
+def test_fp8_key_copies_are_read_as_stored() -> None:
+    """fp8 values: the key copy is stored as values are (e4m3 codes, a scale per token and
+    head), so the suffix prefill attends over the prefix's keys and values as the store gives
+    them back — at the default rank, with no rebuild."""
+    cache = make_cache(head_dim=64, rank=None, sparse_budget=264, value_dtype="fp8")
+    cache.will_share_prefixes()
+    p, prefix = shared_prompt(cache, spectrum=True)
+    toks = p[:SHARED] + tokens(cache, 45, seed=35, spectrum=True)
+    start_shared(cache, 1, prefix, toks)
+    got = prefill(cache, 1, toks[SHARED:], SHARED, [45])
+    want = []
+    for layer in range(cache.num_layers):
+        k = rotated(cache, toks.k_pre[layer], 0).clone()
+        v = toks.v[layer].clone()
+        k[:SHARED], v[:SHARED] = fp8_round_trip(k[:SHARED]), fp8_round_trip(v[:SHARED])
+        want.append(causal_attention(toks.q[layer, SHARED:], k, v, cache.scale))
+    assert_close_verbose(got, torch.stack(want), atol=1e-9, rtol=1e-7, what="fp8 key copy")
 
 
 # segment 1: a long suffix factorised as its own low-rank segment --------------------------------

@@ -487,3 +487,35 @@ def test_shadowkv_without_shared_memory_prefills_exactly_from_host_copies(path: 
     assert [t for t, _ in shared] == [t for t, _ in plain]
     assert [c for _, c in shared] == [0, 192, 192]
     idle(llm.engine)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_shadowkv_exact_prefix_keys_give_the_unshared_first_token(path: Path, exact: bool) -> None:
+    """ShadowKV at a low rank (8 of 32 key columns) and a sparse budget: the engine keeps a
+    stored prompt's exact keys (``exact_prefix_keys``), so a request from its prefix prefills
+    its question exactly and its first token's log-probabilities equal the unshared request's
+    to float tolerance. With the knob off the question attends to rebuilt keys: they differ."""
+
+    def first_tokens(on: bool) -> list[tuple[dict[int, float], int]]:
+        cache = ShadowKVConfig(sparse_budget=128, outlier_chunks=2, rank=8,
+                               exact_prefix_keys=exact)
+        llm = LLM(str(path), cache=cache, device="cpu",
+                  engine=EngineConfig(cache_memory_gb=0.01, prefix_cache=on))
+        out = []
+        for q in QUESTIONS:
+            r = llm.generate(DOC + q, SamplingParams(max_tokens=1, logprobs=20))[0]
+            out.append((dict(r.logprobs[0][1]), r.metrics["cached_tokens"]))
+        if on:
+            assert llm.engine.cache.keeps_prefix_keys == exact
+            idle(llm.engine)
+        return out
+
+    plain, shared = first_tokens(False), first_tokens(True)
+    assert [c for _, c in shared] == [0, 128, 128]
+    for (got, _), (want, _) in zip(shared[1:], plain[1:]):
+        common = set(got) & set(want)
+        gap = max(abs(got[t] - want[t]) for t in common)
+        if exact:
+            assert set(got) == set(want) and gap < 1e-5, gap
+        else:
+            assert gap > 1e-2, gap
