@@ -14,7 +14,13 @@ from shadowkv.cache.base import CacheOptions
 from shadowkv.cache.methods import CacheConfig, DenseConfig
 from shadowkv.config import ConfigError, EngineConfig
 from shadowkv.distributed import check_divisible
-from shadowkv.distributed.engine import RankSpec, TPEngine, open_tp_engine, torchrun_rank
+from shadowkv.distributed.engine import (
+    RankSpec,
+    TPEngine,
+    open_tp_engine,
+    torchrun_rank,
+    torchrun_world,
+)
 from shadowkv.engine.engine import Engine, ProgressFn, pick_dtype
 from shadowkv.engine.request import GenerationResult, Request
 from shadowkv.engine.sampling import SamplingParams
@@ -72,7 +78,14 @@ class LLM:
     def _open_tp(self, engine: EngineConfig) -> None:
         """Rank 0 of ``engine.tensor_parallel`` ranks: the workers are spawned here (or, under
         torchrun, are its other processes: those run their rank here and exit)."""
-        check_divisible(read_config(self.path), engine.tensor_parallel)  # before any process
+        n = engine.tensor_parallel
+        check_divisible(read_config(self.path), n)  # before any process starts
+        gpus = torch.cuda.device_count() if self.device.type == "cuda" else n
+        if gpus < n and torchrun_world() is None:  # under torchrun: this node's share
+            raise ConfigError(
+                f"tensor_parallel={n} needs {n} GPUs (one per rank) but {gpus} are visible; "
+                "lower --tensor-parallel"
+            )
         spec = RankSpec(self.path, self.cache_config, engine, self.device.type, self.dtype,
                         torch.get_num_threads())
         if torchrun_rank(spec):

@@ -401,7 +401,8 @@ class RankSpec:
 def start_rank(spec: RankSpec, tp: TPGroup) -> tuple[ModelConfig, Engine, dist.ProcessGroup]:
     """This rank's shard, engine and command group; every rank runs it, in this order (its
     collectives: the budget all-reduce, the group's creation)."""
-    device = rank_device(torch.device(spec.device), tp.rank)
+    # torchrun's LOCAL_RANK is the GPU on this node (its RANK counts every node's processes).
+    device = rank_device(torch.device(spec.device), int(os.environ.get("LOCAL_RANK", tp.rank)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     model_cfg, model = load_shard(spec.path, device, spec.dtype, tp)

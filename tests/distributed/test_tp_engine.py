@@ -188,6 +188,15 @@ def test_bad_world_size_fails_before_spawning(tiny_checkpoint) -> None:
         EngineConfig(tensor_parallel=0)
 
 
+def test_too_few_gpus_fails_before_spawning(tiny_checkpoint, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="tensor_parallel=2 needs 2 GPUs .* 1 are visible"):
+        LLM(checkpoint(tiny_checkpoint, "llama"), engine=EngineConfig(tensor_parallel=2),
+            device="cuda")
+    assert not multiprocessing.active_children()
+
+
 def test_cli_generate_tensor_parallel(tiny_checkpoint, capsys) -> None:
     path = checkpoint(tiny_checkpoint, "llama")  # its word-level tokenizer reads "w<id>" text
     texts = []
