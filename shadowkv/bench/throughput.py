@@ -148,6 +148,12 @@ def run_throughput(
 ) -> dict[str, Any]:
     """Measure every (method, context, batch); write JSON, markdown and a plot to ``out_dir``."""
     say = log or (lambda _: None)
+    if cfg.engine.tensor_parallel > 1:
+        raise ConfigError(
+            f"bench times one engine in this process (it fills caches directly); "
+            f"--tensor-parallel {cfg.engine.tensor_parallel} is not supported by bench yet: "
+            "time a tensor-parallel engine through generate --json or serve"
+        )
     device = cfg.torch_device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(

@@ -7,10 +7,14 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shadowkv.commands.common import add_model_args, llm_from_args
 from shadowkv.engine.engine import PromptError
 from shadowkv.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from shadowkv.llm import LLM
 
 DEMO_DOCUMENT = Path(__file__).resolve().parents[1] / "data" / "demo_document.txt"
 
@@ -87,7 +91,11 @@ def run(args: argparse.Namespace) -> int:
     )
     if not args.quiet:
         print("loading model...", file=sys.stderr, flush=True)
-    llm = llm_from_args(args)
+    with llm_from_args(args) as llm:  # closing it stops tensor-parallel workers
+        return _generate(args, llm, prompt, params)
+
+
+def _generate(args: argparse.Namespace, llm: LLM, prompt: str, params: SamplingParams) -> int:
     progress = PrefillProgress(not args.quiet)
     if args.json or args.no_stream:
         result = llm.generate(prompt, params, chat=args.chat, progress=progress)[0]

@@ -96,6 +96,11 @@ def run(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         raise ConfigError(f"--replicas must be >= 1, got {args.replicas}")
     use_ray = args.replicas > 1 or args.ray_address is not None
+    if use_ray and args.tensor_parallel > 1:
+        raise ConfigError(
+            "--replicas (Ray Serve) with --tensor-parallel is not supported yet: a replica is one "
+            "engine process on one device; use one of the two"
+        )
     if use_ray:
         from shadowkv.replicas import require_ray
 
@@ -120,7 +125,10 @@ def run(args: argparse.Namespace) -> int:
         f"http://{args.host}:{args.port}/v1",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        llm.close()  # stops tensor-parallel workers
     return 0
 
 

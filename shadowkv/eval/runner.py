@@ -11,7 +11,8 @@ Decoding is greedy with each task's generation length and no stop strings (RULER
 Work goes batch by batch: a batch of samples runs through every method before the next batch.
 Prefill attention is exact in every method, so with ``share_prefill`` the first method to see a
 sample records its prefill (``engine.prompt_kv``) and the other methods replay it instead of
-running the model over the prompt again: one prefill per sample instead of one per method.
+running the model over the prompt again: one prefill per sample instead of one per method
+(not with ``EngineConfig.tensor_parallel`` > 1: a recording holds one rank's KV heads).
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ class EvalConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     device: str | None = None
     share_prefill: bool = True
+
+    @property
+    def replays_prefill(self) -> bool:
+        """Whether methods replay a sample's recorded prefill: not under tensor parallelism,
+        where a recording holds one rank's KV heads (every method prefills again)."""
+        return self.share_prefill and self.engine.tensor_parallel == 1
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS and t != NIAH_TASK]
@@ -225,9 +232,11 @@ def run_eval(
         key=lambda t: (cfg.tasks.index(t[0]), cfg.lengths.index(t[1]), t[2]),
     )
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    owned = None  # the LLM made here, closed here (tensor-parallel workers stop)
     try:
         if llm is None and every:
-            llm = LLM(cfg.model, cache=DenseConfig(), engine=cfg.engine, device=cfg.device)
+            llm = owned = LLM(cfg.model, cache=DenseConfig(), engine=cfg.engine,
+                              device=cfg.device)
         made: dict[tuple[str, int], list[Sample]] = {}
         for task, length, batch in _batches(every, cfg.batch_size):
             if (task, length) not in made:
@@ -242,12 +251,14 @@ def run_eval(
                 llm.set_cache(cache_cfg)
                 records = _generate(
                     llm, chosen, model_name, method, budget, cache_cfg, cfg.max_new_tokens,
-                    recorded if cfg.share_prefill else None,
+                    recorded if cfg.replays_prefill else None,
                 )
                 append_records(cfg.out, records)
                 bar.update(len(records), f"{method}@{budget} {task} {length}")
     finally:
         bar.close()
+        if owned is not None:
+            owned.close()
     wanted = {(model_name, m, b) for m, b in cfg.runs()}
     return [
         r for r in load_records(cfg.out)
