@@ -117,3 +117,24 @@ def test_what_drives_one_rank_is_refused_under_tensor_parallel(kw: dict, option:
     with pytest.raises(ConfigError, match=f"--tensor-parallel 2 cannot run {option}"):
         tiny_config(engine=tp2, **kw)
     tiny_config(**kw)  # fine on one rank
+
+
+def test_a_checkpoint_runs_tensor_parallel(
+    tiny_checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--model`` under TP: every rank loads the checkpoint and keeps its shard; the dense
+    greedy tokens equal one rank's."""
+    path = tiny_checkpoint("qwen2", num_heads=4, num_kv_heads=2)
+    runs = recorded_runs(monkeypatch)
+    tokens = {}
+    for n in (1, 2):
+        cfg = tiny_config(arch=None, model_path=str(path), methods=("dense",), contexts=(64,),
+                          batches=(2,), decode_steps=STEPS,
+                          engine=EngineConfig(cache_memory_gb=0.01, tensor_parallel=n))
+        data = run_throughput(cfg, None)
+        assert data["meta"]["weights"] == f"checkpoint {path}"
+        assert data["meta"]["tensor_parallel"] == n
+        assert data["runs"][0]["decode_tokens_per_s"] > 0
+        tokens[n] = runs["dense"][-1].output_ids
+    assert len(tokens[2]) == 2 and tokens[2] == tokens[1]
+    assert not multiprocessing.active_children()
