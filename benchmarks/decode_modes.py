@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
+from shadowkv.bench.engines import load_model
 from shadowkv.bench.harness import build_engine, max_batch, timed_run
 from shadowkv.bench.models import ARCHITECTURES
 from shadowkv.bench.roofline import copy_bandwidth, dense_step_bytes
-from shadowkv.bench.throughput import BenchConfig, load_model
+from shadowkv.bench.throughput import BenchConfig
 from shadowkv.cache.methods import method_config
 from shadowkv.config import EngineConfig, parse_budget
 from shadowkv.engine.engine import pick_dtype
@@ -42,7 +43,7 @@ def measure(args: argparse.Namespace) -> dict:
     device = cfg.torch_device
     dtype = pick_dtype(cfg.engine.dtype, device)
     modes = ("eager", "graph" if device.type == "cuda" else "static")
-    model_cfg, model, weights = load_model(cfg, device, dtype)
+    model_cfg, model, weights = load_model(cfg.arch, cfg.model_path, cfg.seed, device, dtype)
     bandwidth = copy_bandwidth(device)
     rows = []
     for cache_cfg in cfg.caches:

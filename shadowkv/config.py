@@ -345,7 +345,8 @@ class EngineConfig:
         "decodes keep the decode runner's CUDA graphs)",
     )
     cache_memory_gb: float | None = knob(
-        None, "device memory for the KV cache (default: 85% of free GPU memory, 4 GiB on CPU)"
+        None, "device memory for the KV cache, per rank (per GPU) with --tensor-parallel "
+        "(default: 85% of free GPU memory, 4 GiB on CPU)"
     )
     dtype: str = knob(
         "auto", "weights and activations (auto: bfloat16 on CUDA, float32 on CPU)",

@@ -141,6 +141,8 @@ class RunResult:
     svd_s: float | None = None  # ShadowKV: time factorising prompt keys, all prompts together
     decode_mode: str = "eager"  # how decode steps ran (engine/decode_runner.py)
     prefill: str = "model"  # "synthetic": generated K/V stored, no model prefill timed
+    # Each request's generated token ids (greedy), for comparing runs; not in ``as_dict``.
+    output_ids: tuple[tuple[int, ...], ...] = ()
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -226,7 +228,10 @@ def timed_run(
     ``new_tokens`` lines the requests up. ``question`` > 0: the prompts share one document
     (``bench_prompts``), which ``prefill_document`` has put in the prefix store."""
     cfg = engine.cfg
-    engine.cfg = replace(cfg, max_num_batched_tokens=1, chunked_prefill=False)
+    whole = replace(cfg, max_num_batched_tokens=1, chunked_prefill=False)
+    if whole == cfg:  # already so (run_throughput's engines; a TPEngine's cfg is not settable)
+        return _timed_run(engine, context, batch, decode_steps, seed, prefill, question)
+    engine.cfg = whole
     try:
         return _timed_run(engine, context, batch, decode_steps, seed, prefill, question)
     finally:
@@ -314,6 +319,7 @@ def _timed_run(
         svd_s=svd_s,
         decode_mode=engine.runner.mode,
         prefill=prefill,
+        output_ids=tuple(tuple(r.output_ids) for r in reqs),
     )
 
 

@@ -28,6 +28,7 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"{meta['date']}; measured copy bandwidth {meta.get('copy_bandwidth_gbps', '-')} GB/s "
             "('of roofline': a dense step's weight + K/V bytes over that bandwidth)"
         ),
+        *_tensor_parallel_note(meta),
         "",
         (
             "| method | context | batch | batch is | prefill s | TTFT s | decode tok/s "
@@ -137,3 +138,9 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def _tensor_parallel_note(meta: dict[str, Any]) -> list[str]:
+    """Under tensor parallelism, a line saying whose memory the columns are."""
+    n = meta.get("tensor_parallel", 1)
+    return [] if n == 1 else ["", f"Tensor parallel {n} ranks: {meta['per_rank']}."]

@@ -10,7 +10,6 @@ host memory.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import platform
@@ -23,24 +22,34 @@ from typing import Any
 
 import torch
 
+from shadowkv.bench.engines import LocalEngines, TPEngines, open_engines
 from shadowkv.bench.harness import (
-    build_engine,
     max_batch,
     new_tokens,
     prefill_document,
     timed_run,
 )
-from shadowkv.bench.models import RANDOM_WEIGHTS, arch_config, random_model, weight_bytes
+from shadowkv.bench.models import arch_config, weight_bytes
 from shadowkv.bench.report import markdown_table, write_plot
 from shadowkv.bench.roofline import copy_bandwidth, dense_step_bytes
 from shadowkv.cache.errors import CacheCapacityError
 from shadowkv.cache.methods import CacheConfig, DenseConfig, ShadowKVConfig
 from shadowkv.cache.shadow_drive import DrivenSelection, LandmarkSelection
-from shadowkv.config import ConfigError, EngineConfig, ModelConfig
+from shadowkv.config import ConfigError, EngineConfig
+from shadowkv.distributed.engine import TPEngine
+from shadowkv.distributed.launch import TPRankError
 from shadowkv.engine.engine import Engine, pick_dtype
-from shadowkv.models.llama import LlamaModel
 
 Log = Callable[[str], None]
+
+# What the report's memory and cache figures mean under tensor parallelism (meta["per_rank"]).
+PER_RANK = (
+    "tensor parallel: every rank runs the whole batch on 1/N of the heads; cache_memory_gb is "
+    "each rank's (per GPU) budget, whose cache holds its Hkv/N KV heads, and the largest batch "
+    "is what rank 0's cache admits (every rank admits alike); cache device/host bytes, peak "
+    "memory, weight_bytes, hit rate and the roofline share are rank 0's; tokens/s are the "
+    "whole engine's"
+)
 
 
 @dataclass(frozen=True)
@@ -99,10 +108,32 @@ class BenchConfig:
             )
         if self.prefill not in ("model", "synthetic"):
             raise ConfigError(f"prefill must be 'model' or 'synthetic', got {self.prefill!r}")
+        self._check_tensor_parallel()
         if self.shared_document < 0 or self.shared_document >= min(self.contexts):
             raise ConfigError(
                 f"shared_document={self.shared_document} question tokens must be >= 0 and "
                 f"shorter than the shortest context ({min(self.contexts)})"
+            )
+
+    def _check_tensor_parallel(self) -> None:
+        """Refuse what drives one engine's cache directly: under tensor parallelism only
+        rank 0 would see it (the other ranks follow rank 0's engine calls, nothing else)."""
+        n = self.engine.tensor_parallel
+        if n == 1:
+            return
+        refused = {
+            "--hit-rates with a share (rank 0's selector only; use --hit-rates query)":
+                self.hit_rates != (None,),
+            "--prefill synthetic (stores one rank's K/V; use --prefill model)":
+                self.prefill != "model",
+            "--shared-document (prefills its document on rank 0's engine alone)":
+                self.shared_document > 0,
+        }
+        bad = [what for what, hit in refused.items() if hit]
+        if bad:
+            raise ConfigError(
+                f"--tensor-parallel {n} cannot run {'; '.join(bad)}: drop it, or use "
+                "--tensor-parallel 1"
             )
 
     @property
@@ -121,21 +152,6 @@ class BenchConfig:
         return max(self.contexts) + self.decode_steps + max(self.max_batch, *self.batches, 1) + 1
 
 
-def load_model(
-    cfg: BenchConfig, device: torch.device, dtype: torch.dtype
-) -> tuple[ModelConfig, LlamaModel, str]:
-    """The model to time and how its weights were made (``random weights`` or a checkpoint path)."""
-    if cfg.arch is not None:
-        model_cfg = arch_config(cfg.arch)
-        return model_cfg, random_model(model_cfg, device, dtype, seed=cfg.seed), RANDOM_WEIGHTS
-    from shadowkv.models.loader import load_model as load_checkpoint
-    from shadowkv.models.loader import resolve_model
-
-    path = resolve_model(cfg.model_path)
-    model_cfg, model = load_checkpoint(path, device, dtype)
-    return model_cfg, model, f"checkpoint {path}"
-
-
 def without_staging(cache: CacheConfig) -> CacheConfig:
     """The benchmark prefills whole prompts, so ShadowKV's chunked-prefill staging pool would
     only take budget from the batch: it gets none, unless the user sized it."""
@@ -146,26 +162,15 @@ def without_staging(cache: CacheConfig) -> CacheConfig:
 def run_throughput(
     cfg: BenchConfig, out_dir: Path | None = None, log: Log | None = None
 ) -> dict[str, Any]:
-    """Measure every (method, context, batch); write JSON, markdown and a plot to ``out_dir``."""
+    """Measure every (method, context, batch); write JSON, markdown and a plot to ``out_dir``.
+    With ``cfg.engine.tensor_parallel`` > 1 the ranks are spawned here and stopped at the end."""
     say = log or (lambda _: None)
-    if cfg.engine.tensor_parallel > 1:
-        raise ConfigError(
-            f"bench times one engine in this process (it fills caches directly); "
-            f"--tensor-parallel {cfg.engine.tensor_parallel} is not supported by bench yet: "
-            "time a tensor-parallel engine through generate --json or serve"
-        )
     device = cfg.torch_device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             "device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu"
         )
     dtype = pick_dtype(cfg.engine.dtype, device)
-    model_cfg, model, weights = load_model(cfg, device, dtype)
-    if cfg.max_model_len > model_cfg.max_position_embeddings:
-        say(
-            f"note: contexts reach {cfg.max_model_len} tokens, past the model's "
-            f"{model_cfg.max_position_embeddings}-token window (fine for speed, not for quality)"
-        )
     engine_cfg = replace(
         cfg.engine,
         max_num_seqs=cfg.max_batch,
@@ -176,9 +181,28 @@ def run_throughput(
         max_num_batched_tokens=1,  # one prefill per step: the harness times each alone
     )
     caches = dict(zip(cfg.methods, map(without_staging, cfg.caches)))
+    engines = open_engines(cfg.arch, cfg.model_path, cfg.seed, caches[cfg.methods[0]],
+                           engine_cfg, device, dtype)
+    try:
+        return _measure(cfg, engines, caches, engine_cfg, out_dir, say)
+    finally:
+        engines.close()
 
-    def engine_for(method: str) -> Engine:
-        return build_engine(model, model_cfg, caches[method], engine_cfg, device, dtype)
+
+def _measure(
+    cfg: BenchConfig, engines: LocalEngines | TPEngines, caches: dict[str, CacheConfig],
+    engine_cfg: EngineConfig, out_dir: Path | None, say: Log,
+) -> dict[str, Any]:
+    model_cfg, model = engines.model_cfg, engines.model
+    device, dtype = engines.device, engines.dtype
+    if cfg.max_model_len > model_cfg.max_position_embeddings:
+        say(
+            f"note: contexts reach {cfg.max_model_len} tokens, past the model's "
+            f"{model_cfg.max_position_embeddings}-token window (fine for speed, not for quality)"
+        )
+
+    def engine_for(method: str) -> Engine | TPEngine:
+        return engines.engine_for(caches[method], engine_cfg)
 
     bandwidth = copy_bandwidth(device)
     say(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
@@ -189,11 +213,11 @@ def run_throughput(
             c: max_batch(engine.cache, c, cfg.decode_steps, cfg.max_batch) for c in cfg.contexts
         }
         say(f"{method}: largest batch per context {limits[method]}")
-        _release(engine, device)
+        engines.release(engine)
 
     report: dict[str, Any] = {
         "meta": {
-            **_meta(cfg, model_cfg, model, weights, device, dtype, engine_cfg),
+            **_meta(cfg, engines, device, dtype, engine_cfg),
             "copy_bandwidth_gbps": round(bandwidth / 1e9, 2),
         },
         "max_batch": {m: {str(c): b for c, b in per.items()} for m, per in limits.items()},
@@ -220,7 +244,9 @@ def run_throughput(
                     say(f"{method} @ {context} tokens x {batch} ({kind}{driven}) ...")
                     row = {"method": method, "batch_kind": kind, "max_batch": own,
                            "hit_rate_driven": drive}
-                    if shadow:
+                    # Under tensor parallelism only the query selects (BenchConfig refuses
+                    # driven rates): a selector set here would be rank 0's alone.
+                    if shadow and engines.tensor_parallel == 1:
                         engine.cache.set_selection(  # type: ignore[attr-defined]
                             LandmarkSelection() if drive is None else DrivenSelection(drive)
                         )
@@ -230,34 +256,35 @@ def run_throughput(
                         )
                         row.update(result.as_dict())
                         if method == "dense":
+                            # One rank's bytes (its shard's weights, its KV heads) over its time.
                             step_bytes = dense_step_bytes(
-                                model, model_cfg, dtype, context, batch, cfg.decode_steps
+                                model, engines.rank_model_cfg, dtype, context, batch,
+                                cfg.decode_steps,
                             )
                             step_s = result.decode_s / result.decode_steps
                             row["roofline_share"] = round(step_bytes / step_s / bandwidth, 4)
                         say(f"  decode {result.decode_tokens_per_s:.1f} tok/s")
+                    except TPRankError:
+                        raise  # the ranks are gone: nothing else can be measured
                     except Exception as err:  # noqa: BLE001 - keep the other runs' results
                         error = f"{type(err).__name__}: {err}"
                         row.update(context=context, batch=batch, error=error)
                         say(f"  FAILED: {row['error']}")
                     report["runs"].append(row)
                     if "error" in row:  # its requests are mid-flight: start clean (outside the
-                        _release(engine, device)  # except block, whose traceback pins the pools)
+                        engines.release(engine)  # except block, whose traceback pins the pools)
                         engine = engine_for(method)
                     _write(report, out_dir, final=False)
-        _release(engine, device)
+        engines.release(engine)
         if cfg.shared_document:
-            engine = build_engine(
-                model, model_cfg, caches[method], replace(engine_cfg, prefix_cache=True),
-                device, dtype,
-            )
+            engine = engines.engine_for(caches[method], replace(engine_cfg, prefix_cache=True))
             for context in cfg.contexts:
                 report["runs"].append(_shared_run(cfg, engine, method, context, say))
                 report["max_batch"].setdefault(f"{method}+shared", {})[str(context)] = (
                     report["runs"][-1].get("max_batch")
                 )
                 _write(report, out_dir, final=False)
-            _release(engine, device)
+            engines.release(engine)
     _write(report, out_dir, final=True, log=say)
     return report
 
@@ -336,30 +363,14 @@ def _plan_batches(
     return [(b, why) for b, why in sorted(plan.items()) if b > 0]
 
 
-def _release(engine: Engine, device: torch.device) -> None:
-    """Drop an engine's cache pools before the next engine allocates its own."""
-    engine.cache = None  # type: ignore[assignment]
-    engine.runner = None  # type: ignore[assignment]  # holds the cache and the graphs' memory
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        # Freed pinned blocks stay in PyTorch's host cache, not the OS: a store sized from
-        # available RAM would come out smaller (the name differs across torch versions).
-        for name in ("_accelerator_emptyHostCache", "_host_emptyCache"):
-            if hasattr(torch._C, name):
-                getattr(torch._C, name)()
-                break
-
-
 def _meta(
     cfg: BenchConfig,
-    model_cfg: ModelConfig,
-    model: LlamaModel,
-    weights: str,
+    engines: LocalEngines | TPEngines,
     device: torch.device,
     dtype: torch.dtype,
     engine_cfg: EngineConfig,
 ) -> dict[str, Any]:
+    model_cfg, model = engines.model_cfg, engines.model
     name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -372,12 +383,14 @@ def _meta(
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join(sys.argv),
         "model": cfg.arch or cfg.model_path,
-        "weights": weights,
+        "weights": engines.weights,
         "device": str(device),
         "device_name": name,
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "weight_bytes": weight_bytes(model),
+        "tensor_parallel": engines.tensor_parallel,
+        "per_rank": PER_RANK if engines.tensor_parallel > 1 else None,
         "host_memory_bytes": _host_bytes("SC_PHYS_PAGES"),
         "host_available_bytes": _host_bytes("SC_AVPHYS_PAGES"),
         "model_config": {k: v for k, v in asdict(model_cfg).items() if k != "rope"},

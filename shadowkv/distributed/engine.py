@@ -387,10 +387,20 @@ TIMEOUT_S = 600.0  # a collective (or the group's start) that waits longer fails
 
 
 @dataclass(frozen=True)
+class RandomWeights:
+    """A model with no checkpoint: the named architecture (``shadowkv.bench.models``) with
+    random weights drawn from ``seed``, so every rank draws the same full model before it
+    shards it (benchmarks; the tokenizer is ``StubTokenizer``)."""
+
+    arch: str
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class RankSpec:
     """What a worker rank needs to build its engine as rank 0 builds its own."""
 
-    path: Path
+    path: Path | RandomWeights  # a checkpoint, or random weights of a named architecture
     cache: CacheConfig
     engine: EngineConfig
     device: str  # "cpu" or "cuda": rank r uses cuda:r
@@ -405,11 +415,26 @@ def start_rank(spec: RankSpec, tp: TPGroup) -> tuple[ModelConfig, Engine, dist.P
     device = rank_device(torch.device(spec.device), int(os.environ.get("LOCAL_RANK", tp.rank)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    model_cfg, model = load_shard(spec.path, device, spec.dtype, tp)
-    tokenizer = Tokenizer(spec.path)
+    model_cfg, model, tokenizer = rank_model(spec, device, tp)
     engine = build_engine(model, model_cfg, tokenizer, spec.cache, spec.engine, device,
                           spec.dtype, tp)
     return model_cfg, engine, commands_group(tp.world)
+
+
+def rank_model(
+    spec: RankSpec, device: torch.device, tp: TPGroup
+) -> tuple[ModelConfig, LlamaModel, Any]:
+    """This rank's shard of ``spec.path`` and the tokenizer: the checkpoint's own, or for
+    ``RandomWeights`` the benchmark's ``StubTokenizer``."""
+    if not isinstance(spec.path, RandomWeights):
+        return (*load_shard(spec.path, device, spec.dtype, tp), Tokenizer(spec.path))
+    # Imported here: shadowkv.bench imports this module (bench --tensor-parallel).
+    from shadowkv.bench.harness import StubTokenizer
+    from shadowkv.bench.models import arch_config, random_model
+
+    model_cfg = arch_config(spec.path.arch)
+    model = random_model(model_cfg, device, spec.dtype, seed=spec.path.seed)
+    return model_cfg, shard_model(model, tp), StubTokenizer()
 
 
 def serve_rank(tp: TPGroup, spec: RankSpec) -> None:
