@@ -13,13 +13,13 @@ import torch
 from shadowkv.cache.base import CacheOptions
 from shadowkv.cache.methods import CacheConfig, DenseConfig
 from shadowkv.config import ConfigError, EngineConfig
-from shadowkv.distributed import check_divisible
 from shadowkv.distributed.engine import (
     RankSpec,
     TPEngine,
+    check_world,
     open_tp_engine,
+    rank_threads,
     torchrun_rank,
-    torchrun_world,
 )
 from shadowkv.engine.engine import Engine, ProgressFn, pick_dtype
 from shadowkv.engine.request import GenerationResult, Request
@@ -79,15 +79,9 @@ class LLM:
         """Rank 0 of ``engine.tensor_parallel`` ranks: the workers are spawned here (or, under
         torchrun, are its other processes: those run their rank here and exit)."""
         n = engine.tensor_parallel
-        check_divisible(read_config(self.path), n)  # before any process starts
-        gpus = torch.cuda.device_count() if self.device.type == "cuda" else n
-        if gpus < n and torchrun_world() is None:  # under torchrun: this node's share
-            raise ConfigError(
-                f"tensor_parallel={n} needs {n} GPUs (one per rank) but {gpus} are visible; "
-                "lower --tensor-parallel"
-            )
+        check_world(read_config(self.path), n, self.device.type)  # before any process starts
         spec = RankSpec(self.path, self.cache_config, engine, self.device.type, self.dtype,
-                        torch.get_num_threads())
+                        rank_threads(self.device.type, n))
         if torchrun_rank(spec):
             sys.exit(0)  # a worker rank of torchrun: it followed rank 0 to the end
         self.model_config, self.engine = open_tp_engine(spec)

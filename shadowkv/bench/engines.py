@@ -22,15 +22,16 @@ import torch
 from shadowkv.bench.harness import build_engine
 from shadowkv.bench.models import RANDOM_WEIGHTS, arch_config, random_model
 from shadowkv.cache.methods import CacheConfig
-from shadowkv.config import ConfigError, EngineConfig, ModelConfig
+from shadowkv.config import EngineConfig, ModelConfig
 from shadowkv.distributed.engine import (
     RandomWeights,
     RankSpec,
     TPEngine,
+    check_world,
     open_tp_engine,
+    rank_threads,
     torchrun_rank,
 )
-from shadowkv.distributed.shard import check_divisible
 from shadowkv.engine.engine import Engine
 from shadowkv.models.llama import LlamaModel
 
@@ -160,13 +161,8 @@ def open_tp(
 
         where = resolve_model(model_path)
         model_cfg, weights = read_config(where), f"checkpoint {where}"
-    check_divisible(model_cfg, n)
-    if device.type == "cuda" and torch.cuda.device_count() < n:
-        raise ConfigError(
-            f"tensor_parallel={n} needs {n} GPUs (one per rank) but "
-            f"{torch.cuda.device_count()} are visible; lower --tensor-parallel"
-        )
-    spec = RankSpec(where, cache, engine_cfg, device.type, dtype, torch.get_num_threads())
+    check_world(model_cfg, n, device.type)
+    spec = RankSpec(where, cache, engine_cfg, device.type, dtype, rank_threads(device.type, n))
     if torchrun_rank(spec):
         sys.exit(0)  # a worker rank of torchrun: it followed rank 0 to the end
     model_cfg, tp = open_tp_engine(spec)

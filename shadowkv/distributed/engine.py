@@ -45,7 +45,7 @@ from shadowkv.cache.methods import CacheConfig
 from shadowkv.config import ConfigError, EngineConfig, ModelConfig
 from shadowkv.distributed.group import TPGroup, backend_for
 from shadowkv.distributed.launch import TPRankError, Workers, spawn_workers
-from shadowkv.distributed.shard import shard_model
+from shadowkv.distributed.shard import check_divisible, shard_model
 from shadowkv.engine.engine import Engine, StepOutput, cache_memory_budget
 from shadowkv.engine.request import Request
 from shadowkv.engine.sampling import SamplingParams
@@ -437,6 +437,29 @@ def rank_model(
     return model_cfg, shard_model(model, tp), StubTokenizer()
 
 
+def rank_threads(device: str, world: int) -> int:
+    """CPU threads per rank: on a CPU the ``world`` ranks (rank 0's process included) share this
+    process's threads, since each taking all of them oversubscribes the cores ``world`` times
+    (bench's tiny arch at TP=2 on 2 cores: 58 ms/step vs 11 at one thread per rank); set
+    ``OMP_NUM_THREADS`` / ``torch.set_num_threads`` before to choose the total. A GPU rank keeps
+    the count."""
+    threads = torch.get_num_threads()
+    return max(1, threads // world) if device == "cpu" else threads
+
+
+def check_world(model_cfg: ModelConfig, world: int, device: str) -> None:
+    """Refuse, before any process starts, a world that does not divide the model's heads and
+    MLP (``TPShapeError``) or that has fewer GPUs than ranks on CUDA (under torchrun each node
+    brings its own: not checked here)."""
+    check_divisible(model_cfg, world)
+    gpus = torch.cuda.device_count() if device == "cuda" else world
+    if gpus < world and torchrun_world() is None:
+        raise ConfigError(
+            f"tensor_parallel={world} needs {world} GPUs (one per rank) but {gpus} are "
+            "visible; lower --tensor-parallel"
+        )
+
+
 def serve_rank(tp: TPGroup, spec: RankSpec) -> None:
     """A worker rank's whole life: build its engine, then follow rank 0 until it stops."""
     torch.set_num_threads(spec.threads)
@@ -451,19 +474,25 @@ def open_tp_engine(spec: RankSpec, timeout_s: float | None = None) -> tuple[Mode
     world = spec.engine.tensor_parallel
     timeout = TIMEOUT_S if timeout_s is None else timeout_s
     workers, tp = launched_group(spec, world, timeout)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(spec.threads)  # rank 0's share too (``rank_threads``)
+
+    def leave() -> None:  # the process as it was: no group, its own thread count
+        dist.destroy_process_group()
+        torch.set_num_threads(threads)
+
     try:
         model_cfg, engine, commands = start_rank(spec, tp)
     except Exception as err:
         failure = workers.failure()
         workers.join(0)
-        dist.destroy_process_group()
+        leave()
         if failure is None:
             raise
         raise TPRankError(
             f"a tensor-parallel worker failed while the engines were built:\n{failure}"
         ) from err
-    return model_cfg, TPEngine(engine, workers, commands, on_close=dist.destroy_process_group,
-                               timeout_s=timeout)
+    return model_cfg, TPEngine(engine, workers, commands, on_close=leave, timeout_s=timeout)
 
 
 def launched_group(spec: RankSpec, world: int, timeout_s: float) -> tuple[Workers, TPGroup]:

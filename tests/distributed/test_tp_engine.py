@@ -31,7 +31,7 @@ from shadowkv.cli import main
 from shadowkv.config import ConfigError, EngineConfig
 from shadowkv.distributed import TPRankError, TPShapeError
 from shadowkv.distributed import engine as tp_engine
-from shadowkv.distributed.engine import TPEngine
+from shadowkv.distributed.engine import TPEngine, rank_threads
 from shadowkv.engine.sampling import SamplingParams
 
 _rng = torch.Generator().manual_seed(11)
@@ -102,9 +102,10 @@ def test_tp2_engine_matches_tp1(tiny_checkpoint, case: str) -> None:
     one = EngineConfig(**ENGINE)
     ref = runs(LLM(path, engine=one, device="cpu"), one)
     two = EngineConfig(**ENGINE, tensor_parallel=2)
-    start = time.monotonic()
+    start, threads = time.monotonic(), torch.get_num_threads()
     with LLM(path, engine=two, device="cpu") as llm:
         assert isinstance(llm.engine, TPEngine)
+        assert torch.get_num_threads() == rank_threads("cpu", 2), "rank 0 takes its share"
         got = runs(llm, two)
         # An unseeded sample: rank 0 draws its seed and sends it; without that, rank 1 would
         # sample other tokens and the next step's fingerprint check would stop it.
@@ -115,6 +116,7 @@ def test_tp2_engine_matches_tp1(tiny_checkpoint, case: str) -> None:
         workers = llm.engine.workers
     print(f"{case}: TP=2 engine, {len(got)} runs: {time.monotonic() - start:.1f} s")
     assert all(not p.is_alive() for p in workers.procs.processes), "close() stops the workers"
+    assert torch.get_num_threads() == threads, "close() gives the process its threads back"
     for name, tokens in ref.items():
         assert got[name] == tokens, name
     for method in METHODS:
@@ -186,6 +188,16 @@ def test_bad_world_size_fails_before_spawning(tiny_checkpoint) -> None:
     assert time.monotonic() - start < 5 and not multiprocessing.active_children()
     with pytest.raises(ConfigError, match="tensor_parallel must be >= 1"):
         EngineConfig(tensor_parallel=0)
+
+
+def test_cpu_ranks_share_the_threads() -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        assert [rank_threads("cpu", n) for n in (1, 2, 3, 8)] == [4, 2, 1, 1]
+        assert rank_threads("cuda", 2) == 4, "a GPU rank keeps the count"
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_too_few_gpus_fails_before_spawning(tiny_checkpoint, monkeypatch) -> None:
