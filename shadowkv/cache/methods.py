@@ -162,8 +162,9 @@ class ShadowKVConfig(SparseConfig):
     )
     share_prefix_memory: bool = knob(
         True, "prefix sharing holds a stored prompt's own pages (low-rank keys, landmarks, "
-        "values) once, the suffix prefilled against its rebuilt keys (an approximation); off: "
-        "each request stores its own copy, prefilled exactly from the store's host copy",
+        "values) once, the suffix prefilled against its exact key copy (--exact-prefix-keys) or "
+        "its rebuilt keys; off: each request stores its own copy, prefilled exactly from the "
+        "store's host copy",
     )
     shared_suffix_tokens: int = knob(
         2048, "most prompt tokens after a shared prefix a request keeps exact while it shares "

@@ -16,8 +16,9 @@ from shadowkv.cache.shadow_layout import PAGE_CHUNKS, SeqLayout, cdiv
 FACTOR, BLOCKS, BASIS = "factor", "blocks", "basis"  # allocator names (values: VALUE_POOLS)
 VALUE_POOLS = ("host values", "device values")  # by tier index
 # Exact post-RoPE key copies of a prompt, for suffix prefills from its prefixes: pages of the
-# host value tier (the same allocator, registered under this name too, so a record tells its key
-# pages from its value pages; ``ShadowKVCache.will_share_prefixes``).
+# host value tier, listed in a record under this name (an alias of that pool:
+# ``AttentionCache.pool_aliases``) so it tells its key pages from its value pages
+# (``ShadowKVCache.will_share_prefixes``).
 KEYS = "host key copies"
 # Prompt segments per sequence, each factorised with its own key basis (prefix sharing makes two:
 # a shared prefix and a long suffix of the request's own); unused ones start past every token.
